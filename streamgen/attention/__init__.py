@@ -1,0 +1,81 @@
+"""Attention backends: an enum of names and a registry of one module per backend.
+
+A backend is chosen once, by name, and passed to whoever needs it (the model, a cache);
+there is no global "current backend". An unknown name raises ``ValueError`` listing the
+valid names; a known backend that cannot run here (no CUDA, package missing) raises
+:class:`BackendUnavailableError` saying why. Nothing ever falls back silently.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+from typing import Any, Protocol
+
+import torch
+
+
+class BackendUnavailableError(RuntimeError):
+    """A known attention backend cannot run on this machine; the message says why."""
+
+
+class AttentionBackendName(enum.StrEnum):
+    SDPA = "sdpa"
+    FLEX = "flex"
+    XFORMERS = "xformers"
+    FLASH = "flash"
+
+
+class AttentionBackend(Protocol):
+    """Attention over ``[B, L, H, D]`` tensors (sequence-major, as the model holds them).
+
+    ``attention`` takes dense K/V; ``paged_attention`` takes K/V living in a paged pool
+    (:mod:`streamgen.cache.block_pool`) addressed by a vLLM-style block table, so a backend
+    with a paged kernel never copies the cache and one without can gather pages itself.
+    """
+
+    name: str
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``q: [B, Lq, H, D]``, ``k, v: [B, Lk, H, D]``, ``mask``: bool ``[Lq, Lk]`` or
+        ``[B, 1, Lq, Lk]`` (True = may attend) or ``None``. Returns ``[B, Lq, H, D]``."""
+        ...
+
+    def paged_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                        block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        """Every query of sequence ``b`` attends (no mask) to its first ``seq_lens[b]`` keys.
+
+        ``q: [B, Lq, H, D]``; ``k_pool, v_pool: [num_blocks, page, H, D]`` (one layer);
+        ``block_table``: int32 ``[B, max_blocks]``, row ``b`` lists the pages holding key
+        positions ``0, page, 2 * page, ...`` (padded with the null block 0); ``seq_lens``:
+        int32 ``[B]``. Returns ``[B, Lq, H, D]``.
+        """
+        ...
+
+
+_MODULES: dict[AttentionBackendName, str] = {
+    AttentionBackendName.SDPA: "streamgen.attention.sdpa",
+    AttentionBackendName.FLEX: "streamgen.attention.flex",
+    AttentionBackendName.XFORMERS: "streamgen.attention.xformers",
+    AttentionBackendName.FLASH: "streamgen.attention.flash",
+}
+
+
+def get_backend(name: str | AttentionBackendName, **options: Any) -> AttentionBackend:
+    """Build the backend called ``name``; raises ``ValueError`` or :class:`BackendUnavailableError`.
+
+    ``options`` go to the backend module's ``create()`` (e.g. ``compile=True`` for ``flex``).
+    """
+    try:
+        key = AttentionBackendName(name)
+    except ValueError:
+        valid = ", ".join(b.value for b in AttentionBackendName)
+        raise ValueError(f"unknown attention backend {name!r}; valid backends: {valid}") from None
+    try:
+        module = importlib.import_module(_MODULES[key])
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("streamgen"):
+            raise BackendUnavailableError(f"attention backend {key.value!r} is not implemented yet") from exc
+        raise
+    return module.create(**options)  # each backend module checks its own constraints in create()

@@ -1,0 +1,89 @@
+"""FlashAttention-2 backend (CUDA, fp16/bf16), with a native paged path.
+
+Written against ``flash_attn``'s documented API:
+
+* dense: ``flash_attn_func(q, k, v)`` with ``(batch, seqlen, nheads, headdim)`` tensors;
+* paged: ``flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=..., block_table=...)``
+  with ``k_cache``/``v_cache`` ``(num_blocks, page_block_size, nheads_k, headdim)``,
+  ``block_table`` int32 ``(batch, max_num_blocks_per_seq)``, ``cache_seqlens`` int32
+  ``(batch,)``; ``causal=False`` because a chunk attends bidirectionally to everything visible.
+
+The paged kernel needs ``page_block_size % 256 == 0``. A page is one or a few latent frames
+(Wan 1.3B: 1560 tokens per frame), so for other page sizes this backend gathers the pages
+into ``(batch, max_len, H, D)`` and calls the *same* kernel without a block table, using
+``cache_seqlens`` to ignore the padding. :meth:`paged_layout` reports which path applies.
+
+``create()`` raises :class:`BackendUnavailableError` when the package or CUDA is missing;
+the package is never imported at module import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from streamgen.attention import BackendUnavailableError
+from streamgen.attention.paged_common import check_paged_inputs, gather_padded
+
+PAGE_MULTIPLE = 256  # flash_attn_with_kvcache: page_block_size must be a multiple of 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+class FlashBackend:
+    """FlashAttention-2; see the module docstring for constraints."""
+
+    name = "flash"
+
+    def __init__(self, flash_attn_func: Callable[..., Any], flash_attn_with_kvcache: Callable[..., Any]) -> None:
+        self._flash_attn_func = flash_attn_func
+        self._flash_attn_with_kvcache = flash_attn_with_kvcache
+
+    @staticmethod
+    def paged_layout(block_size_tokens: int) -> str:
+        """``"paged"`` if the kernel reads pages in place, else ``"gather"`` (with the reason)."""
+        if block_size_tokens % PAGE_MULTIPLE == 0:
+            return "paged"
+        return f"gather (page of {block_size_tokens} tokens is not a multiple of {PAGE_MULTIPLE})"
+
+    @staticmethod
+    def _check(q: torch.Tensor) -> None:
+        if q.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"flash attention supports fp16/bf16 only, got {q.dtype}")
+        if q.shape[-1] > MAX_HEAD_DIM or q.shape[-1] % 8:
+            raise ValueError(f"flash attention needs head_dim <= {MAX_HEAD_DIM} and divisible by 8, "
+                             f"got {q.shape[-1]}")
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(q)
+        if mask is not None:
+            raise ValueError("flash attention takes no arbitrary boolean mask; use the sdpa or flex backend "
+                             "for masked dense attention")
+        return self._flash_attn_func(q, k, v, causal=False)
+
+    def paged_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                        block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens)
+        self._check(q)
+        if k_pool.shape[1] % PAGE_MULTIPLE == 0:
+            return self._flash_attn_with_kvcache(q, k_pool, v_pool, cache_seqlens=seq_lens,
+                                                 block_table=block_table, causal=False)
+        k, v = gather_padded(k_pool, v_pool, block_table)  # [B, max_blocks * page, H, D]
+        return self._flash_attn_with_kvcache(q, k, v, cache_seqlens=seq_lens, causal=False)
+
+
+def create() -> FlashBackend:
+    """Build the backend, or raise :class:`BackendUnavailableError` naming what is missing."""
+    try:
+        from flash_attn import flash_attn_func, flash_attn_with_kvcache
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"attention backend 'flash' needs the 'flash_attn' package, which cannot be imported ({exc}); "
+            "install flash-attn on a CUDA machine with a matching torch build") from exc
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("attention backend 'flash' needs a CUDA device; "
+                                      "torch.cuda.is_available() is False")
+    return FlashBackend(flash_attn_func, flash_attn_with_kvcache)

@@ -1,0 +1,61 @@
+"""Shared checks and page gathers for backends' ``paged_attention`` entry points.
+
+A backend without a paged kernel (SDPA, flex on CPU) turns a block table back into dense
+K/V here; a backend with one (flash, xformers) uses the same input checks, so every backend
+rejects a malformed block table with the same ``ValueError`` instead of reading garbage.
+This module never decides *which* pages a sequence sees: that is the cache's job.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_paged_inputs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                       block_table: torch.Tensor, seq_lens: torch.Tensor) -> list[int]:
+    """Validate the paged-attention arguments; return ``seq_lens`` as Python ints.
+
+    ``q: [B, Lq, H, D]``, ``k_pool, v_pool: [num_blocks, page, H, D]``,
+    ``block_table: int32 [B, max_blocks]``, ``seq_lens: int32 [B]``.
+    """
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, Lq, H, D], got shape {tuple(q.shape)}")
+    if k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
+        raise ValueError(f"k_pool and v_pool must both be [num_blocks, page, H, D], got "
+                         f"{tuple(k_pool.shape)} and {tuple(v_pool.shape)}")
+    if k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
+        raise ValueError(f"q dtype {q.dtype} does not match pool dtypes {k_pool.dtype}/{v_pool.dtype}")
+    if k_pool.shape[2:] != q.shape[2:]:
+        raise ValueError(f"q heads/head_dim {tuple(q.shape[2:])} do not match the pool's {tuple(k_pool.shape[2:])}")
+    batch = q.shape[0]
+    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table must be int32 [B={batch}, max_blocks], got {block_table.dtype} "
+                         f"{tuple(block_table.shape)}")
+    if seq_lens.dtype != torch.int32 or tuple(seq_lens.shape) != (batch,):
+        raise ValueError(f"seq_lens must be int32 [B={batch}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    lens = [int(n) for n in seq_lens.tolist()]
+    capacity = block_table.shape[1] * k_pool.shape[1]
+    for b, n in enumerate(lens):
+        if not 0 < n <= capacity:
+            raise ValueError(f"seq_lens[{b}]={n} must lie in [1, max_blocks * page = {capacity}]")
+    return lens
+
+
+def gather_padded(k_pool: torch.Tensor, v_pool: torch.Tensor,
+                  block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V of every table row laid out contiguously: two ``[B, max_blocks * page, H, D]`` tensors.
+
+    Padding entries (the null block) gather zeros; callers cut each row to its ``seq_len``.
+    """
+    batch, max_blocks = block_table.shape
+    _, page, heads, head_dim = k_pool.shape
+    flat_ids = block_table.reshape(-1)  # [B * max_blocks]
+    k = k_pool.index_select(0, flat_ids).view(batch, max_blocks * page, heads, head_dim)
+    v = v_pool.index_select(0, flat_ids).view(batch, max_blocks * page, heads, head_dim)
+    return k, v
+
+
+def key_padding_mask(seq_lens: list[int], max_len: int, device: torch.device) -> torch.Tensor:
+    """Bool ``[B, 1, 1, max_len]``: True where key position < the row's length."""
+    lens = torch.tensor(seq_lens, device=device)
+    return (torch.arange(max_len, device=device)[None, :] < lens[:, None])[:, None, None, :]

@@ -1,0 +1,97 @@
+"""xformers memory-efficient attention backend (CUDA only), with a native paged path.
+
+Written against xformers' documented API:
+
+* dense: ``xformers.ops.memory_efficient_attention(q, k, v, attn_bias=...)`` with
+  ``[B, M, H, K]`` tensors (our ``[B, L, H, D]`` layout as is);
+* paged: ``fmha.attn_bias.PagedBlockDiagonalPaddedKeysMask.from_seqlens(q_seqlen, kv_seqlen,
+  block_tables, page_size)`` with queries packed as ``[1, sum(Lq), H, D]`` and the pool seen
+  as ``[1, num_blocks * page, H, D]``; ``memory_efficient_attention_forward`` reads pages
+  through the block table, no copy.
+
+The paged kernel (Triton split-K) needs ``page % 64 == 0``. Latent frames rarely have a
+multiple of 64 tokens (Wan 1.3B: 1560), so for other page sizes this backend gathers the
+pages and uses ``BlockDiagonalPaddedKeysMask`` on the gathered keys; :meth:`paged_layout`
+says which path a page size takes, so the choice is inspectable rather than silent.
+
+``create()`` raises :class:`BackendUnavailableError` when the package or CUDA is missing;
+the package is never imported at module import time.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from streamgen.attention import BackendUnavailableError
+from streamgen.attention.paged_common import check_paged_inputs, gather_padded
+
+PAGE_MULTIPLE = 64  # Triton split-K paged kernel constraint (tokens per page)
+
+
+class XFormersBackend:
+    """Memory-efficient attention from xformers; see the module docstring for constraints."""
+
+    name = "xformers"
+
+    def __init__(self, xops: ModuleType, attn_bias: ModuleType) -> None:
+        self._xops = xops
+        self._attn_bias = attn_bias
+
+    @staticmethod
+    def paged_layout(block_size_tokens: int) -> str:
+        """``"paged"`` if the kernel reads pages in place, else ``"gather"`` (with the reason)."""
+        if block_size_tokens % PAGE_MULTIPLE == 0:
+            return "paged"
+        return f"gather (page of {block_size_tokens} tokens is not a multiple of {PAGE_MULTIPLE})"
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+        bias: Any = None
+        if mask is not None:
+            batch, q_len, heads, _ = q.shape
+            kv_len = k.shape[1]
+            # xformers wants an additive bias whose last dim is 8-aligned in memory: allocate
+            # padded, then slice (the documented workaround).
+            padded = -(-kv_len // 8) * 8
+            bias = torch.zeros(batch, heads, q_len, padded, dtype=q.dtype, device=q.device)[..., :kv_len]
+            bias.masked_fill_(~mask.expand(batch, 1, q_len, kv_len), float("-inf"))
+        return self._xops.memory_efficient_attention(q, k, v, attn_bias=bias)
+
+    def paged_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                        block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        lens = check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens)
+        batch, q_len, heads, head_dim = q.shape
+        num_blocks, page = k_pool.shape[:2]
+        q_packed = q.reshape(1, batch * q_len, heads, head_dim)  # [1, B * Lq, H, D]
+        if page % PAGE_MULTIPLE == 0:
+            bias = self._attn_bias.PagedBlockDiagonalPaddedKeysMask.from_seqlens(
+                q_seqlen=[q_len] * batch, kv_seqlen=lens, block_tables=block_table, page_size=page)
+            k = k_pool.view(1, num_blocks * page, heads, head_dim)
+            v = v_pool.view(1, num_blocks * page, heads, head_dim)
+        else:
+            k_dense, v_dense = gather_padded(k_pool, v_pool, block_table)  # [B, max_blocks * page, H, D]
+            padding = k_dense.shape[1]
+            bias = self._attn_bias.BlockDiagonalPaddedKeysMask.from_seqlens(
+                q_seqlen=[q_len] * batch, kv_padding=padding, kv_seqlen=lens)
+            k = k_dense.reshape(1, batch * padding, heads, head_dim)
+            v = v_dense.reshape(1, batch * padding, heads, head_dim)
+        out = self._xops.memory_efficient_attention_forward(q_packed, k, v, attn_bias=bias)
+        return out.view(batch, q_len, heads, head_dim)
+
+
+def create() -> XFormersBackend:
+    """Build the backend, or raise :class:`BackendUnavailableError` naming what is missing."""
+    try:
+        import xformers.ops as xops
+        from xformers.ops.fmha import attn_bias
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"attention backend 'xformers' needs the 'xformers' package, which cannot be imported ({exc}); "
+            "install it on a CUDA machine with a matching torch build") from exc
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("attention backend 'xformers' needs a CUDA device; "
+                                      "torch.cuda.is_available() is False")
+    return XFormersBackend(xops, attn_bias)

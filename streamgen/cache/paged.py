@@ -1,0 +1,432 @@
+"""Per-session block tables over a shared :class:`BlockPool`: admission, rolling window, eviction.
+
+vLLM's ``KVCacheManager`` for a streaming video model. Each session's cache is a table
+*logical page -> block id*; a page holds ``block_size_frames`` whole latent frames
+(``block_size_tokens = block_size_frames * tokens_per_frame``), so evicting frames frees
+pages exactly and never splits a frame. Which frames are stored and visible follows the
+rolling-window + sink rule of :mod:`streamgen.cache.window`; because eviction happens at
+every commit, a session's stored frames are a function of one integer, its committed frame
+count, and the manager keeps no per-frame state.
+
+Admission reserves a session's worst case: the sum of admitted sessions' worst-case block
+counts never exceeds the pool, so an admitted session can always get its pages and a forward
+never fails for lack of memory. When the pool is short, :meth:`PagedKVCacheManager.admit`
+returns a refusal the caller can queue on (it does not raise). Sharing (``share_prefix``)
+saves physical pages but is not credited to admission, which keeps the guarantee simple.
+
+This module never runs attention and never imports the model; the per-forward view it hands
+out (:class:`~streamgen.cache.paged_view.PagedCacheView`) does the tensor work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from streamgen.attention import AttentionBackend
+from streamgen.cache.block_pool import NULL_BLOCK_ID, BlockPool, BlockStateError, KVPageSpec
+from streamgen.cache.paged_view import ForwardPlan, PagedCacheView, RewriteView
+from streamgen.cache.window import is_resident, resident_frames, visible_cached_frames, worst_case_resident_frames
+from streamgen.config import CacheConfig, Preset
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Outcome of :meth:`PagedKVCacheManager.admit`; falsy when refused (queue and retry)."""
+
+    admitted: bool
+    session_id: str
+    blocks_needed: int
+    blocks_available: int
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.admitted
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    """Byte-exact snapshot of the pool. ``live_token_bytes`` counts committed, resident frames once
+    per physical page even when the page is shared."""
+
+    num_usable_blocks: int
+    num_used_blocks: int
+    num_free_blocks: int
+    num_reserved_blocks: int
+    num_sessions: int
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    live_token_bytes: int
+
+    @property
+    def usage(self) -> float:
+        """Fraction of usable blocks handed out."""
+        return self.num_used_blocks / self.num_usable_blocks
+
+    @property
+    def utilisation(self) -> float:
+        """Fraction of handed-out bytes that hold live tokens (1.0 when nothing is allocated)."""
+        return 1.0 if self.used_bytes == 0 else self.live_token_bytes / self.used_bytes
+
+
+@dataclass
+class _Session:
+    session_id: str
+    max_blocks: int                 # admission reservation
+    worst_case_frames: int
+    num_frames: int = 0             # committed frames = absolute index of the next frame
+    pages: dict[int, int] = field(default_factory=dict)  # logical page -> block id
+    new_pages: list[int] = field(default_factory=list)   # logical pages reserved by the open view
+    view: PagedCacheView | RewriteView | None = None
+
+
+class PagedKVCacheManager:
+    """Owns the sessions' block tables over one pool and hands out per-forward cache views."""
+
+    def __init__(self, pool: BlockPool, cache_config: CacheConfig, tokens_per_frame: int,
+                 backend: AttentionBackend) -> None:
+        if tokens_per_frame <= 0:
+            raise ValueError(f"tokens_per_frame must be > 0, got {tokens_per_frame}")
+        expected = cache_config.block_size_frames * tokens_per_frame
+        if pool.spec.block_size_tokens != expected:
+            raise ValueError(f"pool pages hold {pool.spec.block_size_tokens} tokens but block_size_frames="
+                             f"{cache_config.block_size_frames} x tokens_per_frame={tokens_per_frame} = {expected}")
+        self.pool = pool
+        self.cache_config = cache_config
+        self.tokens_per_frame = tokens_per_frame
+        self.backend = backend
+        self._sessions: dict[str, _Session] = {}
+        self._num_reserved_blocks = 0
+
+    @classmethod
+    def from_preset(cls, preset: Preset, backend: AttentionBackend, *, num_blocks: int | None = None,
+                    memory_budget_bytes: int | None = None, dtype: torch.dtype = torch.float32,
+                    cache_config: CacheConfig | None = None, device: torch.device | str = "cpu",
+                    ) -> PagedKVCacheManager:
+        """Pool sized by ``num_blocks`` or ``memory_budget_bytes`` (exactly one) for ``preset``'s model."""
+        if (num_blocks is None) == (memory_budget_bytes is None):
+            raise ValueError("pass exactly one of num_blocks or memory_budget_bytes")
+        cfg = cache_config or preset.cache
+        spec = KVPageSpec(num_layers=preset.model.num_layers, num_heads=preset.model.num_heads,
+                          head_dim=preset.model.head_dim,
+                          block_size_tokens=cfg.block_size_frames * preset.tokens_per_frame, dtype=dtype)
+        pool = (BlockPool(spec, num_blocks, device) if num_blocks is not None
+                else BlockPool.from_memory_budget(spec, memory_budget_bytes, device))  # type: ignore[arg-type]
+        return cls(pool, cfg, preset.tokens_per_frame, backend)
+
+    # ------------------------------------------------------------------ sizes
+
+    @property
+    def block_size_frames(self) -> int:
+        return self.cache_config.block_size_frames
+
+    @property
+    def block_size_tokens(self) -> int:
+        return self.pool.spec.block_size_tokens
+
+    @property
+    def bytes_per_frame(self) -> int:
+        return self.tokens_per_frame * self.pool.spec.bytes_per_token
+
+    def worst_case_frames(self, chunk_frames: int, total_frames: int | None = None) -> int:
+        """Most frames a session stores at once (see :func:`window.worst_case_resident_frames`)."""
+        return worst_case_resident_frames(self.cache_config, chunk_frames, total_frames)
+
+    def blocks_for_frames(self, num_frames: int) -> int:
+        """Upper bound on the pages ``num_frames`` stored frames can occupy under this policy.
+
+        Stored frames are the sinks ``[0, S)`` plus one contiguous run; ``m`` consecutive frames
+        touch at most ``ceil((m - 1) / bsf) + 1`` pages wherever they start. With one frame
+        per page this is exactly ``num_frames``.
+        """
+        if num_frames < 0:
+            raise ValueError(f"num_frames must be >= 0, got {num_frames}")
+        bsf = self.block_size_frames
+        num_sinks = min(self.cache_config.sink_frames, num_frames)
+        run = num_frames - num_sinks
+        return math.ceil(num_sinks / bsf) + (0 if run == 0 else math.ceil((run - 1) / bsf) + 1)
+
+    # ------------------------------------------------------------------ admission
+
+    @property
+    def num_available_blocks(self) -> int:
+        """Usable blocks not reserved by any admitted session."""
+        return self.pool.num_usable_blocks - self._num_reserved_blocks
+
+    def can_admit(self, worst_case_frames: int) -> bool:
+        """Whether a session storing at most ``worst_case_frames`` frames fits right now."""
+        return self._blocks_needed(worst_case_frames) <= self.num_available_blocks
+
+    def _blocks_needed(self, worst_case_frames: int) -> int:
+        if worst_case_frames <= 0:
+            raise ValueError(f"worst_case_frames must be > 0, got {worst_case_frames}")
+        return self.blocks_for_frames(worst_case_frames)
+
+    def admit(self, session_id: str, worst_case_frames: int) -> Admission:
+        """Reserve a session's worst case, or refuse with ``reason="pool exhausted: ..."``.
+
+        A refusal changes nothing; retry after another session ends. A duplicate id is a bug
+        in the caller and raises ``ValueError``.
+        """
+        if session_id in self._sessions:
+            raise ValueError(f"session {session_id!r} is already admitted")
+        needed = self._blocks_needed(worst_case_frames)
+        available = self.num_available_blocks
+        if needed > available:
+            reason = (f"pool exhausted: session {session_id!r} needs {needed} blocks for {worst_case_frames} frames, "
+                      f"{available} of {self.pool.num_usable_blocks} unreserved")
+            if needed > self.pool.num_usable_blocks:
+                reason += " (more than the whole pool: it can never be admitted)"
+            return Admission(False, session_id, needed, available, reason)
+        self._sessions[session_id] = _Session(session_id, max_blocks=needed, worst_case_frames=worst_case_frames)
+        self._num_reserved_blocks += needed
+        return Admission(True, session_id, needed, available)
+
+    def free(self, session_id: str) -> int:
+        """End a session: abort its open forward (if any) and return every page. Returns pages dropped."""
+        session = self._session(session_id)
+        if session.view is not None:
+            session.view.abort()
+        dropped = list(session.pages.values())
+        self.pool.free(dropped)
+        self._num_reserved_blocks -= session.max_blocks
+        del self._sessions[session_id]
+        return len(dropped)
+
+    def share_prefix(self, src_session_id: str, dst_session_id: str, num_frames: int) -> None:
+        """Give a fresh session the first ``num_frames`` frames of another (e.g. a shared image frame).
+
+        Full pages are shared by refcount; a page that also holds later frames of the source
+        is copied, because the source will keep writing into it. Keys are RoPE'd at the same
+        absolute positions in both sessions, so shared pages need no rewrite.
+        """
+        src, dst = self._session(src_session_id), self._session(dst_session_id)
+        if src is dst:
+            raise ValueError("cannot share a session's prefix with itself")
+        if dst.num_frames != 0 or dst.pages or dst.view is not None:
+            raise ValueError(f"session {dst_session_id!r} must be fresh (no frames, no open forward) "
+                             "to receive a prefix")
+        if not 0 < num_frames <= src.num_frames:
+            raise ValueError(f"num_frames={num_frames} must lie in [1, {src.num_frames}] "
+                             f"(frames committed by {src_session_id!r})")
+        frames = resident_frames(self.cache_config, num_frames)
+        missing = [j for j in frames if not is_resident(self.cache_config, j, src.num_frames)]
+        if missing:
+            raise ValueError(f"frames {missing} of the prefix were already evicted from {src_session_id!r}")
+        bsf = self.block_size_frames
+        logical_pages = sorted({j // bsf for j in frames})
+        if len(logical_pages) > dst.max_blocks:
+            raise ValueError(f"prefix needs {len(logical_pages)} blocks, more than the {dst.max_blocks} "
+                             f"{dst_session_id!r} was admitted with")
+        shared = [lp for lp in logical_pages if (lp + 1) * bsf <= num_frames]
+        copied = [lp for lp in logical_pages if (lp + 1) * bsf > num_frames]
+        self.pool.incref([src.pages[lp] for lp in shared])
+        new_ids = self.pool.allocate(len(copied))
+        for lp, block_id in zip(copied, new_ids, strict=True):
+            self.pool.copy_block(src.pages[lp], block_id)
+        dst.pages = {lp: src.pages[lp] for lp in shared} | dict(zip(copied, new_ids, strict=True))
+        dst.pages = dict(sorted(dst.pages.items()))
+        dst.num_frames = num_frames
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def session_ids(self) -> list[str]:
+        return list(self._sessions)
+
+    def num_committed_frames(self, session_id: str) -> int:
+        return self._session(session_id).num_frames
+
+    def resident_frames(self, session_id: str) -> list[int]:
+        return resident_frames(self.cache_config, self._session(session_id).num_frames)
+
+    def block_ids(self, session_id: str) -> list[int]:
+        """The session's block ids in logical (frame) order."""
+        return list(self._session(session_id).pages.values())
+
+    def block_table(self, session_id: str) -> torch.Tensor:
+        """int32 ``[num_pages]``: the session's block ids in frame order."""
+        return torch.tensor(self.block_ids(session_id), dtype=torch.int32)
+
+    def block_tables(self, session_ids: Sequence[str]) -> torch.Tensor:
+        """int32 ``[B, max_pages]``, rows padded with the null block 0 (the kernel layout)."""
+        rows = [self.block_ids(sid) for sid in session_ids]
+        width = max((len(r) for r in rows), default=0)
+        return torch.tensor([r + [NULL_BLOCK_ID] * (width - len(r)) for r in rows], dtype=torch.int32
+                            ).reshape(len(rows), width)
+
+    def frame_location(self, session_id: str, frame: int) -> tuple[int, int]:
+        """``(block id, token offset in the block)`` where a stored frame's first token lives."""
+        s = self._session(session_id)
+        bsf = self.block_size_frames
+        if frame // bsf not in s.pages:
+            raise KeyError(f"frame {frame} of session {session_id!r} is not stored")
+        return s.pages[frame // bsf], (frame % bsf) * self.tokens_per_frame
+
+    def session_bytes(self, session_id: str) -> int:
+        """Bytes of the pages this session holds (a shared page counts fully for each holder)."""
+        return len(self._session(session_id).pages) * self.pool.bytes_per_block
+
+    def usage(self) -> PoolUsage:
+        bsf = self.block_size_frames
+        live_slots: set[tuple[int, int]] = set()  # (block id, frame slot) of committed resident frames
+        for s in self._sessions.values():
+            for j in resident_frames(self.cache_config, s.num_frames):
+                live_slots.add((s.pages[j // bsf], j % bsf))
+        pool = self.pool
+        return PoolUsage(num_usable_blocks=pool.num_usable_blocks, num_used_blocks=pool.num_used_blocks,
+                         num_free_blocks=pool.num_free_blocks, num_reserved_blocks=self._num_reserved_blocks,
+                         num_sessions=len(self._sessions), total_bytes=pool.total_bytes, used_bytes=pool.used_bytes,
+                         free_bytes=pool.free_bytes, live_token_bytes=len(live_slots) * self.bytes_per_frame)
+
+    def _session(self, session_id: str) -> _Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise KeyError(f"unknown session {session_id!r}") from None
+
+    # ------------------------------------------------------------------ forwards
+
+    def begin_forward(self, session_ids: Sequence[str], num_frames: int, *, commit: bool,
+                      prefer_gather: bool = False) -> PagedCacheView:
+        """Reserve pages for the next ``num_frames`` frames of each session and return the view.
+
+        ``commit=True`` for the forward that stores clean K/V (the chunk becomes part of the
+        context when the view finishes); ``commit=False`` for denoising forwards, whose K/V
+        are written to scratch pages that are released when the view finishes.
+        ``prefer_gather`` forces the gather layout (parity tests, backends without paging).
+        """
+        if num_frames <= 0:
+            raise ValueError(f"num_frames must be > 0, got {num_frames}")
+        if not session_ids:
+            raise ValueError("a forward needs at least one session")
+        if len(set(session_ids)) != len(session_ids):
+            raise ValueError(f"duplicate session ids in one forward: {list(session_ids)}")
+        sessions = [self._session(sid) for sid in session_ids]
+        for s in sessions:
+            if s.view is not None:
+                raise RuntimeError(f"session {s.session_id!r} already has an open forward")
+        bsf = self.block_size_frames
+        new_pages: list[list[int]] = []
+        for s in sessions:
+            start, end = s.num_frames, s.num_frames + num_frames
+            touched = range(start // bsf, (end - 1) // bsf + 1)
+            fresh = [lp for lp in touched if lp not in s.pages]
+            for lp in touched:
+                if lp in s.pages and self.pool.ref_count(s.pages[lp]) != 1:
+                    raise BlockStateError(f"session {s.session_id!r} would write into shared block {s.pages[lp]}")
+            if len(s.pages) + len(fresh) > s.max_blocks:
+                raise ValueError(f"session {s.session_id!r} would hold {len(s.pages) + len(fresh)} blocks, more than "
+                                 f"the {s.max_blocks} reserved for worst_case_frames={s.worst_case_frames}")
+            new_pages.append(fresh)
+        block_ids = self.pool.allocate(sum(len(f) for f in new_pages))  # cannot fail: reservations cover it
+        it = iter(block_ids)
+        for s, fresh in zip(sessions, new_pages, strict=True):
+            for lp in fresh:
+                s.pages[lp] = next(it)
+            s.pages = dict(sorted(s.pages.items()))
+            s.new_pages = fresh
+        view = PagedCacheView(self, self.pool, self.backend, self._plan(sessions, num_frames, commit), prefer_gather)
+        for s in sessions:
+            s.view = view
+        return view
+
+    def begin_rewrite(self, session_id: str, frames: Sequence[int], visible: torch.Tensor) -> RewriteView:
+        """Open a forward that recomputes the keys/values of already-stored frames in place.
+
+        Used for LongLive's KV re-cache on a prompt switch: the model runs over exactly the
+        session's resident frames (at their absolute positions); attention is among them
+        under ``visible`` (bool ``[n, n]`` over ``frames``, True = may attend), and each
+        layer's new keys/values overwrite the frames' slots. No page is allocated or freed.
+        """
+        s = self._session(session_id)
+        if s.view is not None:
+            raise RuntimeError(f"session {session_id!r} already has an open forward")
+        frames = list(frames)
+        resident = resident_frames(self.cache_config, s.num_frames)
+        if frames != resident:
+            raise ValueError(f"rewrite must cover exactly the resident frames {resident}, got {frames}")
+        if tuple(visible.shape) != (len(frames), len(frames)) or visible.dtype != torch.bool:
+            raise ValueError(f"visible must be bool [{len(frames)}, {len(frames)}], got {visible.dtype} "
+                             f"{tuple(visible.shape)}")
+        bsf = self.block_size_frames
+        for lp in {j // bsf for j in frames}:
+            if self.pool.ref_count(s.pages[lp]) != 1:
+                raise BlockStateError(f"session {session_id!r} would rewrite shared block {s.pages[lp]}")
+        mask = visible.repeat_interleave(self.tokens_per_frame, 0).repeat_interleave(self.tokens_per_frame, 1)
+        view = RewriteView(self, self.pool, self.backend, session_id, self._slots(s, frames), mask)
+        s.view = view
+        return view
+
+    def _finish_rewrite(self, view: RewriteView) -> None:
+        s = self._sessions.get(view.session_id)
+        if s is not None and s.view is view:
+            s.view = None
+
+    def _frame_base(self, s: _Session, frame: int) -> int:
+        """Flat token index (into ``[N * P]``) of ``frame``'s first token."""
+        bsf = self.block_size_frames
+        return s.pages[frame // bsf] * self.block_size_tokens + (frame % bsf) * self.tokens_per_frame
+
+    def _slots(self, s: _Session, frames: Sequence[int]) -> torch.Tensor:
+        """int64 ``[len(frames) * T]``: flat token indices of ``frames``' tokens, in order."""
+        bases = torch.tensor([self._frame_base(s, j) for j in frames], dtype=torch.int64)
+        return (bases[:, None] + torch.arange(self.tokens_per_frame)[None, :]).reshape(-1)
+
+    def _plan(self, sessions: list[_Session], num_frames: int, commit: bool) -> ForwardPlan:
+        cfg, bsf, tpf = self.cache_config, self.block_size_frames, self.tokens_per_frame
+        write_slots, cached_slots, rows, lens = [], [], [], []
+        expressible = True
+        for s in sessions:
+            start, end = s.num_frames, s.num_frames + num_frames
+            own = list(range(start, end))
+            cached = visible_cached_frames(cfg, s.num_frames, start, end)
+            self.pool.check_live(s.pages[j // bsf] for j in cached + own)
+            write_slots.append(self._slots(s, own))
+            cached_slots.append(self._slots(s, cached))
+            # Paged layout: visible tokens must be the first seq_len tokens of the row's pages,
+            # i.e. every page fully visible except possibly a last one visible as a prefix.
+            visible_by_page: dict[int, list[int]] = {}
+            for j in cached + own:
+                visible_by_page.setdefault(j // bsf, []).append(j % bsf)
+            full = [lp for lp, slots in visible_by_page.items() if len(slots) == bsf]
+            partial = [lp for lp, slots in visible_by_page.items() if len(slots) != bsf]
+            if len(partial) > 1 or (partial and sorted(visible_by_page[partial[0]]) != list(range(
+                    len(visible_by_page[partial[0]])))):
+                expressible = False
+            order = full + partial  # a frame's pages stay in frame order; the partial page goes last
+            rows.append([s.pages[lp] for lp in order])
+            lens.append(sum(len(visible_by_page[lp]) for lp in order) * tpf)
+        block_table = seq_lens = None
+        if expressible:
+            width = max(len(r) for r in rows)
+            block_table = torch.tensor([r + [NULL_BLOCK_ID] * (width - len(r)) for r in rows], dtype=torch.int32)
+            seq_lens = torch.tensor(lens, dtype=torch.int32)
+        return ForwardPlan(session_ids=tuple(s.session_id for s in sessions),
+                           start_frames=tuple(s.num_frames for s in sessions), num_frames=num_frames,
+                           num_tokens=num_frames * tpf, commit=commit, write_slots=torch.cat(write_slots),
+                           block_table=block_table, seq_lens=seq_lens, cached_slots=tuple(cached_slots))
+
+    def _finish_forward(self, view: PagedCacheView, committed: bool) -> None:
+        """Called by the view: commit + evict, or release the chunk's reserved pages."""
+        bsf = self.block_size_frames
+        released: list[int] = []
+        for sid in view.session_ids:
+            s = self._sessions.get(sid)
+            if s is None or s.view is not view:
+                continue  # session freed while the forward was open
+            if committed:
+                s.num_frames += view.plan.num_frames
+                dead = [lp for lp in s.pages if not any(is_resident(self.cache_config, j, s.num_frames)
+                                                        for j in range(lp * bsf, (lp + 1) * bsf))]
+            else:
+                dead = s.new_pages
+            released += [s.pages.pop(lp) for lp in dead]
+            s.new_pages = []
+            s.view = None
+        # One call, so the next allocation hands the ids out again in session-then-frame order.
+        self.pool.free(released)

@@ -1,0 +1,199 @@
+"""Tensors: executes the scheduler's forward batches on the model, the paged cache and the VAE.
+
+For each :class:`~streamgen.engine.scheduler.ForwardBatch` the runner stacks the chunks of
+all its sessions into one ``[B, C, F, h, w]`` tensor (linear layers run over every
+session's tokens at once), gives each session its own timestep row and text context row,
+and lets the paged cache view run attention per session. Per-session state (noise
+generator, current chunk, prompt context, streaming VAE decoder, clean latents of the
+frames still in the window) lives here, never in the scheduler.
+
+Noise is drawn from each session's own generator in the same order as
+:func:`streamgen.generate.denoise_chunk`, so a session batched with others produces the
+frames it would produce alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from streamgen.cache.paged import PagedKVCacheManager
+from streamgen.cache.window import is_resident
+from streamgen.config import Preset
+from streamgen.engine.scheduler import ForwardBatch, WorkItem, WorkKind
+from streamgen.generate import context_input, draw_noise
+from streamgen.model.sampler import add_noise, student_timesteps, x0_from_velocity
+from streamgen.model.text import TextEncoder
+from streamgen.model.transformer import CausalWanTransformer, TextContext
+from streamgen.model.vae import CausalVideoVAE
+from streamgen.video_io import frames_to_uint8
+
+
+@dataclass
+class SessionTensors:
+    generator: torch.Generator
+    prompt: str
+    context: TextContext                 # batch of 1
+    decoder: object                      # the VAE's streaming decoder state
+    image_latent: torch.Tensor | None = None  # [1, C, 1, h, w]
+    pending_prompt: str | None = None
+    x: torch.Tensor | None = None        # current noisy chunk [1, C, F, h, w]
+    x0: torch.Tensor | None = None       # latest clean prediction
+    resident: dict[int, torch.Tensor] = field(default_factory=dict)  # frame -> clean latent [C, h, w]
+    chunk_of: dict[int, int] = field(default_factory=dict)          # frame -> index of its chunk
+    num_chunks: int = 0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    item: WorkItem
+    frames: np.ndarray | None   # decoded uint8 [N, H, W, 3] after a COMMIT or IMAGE
+    forward_ms: float           # this session's share of the batch forward
+    decode_ms: float = 0.0
+
+
+class ModelRunner:
+    def __init__(self, preset: Preset, model: CausalWanTransformer, vae: CausalVideoVAE, text: TextEncoder,
+                 kv: PagedKVCacheManager, dtype: torch.dtype) -> None:
+        self.preset = preset
+        self.model = model
+        self.vae = vae
+        self.text = text
+        self.kv = kv
+        self.dtype = dtype
+        self.timesteps = student_timesteps(preset.sampler)
+        self.states: dict[str, SessionTensors] = {}
+
+    # ------------------------------------------------------------------ sessions
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> TextContext:
+        emb, _ = self.text.encode([prompt])
+        return self.model.encode_text(emb.to(self.dtype))
+
+    @torch.no_grad()
+    def add_session(self, session_id: str, prompt: str, seed: int, image: np.ndarray | None) -> None:
+        image_latent = None
+        if image is not None:
+            pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # [1, 3, H, W]
+            image_latent = self.vae.encode_image(pixels).to(self.dtype)
+        self.states[session_id] = SessionTensors(
+            generator=torch.Generator().manual_seed(seed), prompt=prompt, context=self.encode_prompt(prompt),
+            decoder=self.vae.init_decoder_state(batch_size=1), image_latent=image_latent)
+
+    def set_prompt(self, session_id: str, prompt: str) -> None:
+        self.states[session_id].pending_prompt = prompt
+
+    def remove_session(self, session_id: str) -> None:
+        self.states.pop(session_id, None)
+
+    # ------------------------------------------------------------------ execution
+    def _latent_shape(self, num_frames: int) -> tuple[int, ...]:
+        p = self.preset
+        return (1, p.model.latent_channels, num_frames, p.latent_height, p.latent_width)
+
+    @torch.no_grad()
+    def execute(self, batch: ForwardBatch) -> list[StepResult]:
+        if batch.kind is WorkKind.DENOISE:
+            return self._denoise(batch)
+        if batch.kind is WorkKind.COMMIT:
+            return self._commit(batch)
+        if batch.kind is WorkKind.IMAGE:
+            return self._image(batch)
+        return self._recache(batch)
+
+    def _forward(self, batch: ForwardBatch, x: torch.Tensor, t: torch.Tensor, commit: bool) -> torch.Tensor:
+        ids = [it.session_id for it in batch.items]
+        context = TextContext.cat([self.states[i].context for i in ids]) if len(ids) > 1 \
+            else self.states[ids[0]].context
+        with self.kv.begin_forward(ids, batch.num_frames, commit=commit) as view:
+            starts = view.plan.start_frames
+            expected = tuple(it.start_frame for it in batch.items)
+            if starts != expected:
+                raise RuntimeError(f"cache and scheduler disagree on chunk starts: {starts} vs {expected}")
+            offsets = torch.tensor(starts, dtype=torch.long)
+            return self.model(x, t, context, frame_offsets=offsets, kv_cache=view)
+
+    def _denoise(self, batch: ForwardBatch) -> list[StepResult]:
+        xs, ts = [], []
+        for it in batch.items:
+            st = self.states[it.session_id]
+            if it.step == 0:
+                st.x = draw_noise(self._latent_shape(it.num_frames), st.generator, self.dtype)
+            xs.append(st.x)
+            ts.append(self.timesteps[it.step])
+        t = torch.tensor(ts)[:, None].expand(len(ts), batch.num_frames)
+        start = time.perf_counter()
+        velocity = self._forward(batch, torch.cat(xs), t, commit=False)
+        share_ms = (time.perf_counter() - start) * 1000 / len(batch.items)
+        for b, it in enumerate(batch.items):
+            st = self.states[it.session_id]
+            x0 = x0_from_velocity(xs[b], velocity[b:b + 1], ts[b], self.preset.sampler.num_train_timesteps)
+            st.x0 = x0
+            if it.step + 1 < len(self.timesteps):
+                noise = draw_noise(tuple(x0.shape), st.generator, self.dtype)
+                st.x = add_noise(x0, noise, self.timesteps[it.step + 1], self.preset.sampler.num_train_timesteps)
+        return [StepResult(it, None, share_ms) for it in batch.items]
+
+    def _commit(self, batch: ForwardBatch) -> list[StepResult]:
+        cfg = self.preset.sampler
+        clean = [self.states[it.session_id].x0 for it in batch.items]
+        inputs = [context_input(x0, cfg, self.states[it.session_id].generator)  # type: ignore[arg-type]
+                  for x0, it in zip(clean, batch.items, strict=True)]
+        t = torch.full((len(inputs), batch.num_frames), cfg.context_timestep)
+        start = time.perf_counter()
+        self._forward(batch, torch.cat(inputs), t, commit=True)
+        share_ms = (time.perf_counter() - start) * 1000 / len(batch.items)
+        return [self._after_commit(it, x0, share_ms) for it, x0 in zip(batch.items, clean, strict=True)]
+
+    def _image(self, batch: ForwardBatch) -> list[StepResult]:
+        latents = []
+        for it in batch.items:
+            latent = self.states[it.session_id].image_latent
+            if latent is None:
+                raise RuntimeError(f"session {it.session_id!r} scheduled an image prefill without an image")
+            latents.append(latent)
+        t = torch.zeros(len(latents), 1)
+        start = time.perf_counter()
+        self._forward(batch, torch.cat(latents), t, commit=True)
+        share_ms = (time.perf_counter() - start) * 1000 / len(batch.items)
+        return [self._after_commit(it, x0, share_ms) for it, x0 in zip(batch.items, latents, strict=True)]
+
+    def _after_commit(self, item: WorkItem, x0: torch.Tensor, forward_ms: float) -> StepResult:
+        """Remember the clean latents still in the window and decode the chunk to pixels."""
+        st = self.states[item.session_id]
+        for f in range(item.num_frames):
+            st.resident[item.start_frame + f] = x0[0, :, f]
+            st.chunk_of[item.start_frame + f] = st.num_chunks
+        st.num_chunks += 1
+        committed = item.start_frame + item.num_frames
+        for frame in [j for j in st.resident if not is_resident(self.preset.cache, j, committed)]:
+            del st.resident[frame]
+            del st.chunk_of[frame]
+        st.x = st.x0 = None
+        start = time.perf_counter()
+        video, st.decoder = self.vae.decode_chunk(x0.float(), st.decoder)
+        decode_ms = (time.perf_counter() - start) * 1000
+        return StepResult(item, frames_to_uint8(video[0]), forward_ms, decode_ms)
+
+    def _recache(self, batch: ForwardBatch) -> list[StepResult]:
+        """LongLive KV re-cache: swap the prompt, rewrite the resident frames' K/V under it."""
+        (item,) = batch.items
+        st = self.states[item.session_id]
+        if st.pending_prompt is not None:
+            st.prompt, st.pending_prompt = st.pending_prompt, None
+            st.context = self.encode_prompt(st.prompt)
+        frames = sorted(st.resident)
+        if not frames:
+            return [StepResult(item, None, 0.0)]
+        x = torch.stack([st.resident[j] for j in frames], dim=1)[None]  # [1, C, n, h, w]
+        chunk_ids = torch.tensor([st.chunk_of[j] for j in frames])
+        visible = chunk_ids[None, :] <= chunk_ids[:, None]  # block-causal among the resident frames
+        start = time.perf_counter()
+        with self.kv.begin_rewrite(item.session_id, frames, visible) as view:
+            positions = torch.tensor(frames, dtype=torch.long)[None]
+            t = torch.full((1, len(frames)), self.preset.sampler.context_timestep)
+            self.model(x.to(self.dtype), t, st.context, frame_offsets=positions, kv_cache=view)
+        return [StepResult(item, None, (time.perf_counter() - start) * 1000)]

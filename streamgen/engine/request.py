@@ -1,0 +1,70 @@
+"""What a client asks for and what the engine hands back, as plain dataclasses.
+
+The gRPC layer converts protos into :class:`GenerationRequest` and :class:`ChunkOutput`
+back into protos; nothing here knows about gRPC, tensors on a device, or scheduling.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class FinishReason(enum.StrEnum):
+    COMPLETED = "completed"        # requested frame count reached
+    STOPPED = "stopped"            # the client asked to stop / cancelled
+    LIMIT = "limit"                # a server limit ended an unbounded stream
+    SHUTDOWN = "shutdown"          # the engine is draining
+    ERROR = "error"                # see ChunkOutput.error
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One stream: a prompt, a seed, how many pixel frames (``None`` = until stopped)."""
+
+    prompt: str
+    seed: int = 0
+    num_frames: int | None = None
+    start_image: np.ndarray | None = field(default=None, compare=False)  # uint8 [H, W, 3]
+    fps: float | None = None  # playback rate used for pacing; None = the preset's fps
+
+    def validate(self, max_prompt_chars: int, max_frames: int | None) -> None:
+        """Raise ``ValueError`` with a client-facing message if the request is malformed."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError("prompt must be a non-empty string")
+        if len(self.prompt) > max_prompt_chars:
+            raise ValueError(f"prompt has {len(self.prompt)} characters; the limit is {max_prompt_chars}")
+        if self.num_frames is not None:
+            if self.num_frames <= 0:
+                raise ValueError(f"num_frames must be > 0 (or unbounded), got {self.num_frames}")
+            if max_frames is not None and self.num_frames > max_frames:
+                raise ValueError(f"num_frames {self.num_frames} exceeds the limit of {max_frames}")
+        if self.fps is not None and not 0 < self.fps <= 240:
+            raise ValueError(f"fps must be in (0, 240], got {self.fps}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+
+
+@dataclass(frozen=True)
+class ChunkTiming:
+    """Milliseconds spent on one chunk of one session."""
+
+    generate_ms: float = 0.0  # this session's share of the transformer forwards
+    decode_ms: float = 0.0
+    queue_ms: float = 0.0     # admission wait (first chunk only)
+    since_start_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class ChunkOutput:
+    """Decoded frames of one chunk of one session, or the end of the session."""
+
+    session_id: str
+    first_frame_index: int
+    frames: np.ndarray  # uint8 [N, H, W, 3] (N may be 0 on the final message)
+    timing: ChunkTiming = ChunkTiming()
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    error: str | None = None

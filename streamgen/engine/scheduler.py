@@ -1,0 +1,252 @@
+"""Which session runs which step next: queues, admission, pacing. Never touches tensors.
+
+A session's life is a sequence of *work items*, each one transformer forward over its
+current chunk: optionally ``IMAGE`` (write the start image's latent frame as clean
+context) and ``RECACHE`` (rewrite the cached frames under a new prompt), then per chunk
+``num_steps`` ``DENOISE`` forwards and one ``COMMIT`` forward whose keys/values stay in
+the cache. :meth:`Scheduler.schedule` picks the items of all runnable sessions and groups
+those that can share one batched forward (same kind, same chunk length); the model
+runner executes them and :meth:`Scheduler.update` advances the bookkeeping.
+
+Continuous batching falls out of this: sessions at different denoising steps and context
+lengths share a forward, because timesteps are per frame and attention is per session.
+Pacing: a live stream that is more than ``max_lead_s`` ahead of its playback clock sits
+out, so sessions that are behind get the compute.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from streamgen.engine.request import FinishReason
+
+
+class WorkKind(enum.StrEnum):
+    IMAGE = "image"
+    RECACHE = "recache"
+    DENOISE = "denoise"
+    COMMIT = "commit"
+
+
+class Status(enum.StrEnum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class SessionProgress:
+    """The scheduler's bookkeeping for one session (counts and clocks only)."""
+
+    session_id: str
+    total_latent_frames: int | None  # None = unbounded
+    worst_case_frames: int           # KV frames to reserve at admission
+    fps: float
+    pixel_frames_per_latent: int
+    arrival_s: float
+    has_image: bool = False
+    status: Status = Status.WAITING
+    start_s: float | None = None
+    next_frame: int = 0              # first latent frame of the chunk being generated
+    chunk_frames: int = 0            # its length
+    step: int = 0                    # denoise step within the chunk; == num_steps -> commit
+    needs_image: bool = False
+    needs_recache: bool = False
+    emitted_pixel_frames: int = 0
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+    def lead_s(self, now_s: float) -> float:
+        """How far the generated video runs ahead of real-time playback."""
+        if self.start_s is None:
+            return 0.0
+        return self.emitted_pixel_frames / self.fps - (now_s - self.start_s)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    session_id: str
+    kind: WorkKind
+    start_frame: int
+    num_frames: int
+    step: int  # denoise step index (DENOISE), else -1
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """Work items that run as one batched transformer forward."""
+
+    kind: WorkKind
+    num_frames: int
+    items: tuple[WorkItem, ...]
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    batches: tuple[ForwardBatch, ...]
+    admitted: tuple[str, ...] = ()
+    rejected: tuple[str, ...] = ()       # gave up waiting for the pool (see SessionProgress.error)
+    throttled: tuple[str, ...] = ()      # ahead of their playback clock, skipped this step
+    next_wakeup_s: float | None = None   # when a throttled session becomes runnable again
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.batches
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_steps: int = 4
+    chunk_frames: int = 3
+    max_running: int = 8
+    max_queue_wait_s: float = 30.0
+    max_lead_s: float = math.inf       # pacing: inf = generate as fast as possible
+
+    def __post_init__(self) -> None:
+        if self.num_steps <= 0 or self.chunk_frames <= 0 or self.max_running <= 0:
+            raise ValueError("SchedulerConfig num_steps, chunk_frames and max_running must be > 0")
+        if self.max_queue_wait_s < 0 or self.max_lead_s <= 0:
+            raise ValueError("SchedulerConfig max_queue_wait_s must be >= 0 and max_lead_s > 0")
+
+
+# Admission callback: (session_id, worst_case_frames) -> None if admitted, else a reason string.
+AdmitFn = Callable[[str, int], str | None]
+
+
+@dataclass
+class Scheduler:
+    config: SchedulerConfig
+    admit: AdmitFn
+    sessions: dict[str, SessionProgress] = field(default_factory=dict)
+    waiting: deque[str] = field(default_factory=deque)
+
+    # ------------------------------------------------------------------ lifecycle
+    def add(self, progress: SessionProgress) -> None:
+        if progress.session_id in self.sessions:
+            raise ValueError(f"session {progress.session_id!r} already exists")
+        progress.needs_image = progress.has_image
+        self.sessions[progress.session_id] = progress
+        self.waiting.append(progress.session_id)
+
+    def finish(self, session_id: str, reason: FinishReason, error: str | None = None) -> SessionProgress:
+        s = self.get(session_id)
+        if s.status is Status.WAITING:
+            self.waiting.remove(session_id)
+        s.status = Status.FINISHED
+        s.finish_reason = reason
+        s.error = error
+        return s
+
+    def remove(self, session_id: str) -> None:
+        s = self.get(session_id)
+        if s.status is not Status.FINISHED:
+            raise ValueError(f"session {session_id!r} is still {s.status.value}; finish it first")
+        del self.sessions[session_id]
+
+    def request_recache(self, session_id: str) -> None:
+        s = self.get(session_id)
+        if s.status is Status.FINISHED:
+            raise ValueError(f"session {session_id!r} has finished")
+        # Applied at the next chunk boundary: the runner swaps the prompt and, if frames are
+        # cached, rewrites their keys/values under it (LongLive's KV re-cache).
+        s.needs_recache = True
+
+    def get(self, session_id: str) -> SessionProgress:
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise KeyError(f"unknown session {session_id!r}") from None
+
+    @property
+    def num_running(self) -> int:
+        return sum(s.status is Status.RUNNING for s in self.sessions.values())
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ------------------------------------------------------------------ scheduling
+    def _admit_waiting(self, now_s: float) -> tuple[list[str], list[str]]:
+        admitted, rejected = [], []
+        while self.waiting and self.num_running < self.config.max_running:
+            sid = self.waiting[0]
+            s = self.sessions[sid]
+            reason = self.admit(sid, s.worst_case_frames)
+            if reason is None:
+                self.waiting.popleft()
+                s.status = Status.RUNNING
+                s.start_s = now_s
+                admitted.append(sid)
+                continue
+            if now_s - s.arrival_s >= self.config.max_queue_wait_s or "never be admitted" in reason:
+                self.finish(sid, FinishReason.ERROR, f"not admitted within {self.config.max_queue_wait_s:g} s: "
+                                                     f"{reason}")
+                rejected.append(sid)
+                continue
+            break  # FIFO: later sessions wait behind the head of the queue
+        return admitted, rejected
+
+    def _next_item(self, s: SessionProgress) -> WorkItem:
+        if s.needs_image:
+            return WorkItem(s.session_id, WorkKind.IMAGE, 0, 1, -1)
+        if s.needs_recache and s.step == 0:  # only at a chunk boundary
+            return WorkItem(s.session_id, WorkKind.RECACHE, 0, s.next_frame, -1)
+        if s.chunk_frames == 0:
+            s.chunk_frames = self._chunk_len(s)
+        if s.step < self.config.num_steps:
+            return WorkItem(s.session_id, WorkKind.DENOISE, s.next_frame, s.chunk_frames, s.step)
+        return WorkItem(s.session_id, WorkKind.COMMIT, s.next_frame, s.chunk_frames, -1)
+
+    def _chunk_len(self, s: SessionProgress) -> int:
+        if s.total_latent_frames is None:
+            return self.config.chunk_frames
+        return min(self.config.chunk_frames, s.total_latent_frames - s.next_frame)
+
+    def schedule(self, now_s: float) -> SchedulerOutput:
+        admitted, rejected = self._admit_waiting(now_s)
+        groups: dict[tuple[WorkKind, int], list[WorkItem]] = {}
+        throttled: list[str] = []
+        wakeup: float | None = None
+        for s in self.sessions.values():
+            if s.status is not Status.RUNNING:
+                continue
+            lead = s.lead_s(now_s)
+            if lead > self.config.max_lead_s:
+                throttled.append(s.session_id)
+                ready_at = now_s + lead - self.config.max_lead_s
+                wakeup = ready_at if wakeup is None else min(wakeup, ready_at)
+                continue
+            item = self._next_item(s)
+            # A RECACHE forward covers one session's resident frames, so it never shares a batch.
+            key = (item.kind, item.num_frames) if item.kind is not WorkKind.RECACHE else (item.kind, -len(groups) - 1)
+            groups.setdefault(key, []).append(item)
+        order = {WorkKind.IMAGE: 0, WorkKind.RECACHE: 1, WorkKind.COMMIT: 2, WorkKind.DENOISE: 3}
+        batches = tuple(ForwardBatch(kind, items[0].num_frames, tuple(items))
+                        for (kind, _), items in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])))
+        return SchedulerOutput(batches, tuple(admitted), tuple(rejected), tuple(throttled), wakeup)
+
+    def update(self, item: WorkItem, pixel_frames_emitted: int = 0) -> bool:
+        """Advance a session after its work item ran. Returns True when the session completed."""
+        s = self.sessions.get(item.session_id)
+        if s is None or s.status is not Status.RUNNING:
+            return False  # finished (stopped) while its forward ran
+        if item.kind is WorkKind.IMAGE:
+            s.needs_image = False
+            s.next_frame = 1
+        elif item.kind is WorkKind.RECACHE:
+            s.needs_recache = False
+        elif item.kind is WorkKind.DENOISE:
+            s.step += 1
+        else:
+            s.next_frame += s.chunk_frames
+            s.step = 0
+            s.chunk_frames = 0
+        s.emitted_pixel_frames += pixel_frames_emitted
+        if s.total_latent_frames is not None and s.next_frame >= s.total_latent_frames:
+            self.finish(s.session_id, FinishReason.COMPLETED)
+            return True
+        return False

@@ -1,0 +1,226 @@
+"""Engine: batched == alone == offline, prompt switch (KV re-cache), image start, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streamgen.config import Preset, get_preset
+from streamgen.engine.engine import Engine, EngineConfig
+from streamgen.engine.request import FinishReason, GenerationRequest
+from streamgen.generate import generate_latents
+from streamgen.model.masks import frame_visibility
+from streamgen.model.text import HashTokenEncoder, TextEncoder
+from streamgen.model.transformer import CausalWanTransformer
+from streamgen.model.vae import CausalVideoVAE
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    # Tiny tensors: OpenMP spin-waiting across 2 threads only adds noise (and minutes under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _preset() -> Preset:
+    import dataclasses
+
+    from streamgen.config import CacheConfig
+
+    base = get_preset("test")
+    return dataclasses.replace(base, cache=CacheConfig(window_frames=6, sink_frames=3))
+
+
+def _engine(preset: Preset, **config: object) -> Engine:
+    torch.manual_seed(0)
+    model = CausalWanTransformer(preset.model)
+    with torch.no_grad():  # the zero-initialised head would make every session output pure noise
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    vae = CausalVideoVAE(preset.vae)
+    text = TextEncoder(preset.model.text_max_tokens, token_encoder=HashTokenEncoder())
+    cfg = EngineConfig(kv_memory_bytes=2**22, **config)  # type: ignore[arg-type]
+    return Engine(preset, model, vae, text, cfg, dtype=torch.float32)
+
+
+def _capture_latents(engine: Engine) -> dict[str, list[torch.Tensor]]:
+    """Record every committed clean chunk per session (wraps the runner's commit hook)."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    original = engine.runner._after_commit
+
+    def hook(item, x0, forward_ms):  # type: ignore[no-untyped-def]
+        seen.setdefault(item.session_id, []).append(x0.clone())
+        return original(item, x0, forward_ms)
+
+    engine.runner._after_commit = hook  # type: ignore[method-assign]
+    return seen
+
+
+def test_batched_equals_alone_equals_offline() -> None:
+    preset = _preset()
+    target = GenerationRequest("a glossy red bottle", seed=7, num_frames=8 * 4)
+
+    alone = _engine(preset)
+    alone_latents = _capture_latents(alone)
+    sid = alone.add_request(target, "target")
+    alone.run_until_done()
+
+    batched = _engine(preset)
+    batched_latents = _capture_latents(batched)
+    batched.add_request(GenerationRequest("a blue mug", seed=1, num_frames=60), "early")
+    for _ in range(7):  # the others start earlier: different steps and context lengths
+        batched.step()
+    batched.add_request(GenerationRequest("a green can turning", seed=2, num_frames=40), "mid")
+    batched.step()
+    batched.step()
+    batched.add_request(target, "target")
+    batched.add_request(GenerationRequest("a white box", seed=3, num_frames=8), "late")
+    outputs = batched.run_until_done()
+
+    a = torch.cat(alone_latents[sid], dim=2)
+    b = torch.cat(batched_latents["target"], dim=2)
+    assert a.shape == (1, 4, 8, 4, 4)
+    assert (a - b).abs().max() <= 1e-4
+    frames = np.concatenate([c.frames for c in outputs["target"]])
+    assert frames.shape == (32, 32, 32, 3)
+    assert outputs["target"][-1].finish_reason is FinishReason.COMPLETED
+
+    # The offline reference: contiguous cache, same seed, same weights.
+    model = alone.model
+    emb, _ = alone.runner.text.encode([target.prompt])
+    reference = torch.cat(list(generate_latents(model, model.encode_text(emb), preset, 8,
+                                                torch.Generator().manual_seed(7))), dim=2)
+    assert (a - reference).abs().max() <= 1e-4
+    assert batched.kv.usage().num_used_blocks == 0
+
+
+class _Capture:
+    """A SelfAttentionCache that records each layer's keys and attends under a frame mask."""
+
+    def __init__(self, backend, mask: torch.Tensor) -> None:  # type: ignore[no-untyped-def]
+        self.backend, self.mask, self.keys = backend, mask, {}
+
+    def attend(self, layer_idx, q, k, v):  # type: ignore[no-untyped-def]
+        self.keys[layer_idx] = k.clone()
+        return self.backend.attention(q, k, v, self.mask)
+
+
+def _stored_keys(engine: Engine, sid: str, frame: int, layer: int) -> torch.Tensor:
+    block, offset = engine.kv.frame_location(sid, frame)
+    k_pool, _ = engine.kv.pool.layer(layer)
+    return k_pool[block, offset:offset + engine.preset.tokens_per_frame]
+
+
+def test_prompt_switch_recaches_resident_frames_and_continues() -> None:
+    preset = _preset()
+    engine = _engine(preset)
+    latents = _capture_latents(engine)
+    sid = engine.add_request(GenerationRequest("a red bottle", seed=4, num_frames=4 * 18), "s")
+    while sum(x.shape[2] for x in latents.get(sid, [])) < 12:  # four chunks committed
+        engine.step()
+    before = _stored_keys(engine, sid, 11, 1).clone()  # layer 0 keys do not depend on the prompt
+    engine.update_prompt(sid, "a blue mug on a wooden table")
+    engine.step()  # at the chunk boundary: the re-cache forward
+
+    resident = engine.kv.resident_frames(sid)
+    assert resident == [0, 1, 2, 9, 10, 11]
+    clean = torch.cat(latents[sid], dim=2)[:, :, resident]
+    tpf = preset.tokens_per_frame
+    chunk_ids = torch.tensor([j // 3 for j in resident])
+    mask = (chunk_ids[None] <= chunk_ids[:, None]).repeat_interleave(tpf, 0).repeat_interleave(tpf, 1)
+    capture = _Capture(engine.model.backend, mask)
+    emb, _ = engine.runner.text.encode(["a blue mug on a wooden table"])
+    with torch.no_grad():
+        engine.model(clean, torch.zeros(1, len(resident)), engine.model.encode_text(emb),
+                     frame_offsets=torch.tensor([resident]), kv_cache=capture)
+    for layer in range(preset.model.num_layers):
+        for i, frame in enumerate(resident):
+            expected = capture.keys[layer][0, i * tpf:(i + 1) * tpf]
+            assert (_stored_keys(engine, sid, frame, layer) - expected).abs().max() <= 1e-5
+    assert (_stored_keys(engine, sid, 11, 1) - before).abs().max() > 1e-3  # it really changed
+    outputs = engine.run_until_done()
+    assert outputs[sid][-1].finish_reason is FinishReason.COMPLETED
+    assert sum(len(c.frames) for c in outputs[sid]) == 4 * 18 - 48
+
+
+def test_image_start_writes_image_latent_as_clean_frame_zero() -> None:
+    preset = _preset()
+    engine = _engine(preset)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    sid = engine.add_request(GenerationRequest("a jar", seed=5, num_frames=20, start_image=image), "img")
+    first = engine.step()
+    assert [(c.first_frame_index, len(c.frames)) for c in first] == [(0, 4)]
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    latent = engine.vae.encode_image(pixels)
+    decoded, _ = engine.vae.decode_chunk(latent, engine.vae.init_decoder_state(batch_size=1))
+    expected_frames = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
+    assert np.abs(first[0].frames.astype(int) - expected_frames.astype(int)).max() <= 1
+    capture = _Capture(engine.model.backend, None)
+    with torch.no_grad():
+        engine.model(latent, torch.zeros(1, 1), engine.runner.states[sid].context, frame_offsets=0,
+                     kv_cache=capture)
+    assert (_stored_keys(engine, sid, 0, 1) - capture.keys[1][0]).abs().max() <= 1e-5
+    rest = engine.run_until_done()[sid]
+    assert [(c.first_frame_index, len(c.frames)) for c in rest[:-1]] == [(4, 12), (16, 4)]
+    assert rest[-1].finish_reason is FinishReason.COMPLETED
+
+
+def test_bad_input_is_rejected_and_others_keep_streaming() -> None:
+    preset = _preset()
+    engine = _engine(preset, max_prompt_chars=40, max_frames=100)
+    good = engine.add_request(GenerationRequest("a can", seed=1, num_frames=24), "good")
+    bad = [
+        (GenerationRequest(""), "non-empty"),
+        (GenerationRequest("x" * 41), "limit is 40"),
+        (GenerationRequest("a can", num_frames=0), "num_frames must be > 0"),
+        (GenerationRequest("a can", num_frames=101), "exceeds the limit of 100"),
+        (GenerationRequest("a can", start_image=np.zeros((16, 16, 3), np.uint8)), r"\(32, 32, 3\)"),
+        (GenerationRequest("a can", start_image=np.zeros((32, 32, 4), np.uint8)), "uint8 RGB"),
+    ]
+    for request, message in bad:
+        with pytest.raises(ValueError, match=message):
+            engine.add_request(request)
+    with pytest.raises(KeyError, match="unknown session"):
+        engine.update_prompt("nope", "a mug")
+    with pytest.raises(ValueError, match="non-empty"):
+        engine.update_prompt(good, " ")
+    with pytest.raises(ValueError, match="limit is 40"):
+        engine.update_prompt(good, "y" * 41)
+    out = engine.run_until_done()
+    assert sum(len(c.frames) for c in out[good]) == 24
+
+
+def test_pool_exhausted_queues_then_rejects_with_reason() -> None:
+    preset = _preset()
+    now = [0.0]
+    engine = _engine(preset, max_queue_wait_s=5.0)
+    engine.clock = lambda: now[0]
+    engine.scheduler.sessions.clear()
+    # Shrink the pool so exactly one session fits.
+    from streamgen.cache.paged import PagedKVCacheManager
+
+    per_session = engine.kv.blocks_for_frames(engine.kv.worst_case_frames(3, None))
+    engine.kv = PagedKVCacheManager.from_preset(preset, engine.model.backend, num_blocks=per_session + 1,
+                                                dtype=torch.float32)
+    engine.runner.kv = engine.kv
+    first = engine.add_request(GenerationRequest("a can", seed=1), "first")  # unbounded
+    second = engine.add_request(GenerationRequest("a mug", seed=2, num_frames=12), "second")
+    engine.step()
+    assert engine.num_running == 1 and engine.num_waiting == 1
+    now[0] = 6.0
+    ended = [c for c in engine.step() if c.finished]
+    assert [(c.session_id, c.finish_reason) for c in ended] == [(second, FinishReason.ERROR)]
+    assert "pool exhausted" in (ended[0].error or "")
+    final = engine.abort(first)
+    assert final is not None and final.finish_reason is FinishReason.STOPPED
+    assert engine.kv.usage().num_used_blocks == 0 and not engine.has_unfinished()
+
+
+def test_window_visibility_matches_rolling_policy() -> None:
+    """The engine's window (6 incl. 3 sinks) is the one the offline mask describes."""
+    vis = frame_visibility(12, 3, 6, 3)
+    assert vis[9].nonzero().flatten().tolist() == [0, 1, 2, 9, 10, 11]
