@@ -10,6 +10,8 @@ interleaved ``(0, 1), (2, 3), ...`` (diffusers' ``repeat_interleave_real=True``)
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -26,15 +28,14 @@ def _axis_angles(positions: torch.Tensor, axis_dim: int, theta: float) -> torch.
     return positions.to(torch.float64)[..., None] * inv_freq
 
 
-def rope_cos_sin(
-    frame_positions: torch.Tensor, grid_h: int, grid_w: int, head_dim: int, theta: float = 10000.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotation tables for tokens laid out frame-major ``(f, h, w)``.
+def rope_freqs(frame_positions: torch.Tensor, grid_h: int, grid_w: int, head_dim: int,
+               theta: float = 10000.0) -> torch.Tensor:
+    """Unit complex rotations for tokens laid out frame-major ``(f, h, w)``.
 
     Args:
         frame_positions: ``[B, F]`` absolute latent-frame index of each frame (int).
     Returns:
-        ``cos, sin``: ``[B, F * grid_h * grid_w, 1, head_dim // 2]`` float32.
+        ``[B, F * grid_h * grid_w, 1, head_dim // 2]`` complex64: ``exp(i * angle)`` per channel pair.
     """
     if frame_positions.ndim != 2:
         raise ValueError(f"frame_positions must be [B, F], got shape {tuple(frame_positions.shape)}")
@@ -53,12 +54,15 @@ def rope_cos_sin(
         dim=-1,
     )  # [B, F, gh, gw, D/2]
     angles = angles.reshape(batch, num_frames * grid_h * grid_w, 1, head_dim // 2)
-    return angles.cos().float(), angles.sin().float()
+    # Reduce the (float64) angle before the float32 cast so huge positions keep their precision.
+    return torch.polar(torch.ones_like(angles, dtype=torch.float32), torch.remainder(angles, 2 * math.pi).float())
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of ``x: [B, L, H, D]`` by the tables from :func:`rope_cos_sin`."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B, L, H, D/2, 2]
-    x1, x2 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs ``(x[2i], x[2i+1])`` of ``x: [B, L, H, D]`` by ``freqs``.
+
+    One complex multiply per pair (in float32): several times faster on CPU than the
+    equivalent cos/sin arithmetic on split halves.
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # [B, L, H, D/2]
+    return torch.view_as_real(pairs * freqs).flatten(-2).type_as(x)

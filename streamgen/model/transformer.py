@@ -26,7 +26,7 @@ from torch import nn
 from streamgen.attention import AttentionBackend, get_backend
 from streamgen.config import ModelConfig
 from streamgen.model.cache_api import SelfAttentionCache
-from streamgen.model.rope import apply_rope, rope_cos_sin
+from streamgen.model.rope import apply_rope, rope_freqs
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -148,11 +148,16 @@ class Attention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=cfg.eps)
         self.norm_k = nn.RMSNorm(dim, eps=cfg.eps)
 
+    @staticmethod
+    def _rms(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+        # float32 RMSNorm: more accurate than bf16 and, on CPU, about twice as fast.
+        return F.rms_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.eps).type_as(x)
+
     def project_q(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
+        return self._rms(self.to_q(x), self.norm_q).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self.norm_k(self.to_k(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
+        k = self._rms(self.to_k(x), self.norm_k).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
         v = self.to_v(x).unflatten(-1, (self.num_heads, -1))
         return k, v
 
@@ -164,7 +169,7 @@ class Attention(nn.Module):
 class _ForwardState:
     """What every block needs besides hidden states, built once per forward."""
 
-    rope: tuple[torch.Tensor, torch.Tensor]
+    rope: torch.Tensor  # complex [B, L, 1, D/2]
     mask: torch.Tensor | None
     kv_cache: SelfAttentionCache | None
     num_frames: int
@@ -195,9 +200,9 @@ class TransformerBlock(nn.Module):
 
         # 1. Self-attention (RoPE'd q/k; through the cache when streaming).
         h = modulate(framewise(layer_norm_fp32(x, self.norm1)), shift1, scale1).view_as(x).type_as(x)
-        q = apply_rope(self.attn1.project_q(h), *state.rope)
+        q = apply_rope(self.attn1.project_q(h), state.rope)
         k, v = self.attn1.project_kv(h)
-        k = apply_rope(k, *state.rope)
+        k = apply_rope(k, state.rope)
         if state.kv_cache is not None:
             attn = state.kv_cache.attend(self.layer_idx, q, k, v)
         else:
@@ -336,7 +341,7 @@ class CausalWanTransformer(nn.Module):
             positions = offsets
         else:
             positions = offsets.expand(batch)[:, None] + torch.arange(num_frames, device=x.device)[None, :]  # [B, F]
-        rope = rope_cos_sin(positions, grid_h, grid_w, cfg.head_dim, cfg.rope_theta)
+        rope = rope_freqs(positions, grid_h, grid_w, cfg.head_dim, cfg.rope_theta)
         if attn_mask is not None and attn_mask.shape != (num_frames * grid_h * grid_w,) * 2:
             raise ValueError(f"attn_mask must be [{num_frames * grid_h * grid_w}] x 2, got {tuple(attn_mask.shape)}")
         state = _ForwardState(rope=rope, mask=attn_mask, kv_cache=kv_cache, num_frames=num_frames)
