@@ -26,15 +26,20 @@ INSTALL_KEY = $(shell { cat pyproject.toml; echo torch==$(TORCH_VERSION); ls -d 
 PIP_QUIET = 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 
 DEMO_PROMPT := a glossy red bottle turning on a white table
+DEMO_PORT ?= 50051
+# Generated gRPC stubs (git-ignored): streamgen/api/v1/streamgen_pb2{,_grpc}.py{,i}, rebuilt when the proto changes.
+PROTO := protos/streamgen/v1/streamgen.proto
+STUBS := streamgen/api/v1/streamgen_pb2.py streamgen/api/v1/streamgen_pb2_grpc.py streamgen/api/v1/streamgen_pb2.pyi
 
-.PHONY: help venv check-venv test test-all demo lint clean distclean
+.PHONY: help venv check-venv proto test test-all demo lint clean distclean
 
 help:
-	@echo "make demo       generate out/demo.mp4 (tiny 'test' preset, random weights for now)"
+	@echo "make demo       serve + stream out/demo.mp4 over gRPC (tiny 'test' preset, random weights for now)"
 	echo "make test       ruff + pytest (skips tests marked slow)"
 	echo "make test-all   ruff + pytest including slow tests"
 	echo "make lint       ruff check"
-	echo "make venv       create/refresh .venv (torch $(TORCH_VERSION)+cpu, then -e '.[dev]')"
+	echo "make venv       create/refresh .venv (torch $(TORCH_VERSION)+cpu, then -e '.[dev]', then gRPC stubs)"
+	echo "make proto      (re)generate the gRPC stubs from $(PROTO) into streamgen/api/v1/"
 	echo "make clean      remove caches, build output and out/;  make distclean also removes .venv"
 
 venv:
@@ -49,6 +54,7 @@ venv:
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) $(PIP_QUIET)
 	$(BIN)/python -m pip install --quiet -e '.[dev]' $(PIP_QUIET)
 	$(MAKE) --no-print-directory check-venv
+	$(BIN)/python -m streamgen.api.build
 	echo "$$key" > $(STAMP)
 	echo "venv: installed in $$((SECONDS - start)) s"
 
@@ -66,19 +72,46 @@ check-venv:
 	fi
 	echo "check-venv: torch $(TORCH_VERSION)+cpu, no nvidia-*/torchvision/triton"
 
-test: venv
+# Stubs are build output: regenerated whenever the .proto is newer (streamgen.api.build also checks
+# a content hash, and importing streamgen.api.v1 regenerates missing stubs as a last resort).
+proto: venv $(STUBS)
+
+$(STUBS) &: $(PROTO) streamgen/api/build.py
+	@$(BIN)/python -m streamgen.api.build --force
+
+test: venv proto
 	@$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout $(TEST_TIMEOUT_S) $(PYTEST_ARGS)
 
-test-all: venv
+test-all: venv proto
 	@$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout $(TEST_TIMEOUT_S) -m "" $(PYTEST_ARGS)
 
-demo: venv
+# Serve the model in the background, stream a clip through the gRPC client, stop the server cleanly.
+# Until a trained default model is committed this serves the tiny 'test' preset with RANDOM weights:
+# every stage is real (MiniLM prompt encoder, transformer, paged KV cache, VAE, H.264) but the video
+# is noise-like colour, not the prompt.
+demo: venv proto
 	@mkdir -p out
-	$(BIN)/streamgen generate --preset test --random-init --prompt "$(DEMO_PROMPT)" \
-	  --num-frames 48 --seed 0 --out out/demo.mp4
-	echo "demo: wrote out/demo.mp4"
+	echo "demo: starting 'streamgen serve' on 127.0.0.1:$(DEMO_PORT) (preset 'test', RANDOM weights: no trained model committed yet)"
+	$(BIN)/streamgen serve --preset test --random-init --port $(DEMO_PORT) --metrics-port 0 --kv-memory-mb 64 \
+	  --log-format text 2> out/demo-server.log &
+	server=$$!
+	trap 'kill -TERM $$server 2>/dev/null || true; wait $$server 2>/dev/null || true' EXIT
+	if ! $(BIN)/python -m streamgen.server.health --address 127.0.0.1:$(DEMO_PORT) --wait 120 --quiet; then
+	  echo "demo: the server did not become healthy; its log (out/demo-server.log):" >&2
+	  tail -n 20 out/demo-server.log >&2
+	  exit 1
+	fi
+	echo "demo: server SERVING; $$(grep -o 'metrics=http[^ ]*' out/demo-server.log | head -n 1 | sed 's/=/ at /')"
+	$(BIN)/python -m clients.stream --server 127.0.0.1:$(DEMO_PORT) --prompt "$(DEMO_PROMPT)" \
+	  --seconds 4 --seed 0 --switch 2:"a matte blue mug on a wooden table" --out out/demo.mp4
+	kill -TERM $$server
+	wait $$server
+	trap - EXIT
+	echo "demo: wrote out/demo.mp4 - open it with any video player (e.g. 'ffplay out/demo.mp4', VLC or a browser)"
+	echo "demo: server log in out/demo-server.log; it drained and exited 0"
+	echo "demo: live preview over WebRTC (coming in a later issue): python -m clients.webrtc --grpc 127.0.0.1:$(DEMO_PORT)"
 
 lint: venv
 	@$(BIN)/ruff check .

@@ -1,4 +1,4 @@
-"""Command line: ``streamgen generate | info``.
+"""Command line: ``streamgen serve | generate | info``.
 
 Each sub-command validates its arguments before doing any work and exits non-zero with a
 one-line message on bad input (``ValueError`` -> exit 2). Heavy imports (torch, the text
@@ -34,6 +34,79 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where there is a default worth reading."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="serve the model over gRPC (health, reflection, Prometheus metrics)",
+        formatter_class=_DefaultsHelp,
+        description="Serve real-time video generation over gRPC: a bidirectional Generate stream per video "
+                    "(protos/streamgen/v1/streamgen.proto), grpc.health.v1 health checking, server reflection "
+                    "and Prometheus metrics on HTTP. SIGTERM/SIGINT drain: health NOT_SERVING, new streams "
+                    "UNAVAILABLE, running streams end with REASON_SERVER_SHUTDOWN after --drain-timeout-s, "
+                    "exit 0. See docs/serving.md.")
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", default="default", help="model preset: test, default, wan-1.3b")
+    model.add_argument("--transformer", type=Path, help="transformer checkpoint (.safetensors)")
+    model.add_argument("--vae", type=Path, help="VAE checkpoint (.safetensors)")
+    model.add_argument("--random-init", action="store_true",
+                       help="serve randomly initialised weights (seed 0; the video is noise-like)")
+    model.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                       help="transformer precision (and KV-cache dtype)")
+    model.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flex, xformers, flash")
+    model.add_argument("--text-encoder", choices=["minilm", "hash"], default="minilm",
+                       help="prompt encoder; 'hash' is a model-free stand-in for tests and load benchmarks only")
+    model.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    net = p.add_argument_group("network and security")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    net.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port, see the log)")
+    net.add_argument("--metrics-port", type=int, default=9090,
+                     help="Prometheus /metrics HTTP port on --host (0 = any free port, -1 = off)")
+    net.add_argument("--token-file", type=Path,
+                     help="file holding the bearer token clients must send ('authorization: Bearer <token>'); "
+                          "default: env STREAMGEN_TOKEN; neither = no auth")
+    net.add_argument("--tls-cert", type=Path, help="TLS certificate chain (PEM); with --tls-key enables TLS")
+    net.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
+    net.add_argument("--max-message-bytes", type=int, default=8 * 2**20,
+                     help="largest request message accepted (start image included); larger -> RESOURCE_EXHAUSTED")
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--max-sessions", type=int, default=8, help="streams generating at once (one batch)")
+    lim.add_argument("--max-waiting", type=int, default=16,
+                     help="streams that may queue for admission; beyond -> RESOURCE_EXHAUSTED at once")
+    lim.add_argument("--kv-memory-mb", type=float, default=512, help="KV-cache pool size in MiB")
+    lim.add_argument("--max-frames", type=int, default=16 * 60 * 10,
+                     help="most pixel frames per stream; unbounded streams end with REASON_LIMIT_REACHED there")
+    lim.add_argument("--max-prompt-chars", type=int, default=500, help="longest prompt accepted")
+    lim.add_argument("--max-queue-wait-s", type=float, default=30.0,
+                     help="how long a stream may wait for KV-pool admission before RESOURCE_EXHAUSTED")
+    lim.add_argument("--drain-timeout-s", type=float, default=20.0,
+                     help="on SIGTERM, how long running streams may continue before REASON_SERVER_SHUTDOWN")
+    lim.add_argument("--stall-timeout-s", type=float, default=60.0,
+                     help="cancel a stream whose client has read nothing for this long")
+    stream = p.add_argument_group("streaming")
+    stream.add_argument("--pace", action=argparse.BooleanOptionalAction, default=True,
+                        help="pace each stream to its playback clock (generate at most --max-lead-s ahead); "
+                             "--no-pace generates as fast as possible")
+    stream.add_argument("--max-lead-s", type=float, default=2.0, help="with --pace: seconds generation may lead")
+    stream.add_argument("--max-buffered-chunks", type=int, default=4,
+                        help="per-stream chunks between engine and network; a full buffer pauses that session")
+    stream.add_argument("--keyframe-interval-s", type=float, default=2.0,
+                        help="default H.264 keyframe interval in seconds of video (clients may override)")
+    stream.add_argument("--jpeg-quality", type=int, default=90, help="default JPEG quality (clients may override)")
+    stream.add_argument("--h264-crf", type=int, default=18, help="x264 constant rate factor (lower = better)")
+    out = p.add_argument_group("logging")
+    out.add_argument("--log-format", choices=["json", "text"], default="json",
+                     help="structured log lines on stderr: JSON objects or key=value")
+    out.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+
+
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a preset's configuration and derived sizes as JSON")
     p.add_argument("--preset", default="default", help="model preset (default: default)")
@@ -42,6 +115,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamgen", description="Real-time autoregressive video generation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(sub)
     _add_generate(sub)
     _add_info(sub)
     return parser
@@ -118,7 +192,60 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info}
+def _read_token(token_file: Path | None) -> str | None:
+    """The bearer token from --token-file, else env STREAMGEN_TOKEN, else None (never logged)."""
+    import os
+
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read --token-file: {exc.strerror}") from None
+        if not token:
+            raise ValueError(f"--token-file {token_file} is empty")
+        return token
+    return os.environ.get("STREAMGEN_TOKEN", "").strip() or None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import math
+
+    from streamgen.config import get_preset
+
+    get_preset(args.preset)  # unknown names fail before anything loads
+    for flag in ("tls_cert", "tls_key", "transformer", "vae"):
+        path = getattr(args, flag)
+        if path is not None and not path.is_file():
+            raise ValueError(f"--{flag.replace('_', '-')} {path} is not a file")
+    if args.kv_memory_mb <= 0:
+        raise ValueError(f"--kv-memory-mb must be > 0, got {args.kv_memory_mb}")
+    if args.pace and not (args.max_lead_s > 0):
+        raise ValueError(f"--max-lead-s must be > 0, got {args.max_lead_s}")
+
+    from streamgen.engine.engine import EngineConfig
+    from streamgen.server.app import ModelSource, run
+    from streamgen.server.config import ServerConfig
+
+    source = ModelSource(preset=args.preset, transformer=args.transformer, vae=args.vae, random_init=args.random_init,
+                         dtype=args.dtype, attention=args.attention, text_encoder=args.text_encoder,
+                         threads=args.threads)
+    engine_config = EngineConfig(max_sessions=args.max_sessions, kv_memory_bytes=int(args.kv_memory_mb * 2**20),
+                                 max_queue_wait_s=args.max_queue_wait_s,
+                                 max_lead_s=args.max_lead_s if args.pace else math.inf,
+                                 max_prompt_chars=args.max_prompt_chars, max_frames=args.max_frames,
+                                 unbounded_max_frames=args.max_frames)
+    server_config = ServerConfig(host=args.host, port=args.port,
+                                 metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                                 max_message_bytes=args.max_message_bytes, max_waiting=args.max_waiting,
+                                 token=_read_token(args.token_file), tls_cert=args.tls_cert, tls_key=args.tls_key,
+                                 drain_timeout_s=args.drain_timeout_s, stall_timeout_s=args.stall_timeout_s,
+                                 max_buffered_chunks=args.max_buffered_chunks,
+                                 keyframe_interval_s=args.keyframe_interval_s, jpeg_quality=args.jpeg_quality,
+                                 h264_crf=args.h264_crf)
+    return run(source, engine_config, server_config, log_format=args.log_format, log_level=args.log_level)
+
+
+COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "info": cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.vae import CausalVideoVAE
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,16 @@ class Engine:
             raise ValueError(f"prompt has {len(prompt)} characters; the limit is {self.config.max_prompt_chars}")
         self.runner.set_prompt(session_id, prompt)
         self.scheduler.request_recache(session_id)
+
+    def set_paused(self, session_id: str, paused: bool) -> None:
+        """Hold (or release) a session between work items: backpressure from a slow consumer.
+
+        A paused session keeps its pages and its place; only its compute waits. A session that
+        has already ended is ignored (its consumer may still be draining the last chunks).
+        """
+        progress = self.scheduler.sessions.get(session_id)
+        if progress is not None:
+            progress.paused = paused
 
     def abort(self, session_id: str, reason: FinishReason = FinishReason.STOPPED) -> ChunkOutput | None:
         """End a session now and free its pages; returns its final message (None if already gone)."""
@@ -229,11 +241,19 @@ class AsyncEngine:
 
     All engine calls happen on the worker thread (commands are queued), so the engine
     itself needs no locks.
+
+    ``max_buffered_chunks`` bounds each session's undelivered chunks: a session whose queue
+    holds that many is paused until its consumer catches up (backpressure instead of an
+    unbounded buffer; at most one more chunk, from a forward already running, can arrive).
+    ``None`` leaves the queues unbounded.
     """
 
-    def __init__(self, engine: Engine, idle_sleep_s: float = 0.005) -> None:
+    def __init__(self, engine: Engine, idle_sleep_s: float = 0.005, max_buffered_chunks: int | None = None) -> None:
+        if max_buffered_chunks is not None and max_buffered_chunks < 1:
+            raise ValueError(f"max_buffered_chunks must be >= 1 or None, got {max_buffered_chunks}")
         self.engine = engine
         self.idle_sleep_s = idle_sleep_s
+        self.max_buffered_chunks = max_buffered_chunks
         self._commands: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -258,6 +278,10 @@ class AsyncEngine:
             self._commands.append(run)
         self._wake.set()
         return fut
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the engine thread between steps (consistent reads, e.g. metrics)."""
+        return await self._call(fn)  # type: ignore[return-value]
 
     async def start(self, request: GenerationRequest) -> tuple[str, asyncio.Queue[ChunkOutput]]:
         """Validate and queue a stream; raises ``ValueError`` for bad input."""
@@ -308,6 +332,7 @@ class AsyncEngine:
                 commands, self._commands = self._commands, []
             for command in commands:
                 command()
+            self._apply_backpressure()
             if self.engine.has_unfinished():
                 try:
                     chunks = self.engine.step()
@@ -322,6 +347,14 @@ class AsyncEngine:
             else:
                 self._wake.wait(self.idle_sleep_s * 20)
                 self._wake.clear()
+
+    def _apply_backpressure(self) -> None:
+        if self.max_buffered_chunks is None:
+            return
+        # qsize() of a queue owned by another thread's loop: a GIL-atomic len(); a stale value
+        # only delays the pause/resume by one loop iteration.
+        for sid, (_, queue) in list(self._queues.items()):
+            self.engine.set_paused(sid, queue.qsize() >= self.max_buffered_chunks)
 
     def shutdown(self, reason: FinishReason = FinishReason.SHUTDOWN) -> None:
         """End every session with ``reason`` and stop the worker thread."""

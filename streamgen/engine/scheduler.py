@@ -57,6 +57,7 @@ class SessionProgress:
     needs_image: bool = False
     needs_recache: bool = False
     emitted_pixel_frames: int = 0
+    paused: bool = False             # backpressure: the consumer's buffer is full (see Engine.set_paused)
     finish_reason: FinishReason | None = None
     error: str | None = None
 
@@ -213,6 +214,9 @@ class Scheduler:
         wakeup: float | None = None
         for s in self.sessions.values():
             if s.status is not Status.RUNNING:
+                continue
+            if s.paused:
+                throttled.append(s.session_id)
                 continue
             lead = s.lead_s(now_s)
             if lead > self.config.max_lead_s:

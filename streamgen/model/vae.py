@@ -13,8 +13,12 @@ Design choices (and why):
 
 * **Light, TAEHV-like, not Wan's VAE.** Decoding must never be the bottleneck of a
   real-time stream on a CPU. Widths halve per 2x upsampling towards full resolution
-  (:func:`level_widths`), so every 3x3 conv costs about the same and the full-resolution
-  convs are narrow. The temporal conv is factorised: ``(k, 1, 1)`` in time, 3x3 in space.
+  (:func:`level_widths`), so every 3x3 conv costs about the same; upsampling is sub-pixel
+  (ESPCN) and the decoder's RGB head works from half resolution, so no decoder conv runs
+  on full-resolution frames. The temporal conv is factorised: ``(k, 1, 1)`` in time, 3x3
+  in space. Default preset: 1.4 M parameters, 4.0 GFLOP to decode 3 latent frames.
+* **Streaming.** ``decode_chunk`` takes any number of latent frames; ``encode_chunk`` any
+  multiple of ``tf`` pixel frames (pooling never straddles a latent frame's group).
 * **Zero left-padding at the start of a stream.** A fresh state is all zeros, so states
   of sessions that started at different times have the same shapes and can be batched
   (:meth:`StreamState.concat` / :meth:`StreamState.split`).

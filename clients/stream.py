@@ -1,0 +1,509 @@
+"""Stream a video from a streamgen server: a command line tool and a small async library.
+
+Command line (``python -m clients.stream --help`` lists every option)::
+
+    python -m clients.stream --server 127.0.0.1:50051 --prompt "a glossy red bottle turning" \\
+        --seconds 20 --switch 5:"a blue bottle" --out out.mp4
+
+shows a live progress line (frames, delivery fps, time to first frame, inter-chunk latency), writes a
+playable MP4 (H.264: the server's fragmented MP4, init segment + fragments, written as it arrives;
+JPEG / raw / Annex-B: decoded and re-encoded with ``Mp4Writer``), prints a JSON summary on stdout
+and exits non-zero with the server's status and message on error. Ctrl-C sends a StopRequest
+(the file is finished properly); a second Ctrl-C quits at once.
+
+Library::
+
+    async with StreamClient("127.0.0.1:50051") as client:
+        async for frames in client.frames(StreamRequest("a red mug", num_frames=48)):
+            ...  # np.uint8 [N, H, W, 3] per chunk
+
+This module speaks only the public gRPC API; it never imports the engine or the model (torch is
+loaded only through ``streamgen.video_io`` when JPEG/raw/Annex-B frames are re-encoded to a file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import math
+import os
+import signal
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import av
+import grpc
+import numpy as np
+
+from streamgen.api.v1 import pb, pb_grpc
+from streamgen.server import fmp4
+
+ENCODINGS: dict[str, int] = {"h264": pb.ENCODING_H264_FMP4, "h264-annexb": pb.ENCODING_H264_ANNEXB,
+                             "jpeg": pb.ENCODING_JPEG, "raw": pb.ENCODING_RAW_RGB}
+# Reasons after which the stream is complete as far as the client asked (exit 0).
+OK_REASONS = (pb.StreamEnded.REASON_COMPLETED, pb.StreamEnded.REASON_STOPPED, pb.StreamEnded.REASON_LIMIT_REACHED)
+EXIT_OK, EXIT_RPC_ERROR, EXIT_USAGE, EXIT_STREAM_ENDED_EARLY = 0, 1, 2, 3
+
+
+class StreamError(Exception):
+    """The call ended with a non-OK gRPC status (the server's code and message)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class StreamEndedEarly(Exception):
+    """The server ended the stream with REASON_ERROR or REASON_SERVER_SHUTDOWN."""
+
+    def __init__(self, ended: pb.StreamEnded) -> None:
+        super().__init__(f"{pb.StreamEnded.Reason.Name(ended.reason)}: {ended.message}")
+        self.ended = ended
+
+
+@dataclass(frozen=True, order=True)
+class PromptSwitch:
+    """Send ``prompt`` once ``at_s`` seconds of video have been received."""
+
+    at_s: float
+    prompt: str
+
+    @classmethod
+    def parse(cls, text: str) -> PromptSwitch:
+        seconds, sep, prompt = text.partition(":")
+        try:
+            at_s = float(seconds)
+        except ValueError:
+            at_s = math.nan
+        if not sep or not prompt.strip() or not at_s >= 0:
+            raise ValueError(f"--switch wants SECONDS:PROMPT (e.g. 5:\"a blue mug\"), got {text!r}")
+        return cls(at_s, prompt)
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """What to ask for; ``num_frames=0`` streams until stopped (or the server's limit)."""
+
+    prompt: str
+    seed: int = 0
+    num_frames: int = 0
+    fps: int = 0
+    encoding: str = "h264"
+    image: bytes = b""
+    keyframe_interval: int = 0
+    jpeg_quality: int = 0
+    switches: tuple[PromptSwitch, ...] = ()
+    expect_preset: str = ""
+
+    def to_proto(self) -> pb.GenerateRequest:
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"unknown encoding {self.encoding!r}; valid: {', '.join(ENCODINGS)}")
+        return pb.GenerateRequest(start=pb.StartRequest(
+            prompt=self.prompt, start_image=self.image, seed=self.seed, num_frames=self.num_frames, fps=self.fps,
+            encoding=ENCODINGS[self.encoding], keyframe_interval=self.keyframe_interval,
+            jpeg_quality=self.jpeg_quality, expect_preset=self.expect_preset))
+
+
+class FrameDecoder:
+    """Turns each FrameChunk of one stream into ``np.uint8 [N, H, W, 3]``, incrementally."""
+
+    def __init__(self, started: pb.StreamStarted) -> None:
+        self.started = started
+        self.width, self.height = started.width, started.height
+        self._h264: av.CodecContext | None = None
+        self._prefix = b""
+        if started.encoding in (pb.ENCODING_H264_FMP4, pb.ENCODING_H264_ANNEXB):
+            self._h264 = av.CodecContext.create("h264", "r")
+        if started.encoding == pb.ENCODING_H264_FMP4:
+            sps, pps = fmp4.read_avcc(started.init_segment)
+            self._prefix = b"\x00\x00\x00\x01" + sps + b"\x00\x00\x00\x01" + pps  # the decoder's first input
+
+    def decode(self, chunk: pb.FrameChunk) -> np.ndarray:
+        enc = self.started.encoding
+        if enc == pb.ENCODING_RAW_RGB:
+            frames = np.frombuffer(chunk.payload, np.uint8).reshape(-1, self.height, self.width, 3)
+        elif enc == pb.ENCODING_JPEG:
+            from PIL import Image
+
+            out, at = [], 0
+            for size in chunk.frame_sizes:
+                with Image.open(io.BytesIO(chunk.payload[at:at + size])) as img:
+                    out.append(np.asarray(img.convert("RGB")))
+                at += size
+            frames = np.stack(out) if out else np.zeros((0, self.height, self.width, 3), np.uint8)
+        elif enc == pb.ENCODING_H264_FMP4:
+            assert self._h264 is not None
+            decoded = []
+            for sample in fmp4.fragment_samples(chunk.payload):
+                packet = av.Packet(self._prefix + fmp4.samples_to_annexb([sample]))
+                self._prefix = b""
+                decoded.extend(self._h264.decode(packet))
+            frames = self._stack(decoded)
+        elif enc == pb.ENCODING_H264_ANNEXB:
+            assert self._h264 is not None
+            decoded = []
+            for packet in [*self._h264.parse(chunk.payload), *self._h264.parse(None)]:  # None: end of this chunk
+                decoded.extend(self._h264.decode(packet))
+            frames = self._stack(decoded)
+        else:
+            raise ValueError(f"cannot decode encoding {enc}")
+        if len(frames) != chunk.frame_count:
+            raise ValueError(f"chunk at frame {chunk.first_frame_index} decoded to {len(frames)} frames, "
+                             f"expected {chunk.frame_count}")
+        return frames
+
+    def _stack(self, frames: list[av.VideoFrame]) -> np.ndarray:
+        if not frames:
+            return np.zeros((0, self.height, self.width, 3), np.uint8)
+        return np.stack([f.to_ndarray(format="rgb24") for f in frames])
+
+
+class StreamClient:
+    """An async client of one server (one channel); use as ``async with``."""
+
+    def __init__(self, target: str, *, token: str | None = None, tls: bool = False,
+                 ca_cert: bytes | None = None) -> None:
+        options = [("grpc.max_receive_message_length", -1)]  # raw chunks of large videos exceed 4 MiB
+        if tls:
+            self._channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(ca_cert), options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        self._stub = pb_grpc.StreamGenStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    async def __aenter__(self) -> StreamClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def model_info(self, timeout_s: float = 10.0) -> pb.ModelInfo:
+        try:
+            return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self._metadata,
+                                                 timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise StreamError(exc.code(), exc.details() or "") from None
+
+    async def stream(self, request: StreamRequest, *, stop: asyncio.Event | None = None,
+                     ) -> AsyncIterator[pb.GenerateResponse]:
+        """Raw responses (StreamStarted, FrameChunk..., StreamEnded). Sends the prompt switches as the
+        video time they name is received and a StopRequest when ``stop`` is set. Leaving the loop
+        early cancels the call (the server frees the session). Raises :class:`StreamError`."""
+        call = self._stub.Generate(metadata=self._metadata)
+        # Responses are read by their own task, as fast as they arrive, so the end of the stream is
+        # seen (and our side half-closed) even while the caller is still busy with earlier chunks;
+        # a write racing the end then fails locally instead of failing the whole call.
+        inbox: asyncio.Queue[pb.GenerateResponse | StreamError | None] = asyncio.Queue()
+        tasks: list[asyncio.Task[None]] = []
+        pending = sorted(request.switches)
+        fps = request.fps
+        received = 0
+        try:
+            await call.write(request.to_proto())
+            tasks.append(asyncio.create_task(_read_all(call, inbox)))
+            if stop is not None:
+                tasks.append(asyncio.create_task(_send_stop_when(stop, call)))
+            while (response := await inbox.get()) is not None:
+                if isinstance(response, StreamError):
+                    raise response
+                kind = response.WhichOneof("response")
+                if kind == "started":
+                    fps = response.started.fps
+                elif kind == "chunk":
+                    received += response.chunk.frame_count
+                    while pending and fps and received >= pending[0].at_s * fps:
+                        switch = pending.pop(0)
+                        await _write_quietly(call, pb.GenerateRequest(
+                            prompt_update=pb.PromptUpdate(prompt=switch.prompt)))
+                yield response
+            code = await call.code()
+            if code != grpc.StatusCode.OK:
+                raise StreamError(code, await call.details() or "")
+        except grpc.aio.AioRpcError as exc:
+            raise StreamError(exc.code(), exc.details() or "") from None
+        finally:
+            for task in tasks:
+                task.cancel()
+            if not call.done():
+                call.cancel()
+
+    async def frames(self, request: StreamRequest, *, stop: asyncio.Event | None = None) -> AsyncIterator[np.ndarray]:
+        """Decoded frames, ``np.uint8 [N, H, W, 3]`` per chunk. Raises :class:`StreamError` on a non-OK
+        status and :class:`StreamEndedEarly` on REASON_ERROR / REASON_SERVER_SHUTDOWN."""
+        decoder: FrameDecoder | None = None
+        async for response in self.stream(request, stop=stop):
+            kind = response.WhichOneof("response")
+            if kind == "started":
+                decoder = FrameDecoder(response.started)
+            elif kind == "chunk":
+                assert decoder is not None, "FrameChunk before StreamStarted"
+                yield decoder.decode(response.chunk)
+            elif kind == "ended" and response.ended.reason not in OK_REASONS:
+                raise StreamEndedEarly(response.ended)
+
+
+async def _read_all(call: Any, inbox: asyncio.Queue[pb.GenerateResponse | StreamError | None]) -> None:
+    """Move every response into ``inbox``; half-close on StreamEnded; then None (or the error)."""
+    try:
+        while (response := await call.read()) is not grpc.aio.EOF:
+            inbox.put_nowait(response)
+            if response.WhichOneof("response") == "ended":
+                with contextlib.suppress(Exception):
+                    await call.done_writing()  # lets the server close the call now
+    except grpc.aio.AioRpcError as exc:
+        inbox.put_nowait(StreamError(exc.code(), exc.details() or ""))
+        return
+    inbox.put_nowait(None)
+
+
+async def _write_quietly(call: Any, message: pb.GenerateRequest) -> None:
+    # After our half-close (the stream ended) a write fails locally; the final status tells the rest.
+    with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+        await call.write(message)
+
+
+async def _send_stop_when(stop: asyncio.Event, call: Any) -> None:
+    await stop.wait()
+    await _write_quietly(call, pb.GenerateRequest(stop=pb.StopRequest()))
+    with contextlib.suppress(Exception):  # the call may have ended meanwhile
+        await call.done_writing()
+
+
+# ---------------------------------------------------------------------------------------- command line
+
+
+@dataclass
+class Progress:
+    """Receive-side statistics and the live progress line."""
+
+    target_frames: int
+    started_s: float = field(default_factory=time.monotonic)
+    first_chunk_s: float | None = None
+    last_chunk_s: float | None = None
+    gaps_s: list[float] = field(default_factory=list)
+    frames: int = 0
+    bytes: int = 0
+
+    def chunk(self, frame_count: int, payload_bytes: int) -> None:
+        now = time.monotonic()
+        if self.first_chunk_s is None:
+            self.first_chunk_s = now
+        else:
+            self.gaps_s.append(now - (self.last_chunk_s or now))
+        self.last_chunk_s = now
+        self.frames += frame_count
+        self.bytes += payload_bytes
+
+    @property
+    def ttff_s(self) -> float | None:
+        return None if self.first_chunk_s is None else self.first_chunk_s - self.started_s
+
+    @property
+    def fps(self) -> float:
+        elapsed = (self.last_chunk_s or self.started_s) - self.started_s
+        return self.frames / elapsed if elapsed > 0 else 0.0
+
+    def line(self) -> str:
+        total = f"/{self.target_frames}" if self.target_frames else ""
+        ttff = "-" if self.ttff_s is None else f"{self.ttff_s:.2f}s"
+        gap = f"{self.gaps_s[-1]:.2f}s (p95 {_p95(self.gaps_s):.2f}s)" if self.gaps_s else "-"
+        return (f"frames {self.frames}{total}  {self.fps:5.1f} fps  ttff {ttff}  chunk gap {gap}  "
+                f"{self.bytes / 1e6:.2f} MB")
+
+    def summary(self) -> dict[str, Any]:
+        return {"frames": self.frames, "bytes": self.bytes, "delivery_fps": round(self.fps, 2),
+                "ttff_s": None if self.ttff_s is None else round(self.ttff_s, 4),
+                "inter_chunk_p50_s": round(statistics.median(self.gaps_s), 4) if self.gaps_s else None,
+                "inter_chunk_p95_s": round(_p95(self.gaps_s), 4) if self.gaps_s else None}
+
+
+def _p95(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+class _Mp4Out:
+    """The output file: fMP4 bytes appended as they arrive, or decoded frames re-encoded."""
+
+    def __init__(self, path: Path, started: pb.StreamStarted) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._raw: IO[bytes] | None = None
+        self._writer: Any = None
+        self._decoder: FrameDecoder | None = None
+        if started.encoding == pb.ENCODING_H264_FMP4:
+            self._raw = path.open("wb")
+            self._raw.write(started.init_segment)
+        else:
+            from streamgen.video_io import Mp4Writer  # PyAV only; no torch at run time
+
+            self._decoder = FrameDecoder(started)
+            self._writer = Mp4Writer(path, started.width, started.height, started.fps)
+
+    def write(self, chunk: pb.FrameChunk) -> None:
+        if self._raw is not None:
+            self._raw.write(chunk.payload)
+            self._raw.flush()  # a player (or a crash) sees everything received so far
+        else:
+            assert self._decoder is not None
+            self._writer.write(self._decoder.decode(chunk))
+
+    def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m clients.stream", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Stream a generated video from a streamgen server (gRPC) and write it to an MP4.",
+        epilog="without --seconds or --frames the stream runs until Ctrl-C (or the server's frame limit).\n"
+               "Ctrl-C sends a StopRequest and finishes the file; a second Ctrl-C quits at once.\n\n"
+               "exit codes: 0  completed, stopped or limit reached\n"
+               "            1  the server refused or failed the call (its gRPC status and message are printed)\n"
+               "            2  bad arguments\n"
+               "            3  the stream ended early (REASON_ERROR or REASON_SERVER_SHUTDOWN); the frames\n"
+               "               received are still written")
+    p.add_argument("--server", default="127.0.0.1:50051", help="host:port of the server (default: %(default)s)")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--image", type=Path, help="PNG/JPEG start image (product photo) for the first frame")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed + prompt + model -> same video")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--seconds", type=float, help="video length in seconds (at --fps or the model's fps)")
+    length.add_argument("--frames", type=int, help="video length in frames")
+    p.add_argument("--fps", type=int, default=0, help="playback fps for pacing and timestamps (0 = the model's)")
+    p.add_argument("--encoding", choices=list(ENCODINGS), default="h264",
+                   help="h264 = H.264 fragmented MP4 (written as received), h264-annexb, jpeg, raw "
+                        "(all but h264 are decoded and re-encoded into --out) (default: %(default)s)")
+    p.add_argument("--keyframe-interval", type=int, default=0, help="H.264 frames per keyframe (0 = server default)")
+    p.add_argument("--jpeg-quality", type=int, default=0, help="JPEG quality 1-100 (0 = server default)")
+    p.add_argument("--switch", action="append", default=[], metavar="SECONDS:PROMPT",
+                   help="change the prompt once SECONDS of video were received; repeatable")
+    p.add_argument("--expect-preset", default="", help="fail unless the server runs this preset")
+    p.add_argument("--token", help="bearer token (default: env STREAMGEN_TOKEN)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS")
+    p.add_argument("--ca-cert", type=Path, help="CA certificate (PEM) for --tls (default: system roots)")
+    p.add_argument("--out", type=Path, help="output .mp4 (omit to only measure)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    return p
+
+
+def _request_from(args: argparse.Namespace, info: pb.ModelInfo) -> StreamRequest:
+    fps = args.fps or info.fps
+    num_frames = 0
+    if args.frames is not None:
+        num_frames = args.frames
+    elif args.seconds is not None:
+        num_frames = max(1, round(args.seconds * fps))
+    return StreamRequest(prompt=args.prompt, seed=args.seed, num_frames=num_frames, fps=args.fps,
+                         encoding=args.encoding, image=args.image.read_bytes() if args.image else b"",
+                         keyframe_interval=args.keyframe_interval, jpeg_quality=args.jpeg_quality,
+                         switches=tuple(PromptSwitch.parse(s) for s in args.switch), expect_preset=args.expect_preset)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.frames is not None and args.frames <= 0:
+        raise ValueError(f"--frames must be > 0, got {args.frames}")
+    if args.seconds is not None and not args.seconds > 0:
+        raise ValueError(f"--seconds must be > 0, got {args.seconds}")
+    if args.out is not None and args.out.suffix.lower() != ".mp4":
+        raise ValueError(f"--out must end in .mp4, got {args.out}")
+    if args.image is not None and not args.image.is_file():
+        raise ValueError(f"--image {args.image} is not a file")
+    if args.ca_cert is not None and not args.ca_cert.is_file():
+        raise ValueError(f"--ca-cert {args.ca_cert} is not a file")
+    for s in args.switch:
+        PromptSwitch.parse(s)
+
+
+async def run(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get("STREAMGEN_TOKEN") or None
+    ca = args.ca_cert.read_bytes() if args.ca_cert else None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+
+    def on_sigint() -> None:
+        if stop.is_set() and main_task is not None:
+            main_task.cancel()  # second Ctrl-C: give up now
+        stop.set()
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+    if args.out is not None and args.encoding != "h264":
+        import streamgen.video_io  # noqa: F401 - pulls torch (~1 s): load it before frames are in flight
+    tty = sys.stderr.isatty() and not args.quiet
+    out: _Mp4Out | None = None
+    summary: dict[str, Any] = {"server": args.server}
+    async with StreamClient(args.server, token=token, tls=args.tls, ca_cert=ca) as client:
+        try:
+            info = await client.model_info()
+            request = _request_from(args, info)
+            progress = Progress(request.num_frames)
+            async for response in client.stream(request, stop=stop):
+                kind = response.WhichOneof("response")
+                if kind == "started":
+                    summary.update(session=response.started.session_id, width=response.started.width,
+                                   height=response.started.height, fps=response.started.fps,
+                                   codec=response.started.codec)
+                    if args.out is not None:
+                        out = _Mp4Out(args.out, response.started)
+                elif kind == "chunk":
+                    progress.chunk(response.chunk.frame_count, len(response.chunk.payload))
+                    if out is not None:
+                        out.write(response.chunk)
+                    if tty:
+                        print(f"\r{progress.line()}", end="", file=sys.stderr, flush=True)
+                elif kind == "ended":
+                    summary.update(reason=pb.StreamEnded.Reason.Name(response.ended.reason),
+                                   message=response.ended.message)
+        except StreamError as exc:
+            if tty:
+                print(file=sys.stderr)
+            print(f"error: {exc.code.name}: {exc.message}", file=sys.stderr)
+            return EXIT_RPC_ERROR
+        finally:
+            if out is not None:
+                out.close()
+                summary["out"] = str(out.path)
+    if tty:
+        print(file=sys.stderr)
+    summary.update(progress.summary())
+    print(json.dumps(summary))
+    reason = summary.get("reason")
+    if reason not in [pb.StreamEnded.Reason.Name(r) for r in OK_REASONS]:
+        print(f"error: stream ended with {reason}: {summary.get('message', '')}", file=sys.stderr)
+        return EXIT_STREAM_ENDED_EARLY
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _validate(args)
+    except ValueError as exc:
+        print(f"python -m clients.stream: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return asyncio.run(run(args))
+    except asyncio.CancelledError:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

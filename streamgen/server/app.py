@@ -1,0 +1,230 @@
+"""Assemble and run the server: engine + servicer + health + reflection + auth + TLS + /metrics + drain.
+
+:class:`StreamGenServer` owns one ``grpc.aio`` server around an :class:`AsyncEngine` (tests build
+it in-process with their own tiny engine); :func:`run` is ``streamgen serve``: build the engine
+from checkpoints (or random weights), serve, and on SIGTERM/SIGINT drain - health NOT_SERVING,
+refuse new streams (UNAVAILABLE), let running ones go on for ``drain_timeout_s``, end the rest
+with REASON_SERVER_SHUTDOWN, stop, exit 0.
+
+This module wires components together; it must never hold per-stream logic (servicer) or
+generation behaviour (engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from streamgen.api.v1 import SERVICE_NAME, pb_grpc
+from streamgen.engine.engine import AsyncEngine, Engine, EngineConfig
+from streamgen.server import logs
+from streamgen.server.auth import BearerTokenInterceptor
+from streamgen.server.config import ServerConfig
+from streamgen.server.logs import event
+from streamgen.server.metrics import EngineSnapshot, Metrics
+from streamgen.server.servicer import StreamGenServicer
+
+log = logging.getLogger("streamgen.server")
+
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class StreamGenServer:
+    """One gRPC server process-worth of serving around ``engine`` (start, drain, stop)."""
+
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, weights: str = "unknown",
+                 poll_interval_s: float = 0.1) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = Metrics()
+        self.servicer = StreamGenServicer(engine, config, self.metrics, weights)
+        self.health = health.aio.HealthServicer()
+        self.poll_interval_s = poll_interval_s
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._poll: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        if self.port is None:
+            raise RuntimeError("server not started")
+        return _hostport(self.config.host, self.port)
+
+    async def start(self) -> None:
+        cfg = self.config
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            # Find clients that vanished without a TCP reset (a cable pull) so their pages come back.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+        interceptors = []
+        if cfg.token is not None:
+            interceptors.append(BearerTokenInterceptor(cfg.token, on_refused=lambda: self.metrics.outcome(
+                "unauthenticated")))
+        server = grpc.aio.server(interceptors=interceptors, options=options)
+        pb_grpc.add_StreamGenServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)
+        address = _hostport(cfg.host, cfg.port)
+        try:
+            if cfg.tls:
+                assert cfg.tls_cert is not None and cfg.tls_key is not None
+                creds = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
+                port = server.add_secure_port(address, creds)
+            else:
+                port = server.add_insecure_port(address)
+        except (RuntimeError, OSError) as exc:
+            raise ValueError(f"cannot listen on {address}: {exc}") from None
+        if port == 0:
+            raise ValueError(f"cannot listen on {address} (in use?)")
+        self.port = port
+        self._server = server
+        await server.start()
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(cfg.host, cfg.metrics_port)
+        self._poll = asyncio.create_task(self._poll_engine(), name="streamgen-metrics-poll")
+        e = self.engine.engine
+        event(log, "serving", address=self.address, tls=cfg.tls, auth=cfg.token is not None,
+              metrics=None if self.metrics_port is None else f"http://{_hostport(cfg.host, self.metrics_port)}/metrics",
+              preset=e.preset.name, weights=self.servicer.weights, max_sessions=e.config.max_sessions,
+              kv_bytes=e.kv.usage().total_bytes, paced=e.config.max_lead_s != float("inf"))
+        for name in ("", SERVICE_NAME):  # last: a probe that sees SERVING finds the log line above
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _poll_engine(self) -> None:
+        e = self.engine.engine
+
+        def snapshot() -> EngineSnapshot:
+            u = e.kv.usage()
+            return EngineSnapshot(e.num_running, e.num_waiting, u.usage, u.used_bytes, u.total_bytes)
+
+        while True:
+            self.metrics.observe_engine(await self.engine.call(snapshot))
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def drain_and_stop(self) -> None:
+        """Graceful shutdown (see the module docstring); returns when everything is stopped."""
+        start = time.monotonic()
+        event(log, "draining", timeout_s=self.config.drain_timeout_s, streams=len(self.servicer._calls))
+        await self.health.enter_graceful_shutdown()
+        ended = await self.servicer.drain(self.config.drain_timeout_s)
+        await self.stop(grace_s=1.0)
+        event(log, "stopped", ended_early=ended, drain_s=round(time.monotonic() - start, 3))
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop serving now (``grace_s`` for in-flight RPCs), then the engine and /metrics."""
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+        if self._poll is not None:
+            self._poll.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll
+            self._poll = None
+        await asyncio.to_thread(self.engine.shutdown)
+        self.metrics.stop_http()
+
+
+# ---------------------------------------------------------------------------------------- streamgen serve
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the served weights come from (the ``streamgen serve`` model flags)."""
+
+    preset: str
+    transformer: Path | None = None
+    vae: Path | None = None
+    random_init: bool = False
+    dtype: str = "bfloat16"
+    attention: str = "sdpa"
+    text_encoder: str = "minilm"  # "hash": a model-free stand-in for tests and load benchmarks only
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.random_init and (self.transformer is None or self.vae is None):
+            raise ValueError("give --transformer and --vae checkpoints, or --random-init for random weights")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.text_encoder not in ("minilm", "hash"):
+            raise ValueError(f"text encoder must be minilm or hash, got {self.text_encoder!r}")
+
+
+def build_engine(source: ModelSource, config: EngineConfig) -> tuple[Engine, str]:
+    """Load (or randomly initialise) the model, warm the prompt encoder, build the engine.
+
+    Returns the engine and a description of its weights for ModelInfo.weights.
+    """
+    import torch
+
+    from streamgen.config import get_preset
+    from streamgen.model.text import HashTokenEncoder, TextEncoder
+    from streamgen.model.transformer import CausalWanTransformer
+    from streamgen.model.vae import CausalVideoVAE
+    from streamgen.model.weights import load_transformer, load_vae
+
+    preset = get_preset(source.preset)
+    if source.threads > 0:
+        torch.set_num_threads(source.threads)
+    if source.random_init:
+        torch.manual_seed(0)
+        model: Any = CausalWanTransformer(preset.model, source.attention)
+        vae: Any = CausalVideoVAE(preset.vae)
+        weights = "random-init (seed 0)"
+    else:
+        assert source.transformer is not None and source.vae is not None
+        model = load_transformer(source.transformer, expected=preset.model, attention_backend=source.attention)
+        vae = load_vae(source.vae, expected=preset.vae)
+        weights = f"transformer={source.transformer.name} vae={source.vae.name}"
+    token_encoder = HashTokenEncoder() if source.text_encoder == "hash" else None
+    if token_encoder is not None:
+        weights += " text=hash (not a language model)"
+    text = TextEncoder(preset.model.text_max_tokens, token_encoder=token_encoder)
+    text.encode(["warm-up"])  # load MiniLM now, not on the first client's clock
+    dtype = torch.bfloat16 if source.dtype == "bfloat16" else torch.float32
+    return Engine(preset, model, vae, text, config, dtype=dtype), weights
+
+
+async def serve_until_signal(server: StreamGenServer) -> None:
+    """Start, wait for SIGTERM or SIGINT, drain. A second signal during the drain kills the process."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    await server.drain_and_stop()
+
+
+def run(source: ModelSource, engine_config: EngineConfig, server_config: ServerConfig, *, log_format: str = "json",
+        log_level: str = "info") -> int:
+    """``streamgen serve``: returns the process exit code (0 after a clean drain)."""
+    logs.configure(log_format, log_level)
+    t0 = time.monotonic()
+    engine, weights = build_engine(source, engine_config)
+    event(log, "engine_ready", preset=source.preset, weights=weights, load_s=round(time.monotonic() - t0, 2))
+    async_engine = AsyncEngine(engine, max_buffered_chunks=server_config.max_buffered_chunks)
+    server = StreamGenServer(async_engine, server_config, weights)
+    asyncio.run(serve_until_signal(server))
+    return 0

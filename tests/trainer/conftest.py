@@ -1,0 +1,74 @@
+"""Tiny-config fixtures for the trainer stages: a few-step VAE checkpoint and a latent dataset (test preset)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from streamgen.model.text import HashTokenEncoder
+from trainer import latent_data
+from trainer.common.config import build_config
+from trainer.teacher import TeacherTrainConfig
+from trainer.vae import VAETrainConfig
+
+
+def tiny_vae_config(tmp: Path, **run: object) -> VAETrainConfig:
+    """A VAE run on the ``test`` preset (32x32, 4 latent channels) that takes well under a second per step."""
+    return build_config(VAETrainConfig, {
+        "preset": "test", "export_path": str(tmp / "vae.safetensors"),
+        "run": {"runs_dir": str(tmp / "runs"), "name": "vae", "max_steps": 6, "save_every": 3, "log_every": 1,
+                "num_threads": 1, **run},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "data": {"num_frames": 4, "crop_size": 16, "global_batch": 4, "heldout_clips": 2, "heldout_frames": 4,
+                 "stats_clips": 2},
+    })
+
+
+def tiny_teacher_config(tmp: Path, vae_path: Path, latents_dir: Path, **run: object) -> TeacherTrainConfig:
+    return build_config(TeacherTrainConfig, {
+        "preset": "test", "precision": "fp32", "export_path": str(tmp / "teacher.safetensors"),
+        "run": {"runs_dir": str(tmp / "runs"), "name": "teacher", "max_steps": 6, "save_every": 3, "log_every": 1,
+                "num_threads": 1, **run},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "data": {"vae_checkpoint": str(vae_path), "latents_dir": str(latents_dir), "num_clips": 12,
+                 "num_latent_frames": 2, "global_batch": 4, "prompt_dropout": 0.25},
+        "sample": {"num_steps": 2, "png_path": str(tmp / "samples.png")},
+    })
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step ``test``-preset VAE exported with latent stats (its quality is irrelevant)."""
+    from trainer.vae import train
+
+    tmp = tmp_path_factory.mktemp("vae_ckpt")
+    cfg = tiny_vae_config(tmp, max_steps=2, save_every=2)
+    train(cfg)
+    return Path(cfg.export_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_latents(tmp_path_factory: pytest.TempPathFactory, tiny_vae_checkpoint: Path) -> Path:
+    """A 12-clip latent dataset built with the hash prompt encoder (no MiniLM load)."""
+    tmp = tmp_path_factory.mktemp("latents")
+    cfg = tiny_teacher_config(tmp, tiny_vae_checkpoint, tmp / "latents")
+    latent_data.build(tmp / "latents", cfg.dataset_spec(), batch=4, log=False,
+                      token_encoder=HashTokenEncoder())
+    return tmp / "latents"
+
+
+def write_yaml(cfg: Any, path: Path) -> Path:
+    """A config dataclass as a YAML file the CLIs accept (tuples as lists)."""
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, tuple | list):
+            return [plain(v) for v in x]
+        return x
+
+    path.write_text(yaml.safe_dump(plain(dataclasses.asdict(cfg))))
+    return path

@@ -1,0 +1,116 @@
+"""Teacher stage: bit-exact resume, the many-step CFG sampler, and a 2-process accelerate run equal to 1 process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from streamgen.config import get_preset
+from streamgen.model.transformer import CausalWanTransformer
+from trainer import latent_data
+from trainer import teacher as teacher_stage
+from trainer.common import checkpoint as ckpt
+from trainer.sampling import sample_teacher, teacher_timesteps
+
+from .conftest import tiny_teacher_config, write_yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = ckpt.latest_checkpoint(run_dir)
+    assert latest is not None
+    return load_file(str(latest / "model.safetensors"))
+
+
+def test_latent_dataset_is_normalised_and_complete(tiny_latents: Path, tiny_vae_checkpoint: Path,
+                                                   tmp_path: Path) -> None:
+    cfg = tiny_teacher_config(tmp_path, tiny_vae_checkpoint, tiny_latents)
+    data = latent_data.load(tiny_latents, cfg.dataset_spec())
+    preset = get_preset("test")
+    assert data.latents.shape == (12, preset.vae.latent_channels, 2, preset.latent_height, preset.latent_width)
+    assert len(data.captions) == 12 and data.caption_ids.max() < data.text_emb.shape[0]
+    other = tiny_teacher_config(tmp_path, tiny_vae_checkpoint, tiny_latents)
+    with pytest.raises(ValueError, match="no complete latent dataset"):
+        latent_data.load(tiny_latents, other.dataset_spec().__class__(**{**other.dataset_spec().key(),
+                                                                           "num_clips": 13}))
+
+
+def test_resume_is_bit_exact(tmp_path: Path, tiny_vae_checkpoint: Path, tiny_latents: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    full = teacher_stage.train(tiny_teacher_config(tmp_path / "full", tiny_vae_checkpoint, tiny_latents),
+                               export=False)
+    cfg = tiny_teacher_config(tmp_path / "killed", tiny_vae_checkpoint, tiny_latents)
+    real, calls = teacher_stage.F.mse_loss, [0]
+
+    def killed_at_step_4(*args: object, **kwargs: object) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(teacher_stage.F, "mse_loss", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_stage.train(cfg, export=False)
+    monkeypatch.setattr(teacher_stage.F, "mse_loss", real)
+    resumed = teacher_stage.train(cfg, resume=True, export=False)
+    assert resumed.losses == full.losses[3:]
+    a, b = final_weights(cfg.run.run_dir), final_weights(tmp_path / "full" / "runs" / "teacher")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_teacher_timesteps_and_sampler() -> None:
+    steps = teacher_timesteps(4, shift=5.0)
+    assert steps[0] == pytest.approx(1000.0) and steps[-1] == 0.0
+    assert steps[1] == pytest.approx(1000 * 5 * 0.75 / (1 + 4 * 0.75), rel=1e-5)  # 937.5
+    torch.manual_seed(0)
+    model = CausalWanTransformer(get_preset("test").model).eval()
+    noise = torch.randn(2, 4, 2, 4, 4)
+    cond, uncond = torch.randn(2, 16, 384), torch.zeros(2, 16, 384)
+    # A fresh model has a zero output head, so it predicts zero velocity: the ODE leaves the noise alone.
+    out = sample_teacher(model, noise, cond, uncond, num_steps=3, cfg_scale=4.0, bf16=False)
+    torch.testing.assert_close(out, noise)
+    with torch.no_grad():
+        model.proj_out.bias.normal_()
+    x0, traj = sample_teacher(model, noise, cond, uncond, num_steps=3, cfg_scale=1.0, bf16=False,
+                              return_trajectory=True)
+    assert len(traj) == 3 and torch.equal(traj[0], noise) and x0.shape == noise.shape
+    # Guidance with equal cond/uncond embeddings is no guidance.
+    same = sample_teacher(model, noise, cond, cond, num_steps=3, cfg_scale=4.0, bf16=False)
+    torch.testing.assert_close(same, x0, atol=1e-5, rtol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path: Path, tiny_vae_checkpoint: Path, tiny_latents: Path) -> None:
+    """``accelerate launch --multi_gpu --num_processes 2`` (gloo, CPU) with the same global batch reaches the
+    same weights as one process. Samples, noise and dropout are keyed on global sample indices, so the only
+    difference is the order of floating-point sums (gradient all-reduce): tolerance 1e-5 absolute after 4
+    fp32 AdamW steps."""
+    one = tiny_teacher_config(tmp_path / "one", tiny_vae_checkpoint, tiny_latents, max_steps=4, save_every=4)
+    single = teacher_stage.train(one, export=False)
+    two = tiny_teacher_config(tmp_path / "two", tiny_vae_checkpoint, tiny_latents, max_steps=4, save_every=4)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "trainer.teacher",
+           "--config", str(write_yaml(two, tmp_path / "two.yaml")), "--no-export"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "runtime: 2 process(es)" in proc.stdout
+    a, b = final_weights(one.run.run_dir), final_weights(two.run.run_dir)
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=key)
+    assert single.steps == 4

@@ -1,0 +1,264 @@
+"""The training runtime shared by all stages: processes, randomness, the step loop, logging.
+
+* **Processes.** :func:`make_runtime` builds an ``accelerate.Accelerator`` (one process, or
+  several under ``accelerate launch``; gloo on CPU). The *global* batch is fixed by config;
+  each rank takes a contiguous ``global / world_size`` slice of the step's sample indices.
+* **Randomness.** Everything random about sample ``i`` of step ``s`` (crop, noise, timestep,
+  prompt dropout) comes from a generator seeded on ``(seed, s, i, stream)``, never from
+  global RNG state. Hence a resumed run replays exactly, and 1 or N processes see the same
+  samples and noise; only the order of floating-point reductions differs.
+* **Loop.** :func:`run_loop` does warmup/cosine LR, backward, clipping, AdamW, EMA, the NaN
+  guard (a non-finite loss or gradient stops the run *before* the optimizer step; the last
+  checkpoint stays the latest), periodic atomic checkpoints, a wall-clock budget, a tqdm bar
+  with loss and clips/s, and TensorBoard scalars.
+
+This module never builds models or data; stages hand it a ``step_fn``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from trainer.common import checkpoint as ckpt
+from trainer.common.config import OptimConfig, RunConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; training stopped before the optimizer step."""
+
+
+@dataclass
+class Runtime:
+    accelerator: Accelerator
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self.accelerator.wait_for_everyone()
+
+    def all_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean of a scalar over ranks (a copy; autograd-free)."""
+        value = value.detach().float().clone()
+        if self.world_size > 1:
+            dist.all_reduce(value)
+            value /= self.world_size
+        return value
+
+    def any_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (so every rank takes the same branch)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def make_runtime(cfg: RunConfig) -> Runtime:
+    """One ``Accelerator`` on CPU; threads per process from config, else the cores split between processes."""
+    torch.set_num_threads(cfg.num_threads or default_threads())
+    accelerator = Accelerator(cpu=True)
+    rt = Runtime(accelerator, accelerator.process_index, accelerator.num_processes)
+    if rt.is_main:
+        print(f"runtime: {rt.world_size} process(es) x {torch.get_num_threads()} thread(s), "
+              f"backend {accelerator.distributed_type}", flush=True)
+    return rt
+
+
+def local_indices(step: int, global_batch: int, rt: Runtime) -> list[int]:
+    """Global sample indices of ``step`` that this rank processes (a contiguous slice)."""
+    if global_batch % rt.world_size:
+        raise ValueError(f"global batch {global_batch} must be divisible by the number of processes {rt.world_size}")
+    per_rank = global_batch // rt.world_size
+    first = step * global_batch + rt.rank * per_rank
+    return list(range(first, first + per_rank))
+
+
+def sample_generator(seed: int, step: int, index: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for sample ``index`` of ``step``; ``stream`` separates independent draws."""
+    state = np.random.SeedSequence([seed, step, index, stream]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Linear warmup over ``warmup_steps``, then constant or cosine down to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """``ema = d * ema + (1 - d) * model`` with ``d`` ramped up early (short runs still get a useful EMA)."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p.detach().float(), 1 - d)
+    for eb, b in zip(ema.buffers(), model.buffers(), strict=True):
+        eb.copy_(b)
+
+
+def fp32_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+
+class TrainLogger:
+    """tqdm bar (loss, clips/s) and TensorBoard scalars on rank 0; silent elsewhere."""
+
+    def __init__(self, rt: Runtime, run_dir: Path, total: int, initial: int, clips_per_step: int) -> None:
+        self.enabled = rt.is_main
+        self.clips_per_step = clips_per_step
+        self.writer = SummaryWriter(str(run_dir / "tb")) if self.enabled else None
+        self.bar = tqdm(total=total, initial=initial, disable=not self.enabled, dynamic_ncols=True,
+                        mininterval=2.0)
+        self.t0, self.steps = time.perf_counter(), 0
+
+    def step(self, step: int, scalars: dict[str, float], log: bool) -> None:
+        self.steps += 1
+        if not self.enabled:
+            return
+        self.bar.update(1)
+        if log:
+            rate = self.clips_per_step * self.steps / max(1e-9, time.perf_counter() - self.t0)
+            self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", clips_s=f"{rate:.2f}")
+            assert self.writer is not None
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+            self.writer.add_scalar("train/clips_per_s", rate, step)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+StepFn = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class LoopResult:
+    step: int  # steps completed
+    losses: list[float] = field(default_factory=list)  # global mean loss of every step run in this call
+    stopped_early: bool = False  # wall-clock budget reached before max_steps
+    checkpoint: Path | None = None
+
+
+def run_loop(rt: Runtime, run: RunConfig, optim: OptimConfig, model: nn.Module, ema: nn.Module,
+             optimizer: torch.optim.Optimizer, step_fn: StepFn, config: dict[str, Any], resume: bool,
+             clips_per_step: int) -> LoopResult:
+    """Train ``model`` (its gradients synchronised by whatever ``step_fn`` forwards through) to ``run.max_steps``.
+
+    ``step_fn(step)`` returns this rank's mean loss over its slice of the global batch (with
+    a graph) and scalars to log. ``resume`` continues from the run's ``latest`` checkpoint;
+    without it an existing checkpoint is an error, so a run is never silently overwritten.
+    """
+    run_dir = run.run_dir
+    start = 0
+    latest = ckpt.latest_checkpoint(run_dir)
+    if resume and latest is not None:
+        state = ckpt.load(latest)
+        ckpt.restore_modules(state, model, ema, latest)
+        optimizer.load_state_dict(state.optimizer)
+        if rt.rank in state.rng and len(state.rng) == rt.world_size:
+            ckpt.set_rng_state(state.rng[rt.rank])
+        start = state.step
+        if rt.is_main:
+            print(f"resuming from {latest} (step {start})", flush=True)
+    elif resume and rt.is_main:
+        print(f"--resume: no checkpoint under {ckpt.checkpoint_dir(run_dir)}, starting fresh", flush=True)
+    elif latest is not None:
+        raise ValueError(f"{run_dir} already has checkpoint {latest}; pass --resume to continue it "
+                         f"or choose another run.name")
+    result = LoopResult(step=start, checkpoint=latest if resume else None)
+    if start >= run.max_steps:
+        return result
+
+    def save(step: int) -> None:
+        rngs = rt.gather_objects(ckpt.rng_state())
+        if rt.is_main:
+            state = ckpt.RunState(step=step, model=fp32_state(model), ema=fp32_state(ema),
+                                  optimizer=optimizer.state_dict(), config=config, rng=dict(enumerate(rngs)))
+            result.checkpoint = ckpt.save(run_dir, state, run.keep_checkpoints)
+        rt.barrier()
+
+    logger = TrainLogger(rt, run_dir, run.max_steps, start, clips_per_step)
+    t_start = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for step in range(start, run.max_steps):
+            lr = lr_at(step, optim, run.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss, scalars = step_fn(step)
+            mean_loss = rt.all_mean(loss)
+            if rt.any_true(not bool(torch.isfinite(mean_loss))):
+                raise NonFiniteLossError(_nan_message("loss", step, mean_loss.item(), result.checkpoint))
+            loss.backward()
+            clip = optim.grad_clip if optim.grad_clip is not None else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            if rt.any_true(not bool(torch.isfinite(grad_norm))):
+                raise NonFiniteLossError(_nan_message("gradient norm", step, grad_norm.item(), result.checkpoint))
+            optimizer.step()
+            ema_update(ema, model, optim.ema_decay, step)
+            result.step = step + 1
+            result.losses.append(mean_loss.item())
+            log = (step + 1) % run.log_every == 0 or step == start
+            logger.step(step, {"loss": mean_loss.item(), "lr": lr, "grad_norm": float(grad_norm),
+                               **{k: float(v) for k, v in scalars.items()}}, log)
+            over_budget = run.max_minutes is not None and (time.perf_counter() - t_start) > 60 * run.max_minutes
+            over_budget = rt.any_true(over_budget)
+            if (step + 1) % run.save_every == 0 or step + 1 == run.max_steps or over_budget:
+                save(step + 1)
+            if over_budget:
+                result.stopped_early = True
+                if rt.is_main:
+                    print(f"\nwall-clock budget of {run.max_minutes} min reached at step {step + 1}; "
+                          f"checkpoint saved", flush=True)
+                break
+    finally:
+        logger.close()
+    return result
+
+
+def _nan_message(what: str, step: int, value: float, last: Path | None) -> str:
+    where = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was written yet"
+    return (f"{what} is {value} at step {step}: stopped before the optimizer step; {where} "
+            f"(resume from it with --resume, e.g. after lowering optim.lr)")
+
+
+def default_threads() -> int:
+    """Threads per process when the config leaves it open: the cores split between processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return max(1, (os.cpu_count() or 1) // world)

@@ -1,0 +1,203 @@
+"""Where evaluated videos come from: MP4 files + a prompt file, rendered reference clips, or a model.
+
+* **Files**: ``videos`` is a directory (every ``*.mp4`` in it, sorted) or a glob. Prompts
+  come from a JSON file, either ``{"clip.mp4": "a glossy red bottle ...", ...}`` (keys may
+  also be file stems) or ``[{"video": "clip.mp4", "prompt": "..."}, ...]``; a video
+  without an entry is evaluated without prompt checks.
+* **Rendered**: held-out clips (or the clips of given prompts) drawn by the renderer, the
+  "real" set of the Frechet distance and a baseline for every oracle metric.
+* **Generated** (optional): a student checkpoint + VAE checkpoint generate clips for prompts
+  with :func:`streamgen.generate.generate_latents`, decoded chunk by chunk as in
+  ``streamgen generate``; or the bidirectional teacher samples its horizon with
+  :func:`trainer.sampling.sample_teacher`. Latents are de-normalised with the VAE
+  checkpoint's stats (:mod:`trainer.common.latents`).
+
+This module reads and writes video files and may run a model; it computes no metric.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+from streamgen.video_io import read_video, write_mp4
+from trainer.data.captions import caption, parse_caption
+from trainer.data.dataset import clip_identity
+from trainer.data.renderer import render_clip
+from trainer.eval.suite import Video
+
+
+def find_videos(pattern: str | os.PathLike[str]) -> list[Path]:
+    """A directory's ``*.mp4`` files, or the files a glob matches, sorted; none found raises ``ValueError``."""
+    path = Path(pattern)
+    files = sorted(path.glob("*.mp4")) if path.is_dir() else sorted(Path(p) for p in glob.glob(str(pattern)))
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise ValueError(f"no videos found at {pattern!r} (a directory of .mp4 files or a glob)")
+    return files
+
+
+def load_prompts(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Prompt per video file name from a JSON mapping or a list of ``{"video", "prompt"}`` objects."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read prompts file {path}: {exc}") from exc
+    if isinstance(data, dict):
+        entries = data.items()
+    elif isinstance(data, list) and all(isinstance(e, dict) and {"video", "prompt"} <= set(e) for e in data):
+        entries = ((e["video"], e["prompt"]) for e in data)
+    else:
+        raise ValueError(f"prompts file {path} must hold an object {{video: prompt}} or a list of "
+                         f"{{'video': ..., 'prompt': ...}} objects")
+    out = {}
+    for name, prompt in entries:
+        if not isinstance(name, str) or not isinstance(prompt, str):
+            raise ValueError(f"prompts file {path}: video names and prompts must be strings, got {name!r}: {prompt!r}")
+        out[name] = prompt
+    return out
+
+
+def video_fps(path: str | os.PathLike[str]) -> float:
+    """Frame rate recorded in a video file's first video stream."""
+    with av.open(os.fspath(path)) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+    if rate is None or float(rate) <= 0:
+        raise ValueError(f"{path} records no frame rate; pass --fps")
+    return float(rate)
+
+
+def load_videos(pattern: str | os.PathLike[str], prompts: dict[str, str] | None = None,
+                fps: float | None = None, max_frames: int | None = None) -> list[Video]:
+    """Decode the videos at ``pattern`` with their prompts (matched by file name, then stem)."""
+    prompts = prompts or {}
+    videos = []
+    for f in find_videos(pattern):
+        frames = read_video(f)
+        if max_frames is not None:
+            frames = frames[:max_frames]
+        prompt = prompts.get(f.name, prompts.get(f.stem))
+        videos.append(Video(f.name, frames, fps if fps is not None else video_fps(f), prompt))
+    return videos
+
+
+def heldout_prompts(num_clips: int, seed: int = 0) -> list[str]:
+    """Captions of the first ``num_clips`` held-out clips of the dataset seeded ``seed``."""
+    return [caption(clip_identity(seed, "heldout", i)[0]) for i in range(num_clips)]
+
+
+def render_reference(prompts: Sequence[str | None], num_frames: int, size: int, fps: float, seed: int = 0
+                     ) -> list[Video]:
+    """One rendered clip per prompt (a caption; ``None`` or free text: a held-out spec), render seeds from ``seed``.
+
+    Rendering the generated clips' own prompts makes the reference differ only in what the
+    model got wrong, not in what was asked for.
+    """
+    videos = []
+    for i, prompt in enumerate(prompts):
+        spec, render_seed = clip_identity(seed, "heldout", i)
+        if prompt is not None:
+            # Free text cannot be rendered: such a clip keeps the held-out spec drawn above.
+            with contextlib.suppress(ValueError):
+                spec = parse_caption(prompt)
+        clip = render_clip(spec, num_frames, height=size, width=size, fps=fps, seed=render_seed)
+        videos.append(Video(f"rendered_{i:04d}", clip.frames, fps, caption(spec)))
+    return videos
+
+
+def text_encoder(max_tokens: int, kind: str = "minilm") -> Any:
+    """The prompt encoder: ``"minilm"`` (what the models were trained with) or ``"hash"`` (tests only)."""
+    from streamgen.model.text import HashTokenEncoder, TextEncoder
+
+    if kind not in ("minilm", "hash"):
+        raise ValueError(f"unknown text encoder {kind!r}; valid: ['hash', 'minilm']")
+    return TextEncoder(max_tokens=max_tokens, token_encoder=HashTokenEncoder() if kind == "hash" else None)
+
+
+def _finish(frames: np.ndarray, name: str, fps: int, prompt: str, out_dir: Path | None) -> Video:
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_mp4(out_dir / name, frames, fps)
+    return Video(name, frames, float(fps), prompt)
+
+
+def generate_videos(transformer: str | os.PathLike[str], vae_path: str | os.PathLike[str], preset_name: str,
+                    prompts: Sequence[str], num_frames: int, seed: int, out_dir: Path | None = None,
+                    dtype: str = "bfloat16", text: str = "minilm") -> list[Video]:
+    """Generate one clip per prompt with the causal student (seed ``seed + i``); also write MP4s to ``out_dir``."""
+    import torch
+
+    from streamgen.config import get_preset
+    from streamgen.generate import generate_latents
+    from streamgen.model.weights import load_transformer, load_vae
+    from streamgen.video_io import frames_to_uint8
+    from trainer.common.latents import LatentStats
+
+    preset = get_preset(preset_name)
+    model = load_transformer(transformer, expected=preset.model).eval()
+    model = model.to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    vae = load_vae(vae_path, expected=preset.vae).eval()
+    stats = LatentStats.from_checkpoint(vae_path)
+    encoder = text_encoder(preset.model.text_max_tokens, text)
+    num_latent = math.ceil(num_frames / preset.vae.temporal_factor)
+    videos = []
+    for i, prompt in enumerate(prompts):
+        emb, _ = encoder.encode([prompt])
+        generator = torch.Generator().manual_seed(seed + i)
+        chunks = []
+        with torch.no_grad():
+            context = model.encode_text(emb)
+            decoder = vae.init_decoder_state(batch_size=1)
+            for latents in generate_latents(model, context, preset, num_latent, generator):
+                video, decoder = vae.decode_chunk(stats.denormalize(latents.float()), decoder)
+                chunks.append(frames_to_uint8(video[0]))
+        frames = np.concatenate(chunks)[:num_frames]
+        videos.append(_finish(frames, f"generated_{i:04d}.mp4", preset.video.fps, prompt, out_dir))
+    return videos
+
+
+def generate_teacher_videos(teacher: str | os.PathLike[str], vae_path: str | os.PathLike[str], preset_name: str,
+                            prompts: Sequence[str], num_frames: int, seed: int, out_dir: Path | None = None,
+                            num_steps: int = 50, cfg_scale: float = 4.0, shift: float = 5.0, text: str = "minilm"
+                            ) -> list[Video]:
+    """Sample one clip per prompt with the bidirectional teacher (:func:`trainer.sampling.sample_teacher`).
+
+    The teacher sees its whole horizon at once, so ``num_frames`` should not exceed what it was
+    trained on (``ceil(num_frames / temporal_factor)`` latent frames).
+    """
+    import torch
+
+    from streamgen.config import get_preset
+    from streamgen.model.weights import load_transformer, load_vae
+    from streamgen.video_io import frames_to_uint8
+    from trainer.common.latents import LatentStats
+    from trainer.sampling import sample_teacher
+
+    preset = get_preset(preset_name)
+    model = load_transformer(teacher, expected=preset.model).eval()
+    vae = load_vae(vae_path, expected=preset.vae).eval()
+    stats = LatentStats.from_checkpoint(vae_path)
+    encoder = text_encoder(preset.model.text_max_tokens, text)
+    shape = (1, preset.model.latent_channels, math.ceil(num_frames / preset.vae.temporal_factor),
+             preset.latent_height, preset.latent_width)
+    videos = []
+    for i, prompt in enumerate(prompts):
+        cond, _ = encoder.encode([prompt])
+        uncond, _ = encoder.encode([""])
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
+        z = sample_teacher(model, noise, cond, uncond, num_steps=num_steps, cfg_scale=cfg_scale, shift=shift)
+        with torch.no_grad():
+            video = vae.decode(stats.denormalize(z))  # [1, 3, N, H, W]
+        frames = frames_to_uint8(video[0])[:num_frames]
+        videos.append(_finish(frames, f"teacher_{i:04d}.mp4", preset.video.fps, prompt, out_dir))
+    return videos

@@ -1,0 +1,333 @@
+"""``python -m trainer.teacher``: the bidirectional flow-matching teacher on pre-encoded VAE latents.
+
+The teacher is :class:`~streamgen.model.transformer.CausalWanTransformer` run with *full*
+attention (no mask, no cache) over a short horizon of ``data.num_latent_frames`` latent frames.
+Training (Wan / Self-Forcing recipe): ``x_t = (1 - s) x_0 + s e`` with one timestep per clip,
+drawn uniformly and warped by ``flow.shift`` (or logit-normal), regress the velocity ``e - x_0``
+with MSE; the prompt is replaced by the empty prompt (all-zero embedding) with probability
+``data.prompt_dropout`` so the same network gives the unconditional score for CFG. bf16
+autocast with fp32 master weights, AdamW, warmup + cosine LR, EMA (exported).
+
+Latents come from :mod:`trainer.latent_data` (built once from the trained VAE, first thing a
+run does if the directory is missing or stale). Sampling lives in :mod:`trainer.sampling`.
+This module must never change the model's architecture or the VAE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from streamgen.config import ModelConfig, get_preset, to_dict
+from streamgen.model.sampler import add_noise, shift_timesteps, velocity_target
+from streamgen.model.text import TextEncoder
+from streamgen.model.transformer import CausalWanTransformer
+from streamgen.model.weights import load_vae, save_checkpoint
+from trainer import latent_data
+from trainer.common import checkpoint as ckpt
+from trainer.common.checkpoint import CheckpointError
+from trainer.common.config import OptimConfig, RunConfig, check, describe_config, load_config
+from trainer.common.images import save_video_grid
+from trainer.common.latents import LatentStats
+from trainer.common.runtime import (
+    NonFiniteLossError,
+    local_indices,
+    make_runtime,
+    run_loop,
+    sample_generator,
+)
+from trainer.sampling import sample_teacher
+
+PRECISIONS = ("fp32", "bf16")
+TIMESTEP_SAMPLING = ("shifted", "logit_normal", "uniform")
+
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "a glossy red bottle turning slowly on a white table, static camera, soft lighting",
+    "a matte blue mug standing still on a wooden table, static camera, bright lighting",
+    "a glossy yellow box turning slowly in a dark studio, static camera, soft lighting",
+    "a matte green can spinning fast against a blue gradient, static camera, soft lighting",
+    "a glossy white shoe turning slowly on a kitchen counter, camera zooming in, soft lighting",
+    "a matte black jar standing still on a white table, static camera, bright lighting",
+    "a glossy purple mug turning slowly on a white table, static camera, soft lighting",
+    "a matte orange bottle turning slowly in a dark studio, camera panning left, soft lighting",
+)
+
+
+@dataclass(frozen=True)
+class TeacherDataConfig:
+    vae_checkpoint: str = "checkpoints/vae_default.safetensors"
+    latents_dir: str = "runs/latents_default"
+    seed: int = 0  # dataset seed (which clips are rendered)
+    num_clips: int = 1600
+    # 6 latent frames = 24 pixel frames = 1.5 s at 16 fps = two student chunks of 3 (see docs/training.md).
+    num_latent_frames: int = 6
+    global_batch: int = 8
+    prompt_dropout: float = 0.1
+    encode_batch: int = 8
+
+    def __post_init__(self) -> None:
+        check(self.num_clips > 0, f"data.num_clips must be > 0, got {self.num_clips}")
+        check(self.num_latent_frames > 0, f"data.num_latent_frames must be > 0, got {self.num_latent_frames}")
+        check(self.global_batch > 0, f"data.global_batch must be > 0, got {self.global_batch}")
+        check(0 <= self.prompt_dropout < 1, f"data.prompt_dropout must lie in [0, 1), got {self.prompt_dropout}")
+        check(self.encode_batch > 0, f"data.encode_batch must be > 0, got {self.encode_batch}")
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    timestep_sampling: str = "shifted"  # shifted: u ~ U(0, 1) warped by `shift`; logit_normal: sigmoid(N(0, 1))
+    shift: float = 5.0
+
+    def __post_init__(self) -> None:
+        check(self.timestep_sampling in TIMESTEP_SAMPLING,
+              f"flow.timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {self.timestep_sampling!r}")
+        check(self.shift > 0, f"flow.shift must be > 0, got {self.shift}")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    num_steps: int = 50
+    cfg_scale: float = 4.0
+    shift: float = 5.0
+    seed: int = 0
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    png_path: str = "checkpoints/teacher_default_samples.png"
+    every: int | None = None  # steps between sample strips written to the run dir during training
+
+    def __post_init__(self) -> None:
+        check(self.num_steps > 0, f"sample.num_steps must be > 0, got {self.num_steps}")
+        check(self.cfg_scale >= 1, f"sample.cfg_scale must be >= 1, got {self.cfg_scale}")
+        check(self.shift > 0, f"sample.shift must be > 0, got {self.shift}")
+        check(len(self.prompts) > 0 and all(isinstance(p, str) and p for p in self.prompts),
+              "sample.prompts must be non-empty strings")
+        check(self.every is None or self.every > 0, "sample.every must be > 0 or null")
+
+
+@dataclass(frozen=True)
+class TeacherTrainConfig:
+    preset: str = "default"  # ModelConfig, VAEConfig and video geometry come from this streamgen preset
+    precision: str = "bf16"
+    export_path: str = "checkpoints/teacher_default.safetensors"
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="teacher_default"))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, betas=(0.9, 0.99), weight_decay=0.01,
+                                                                   warmup_steps=200, ema_decay=0.999))
+    data: TeacherDataConfig = field(default_factory=TeacherDataConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        get_preset(self.preset)
+        check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    @property
+    def model(self) -> ModelConfig:
+        return get_preset(self.preset).model
+
+    def dataset_spec(self) -> latent_data.LatentDatasetSpec:
+        preset = get_preset(self.preset)
+        return latent_data.LatentDatasetSpec(
+            vae_checkpoint=self.data.vae_checkpoint, num_clips=self.data.num_clips,
+            num_pixel_frames=preset.pixel_frames(self.data.num_latent_frames), height=preset.video.height,
+            width=preset.video.width, fps=preset.video.fps, seed=self.data.seed,
+            text_max_tokens=preset.model.text_max_tokens)
+
+
+class TeacherForward(nn.Module):
+    """``(x_t, t, prompt embeddings) -> velocity`` in one forward, text projection included, so DDP sees it all."""
+
+    def __init__(self, model: CausalWanTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        return self.model(x_t, timesteps, self.model.encode_text(text_emb))
+
+
+def sample_timestep(g: torch.Generator, flow: FlowConfig) -> float:
+    """One training timestep in (0, 1000]."""
+    if flow.timestep_sampling == "logit_normal":
+        s = torch.sigmoid(torch.randn((), generator=g)).item()
+    else:
+        s = 1.0 - torch.rand((), generator=g).item()  # (0, 1]: never exactly clean
+    if flow.timestep_sampling == "shifted":
+        return float(shift_timesteps(s * 1000.0, flow.shift))
+    return s * 1000.0
+
+
+def clip_order(seed: int, epoch: int, num_clips: int) -> torch.Tensor:
+    """The dataset permutation of ``epoch`` (every clip once per epoch, reproducibly)."""
+    return torch.randperm(num_clips, generator=sample_generator(seed, epoch, 0, stream=7))
+
+
+class Batcher:
+    """Builds the local batch of a step from global sample indices (order, noise, t, dropout per sample)."""
+
+    def __init__(self, data: latent_data.LatentDataset, cfg: TeacherTrainConfig) -> None:
+        self.data, self.cfg = data, cfg
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def clip_index(self, sample: int) -> int:
+        n = len(self.data)
+        epoch = sample // n
+        if epoch not in self._orders:
+            self._orders = {epoch: clip_order(self.cfg.run.seed, epoch, n)}
+        return int(self._orders[epoch][sample % n])
+
+    def __call__(self, step: int, ids: list[int]) -> tuple[torch.Tensor, ...]:
+        x0s, noises, ts, embs = [], [], [], []
+        zero = torch.zeros_like(self.data.text_emb[0])
+        for i in ids:
+            clip = self.clip_index(i)
+            x0 = self.data.latents[clip]  # [C, F, h, w]
+            g = sample_generator(self.cfg.run.seed, step, i, stream=2)
+            noises.append(torch.randn(x0.shape, generator=g))
+            ts.append(sample_timestep(g, self.cfg.flow))
+            dropped = torch.rand((), generator=g).item() < self.cfg.data.prompt_dropout
+            embs.append(zero if dropped else self.data.text_emb[self.data.caption_ids[clip]])
+            x0s.append(x0)
+        x0, noise = torch.stack(x0s), torch.stack(noises)
+        t = torch.tensor(ts)
+        return add_noise(x0, noise, t), t, torch.stack(embs), velocity_target(x0, noise)
+
+
+@dataclass
+class TeacherResult:
+    steps: int
+    losses: list[float]
+    png: Path | None = None
+
+
+def train(cfg: TeacherTrainConfig, resume: bool = False, export: bool = True) -> TeacherResult:
+    """Build the latent dataset if needed (rank 0), train or resume to ``run.max_steps``, export on rank 0."""
+    rt = make_runtime(cfg.run)
+    if rt.is_main:
+        latent_data.build(Path(cfg.data.latents_dir), cfg.dataset_spec(), batch=cfg.data.encode_batch)
+    rt.barrier()
+    data = latent_data.load(Path(cfg.data.latents_dir), cfg.dataset_spec())
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = CausalWanTransformer(cfg.model)
+    ema = CausalWanTransformer(cfg.model).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                  weight_decay=cfg.optim.weight_decay)
+    wrapped, optimizer = rt.accelerator.prepare(TeacherForward(model), optimizer)
+    batcher = Batcher(data, cfg)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x_t, t, emb, target = batcher(step, local_indices(step, cfg.data.global_batch, rt))
+        with autocast:
+            v = wrapped(x_t, t, emb)
+        loss = F.mse_loss(v.float(), target)
+        if rt.is_main and cfg.sample.every is not None and step > 0 and step % cfg.sample.every == 0:
+            write_samples(ema.eval(), cfg, cfg.run.run_dir / f"samples_{step:06d}.png")
+        return loss, {}
+
+    t0 = time.perf_counter()
+    loop = run_loop(rt, cfg.run, cfg.optim, model, ema, optimizer, step_fn, to_dict(cfg), resume,
+                    clips_per_step=cfg.data.global_batch // rt.world_size)
+    result = TeacherResult(steps=loop.step, losses=loop.losses)
+    if rt.is_main:
+        print(f"trained to step {loop.step} in {time.perf_counter() - t0:.0f} s", flush=True)
+    if export and rt.is_main:
+        save_checkpoint(ema, cfg.export_path, kind="transformer", config=cfg.model,
+                        extra_metadata={"vae_checkpoint": cfg.data.vae_checkpoint, "train_steps": str(loop.step),
+                                        "num_latent_frames": str(cfg.data.num_latent_frames)})
+        result.png = write_samples(ema.eval(), cfg, Path(cfg.sample.png_path))
+        report = {"steps": loop.step, "final_loss": loop.losses[-1] if loop.losses else None,
+                  "mean_loss_last_100": sum(loop.losses[-100:]) / max(1, len(loop.losses[-100:])),
+                  "export_path": cfg.export_path, "samples_png": str(result.png)}
+        (cfg.run.run_dir / "report.json").write_text(json.dumps(report, indent=2))
+        print(f"exported EMA teacher to {cfg.export_path}; samples in {result.png}", flush=True)
+    rt.barrier()
+    return result
+
+
+@torch.no_grad()
+def write_samples(model: CausalWanTransformer, cfg: TeacherTrainConfig, path: Path) -> Path:
+    """Sample every prompt of ``cfg.sample`` (CFG, many Euler steps), decode with the VAE, save a PNG strip."""
+    preset = get_preset(cfg.preset)
+    prompts = list(cfg.sample.prompts)
+    encoder = TextEncoder(preset.model.text_max_tokens)
+    cond, _ = encoder.encode(prompts)
+    uncond, _ = encoder.encode([""] * len(prompts))
+    shape = (preset.model.latent_channels, cfg.data.num_latent_frames, preset.latent_height, preset.latent_width)
+    noise = torch.stack([torch.randn(shape, generator=sample_generator(cfg.sample.seed, 0, i, stream=3))
+                         for i in range(len(prompts))])
+    z = sample_teacher(model, noise, cond, uncond, num_steps=cfg.sample.num_steps, cfg_scale=cfg.sample.cfg_scale,
+                       shift=cfg.sample.shift, bf16=cfg.precision == "bf16")
+    stats = LatentStats.from_checkpoint(cfg.data.vae_checkpoint)
+    vae = load_vae(cfg.data.vae_checkpoint, expected=preset.vae).eval()
+    video = vae.decode(stats.denormalize(z))  # [B, 3, N, H, W]
+    frames = video.shape[2]
+    frame_ids = list(range(0, frames, max(1, frames // 6)))
+    return save_video_grid(list(video), [p[:70] for p in prompts], path, frame_ids)
+
+
+def sample_from_run(cfg: TeacherTrainConfig, path: Path) -> Path:
+    """Sample strip from the EMA weights of the run's latest checkpoint (peek at a run in progress)."""
+    latest = ckpt.latest_checkpoint(cfg.run.run_dir)
+    if latest is None:
+        raise CheckpointError(f"{cfg.run.run_dir} has no checkpoint to sample from")
+    state = ckpt.load(latest)
+    model = CausalWanTransformer(cfg.model)
+    model.load_state_dict(state.ema)
+    return write_samples(model.eval(), cfg, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config fields (YAML keys; nested sections as key.sub), with their defaults:\n"
+               + "\n".join(describe_config(TeacherTrainConfig)),
+        prog="python -m trainer.teacher",
+        description="Train the bidirectional flow-matching teacher on pre-encoded latents of the trained VAE and "
+                    "export a streamgen 'transformer' checkpoint plus a PNG strip of CFG samples. Run dir: "
+                    "<run.runs_dir>/<run.name>/ (checkpoints/, tb/, report.json).")
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML file overriding TeacherTrainConfig fields (sections: run, optim, data, flow, sample; "
+                        "top level: preset, precision, export_path). Unknown keys are errors.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field after the YAML, e.g. --set run.max_steps=100 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's latest checkpoint (bit-exact with a fixed seed)")
+    p.add_argument("--no-export", action="store_true", help="train only; skip export and samples")
+    p.add_argument("--encode-only", action="store_true", help="build the latent dataset and exit")
+    p.add_argument("--sample-only", type=Path, default=None, metavar="PNG",
+                   help="write a sample strip from the run's latest checkpoint (EMA) to PNG and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(TeacherTrainConfig, args.config, args.overrides)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.encode_only:
+            latent_data.build(Path(cfg.data.latents_dir), cfg.dataset_spec(), batch=cfg.data.encode_batch)
+        elif args.sample_only is not None:
+            print(sample_from_run(cfg, args.sample_only))
+        else:
+            train(cfg, resume=args.resume, export=not args.no_export)
+    except (NonFiniteLossError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

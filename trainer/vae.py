@@ -1,0 +1,362 @@
+"""``python -m trainer.vae``: train the causal video VAE on rendered product clips and export it.
+
+Loss per clip (all in pixel space [-1, 1] unless noted):
+
+* ``l1 * |x - x'| + l2 * (x - x')^2`` reconstruction;
+* ``edge * |grad x - grad x'|``: L1 between horizontal/vertical finite differences, a cheap
+  download-free stand-in for a perceptual loss that keeps product edges and label text sharp;
+* ``latent_reg * (log RMS_c(z))^2`` per sample and channel: the encoder is deterministic (no KL
+  head), so this pulls every channel to unit scale without fixing its content;
+* the decoder sees ``z + latent_noise * e``: it learns to decode slightly-off latents, which is
+  what a diffusion sampler hands it.
+
+Training uses random ``crop_size`` crops of full-size clips (the VAE is convolutional, so crops
+teach the same filters at a fraction of the cost) and fp32 (on this CPU the VAE's convs are
+*slower* in bf16 autocast than in fp32, unlike the transformer's matmuls). After training,
+the EMA weights are evaluated on held-out clips (PSNR), the per-channel latent mean/std are
+measured on training clips (see :mod:`trainer.common.latents`), and the VAE is exported with
+``save_checkpoint(kind="vae")``: bf16 if that costs at most 0.2 dB PSNR, else fp32.
+
+This module must never change the VAE architecture (that lives in ``streamgen.model.vae``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from streamgen.config import VAEConfig, get_preset, to_dict
+from streamgen.model.vae import CausalVideoVAE
+from streamgen.model.weights import save_checkpoint
+from trainer.common.checkpoint import CheckpointError
+from trainer.common.config import OptimConfig, RunConfig, check, describe_config, load_config
+from trainer.common.images import save_video_grid
+from trainer.common.latents import LatentStats
+from trainer.common.runtime import (
+    NonFiniteLossError,
+    local_indices,
+    make_runtime,
+    run_loop,
+    sample_generator,
+)
+from trainer.data.dataset import ClipConfig, render_item
+
+PRECISIONS = ("fp32", "bf16")
+EXPORT_DTYPES = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class VAEDataConfig:
+    """Which clips train and evaluate the VAE, and how big a step is."""
+
+    seed: int = 0  # dataset seed: clip i of a split is a pure function of (seed, split, i)
+    num_frames: int = 8  # pixel frames per training clip (a multiple of the temporal factor)
+    crop_size: int | None = 64  # random square crop for training; null = full frames
+    global_batch: int = 8  # clips per optimizer step, summed over processes
+    heldout_clips: int = 16
+    heldout_frames: int = 24
+    stats_clips: int = 48  # training clips whose latents give the mean/std
+    eval_every: int = 500  # steps between held-out PSNR logs (on min(8, heldout_clips) clips)
+
+    def __post_init__(self) -> None:
+        check(self.num_frames > 0, f"data.num_frames must be > 0, got {self.num_frames}")
+        check(self.crop_size is None or self.crop_size > 0, "data.crop_size must be > 0 or null")
+        check(self.global_batch > 0, f"data.global_batch must be > 0, got {self.global_batch}")
+        check(self.heldout_clips > 0 and self.heldout_frames > 0, "data.heldout_clips/heldout_frames must be > 0")
+        check(self.stats_clips > 1, f"data.stats_clips must be > 1, got {self.stats_clips}")
+        check(self.eval_every > 0, f"data.eval_every must be > 0, got {self.eval_every}")
+
+
+@dataclass(frozen=True)
+class VAELossConfig:
+    l1: float = 1.0
+    l2: float = 1.0
+    edge: float = 0.5
+    latent_reg: float = 1e-3
+    latent_noise: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("l1", "l2", "edge", "latent_reg", "latent_noise"):
+            check(getattr(self, name) >= 0, f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        check(self.l1 + self.l2 > 0, "loss.l1 + loss.l2 must be > 0: something must reconstruct")
+
+
+@dataclass(frozen=True)
+class VAETrainConfig:
+    preset: str = "default"  # the VAEConfig and video size come from this streamgen preset
+    precision: str = "fp32"
+    export_path: str = "checkpoints/vae_default.safetensors"
+    export_dtype: str = "auto"  # auto: bf16 if held-out PSNR drops <= 0.2 dB, else fp32
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="vae_default"))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50, ema_decay=0.995))
+    data: VAEDataConfig = field(default_factory=VAEDataConfig)
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
+
+    def __post_init__(self) -> None:
+        preset = get_preset(self.preset)  # raises ValueError listing valid presets
+        check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check(self.export_dtype in EXPORT_DTYPES, f"export_dtype must be one of {EXPORT_DTYPES}")
+        tf, sf = preset.vae.temporal_factor, preset.vae.spatial_factor
+        check(self.data.num_frames % tf == 0 and self.data.heldout_frames % tf == 0,
+              f"data.num_frames / heldout_frames must be multiples of the VAE temporal factor {tf}")
+        if self.data.crop_size is not None:
+            check(self.data.crop_size % sf == 0, f"data.crop_size must be a multiple of the VAE spatial factor {sf}")
+            check(self.data.crop_size <= min(preset.video.height, preset.video.width),
+                  f"data.crop_size {self.data.crop_size} exceeds the preset's frame size")
+
+    @property
+    def vae(self) -> VAEConfig:
+        return get_preset(self.preset).vae
+
+    def clip_config(self, num_frames: int) -> ClipConfig:
+        video = get_preset(self.preset).video
+        return ClipConfig(num_frames=num_frames, height=video.height, width=video.width, fps=float(video.fps))
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def edge_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean L1 between spatial finite differences of ``[B, 3, N, H, W]`` videos."""
+    dx = (x[..., :, 1:] - x[..., :, :-1]) - (y[..., :, 1:] - y[..., :, :-1])
+    dy = (x[..., 1:, :] - x[..., :-1, :]) - (y[..., 1:, :] - y[..., :-1, :])
+    return 0.5 * (dx.abs().mean() + dy.abs().mean())
+
+
+def latent_scale_loss(latents: torch.Tensor) -> torch.Tensor:
+    """``mean_{b,c} (log RMS_{n,h,w} z[b, c])^2``: unit-scale channels, per sample (so batch splits don't matter)."""
+    rms2 = latents.float().pow(2).mean(dim=(2, 3, 4))  # [B, C]
+    return (0.5 * torch.log(rms2 + 1e-8)).pow(2).mean()
+
+
+def reconstruction_loss(video: torch.Tensor, recon: torch.Tensor, latents: torch.Tensor,
+                        cfg: VAELossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss and its parts (see the module docstring)."""
+    recon = recon.float()
+    l1 = (recon - video).abs().mean()
+    l2 = (recon - video).pow(2).mean()
+    edge = edge_loss(recon, video)
+    reg = latent_scale_loss(latents)
+    total = cfg.l1 * l1 + cfg.l2 * l2 + cfg.edge * edge + cfg.latent_reg * reg
+    return total, {"l1": l1.item(), "l2": l2.item(), "edge": edge.item(), "latent_reg": reg.item()}
+
+
+class VAEWithLatents(nn.Module):
+    """``video -> (reconstruction, clean latents)`` in one forward, so DDP sees the whole graph."""
+
+    def __init__(self, vae: CausalVideoVAE, latent_noise: float) -> None:
+        super().__init__()
+        self.vae = vae
+        self.latent_noise = latent_noise
+
+    def forward(self, video: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        latents = self.vae.encode(video)
+        return self.vae.decode(latents + self.latent_noise * noise), latents
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def training_batch(cfg: VAETrainConfig, indices: list[int], step: int) -> torch.Tensor:
+    """Clips ``indices`` of the train split, randomly cropped per sample: ``[B, 3, N, S, S]``."""
+    clip_cfg = cfg.clip_config(cfg.data.num_frames)
+    videos = []
+    for i in indices:
+        video = render_item(cfg.data.seed, "train", i, clip_cfg)[0]  # [3, N, H, W]
+        if cfg.data.crop_size is not None:
+            g = sample_generator(cfg.run.seed, step, i, stream=0)
+            s = cfg.data.crop_size
+            top = int(torch.randint(0, video.shape[2] - s + 1, (1,), generator=g))
+            left = int(torch.randint(0, video.shape[3] - s + 1, (1,), generator=g))
+            video = video[:, :, top:top + s, left:left + s]
+        videos.append(video)
+    return torch.stack(videos)
+
+
+def latent_noise_like(latent_shape: tuple[int, ...], indices: list[int], seed: int, step: int) -> torch.Tensor:
+    return torch.stack([torch.randn(latent_shape, generator=sample_generator(seed, step, i, stream=1))
+                        for i in indices])
+
+
+def latent_shape(cfg: VAETrainConfig) -> tuple[int, ...]:
+    vae, s = cfg.vae, cfg.data.crop_size
+    video = get_preset(cfg.preset).video
+    h, w = (s, s) if s is not None else (video.height, video.width)
+    return (vae.latent_channels, cfg.data.num_frames // vae.temporal_factor, h // vae.spatial_factor,
+            w // vae.spatial_factor)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def psnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
+    """PSNR of two videos in [-1, 1], measured on [0, 1] images after clamping the reconstruction."""
+    mse = ((x.float().clamp(-1, 1) - y.float()) / 2).pow(2).mean().item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def heldout_psnr(vae: CausalVideoVAE, cfg: VAETrainConfig, num_clips: int, batch: int = 4) -> tuple[float, list]:
+    """Mean PSNR over the first ``num_clips`` held-out clips (full frames, fresh streams); also returns pairs."""
+    clip_cfg = cfg.clip_config(cfg.data.heldout_frames)
+    items = [render_item(cfg.data.seed, "heldout", i, clip_cfg) for i in range(num_clips)]
+    scores, pairs = [], []
+    for start in range(0, num_clips, batch):
+        video = torch.stack([v for v, _, _ in items[start:start + batch]])
+        recon = vae.decode(vae.encode(video))
+        for j in range(video.shape[0]):
+            scores.append(psnr_db(recon[j], video[j]))
+            pairs.append((video[j], recon[j], items[start + j][1]))
+    return sum(scores) / len(scores), pairs
+
+
+@torch.no_grad()
+def measure_latent_stats(vae: CausalVideoVAE, cfg: VAETrainConfig, batch: int = 4) -> LatentStats:
+    """Per-channel latent mean/std over ``stats_clips`` training clips of ``heldout_frames`` frames."""
+    clip_cfg = cfg.clip_config(cfg.data.heldout_frames)
+    # Index far past anything a run trains on, so the stats clips are fresh samples of the train split.
+    first = 10_000_000
+    latents = []
+    for start in range(0, cfg.data.stats_clips, batch):
+        ids = range(first + start, first + min(cfg.data.stats_clips, start + batch))
+        latents.append(vae.encode(torch.stack([render_item(cfg.data.seed, "train", i, clip_cfg)[0] for i in ids])))
+    return LatentStats.measure(latents)
+
+
+def bf16_roundtrip(vae: CausalVideoVAE) -> CausalVideoVAE:
+    """A copy of ``vae`` whose weights went through bf16 (what a bf16 export loads as)."""
+    copy = CausalVideoVAE(vae.cfg)
+    copy.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in vae.state_dict().items()})
+    return copy.eval()
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+@dataclass
+class VAEResult:
+    steps: int
+    losses: list[float]
+    psnr_db: float | None = None
+    psnr_bf16_db: float | None = None
+    export_dtype: str | None = None
+    stats: LatentStats | None = None
+
+
+def train(cfg: VAETrainConfig, resume: bool = False, export: bool = True) -> VAEResult:
+    """Train (or resume) to ``run.max_steps``, then evaluate and export on rank 0."""
+    rt = make_runtime(cfg.run)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    vae = CausalVideoVAE(cfg.vae)
+    ema = CausalVideoVAE(cfg.vae).requires_grad_(False)
+    ema.load_state_dict(vae.state_dict())
+    wrapped = VAEWithLatents(vae, cfg.loss.latent_noise)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                  weight_decay=cfg.optim.weight_decay)
+    wrapped, optimizer = rt.accelerator.prepare(wrapped, optimizer)
+    shape = latent_shape(cfg)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    eval_logger: list[tuple[int, float]] = []
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        ids = local_indices(step, cfg.data.global_batch, rt)
+        video = training_batch(cfg, ids, step)
+        noise = latent_noise_like(shape, ids, cfg.run.seed, step)
+        with autocast:
+            recon, latents = wrapped(video, noise)
+        loss, parts = reconstruction_loss(video, recon, latents, cfg.loss)
+        if rt.is_main and (step + 1) % cfg.data.eval_every == 0:
+            eval_logger.append((step + 1, heldout_psnr(ema.eval(), cfg, min(8, cfg.data.heldout_clips))[0]))
+            print(f"\nstep {step + 1}: held-out PSNR (EMA) {eval_logger[-1][1]:.2f} dB", flush=True)
+        return loss, parts
+
+    t0 = time.perf_counter()
+    loop = run_loop(rt, cfg.run, cfg.optim, vae, ema, optimizer, step_fn, to_dict(cfg), resume,
+                    clips_per_step=cfg.data.global_batch // rt.world_size)
+    result = VAEResult(steps=loop.step, losses=loop.losses)
+    if rt.is_main:
+        print(f"trained to step {loop.step} in {time.perf_counter() - t0:.0f} s", flush=True)
+    if export and rt.is_main:
+        export_vae(ema.eval(), cfg, result)
+    rt.barrier()
+    return result
+
+
+def export_vae(vae: CausalVideoVAE, cfg: VAETrainConfig, result: VAEResult) -> None:
+    """Evaluate, measure latent stats, write the checkpoint, a reconstruction PNG and a JSON report."""
+    run_dir = cfg.run.run_dir
+    psnr, pairs = heldout_psnr(vae, cfg, cfg.data.heldout_clips)
+    psnr_bf16, _ = heldout_psnr(bf16_roundtrip(vae), cfg, cfg.data.heldout_clips)
+    stats = measure_latent_stats(vae, cfg)
+    if cfg.export_dtype == "auto":
+        dtype_name = "bf16" if psnr - psnr_bf16 <= 0.2 else "fp32"
+    else:
+        dtype_name = cfg.export_dtype
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    extra = {**stats.metadata(), "heldout_psnr_db": f"{psnr:.3f}", "train_steps": str(result.steps)}
+    save_checkpoint(vae, cfg.export_path, kind="vae", config=cfg.vae, dtype=dtype, extra_metadata=extra)
+    frame_ids = list(range(0, cfg.data.heldout_frames, max(1, cfg.data.heldout_frames // 6)))
+    videos, labels = [], []
+    for video, recon, caption in pairs[:4]:
+        videos += [video, recon]
+        labels += [f"original: {caption[:60]}", f"reconstruction ({psnr_db(recon, video):.1f} dB)"]
+    save_video_grid(videos, labels, run_dir / "reconstructions.png", frame_ids)
+    result.psnr_db, result.psnr_bf16_db, result.export_dtype, result.stats = psnr, psnr_bf16, dtype_name, stats
+    report = {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
+              "heldout_psnr_db": psnr, "heldout_psnr_bf16_db": psnr_bf16, "export_dtype": dtype_name,
+              "export_path": cfg.export_path, "latent_mean": stats.mean, "latent_std": stats.std}
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    print(f"held-out PSNR {psnr:.2f} dB (bf16 weights {psnr_bf16:.2f} dB) -> exported {dtype_name} to "
+          f"{cfg.export_path}; latent std range {min(stats.std):.3f}..{max(stats.std):.3f}", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config fields (YAML keys; nested sections as key.sub), with their defaults:\n"
+               + "\n".join(describe_config(VAETrainConfig)),
+        prog="python -m trainer.vae",
+        description="Train the causal video VAE on rendered product clips, evaluate held-out PSNR, measure "
+                    "latent mean/std and export a streamgen 'vae' checkpoint. Run dir: <run.runs_dir>/<run.name>/ "
+                    "(checkpoints/, tb/, reconstructions.png, report.json).")
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML file overriding VAETrainConfig fields (sections: run, optim, data, loss; top level: "
+                        "preset, precision, export_path, export_dtype). Unknown keys are errors.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field after the YAML, e.g. --set run.max_steps=100 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's latest checkpoint (bit-exact with a fixed seed)")
+    p.add_argument("--no-export", action="store_true", help="train only; skip evaluation and export")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(VAETrainConfig, args.config, args.overrides)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        train(cfg, resume=args.resume, export=not args.no_export)
+    except (NonFiniteLossError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # e.g. an existing run without --resume
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
