@@ -182,7 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         context = model.encode_text(emb)
         decoder = vae.init_decoder_state(batch_size=1)
         for latents in generate_latents(model, context, preset, num_latent, generator):
-            video, decoder = vae.decode_chunk(latents.float(), decoder)
+            video, decoder = vae.decode_chunk(vae.from_diffusion(latents.float()), decoder)
             frames = frames_to_uint8(video[0])[: args.num_frames - written]
             writer.write(frames)
             written += len(frames)

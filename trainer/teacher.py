@@ -30,7 +30,7 @@ from streamgen.config import ModelConfig, get_preset, to_dict
 from streamgen.model.sampler import add_noise, shift_timesteps, velocity_target
 from streamgen.model.text import TextEncoder
 from streamgen.model.transformer import CausalWanTransformer
-from streamgen.model.weights import load_vae, save_checkpoint
+from streamgen.model.weights import load_transformer, load_vae, save_checkpoint
 from trainer import latent_data
 from trainer.common import checkpoint as ckpt
 from trainer.common.checkpoint import CheckpointError
@@ -116,6 +116,8 @@ class TeacherTrainConfig:
     preset: str = "default"  # ModelConfig, VAEConfig and video geometry come from this streamgen preset
     precision: str = "bf16"
     export_path: str = "checkpoints/teacher_default.safetensors"
+    # Start from these weights (e.g. a shorter-horizon teacher) instead of a random init; ignored on --resume.
+    init_checkpoint: str | None = None
     run: RunConfig = field(default_factory=lambda: RunConfig(name="teacher_default"))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, betas=(0.9, 0.99), weight_decay=0.01,
                                                                    warmup_steps=200, ema_decay=0.999))
@@ -214,6 +216,8 @@ def train(cfg: TeacherTrainConfig, resume: bool = False, export: bool = True) ->
     data = latent_data.load(Path(cfg.data.latents_dir), cfg.dataset_spec())
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = CausalWanTransformer(cfg.model)
+    if cfg.init_checkpoint is not None:
+        model.load_state_dict(load_transformer(cfg.init_checkpoint, expected=cfg.model).state_dict())
     ema = CausalWanTransformer(cfg.model).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,

@@ -278,7 +278,32 @@ class CausalVideoVAE(nn.Module):
 
         self._enc_temporal = [m for m in self.enc_stages.modules() if isinstance(m, CausalTemporalConv)]
         self._dec_temporal = [m for m in self.dec_stages.modules() if isinstance(m, CausalTemporalConv)]
+        # The diffusion models work on per-channel normalised latents ``(z - mean) / std``; the stats
+        # are measured by the VAE trainer and stored in the checkpoint's metadata (set by
+        # ``weights.load_vae``). Non-persistent: the state dict holds only learned weights.
+        self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels), persistent=False)
+        self.register_buffer("latent_std", torch.ones(cfg.latent_channels), persistent=False)
         self._init_weights()
+
+    def set_latent_stats(self, mean: list[float] | tuple[float, ...], std: list[float] | tuple[float, ...]) -> None:
+        """Set the per-channel diffusion-space normalisation (one value per latent channel, std > 0)."""
+        c = self.cfg.latent_channels
+        if len(mean) != c or len(std) != c:
+            raise ValueError(f"latent stats need {c} values each, got {len(mean)} mean / {len(std)} std")
+        if any(not s > 0 for s in std):
+            raise ValueError(f"latent std must be > 0, got {list(std)}")
+        self.latent_mean.copy_(torch.tensor(mean, dtype=torch.float32))
+        self.latent_std.copy_(torch.tensor(std, dtype=torch.float32))
+
+    def to_diffusion(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents ``[B, C, n, h, w]`` -> the diffusion models' normalised space."""
+        mean, std = self.latent_mean.view(1, -1, 1, 1, 1), self.latent_std.view(1, -1, 1, 1, 1)
+        return ((latents.float() - mean) / std).to(latents.dtype)
+
+    def from_diffusion(self, z: torch.Tensor) -> torch.Tensor:
+        """Diffusion-space latents ``[B, C, n, h, w]`` -> VAE latents for :meth:`decode`."""
+        mean, std = self.latent_mean.view(1, -1, 1, 1, 1), self.latent_std.view(1, -1, 1, 1, 1)
+        return (z.float() * std + mean).to(z.dtype)
 
     def _init_weights(self) -> None:
         for m in self.modules():

@@ -182,7 +182,24 @@ def load_vae(path: str | os.PathLike[str], expected: VAEConfig | None = None) ->
     _check_config(path, cfg, expected)
     vae = CausalVideoVAE(cfg)
     load_state_strict(vae, {k: v.float() for k, v in state.items()}, what=f"checkpoint {path}")
+    metadata = read_metadata(path)
+    if "latent_mean" in metadata and "latent_std" in metadata:
+        try:
+            vae.set_latent_stats(json.loads(metadata["latent_mean"]), json.loads(metadata["latent_std"]))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"checkpoint {path} has invalid latent_mean/latent_std metadata: {exc}") from exc
     return vae
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The safetensors metadata of a checkpoint (``{}`` when it has none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"checkpoint {path} is corrupt or not a safetensors file: {exc}") from exc
 
 
 def config_from_diffusers(config: Mapping[str, Any], text_max_tokens: int = 512) -> ModelConfig:

@@ -49,13 +49,13 @@ def _engine(preset: Preset, **config: object) -> Engine:
 def _capture_latents(engine: Engine) -> dict[str, list[torch.Tensor]]:
     """Record every committed clean chunk per session (wraps the runner's commit hook)."""
     seen: dict[str, list[torch.Tensor]] = {}
-    original = engine.runner._after_commit
+    original = engine.runner._remember
 
-    def hook(item, x0, forward_ms):  # type: ignore[no-untyped-def]
+    def hook(item, x0):  # type: ignore[no-untyped-def]
         seen.setdefault(item.session_id, []).append(x0.clone())
-        return original(item, x0, forward_ms)
+        return original(item, x0)
 
-    engine.runner._after_commit = hook  # type: ignore[method-assign]
+    engine.runner._remember = hook  # type: ignore[method-assign]
     return seen
 
 
@@ -66,7 +66,7 @@ def test_batched_equals_alone_equals_offline() -> None:
     alone = _engine(preset)
     alone_latents = _capture_latents(alone)
     sid = alone.add_request(target, "target")
-    alone.run_until_done()
+    alone_frames = np.concatenate([c.frames for c in alone.run_until_done()[sid]])
 
     batched = _engine(preset)
     batched_latents = _capture_latents(batched)
@@ -86,6 +86,9 @@ def test_batched_equals_alone_equals_offline() -> None:
     assert (a - b).abs().max() <= 1e-4
     frames = np.concatenate([c.frames for c in outputs["target"]])
     assert frames.shape == (32, 32, 32, 3)
+    # Decoded in one VAE call with the other sessions' chunks: the same pixels as alone.
+    assert np.abs(frames.astype(int) - alone_frames.astype(int)).max() <= 1
+    assert frames.std() > 1  # not a constant image
     assert outputs["target"][-1].finish_reason is FinishReason.COMPLETED
 
     # The offline reference: contiguous cache, same seed, same weights.
@@ -149,14 +152,20 @@ def test_prompt_switch_recaches_resident_frames_and_continues() -> None:
 def test_image_start_writes_image_latent_as_clean_frame_zero() -> None:
     preset = _preset()
     engine = _engine(preset)
+    channels = preset.vae.latent_channels
+    # Non-trivial latent normalisation: the cache must hold the *normalised* image latent and the
+    # decoder must see it mapped back, as with a trained VAE.
+    engine.vae.set_latent_stats([0.3 * c - 0.5 for c in range(channels)], [0.5 + 0.25 * c for c in range(channels)])
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
     sid = engine.add_request(GenerationRequest("a jar", seed=5, num_frames=20, start_image=image), "img")
     first = engine.step()
     assert [(c.first_frame_index, len(c.frames)) for c in first] == [(0, 4)]
     pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-    latent = engine.vae.encode_image(pixels)
-    decoded, _ = engine.vae.decode_chunk(latent, engine.vae.init_decoder_state(batch_size=1))
+    raw = engine.vae.encode_image(pixels)
+    latent = engine.vae.to_diffusion(raw)
+    assert (latent - raw).abs().max() > 0.1  # the stats do change the latent
+    decoded, _ = engine.vae.decode_chunk(raw, engine.vae.init_decoder_state(batch_size=1))
     expected_frames = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
     assert np.abs(first[0].frames.astype(int) - expected_frames.astype(int)).max() <= 1
     capture = _Capture(engine.model.backend, None)

@@ -131,3 +131,29 @@ def test_wan_original_key_map_round_trip() -> None:
         assert torch.equal(fresh.state_dict()[key], value), key
     with pytest.raises(ValueError, match="unrecognised Wan checkpoint key"):
         weights.convert_wan_original({"blocks.0.mystery.weight": torch.zeros(1)})
+
+
+def test_load_vae_applies_latent_stats_from_metadata(tmp_path: Path) -> None:
+    import json
+
+    from streamgen.model.vae import CausalVideoVAE
+
+    vae_cfg = get_preset("test").vae
+    c = vae_cfg.latent_channels
+    mean, std = [0.1 * i for i in range(c)], [1.0 + 0.5 * i for i in range(c)]
+    path = tmp_path / "vae.safetensors"
+    weights.save_checkpoint(CausalVideoVAE(vae_cfg), path, kind="vae", config=vae_cfg,
+                            extra_metadata={"latent_mean": json.dumps(mean), "latent_std": json.dumps(std)})
+    vae = weights.load_vae(path)
+    assert vae.latent_mean.tolist() == pytest.approx(mean) and vae.latent_std.tolist() == pytest.approx(std)
+    z = torch.randn(1, c, 2, 4, 4)
+    expected = (z - torch.tensor(mean).view(1, -1, 1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1, 1)
+    assert torch.allclose(vae.to_diffusion(z), expected, atol=1e-6)
+    assert torch.allclose(vae.from_diffusion(vae.to_diffusion(z)), z, atol=1e-5)
+    assert "latent_mean" not in vae.state_dict()  # stats travel as metadata, not weights
+
+    bad = tmp_path / "bad.safetensors"
+    weights.save_checkpoint(CausalVideoVAE(vae_cfg), bad, kind="vae", config=vae_cfg,
+                            extra_metadata={"latent_mean": json.dumps(mean), "latent_std": json.dumps([0.0] * c)})
+    with pytest.raises(ValueError, match="invalid latent_mean/latent_std"):
+        weights.load_vae(bad)
