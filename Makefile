@@ -31,14 +31,15 @@ DEMO_PORT ?= 50051
 PROTO := protos/streamgen/v1/streamgen.proto
 STUBS := streamgen/api/v1/streamgen_pb2.py streamgen/api/v1/streamgen_pb2_grpc.py streamgen/api/v1/streamgen_pb2.pyi
 
-.PHONY: help venv check-venv proto test test-all demo lint clean distclean
+.PHONY: help venv check-venv proto browser-deps test test-all demo lint clean distclean
 
 help:
 	@echo "make demo       serve + stream out/demo.mp4 over gRPC (tiny 'test' preset, random weights for now)"
 	echo "make test       ruff + pytest (skips tests marked slow)"
 	echo "make test-all   ruff + pytest including slow tests"
 	echo "make lint       ruff check"
-	echo "make venv       create/refresh .venv (torch $(TORCH_VERSION)+cpu, then -e '.[dev]', then gRPC stubs)"
+	echo "make venv       create/refresh .venv (torch $(TORCH_VERSION)+cpu, then -e '.[dev,webrtc]', then gRPC stubs)"
+	echo "make browser-deps  install Debian's chromium + chromium-driver for the browser tests (part of make test)"
 	echo "make proto      (re)generate the gRPC stubs from $(PROTO) into streamgen/api/v1/"
 	echo "make clean      remove caches, build output and out/;  make distclean also removes .venv"
 
@@ -52,7 +53,7 @@ venv:
 	[[ -x $(BIN)/python ]] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip $(PIP_QUIET)
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) $(PIP_QUIET)
-	$(BIN)/python -m pip install --quiet -e '.[dev]' $(PIP_QUIET)
+	$(BIN)/python -m pip install --quiet -e '.[dev,webrtc]' $(PIP_QUIET)
 	$(MAKE) --no-print-directory check-venv
 	$(BIN)/python -m streamgen.api.build
 	echo "$$key" > $(STAMP)
@@ -79,11 +80,36 @@ proto: venv $(STUBS)
 $(STUBS) &: $(PROTO) streamgen/api/build.py
 	@$(BIN)/python -m streamgen.api.build --force
 
-test: venv proto
+# Headless Chromium for the tests marked `browser` (the WebRTC page): Debian's chromium and
+# chromium-driver, installed with apt-get when missing and we are root (or have passwordless sudo).
+# When that is impossible it says why and goes on; the browser tests then skip saying the same,
+# except under CI, where they fail.
+browser-deps:
+	@if [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]]; then exit 0; fi
+	sudo=""
+	if ! command -v apt-get >/dev/null; then
+	  echo "browser-deps: no apt-get on this machine: install chromium and chromedriver yourself" >&2; exit 0
+	fi
+	if [[ $$(id -u) -ne 0 ]]; then
+	  if sudo -n true 2>/dev/null; then sudo="sudo -n"; else
+	    echo "browser-deps: not root and no passwordless sudo: run 'apt-get install chromium chromium-driver' as root" >&2
+	    exit 0
+	  fi
+	fi
+	start=$$SECONDS
+	echo "browser-deps: apt-get install chromium chromium-driver (for the browser tests)"
+	if $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium chromium-driver \
+	    >/dev/null; then
+	  echo "browser-deps: installed in $$((SECONDS - start)) s ($$(/usr/bin/chromium --version 2>/dev/null))"
+	else
+	  echo "browser-deps: apt-get failed (see above)" >&2
+	fi
+
+test: venv proto browser-deps
 	@$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout $(TEST_TIMEOUT_S) $(PYTEST_ARGS)
 
-test-all: venv proto
+test-all: venv proto browser-deps
 	@$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout $(TEST_TIMEOUT_S) -m "" $(PYTEST_ARGS)
 
@@ -111,7 +137,7 @@ demo: venv proto
 	trap - EXIT
 	echo "demo: wrote out/demo.mp4 - open it with any video player (e.g. 'ffplay out/demo.mp4', VLC or a browser)"
 	echo "demo: server log in out/demo-server.log; it drained and exited 0"
-	echo "demo: live preview over WebRTC (coming in a later issue): python -m clients.webrtc --grpc 127.0.0.1:$(DEMO_PORT)"
+	echo "demo: live preview over WebRTC: run 'streamgen serve', then python -m clients.webrtc --grpc 127.0.0.1:$(DEMO_PORT)"
 
 lint: venv
 	@$(BIN)/ruff check .

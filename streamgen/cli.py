@@ -13,25 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-
-def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate a video offline (chunked, KV-cached) and write an MP4",
-                       description="Generate a video chunk by chunk with the causal student and its rolling "
-                                   "KV cache, decode it with the VAE as it is made, and write H.264 MP4.")
-    p.add_argument("--preset", default="default", help="model preset: test, default, wan-1.3b (default: default)")
-    p.add_argument("--prompt", required=True, help="text prompt")
-    p.add_argument("--num-frames", type=int, required=True, help="number of pixel frames to write (> 0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same video)")
-    p.add_argument("--out", type=Path, required=True, help="output .mp4 path")
-    p.add_argument("--transformer", type=Path, help="transformer checkpoint (.safetensors)")
-    p.add_argument("--vae", type=Path, help="VAE checkpoint (.safetensors)")
-    p.add_argument("--random-init", action="store_true",
-                   help="use randomly initialised weights (no checkpoints; output is noise-like)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
-                   help="inference precision of the transformer (default: bfloat16)")
-    p.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flex, xformers, flash")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+from streamgen.config import PRESETS  # plain dataclasses: --help stays instant
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -43,27 +25,51 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _add_command(sub: argparse._SubParsersAction, name: str, summary: str, description: str,
+                 ) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=description, formatter_class=_DefaultsHelp)
+
+
+def _add_preset(p: argparse._ActionsContainer) -> None:
+    p.add_argument("--preset", default="default", help=f"model preset: {', '.join(PRESETS)}")
+
+
+def _add_model(p: argparse._ActionsContainer, random_init_help: str) -> None:
+    """The flags that choose the weights and how they run (``generate`` and ``serve`` alike)."""
+    _add_preset(p)
+    p.add_argument("--transformer", type=Path, help="transformer checkpoint (.safetensors)")
+    p.add_argument("--vae", type=Path, help="VAE checkpoint (.safetensors)")
+    p.add_argument("--random-init", action="store_true", help=random_init_help)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                   help="transformer precision (and KV-cache dtype)")
+    p.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flex, xformers, flash")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = _add_command(sub, "generate", "generate a video offline (chunked, KV-cached) and write an MP4",
+                     "Generate a video chunk by chunk with the causal student and its rolling KV cache, decode it "
+                     "with the VAE as it is made, and write H.264 MP4. Prints a JSON summary.")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--num-frames", type=int, required=True, help="number of pixel frames to write (> 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same video)")
+    p.add_argument("--out", type=Path, required=True, help="output .mp4 path")
+    _add_model(p, "use randomly initialised weights, seeded by --seed (no checkpoints; output is noise-like)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "serve", help="serve the model over gRPC (health, reflection, Prometheus metrics)",
-        formatter_class=_DefaultsHelp,
-        description="Serve real-time video generation over gRPC: a bidirectional Generate stream per video "
-                    "(protos/streamgen/v1/streamgen.proto), grpc.health.v1 health checking, server reflection "
-                    "and Prometheus metrics on HTTP. SIGTERM/SIGINT drain: health NOT_SERVING, new streams "
-                    "UNAVAILABLE, running streams end with REASON_SERVER_SHUTDOWN after --drain-timeout-s, "
-                    "exit 0. See docs/serving.md.")
+    p = _add_command(
+        sub, "serve", "serve the model over gRPC (health, reflection, Prometheus metrics)",
+        "Serve real-time video generation over gRPC: a bidirectional Generate stream per video "
+        "(protos/streamgen/v1/streamgen.proto), grpc.health.v1 health checking, server reflection "
+        "and Prometheus metrics on HTTP. SIGTERM/SIGINT drain: health NOT_SERVING, new streams "
+        "UNAVAILABLE, running streams end with REASON_SERVER_SHUTDOWN after --drain-timeout-s, "
+        "exit 0. See docs/serving.md.")
     model = p.add_argument_group("model")
-    model.add_argument("--preset", default="default", help="model preset: test, default, wan-1.3b")
-    model.add_argument("--transformer", type=Path, help="transformer checkpoint (.safetensors)")
-    model.add_argument("--vae", type=Path, help="VAE checkpoint (.safetensors)")
-    model.add_argument("--random-init", action="store_true",
-                       help="serve randomly initialised weights (seed 0; the video is noise-like)")
-    model.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
-                       help="transformer precision (and KV-cache dtype)")
-    model.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flex, xformers, flash")
+    _add_model(model, "serve randomly initialised weights (seed 0; the video is noise-like)")
     model.add_argument("--text-encoder", choices=["minilm", "hash"], default="minilm",
                        help="prompt encoder; 'hash' is a model-free stand-in for tests and load benchmarks only")
-    model.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     net = p.add_argument_group("network and security")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     net.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port, see the log)")
@@ -108,8 +114,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="print a preset's configuration and derived sizes as JSON")
-    p.add_argument("--preset", default="default", help="model preset (default: default)")
+    p = _add_command(sub, "info", "print a preset's configuration and derived sizes as JSON",
+                     "Print a preset's model, VAE, cache, sampler and video configuration, plus derived sizes (model "
+                     "width, latent grid, tokens per frame, pixel frames per chunk), as JSON.")
+    _add_preset(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

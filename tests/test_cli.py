@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from streamgen.cli import main
+from streamgen.cli import build_parser, main
 from streamgen.video_io import read_video
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_generate_writes_requested_frames(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,9 +52,41 @@ def test_generate_requires_weights_or_random_init(tmp_path: Path, capsys: pytest
 
 
 def test_help_for_every_command() -> None:
-    for cmd in ([], ["generate"], ["info"]):
+    for cmd in ([], ["generate"], ["info"], ["serve"]):
         res = subprocess.run([sys.executable, "-m", "streamgen.cli", *cmd, "--help"], capture_output=True, text=True)
         assert res.returncode == 0 and "usage: streamgen" in res.stdout
+
+
+def test_readme_commands_name_only_real_flags() -> None:
+    """Each bullet of the README's "Commands" section names a command; every flag it mentions exists there,
+    and every ``streamgen`` sub-command has a bullet."""
+    section = README.read_text().split("## Commands", 1)[1].split("\n## ", 1)[0]
+    preamble, *bullets = section.split("\n- `")
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    helps = {f"streamgen {name}": sub.format_help() for name, sub in subcommands.items()}
+    documented = set()
+    for bullet in (b.split("\n\n", 1)[0] for b in bullets):  # a bullet ends at the blank line after it
+        command = " ".join(bullet.split()[:3]) if bullet.startswith("python -m ") else " ".join(bullet.split()[:2])
+        if command not in helps:  # python -m MODULE: ask the module itself
+            res = subprocess.run([sys.executable, *command.split()[1:], "--help"], capture_output=True, text=True,
+                                 cwd=README.parent, timeout=120)
+            assert res.returncode == 0, f"README: {command} --help failed: {res.stderr[-500:]}"
+            helps[command] = res.stdout
+        documented.add(command)
+        for flag in re.findall(r"--[a-z][a-z0-9-]*", bullet):
+            assert flag in helps[command], f"README: {command} has no {flag}"
+    assert {f"streamgen {name}" for name in subcommands} <= documented
+    for flag in re.findall(r"--[a-z][a-z0-9-]*", preamble):  # the model flags shared by generate and serve
+        assert flag in helps["streamgen generate"] and flag in helps["streamgen serve"], flag
+
+
+def test_serving_docs_flag_table_lists_exactly_the_serve_flags() -> None:
+    table = (README.parent / "docs" / "serving.md").read_text().split("## Flags", 1)[1].split("\n## ", 1)[0]
+    documented = {flag for row in table.splitlines() if row.startswith("| `--")
+                  for flag in re.findall(r"--[a-z][a-z0-9-]*", row.split("|")[1])}
+    serve = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+    flags = {o for action in serve._actions for o in action.option_strings if o.startswith("--") and o != "--help"}
+    assert documented == flags
 
 
 def test_info_prints_derived_sizes(capsys: pytest.CaptureFixture[str]) -> None:

@@ -34,16 +34,10 @@ from streamgen.model.weights import load_transformer, load_vae, save_checkpoint
 from trainer import latent_data
 from trainer.common import checkpoint as ckpt
 from trainer.common.checkpoint import CheckpointError
-from trainer.common.config import OptimConfig, RunConfig, check, describe_config, load_config
+from trainer.common.config import OptimConfig, RunConfig, check
 from trainer.common.images import save_video_grid
 from trainer.common.latents import LatentStats
-from trainer.common.runtime import (
-    NonFiniteLossError,
-    local_indices,
-    make_runtime,
-    run_loop,
-    sample_generator,
-)
+from trainer.common.runtime import local_indices, make_runtime, run_loop, run_stage, sample_generator, stage_parser
 from trainer.sampling import sample_teacher
 
 PRECISIONS = ("fp32", "bf16")
@@ -288,22 +282,11 @@ def sample_from_run(cfg: TeacherTrainConfig, path: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config fields (YAML keys; nested sections as key.sub), with their defaults:\n"
-               + "\n".join(describe_config(TeacherTrainConfig)),
-        prog="python -m trainer.teacher",
+    p = stage_parser(
+        TeacherTrainConfig, prog="python -m trainer.teacher", no_export_help="train only; skip export and samples",
         description="Train the bidirectional flow-matching teacher on pre-encoded latents of the trained VAE and "
                     "export a streamgen 'transformer' checkpoint plus a PNG strip of CFG samples. Run dir: "
                     "<run.runs_dir>/<run.name>/ (checkpoints/, tb/, report.json).")
-    p.add_argument("--config", type=Path, default=None,
-                   help="YAML file overriding TeacherTrainConfig fields (sections: run, optim, data, flow, sample; "
-                        "top level: preset, precision, export_path). Unknown keys are errors.")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one field after the YAML, e.g. --set run.max_steps=100 (repeatable)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the run's latest checkpoint (bit-exact with a fixed seed)")
-    p.add_argument("--no-export", action="store_true", help="train only; skip export and samples")
     p.add_argument("--encode-only", action="store_true", help="build the latent dataset and exit")
     p.add_argument("--sample-only", type=Path, default=None, metavar="PNG",
                    help="write a sample strip from the run's latest checkpoint (EMA) to PNG and exit")
@@ -312,25 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(TeacherTrainConfig, args.config, args.overrides)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
+
+    def run(cfg: TeacherTrainConfig) -> None:
         if args.encode_only:
             latent_data.build(Path(cfg.data.latents_dir), cfg.dataset_spec(), batch=cfg.data.encode_batch)
         elif args.sample_only is not None:
             print(sample_from_run(cfg, args.sample_only))
         else:
             train(cfg, resume=args.resume, export=not args.no_export)
-    except (NonFiniteLossError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_stage(TeacherTrainConfig, args, run)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,17 +35,10 @@ from torch import nn
 from streamgen.config import VAEConfig, get_preset, to_dict
 from streamgen.model.vae import CausalVideoVAE
 from streamgen.model.weights import save_checkpoint
-from trainer.common.checkpoint import CheckpointError
-from trainer.common.config import OptimConfig, RunConfig, check, describe_config, load_config
+from trainer.common.config import OptimConfig, RunConfig, check
 from trainer.common.images import save_video_grid
 from trainer.common.latents import LatentStats
-from trainer.common.runtime import (
-    NonFiniteLossError,
-    local_indices,
-    make_runtime,
-    run_loop,
-    sample_generator,
-)
+from trainer.common.runtime import local_indices, make_runtime, run_loop, run_stage, sample_generator, stage_parser
 from trainer.data.dataset import ClipConfig, render_item
 
 PRECISIONS = ("fp32", "bf16")
@@ -319,41 +311,16 @@ def export_vae(vae: CausalVideoVAE, cfg: VAETrainConfig, result: VAEResult) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config fields (YAML keys; nested sections as key.sub), with their defaults:\n"
-               + "\n".join(describe_config(VAETrainConfig)),
-        prog="python -m trainer.vae",
+    return stage_parser(
+        VAETrainConfig, prog="python -m trainer.vae", no_export_help="train only; skip evaluation and export",
         description="Train the causal video VAE on rendered product clips, evaluate held-out PSNR, measure "
                     "latent mean/std and export a streamgen 'vae' checkpoint. Run dir: <run.runs_dir>/<run.name>/ "
                     "(checkpoints/, tb/, reconstructions.png, report.json).")
-    p.add_argument("--config", type=Path, default=None,
-                   help="YAML file overriding VAETrainConfig fields (sections: run, optim, data, loss; top level: "
-                        "preset, precision, export_path, export_dtype). Unknown keys are errors.")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one field after the YAML, e.g. --set run.max_steps=100 (repeatable)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the run's latest checkpoint (bit-exact with a fixed seed)")
-    p.add_argument("--no-export", action="store_true", help="train only; skip evaluation and export")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(VAETrainConfig, args.config, args.overrides)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        train(cfg, resume=args.resume, export=not args.no_export)
-    except (NonFiniteLossError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:  # e.g. an existing run without --resume
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_stage(VAETrainConfig, args, lambda cfg: train(cfg, resume=args.resume, export=not args.no_export))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ class FinishReason(enum.StrEnum):
     LIMIT = "limit"                # a server limit ended an unbounded stream
     SHUTDOWN = "shutdown"          # the engine is draining
     ERROR = "error"                # see ChunkOutput.error
+    REJECTED = "rejected"          # never admitted: no KV room within max_queue_wait_s (ChunkOutput.error says why)
 
 
 @dataclass(frozen=True)

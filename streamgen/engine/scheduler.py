@@ -184,8 +184,8 @@ class Scheduler:
                 admitted.append(sid)
                 continue
             if now_s - s.arrival_s >= self.config.max_queue_wait_s or "never be admitted" in reason:
-                self.finish(sid, FinishReason.ERROR, f"not admitted within {self.config.max_queue_wait_s:g} s: "
-                                                     f"{reason}")
+                self.finish(sid, FinishReason.REJECTED, f"not admitted within {self.config.max_queue_wait_s:g} s: "
+                                                        f"{reason}")
                 rejected.append(sid)
                 continue
             break  # FIFO: later sessions wait behind the head of the queue

@@ -34,6 +34,8 @@ ENCODINGS: dict[int, Encoding] = {
 }
 ENCODING_TO_PROTO: dict[Encoding, int] = {v: k for k, v in ENCODINGS.items()}
 
+# How a session the engine ran ends on the wire. FinishReason.REJECTED is absent: a session that was
+# never admitted is refused with a status code instead (see refusal_of).
 REASONS: dict[FinishReason, int] = {
     FinishReason.COMPLETED: pb.StreamEnded.REASON_COMPLETED,
     FinishReason.STOPPED: pb.StreamEnded.REASON_STOPPED,
@@ -41,12 +43,6 @@ REASONS: dict[FinishReason, int] = {
     FinishReason.LIMIT: pb.StreamEnded.REASON_LIMIT_REACHED,
     FinishReason.ERROR: pb.StreamEnded.REASON_ERROR,
 }
-
-# The engine's scheduler ends a session it could not admit within max_queue_wait_s with
-# FinishReason.ERROR and this message prefix (engine/scheduler.py, _admit_waiting); that case is
-# the client's RESOURCE_EXHAUSTED, not a server error.
-NOT_ADMITTED_PREFIX = "not admitted within"
-
 
 class RequestError(Exception):
     """A refused request: the call ends with ``code`` and ``message`` (and no StreamEnded)."""
@@ -162,7 +158,8 @@ def stream_ended(reason: FinishReason, message: str, frames_sent: int) -> pb.Gen
 
 
 def refusal_of(final: ChunkOutput) -> RequestError | None:
-    """The status to end with instead of a StreamEnded, for a session the engine never admitted."""
-    if final.finish_reason is FinishReason.ERROR and (final.error or "").startswith(NOT_ADMITTED_PREFIX):
+    """The status to end with instead of a StreamEnded: RESOURCE_EXHAUSTED for a session the engine
+    never admitted (no KV room within its queue wait), the client's signal to retry elsewhere."""
+    if final.finish_reason is FinishReason.REJECTED:
         return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, final.error or "not admitted")
     return None

@@ -6,8 +6,8 @@ writes it; a reader task applies PromptUpdate / StopRequest as they arrive. Ever
 engine's; this layer converts protos, encodes, measures and maps errors to status codes.
 
 Memory: whatever way a call ends - completed, stopped, client cancelled or disconnected,
-stalled, server drain - the session is aborted in the ``finally`` and its KV pages are
-freed at once.
+stalled, server drain - the session is aborted and its KV pages are freed at once (for a
+stalled client before its status is sent, since that waits until the client reads again).
 
 This module must never touch tensors, block ids or engine internals: only the
 :class:`AsyncEngine` API.
@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +72,7 @@ class StreamGenServicer(pb_grpc.StreamGenServicer):
         self.weights = weights
         self.draining = False
         self._calls: set[_Call] = set()
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
 
     # ------------------------------------------------------------------ info
     def model_info(self) -> pb.ModelInfo:
@@ -102,6 +103,10 @@ class StreamGenServicer(pb_grpc.StreamGenServicer):
             await context.abort(exc.code, exc.message)
         except _Stalled:
             outcome = "stalled"
+            # The client's flow-control window is full, so this status reaches it only when it reads
+            # again (or its deadline passes, or it disconnects): end the session and account for the
+            # call first, so its pages and the metrics do not wait for that.
+            await self._end_call(call, outcome, encoding)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the client read nothing for {self.config.stall_timeout_s:g} s; stream cancelled")
         except asyncio.CancelledError:
@@ -113,13 +118,19 @@ class StreamGenServicer(pb_grpc.StreamGenServicer):
             log.exception("Generate failed")
             raise
         finally:
-            if call.session_id is not None:
-                await self._abort_session(call.session_id)
-            self._calls.discard(call)
-            call.done.set()
-            self.metrics.streams_active.set(len(self._calls))
-            self.metrics.outcome(outcome)
-            self._log_end(call, outcome, encoding)
+            await self._end_call(call, outcome, encoding)
+
+    async def _end_call(self, call: _Call, outcome: str, encoding: str) -> None:
+        """Free the call's session and record how it ended (once; safe from a cancelled handler)."""
+        if call.done.is_set():
+            return
+        call.done.set()
+        if call.session_id is not None:
+            await self._abort_session(call.session_id)
+        self._calls.discard(call)
+        self.metrics.streams_active.set(len(self._calls))
+        self.metrics.outcome(outcome)
+        self._log_end(call, outcome, encoding)
 
     async def _generate(self, call: _Call, context: grpc.aio.ServicerContext) -> tuple[str, str]:
         first = await context.read()
@@ -215,11 +226,15 @@ class StreamGenServicer(pb_grpc.StreamGenServicer):
     async def _write(self, context: grpc.aio.ServicerContext, message: pb.GenerateResponse) -> None:
         # write() waits for HTTP/2 flow control: a slow reader blocks here, the chunk queue fills
         # up to max_buffered_chunks and the engine pauses the session (backpressure, no drops).
-        try:
-            async with asyncio.timeout(self.config.stall_timeout_s):
-                await context.write(message)
-        except TimeoutError:
-            raise _Stalled() from None
+        # A write held back by flow control ignores cancellation until the client reads, so the
+        # stall clock waits *beside* the write (asyncio.wait) rather than cancelling it.
+        write = asyncio.ensure_future(context.write(message))
+        done, _ = await asyncio.wait({write}, timeout=self.config.stall_timeout_s)
+        if not done:
+            self._background.add(write)  # finishes (or fails) whenever the call ends; nobody waits
+            write.add_done_callback(_forget(self._background))
+            raise _Stalled()
+        write.result()
 
     async def _read_updates(self, call: _Call, context: grpc.aio.ServicerContext) -> None:
         """Apply PromptUpdate / StopRequest until the client half-closes.
@@ -261,7 +276,7 @@ class StreamGenServicer(pb_grpc.StreamGenServicer):
         """Free a session's pages now, even from a cancelled handler (the abort runs as its own task)."""
         task = asyncio.get_running_loop().create_task(self.engine.abort(session_id))
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_forget(self._background))
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(task)
 
@@ -295,6 +310,18 @@ class StreamGenServicer(pb_grpc.StreamGenServicer):
     def _live_calls(self) -> list[_Call]:
         """Calls whose engine session has started and not yet ended."""
         return [c for c in self._calls if c.session_id is not None and not c.ended]
+
+
+def _forget(tasks: set[asyncio.Future[Any]]) -> Callable[[asyncio.Future[Any]], None]:
+    """A done-callback that drops a background task from ``tasks`` and retrieves its outcome (no
+    "exception was never retrieved" noise from a write that failed because its call ended)."""
+
+    def done(task: asyncio.Future[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    return done
 
 
 def _version() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -13,28 +14,22 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
 
-from clients.stream import PromptSwitch, StreamClient, StreamError, StreamRequest, main
+from clients import stream as stream_module
+from clients.stream import Progress, PromptSwitch, StreamClient, StreamError, StreamRequest, main
 from streamgen.video_io import read_video
 from tests.server.harness import ServerHarness, make_engine, reference_frames
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerHarness]:
-    harness = ServerHarness()
-    yield harness
-    harness.close()
+    with ServerHarness() as harness:
+        yield harness
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -46,7 +41,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_writes_a_playable_mp4(server: ServerHarness, tmp_path: Path, encoding: str, length: list[str]) -> None:
     out = tmp_path / "clip.mp4"
     res = _cli("--server", server.address, "--prompt", "a glossy red bottle turning", "--seed", "5", *length,
-               "--encoding", encoding, "--switch", "1:a blue bottle", "--out", str(out))
+               "--encoding", encoding, "--out", str(out))
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     expected = 40 if encoding == "h264" else 24  # 1.5 s at the model's 16 fps
@@ -54,6 +49,21 @@ def test_cli_writes_a_playable_mp4(server: ServerHarness, tmp_path: Path, encodi
     assert summary["ttff_s"] > 0 and summary["out"] == str(out)
     frames = read_video(out)
     assert frames.shape == (expected, 32, 32, 3)
+
+
+def test_cli_switches_the_prompt_at_the_given_times(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="streamgen.server")  # the in-process server's structured events
+    # Paced (0.5 s lead, 0.75 s per 12-frame chunk), so the stream is still running when each switch is due.
+    with ServerHarness(make_engine(max_lead_s=0.5)) as paced:
+        res = _cli("--server", paced.address, "--prompt", "a red bottle", "--frames", "60", "--encoding", "raw",
+                   "--switch", "2:a green can", "--switch", "1:a blue bottle", "--quiet")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["reason"] == "REASON_COMPLETED" and summary["frames"] == 60
+    # Each switch reached the server once, in video-time order (the log keeps prompt lengths, never prompts).
+    updates = [r.streamgen_fields for r in caplog.records if r.getMessage() == "prompt_update"]  # type: ignore[attr-defined]
+    assert updates == [{"session": summary["session"], "prompt_chars": len(prompt)}
+                       for prompt in ("a blue bottle", "a green can")]
 
 
 def test_cli_reports_the_server_status_and_exits_non_zero(server: ServerHarness) -> None:
@@ -77,6 +87,18 @@ def test_cli_usage_errors_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     for option in ("--server", "--prompt", "--image", "--seed", "--seconds", "--frames", "--encoding", "--switch",
                    "--token", "--tls", "--out", "exit codes"):
         assert option in text
+
+
+def test_progress_line_and_summary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The live line: frames (of the target), delivery fps, time to first frame, latest and p95 chunk gap."""
+    clock = iter([10.4, 11.15, 12.15])  # three chunks after a start at 10.0
+    monkeypatch.setattr(stream_module.time, "monotonic", lambda: next(clock))
+    progress = Progress(target_frames=48, started_s=10.0)
+    for _ in range(3):
+        progress.chunk(12, 1000)
+    assert progress.line() == "frames 36/48   16.7 fps  ttff 0.40s  chunk gap 1.00s (p95 1.00s)  0.00 MB"
+    assert progress.summary() == {"frames": 36, "bytes": 3000, "delivery_fps": 16.74, "ttff_s": 0.4,
+                                  "inter_chunk_p50_s": 0.875, "inter_chunk_p95_s": 1.0}
 
 
 def test_library_frames_equal_the_engine_and_switch_changes_them(server: ServerHarness) -> None:
@@ -124,17 +146,14 @@ def test_library_errors_and_early_exit(server: ServerHarness) -> None:
 
 
 def test_ctrl_c_stops_the_stream_and_finishes_the_file(tmp_path: Path) -> None:
-    paced = ServerHarness(make_engine(max_lead_s=0.5))  # an unbounded stream that lasts
     out = tmp_path / "stopped.mp4"
-    try:
+    with ServerHarness(make_engine(max_lead_s=0.5)) as paced:  # an unbounded stream that lasts
         client = subprocess.Popen([sys.executable, "-m", "clients.stream", "--server", paced.address, "--prompt",
                                    "a red mug", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         paced.wait_metric("streamgen:frames_generated_total", lambda v: v >= 24, timeout_s=30)
         client.send_signal(signal.SIGINT)
         stdout, stderr = client.communicate(timeout=30)
-    finally:
-        paced.close()
     assert client.returncode == 0, stderr
     summary = json.loads(stdout)
     assert summary["reason"] == "REASON_STOPPED" and summary["frames"] >= 24

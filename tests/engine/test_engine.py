@@ -222,7 +222,7 @@ def test_pool_exhausted_queues_then_rejects_with_reason() -> None:
     assert engine.num_running == 1 and engine.num_waiting == 1
     now[0] = 6.0
     ended = [c for c in engine.step() if c.finished]
-    assert [(c.session_id, c.finish_reason) for c in ended] == [(second, FinishReason.ERROR)]
+    assert [(c.session_id, c.finish_reason) for c in ended] == [(second, FinishReason.REJECTED)]
     assert "pool exhausted" in (ended[0].error or "")
     final = engine.abort(first)
     assert final is not None and final.finish_reason is FinishReason.STOPPED

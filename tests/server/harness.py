@@ -63,7 +63,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class ServerHarness:
-    """A :class:`StreamGenServer` on a background event loop; ``close()`` stops it."""
+    """A :class:`StreamGenServer` on a background event loop; ``close()`` (or leaving ``with``) stops it.
+
+    A module's server fixture is then three lines::
+
+        @pytest.fixture(scope="module")
+        def server() -> Iterator[ServerHarness]:
+            with ServerHarness(make_engine(max_lead_s=0.5)) as harness:
+                yield harness
+    """
 
     def __init__(self, engine: Engine | None = None, config: ServerConfig | None = None,
                  max_buffered_chunks: int = 4) -> None:
@@ -76,6 +84,12 @@ class ServerHarness:
         self.server = StreamGenServer(self.async_engine, self.config, weights="test weights",
                                       poll_interval_s=0.05)
         self.run(self.server.start())
+
+    def __enter__(self) -> ServerHarness:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 30.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)

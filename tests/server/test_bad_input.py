@@ -12,7 +12,6 @@ from collections.abc import Iterator, Sequence
 import grpc
 import numpy as np
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
@@ -23,21 +22,15 @@ Code = grpc.StatusCode
 MAX_MESSAGE_BYTES = 64 * 1024
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerHarness]:
     # Paced (0.5 s lead), so a stream lives long enough for mid-stream mistakes to reach it.
-    harness = ServerHarness(make_engine(max_prompt_chars=100, max_lead_s=0.5),
-                            with_config(max_message_bytes=MAX_MESSAGE_BYTES))
-    yield harness
-    harness.close()
+    with ServerHarness(make_engine(max_prompt_chars=100, max_lead_s=0.5),
+                       with_config(max_message_bytes=MAX_MESSAGE_BYTES)) as harness:
+        yield harness
 
 
 def start(**fields: object) -> pb.GenerateRequest:
@@ -155,8 +148,7 @@ def test_pool_exhausted_and_too_many_waiting_are_resource_exhausted() -> None:
     budget = (per_session + 1) * probe.kv.pool.bytes_per_block  # + the null block: room for exactly one
     engine = make_engine(kv_memory_bytes=budget, max_queue_wait_s=0.3, max_sessions=2, max_lead_s=0.5)
     assert engine.kv.can_admit(engine.kv.worst_case_frames(3, 12))
-    harness = ServerHarness(engine, with_config(max_waiting=0))
-    try:
+    with ServerHarness(engine, with_config(max_waiting=0)) as harness:
         first: dict[str, object] = {}
         holder = threading.Thread(target=lambda: first.update(result=exchange(harness.address, start(num_frames=48))))
         holder.start()
@@ -175,5 +167,3 @@ def test_pool_exhausted_and_too_many_waiting_are_resource_exhausted() -> None:
         responses, code, _ = first["result"]  # type: ignore[misc]
         assert code == Code.OK and responses[-1].ended.frames_sent == 48
         assert harness.metric("streamgen:request_outcome_total", 'reason="resource_exhausted"') == 2
-    finally:
-        harness.close()

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from streamgen.api.v1 import pb
-from streamgen.engine.request import FinishReason
-from streamgen.server.convert import REASONS, RequestError, decode_start_image, plan_stream
+from streamgen.engine.request import ChunkOutput, FinishReason
+from streamgen.server.convert import REASONS, RequestError, decode_start_image, plan_stream, refusal_of
 from streamgen.server.encoders import Encoding
 from tests.server.harness import PRESET
 
@@ -51,4 +51,19 @@ def test_plan_defaults() -> None:
                        default_jpeg_quality=90)
     assert plan.request.num_frames is None and plan.request.start_image is None  # 0 frames = unbounded
     assert (plan.encoding, plan.fps, plan.keyframe_interval, plan.jpeg_quality) == (Encoding.H264_FMP4, 16, 32, 90)
-    assert set(REASONS) == set(FinishReason)  # every engine outcome has a proto reason
+
+
+def test_every_engine_outcome_maps_to_a_reason_or_a_status() -> None:
+    # A session the engine ran ends with a StreamEnded reason; one it never admitted is refused.
+    assert set(REASONS) == set(FinishReason) - {FinishReason.REJECTED}
+    empty = np.zeros((0, 32, 32, 3), np.uint8)
+
+    def final(reason: FinishReason, error: str | None = None) -> ChunkOutput:
+        return ChunkOutput("s", 0, empty, finished=True, finish_reason=reason, error=error)
+
+    refused = refusal_of(final(FinishReason.REJECTED, "not admitted within 0.3 s: pool exhausted"))
+    assert refused is not None and refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.message == "not admitted within 0.3 s: pool exhausted"
+    # The message alone decides nothing: an engine error that happens to read alike is still an error.
+    for reason in REASONS:
+        assert refusal_of(final(reason, "not admitted within 0.3 s")) is None

@@ -3,37 +3,36 @@
 from __future__ import annotations
 
 import io
+import re
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import av
 import grpc
 import numpy as np
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
 
 from streamgen.api.v1 import SERVICE_NAME, pb, pb_grpc
 from streamgen.server import fmp4
+from streamgen.server.metrics import OUTCOMES
 from tests.server.harness import PRESET, ServerHarness, psnr, reference_frames
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 
 PROMPT, SEED, NUM_FRAMES = "a glossy red bottle turning", 5, 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second OpenMP thread only adds spin-wait noise
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerHarness]:
-    harness = ServerHarness()  # unpaced: streams run as fast as the engine goes
-    yield harness
-    harness.close()
+    with ServerHarness() as harness:  # unpaced: streams run as fast as the engine goes
+        yield harness
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +145,26 @@ def test_metrics_count_frames_and_outcomes(server: ServerHarness) -> None:
     assert server.metric("streamgen:time_to_first_frame_seconds_count") >= 1
     assert server.metric("streamgen:kv_cache_total_bytes") > 0
     server.wait_metric("streamgen:kv_cache_used_bytes", lambda v: v == 0, timeout_s=1.0)
+
+
+def test_unbounded_stream_ends_with_limit_reached_at_max_frames(server: ServerHarness) -> None:
+    responses = _stream(server.address, pb.ENCODING_JPEG, num_frames=0)  # 0 = unbounded; the server's limit is 96
+    kinds = [r.WhichOneof("response") for r in responses]
+    assert kinds == ["started"] + ["chunk"] * 8 + ["ended"]
+    assert sum(r.chunk.frame_count for r in responses[1:-1]) == 96
+    ended = responses[-1].ended
+    assert ended.reason == pb.StreamEnded.REASON_LIMIT_REACHED and ended.frames_sent == 96
+
+
+def test_metrics_page_matches_the_documented_table(server: ServerHarness) -> None:
+    """Every series in docs/serving.md's metrics table is exported with the documented type, and nothing
+    undocumented is (prometheus_client's ``*_created`` companions aside); outcome labels likewise."""
+    section = DOCS.read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(streamgen:[a-z_]+)(?:\{[a-z_]+\})?` \| (\w+) \|(.*)\|$", section, re.MULTILINE)
+    documented = {name: kind for name, kind, _ in rows}
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    exported = {name: kind for name, kind in re.findall(r"^# TYPE (\S+) (\w+)$", text, re.MULTILINE)
+                if not name.endswith("_created")}
+    assert documented == exported
+    outcome_row = next(meaning for name, _, meaning in rows if name == "streamgen:request_outcome_total")
+    assert re.findall(r"`([a-z_]+)`", outcome_row) == list(OUTCOMES)

@@ -17,31 +17,24 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from streamgen.api.v1 import pb, pb_grpc
 from streamgen.engine.engine import AsyncEngine
 from streamgen.engine.request import FinishReason, GenerationRequest
-from tests.server.harness import ServerHarness, make_engine
+from tests.server.harness import ServerHarness, make_engine, reference_frames, with_config
 
 REPO = Path(__file__).resolve().parents[2]
 KV_USED = "streamgen:kv_cache_used_bytes"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerHarness]:
-    harness = ServerHarness(make_engine(max_lead_s=0.5, max_frames=960, unbounded_max_frames=960))  # paced
-    yield harness
-    harness.close()
+    with ServerHarness(make_engine(max_lead_s=0.5, max_frames=960, unbounded_max_frames=960)) as harness:  # paced
+        yield harness
 
 
 def _start(num_frames: int = 0) -> pb.GenerateRequest:
@@ -127,13 +120,71 @@ def test_slow_consumer_pauses_its_session_instead_of_buffering() -> None:
     assert indices == list(range(0, 96, 12)) and reason is FinishReason.COMPLETED
 
 
-def _read_serving_line(proc: subprocess.Popen[str], timeout_s: float) -> dict[str, object]:
+# A client channel without HTTP/2 BDP probing keeps the 64 KiB default receive window, so a reader that
+# stops reading blocks the server's writes after a chunk or two instead of after megabytes.
+SMALL_WINDOW = [("grpc.http2.bdp_probe", 0)]
+
+
+@pytest.fixture(scope="module")
+def impatient() -> Iterator[ServerHarness]:
+    """Unpaced, a short stall timeout and a small per-stream buffer: only the reader holds a stream back."""
+    with ServerHarness(make_engine(max_frames=960, unbounded_max_frames=960), with_config(stall_timeout_s=1.0),
+                       max_buffered_chunks=2) as harness:
+        yield harness
+
+
+def test_slow_reader_gets_every_frame_in_order(impatient: ServerHarness) -> None:
+    """Backpressure, never drops: a reader slower than the engine still receives the exact video."""
+    start = pb.StartRequest(prompt="a red mug", seed=4, num_frames=96, encoding=pb.ENCODING_RAW_RGB)
+    payloads, ended = [], None
+    with grpc.insecure_channel(impatient.address, options=SMALL_WINDOW) as channel:
+        for response in pb_grpc.StreamGenStub(channel).Generate(iter([pb.GenerateRequest(start=start)]), timeout=60):
+            if response.WhichOneof("response") == "chunk":
+                payloads.append(response.chunk.payload)
+                time.sleep(0.15)  # ~80 frames/s: slower than this unpaced engine, faster than the stall timeout
+            ended = response.ended if response.WhichOneof("response") == "ended" else ended
+    assert ended is not None and ended.reason == pb.StreamEnded.REASON_COMPLETED and ended.frames_sent == 96
+    frames = np.frombuffer(b"".join(payloads), np.uint8).reshape(-1, 32, 32, 3)
+    assert np.array_equal(frames, reference_frames("a red mug", 4, 96))
+
+
+def test_client_that_stops_reading_is_cancelled_and_its_pages_freed(impatient: ServerHarness) -> None:
+    """Stall policy: nothing read for stall_timeout_s -> the session ends and its pages are freed at once;
+    the client sees RESOURCE_EXHAUSTED with the reason as soon as it reads again."""
+    stalled = impatient.metric("streamgen:request_outcome_total", 'reason="stalled"')
+
+    async def scenario() -> tuple[list[str], grpc.StatusCode, str]:
+        async with grpc.aio.insecure_channel(impatient.address, options=SMALL_WINDOW) as channel:
+            call = pb_grpc.StreamGenStub(channel).Generate(timeout=60)
+            await call.write(pb.GenerateRequest(start=pb.StartRequest(prompt="a mug", encoding=pb.ENCODING_RAW_RGB)))
+            # Read nothing: the server must notice on its own (its writes stop completing).
+            await asyncio.to_thread(impatient.wait_metric, "streamgen:request_outcome_total",
+                                    lambda v: v == stalled + 1, 10.0, 'reason="stalled"')
+            await asyncio.to_thread(impatient.wait_metric, KV_USED, lambda v: v == 0, 1.0)
+            assert impatient.metric("streamgen:num_sessions_running") == 0
+            kinds = []
+            try:
+                async for response in call:
+                    kinds.append(response.WhichOneof("response"))
+            except grpc.aio.AioRpcError as exc:
+                return kinds, exc.code(), exc.details() or ""
+            return kinds, grpc.StatusCode.OK, ""
+
+    kinds, code, details = asyncio.run(scenario())
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details == "the client read nothing for 1 s; stream cancelled"
+    assert kinds[0] == "started" and "ended" not in kinds  # the chunks already on the wire, then the status
+
+
+def _read_until_serving(proc: subprocess.Popen[str], lines: list[str], timeout_s: float) -> dict[str, object]:
+    """Collect the server's stderr lines into ``lines`` up to its "serving" event, which is returned."""
     assert proc.stderr is not None
     found: dict[str, object] = {}
 
     def reader() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
+            lines.append(line)
             if '"event": "serving"' in line:
                 found.update(json.loads(line))
                 return
@@ -147,39 +198,57 @@ def _read_serving_line(proc: subprocess.Popen[str], timeout_s: float) -> dict[st
     return found
 
 
-def test_sigterm_drains_running_streams_and_exits_0() -> None:
+def test_sigterm_drains_running_streams_and_exits_0_without_logging_the_token() -> None:
     drain_timeout_s = 1.0
+    token, wrong = "tok-3f9a1c77e2", "guess-51d0b4a8"
     cmd = [sys.executable, "-m", "streamgen.cli", "serve", "--preset", "test", "--random-init", "--text-encoder",
            "hash", "--dtype", "float32", "--port", "0", "--metrics-port", "-1", "--max-lead-s", "0.5",
            "--drain-timeout-s", str(drain_timeout_s), "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "STREAMGEN_TOKEN": ""})
+                            env={**os.environ, "STREAMGEN_TOKEN": token})
+    lines: list[str] = []
+    auth = (("authorization", f"Bearer {token}"),)
     try:
-        address = str(_read_serving_line(proc, timeout_s=60)["address"])
+        serving = _read_until_serving(proc, lines, timeout_s=60)
+        assert serving["auth"] is True
+        address = str(serving["address"])
         with grpc.insecure_channel(address) as channel:
-            call = pb_grpc.StreamGenStub(channel).Generate(iter([_start()]), timeout=30)
+            stub = pb_grpc.StreamGenStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=(("authorization", f"Bearer {wrong}"),))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+            call = stub.Generate(iter([_start()]), metadata=auth, timeout=30)
             assert next(call).WhichOneof("response") == "started"
             assert next(call).WhichOneof("response") == "chunk"
             sent = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + drain_timeout_s
             while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != \
                     health_pb2.HealthCheckResponse.NOT_SERVING:
-                assert time.monotonic() < deadline, "health never went NOT_SERVING"
+                assert time.monotonic() - sent < 0.5, "health did not turn NOT_SERVING within 0.5 s of SIGTERM"
                 time.sleep(0.02)
             with pytest.raises(grpc.RpcError) as refused:
-                list(pb_grpc.StreamGenStub(channel).Generate(iter([_start(24)]), timeout=10))
+                list(stub.Generate(iter([_start(24)]), metadata=auth, timeout=10))
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
             assert "draining" in refused.value.details()  # type: ignore[attr-defined]
             rest = list(call)
+        ended_s = time.monotonic()
         ended = rest[-1].ended
         assert ended.reason == pb.StreamEnded.REASON_SERVER_SHUTDOWN
-        assert ended.frames_sent == 12 + sum(r.chunk.frame_count for r in rest if r.WhichOneof("response") == "chunk")
+        chunks_during_drain = sum(r.chunk.frame_count for r in rest if r.WhichOneof("response") == "chunk")
+        assert chunks_during_drain > 0 and ended.frames_sent == 12 + chunks_during_drain  # it ran on, then ended
+        assert ended_s - sent >= drain_timeout_s * 0.9
         assert proc.wait(timeout=drain_timeout_s + 10) == 0
         assert time.monotonic() - sent < drain_timeout_s + 5
+        assert proc.stderr is not None
+        lines += proc.stderr.read().splitlines(keepends=True)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert np.isfinite(drain_timeout_s)
+    events = [json.loads(line) for line in lines]  # structured: every line is one JSON object
+    assert [e["event"] for e in events if e["event"] in ("serving", "draining", "stream_end", "stopped")] == \
+        ["serving", "draining", "stream_end", "stream_end", "stopped"]
+    assert sorted(e["outcome"] for e in events if e["event"] == "stream_end") == ["shutdown", "unavailable"]
+    log_text = "".join(lines)
+    assert token not in log_text and wrong not in log_text

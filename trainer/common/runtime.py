@@ -11,19 +11,26 @@
   guard (a non-finite loss or gradient stops the run *before* the optimizer step; the last
   checkpoint stays the latest), periodic atomic checkpoints, a wall-clock budget, a tqdm bar
   with loss and clips/s, and TensorBoard scalars.
+* **Command line.** :func:`stage_parser` and :func:`run_stage`: the flags (``--config``,
+  ``--set``, ``--resume``, ``--no-export``) and exit codes (0 done, 1 training failed, 2 bad
+  config or arguments) that every ``python -m trainer.<stage>`` shares.
 
 This module never builds models or data; stages hand it a ``step_fn``.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 import os
+import sys
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -34,7 +41,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from trainer.common import checkpoint as ckpt
-from trainer.common.config import OptimConfig, RunConfig
+from trainer.common.config import OptimConfig, RunConfig, describe_config, load_config
+
+T = TypeVar("T")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -262,3 +271,55 @@ def default_threads() -> int:
     """Threads per process when the config leaves it open: the cores split between processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return max(1, (os.cpu_count() or 1) // world)
+
+
+# ---------------------------------------------------------------------------------------- command line
+
+
+def stage_parser(config_cls: type, *, prog: str, description: str, no_export_help: str) -> argparse.ArgumentParser:
+    """The command line of a config-driven training stage; the stage adds its own flags to it.
+
+    ``--config`` (YAML over ``config_cls``'s defaults), ``--set KEY=VALUE``, ``--resume`` and
+    ``--no-export``; the epilog lists every config field with its default, and the ``--config``
+    help names the config's sections and top-level keys as they are (read from the dataclass).
+    """
+    hints = typing.get_type_hints(config_cls)
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    sections = [n for n in names if dataclasses.is_dataclass(hints[n])]
+    top_level = [n for n in names if n not in sections]
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config fields (YAML keys; nested sections as key.sub), with their defaults:\n"
+               + "\n".join(describe_config(config_cls)))
+    p.add_argument("--config", type=Path, default=None,
+                   help=f"YAML file overriding {config_cls.__name__} fields (sections: {', '.join(sections)}; "
+                        f"top level: {', '.join(top_level)}). Unknown keys are errors.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field after the YAML, e.g. --set run.max_steps=100 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's latest checkpoint (bit-exact with a fixed seed)")
+    p.add_argument("--no-export", action="store_true", help=no_export_help)
+    return p
+
+
+def run_stage(config_cls: type[T], args: argparse.Namespace, body: Callable[[T], object]) -> int:
+    """Load the stage's config from ``args`` (``--config``, ``--set``) and run ``body(cfg)``.
+
+    Returns the exit code: 0 done; 1 training failed (a non-finite loss, an unusable checkpoint);
+    2 a bad config or arguments (an unknown key, a bad value, an existing run without ``--resume``),
+    reported before any training starts where the config alone decides it.
+    """
+    try:
+        cfg = load_config(config_cls, args.config, args.overrides)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        body(cfg)
+    except (NonFiniteLossError, ckpt.CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # e.g. an existing run without --resume
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
