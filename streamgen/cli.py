@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from streamgen import default_model
 from streamgen.config import PRESETS  # plain dataclasses: --help stays instant
 
 
@@ -37,8 +38,11 @@ def _add_preset(p: argparse._ActionsContainer) -> None:
 def _add_model(p: argparse._ActionsContainer, random_init_help: str) -> None:
     """The flags that choose the weights and how they run (``generate`` and ``serve`` alike)."""
     _add_preset(p)
-    p.add_argument("--transformer", type=Path, help="transformer checkpoint (.safetensors)")
-    p.add_argument("--vae", type=Path, help="VAE checkpoint (.safetensors)")
+    p.add_argument("--transformer", type=Path,
+                   help="transformer checkpoint (.safetensors); default: the committed default model "
+                        f"(checkpoints/{default_model.STUDENT_FILE}, or ${default_model.ENV_DIR})")
+    p.add_argument("--vae", type=Path,
+                   help=f"VAE checkpoint (.safetensors); default: checkpoints/{default_model.VAE_FILE}")
     p.add_argument("--random-init", action="store_true", help=random_init_help)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
                    help="transformer precision (and KV-cache dtype)")
@@ -151,8 +155,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--prompt must not be empty")
     if args.out.suffix.lower() != ".mp4":
         raise ValueError(f"--out must end in .mp4, got {args.out}")
-    if not args.random_init and (args.transformer is None or args.vae is None):
-        raise ValueError("give --transformer and --vae checkpoints, or --random-init for random weights")
+    args.transformer, args.vae = default_model.resolve(args.preset, args.transformer, args.vae, args.random_init)
 
     import math
 
@@ -229,6 +232,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--kv-memory-mb must be > 0, got {args.kv_memory_mb}")
     if args.pace and not (args.max_lead_s > 0):
         raise ValueError(f"--max-lead-s must be > 0, got {args.max_lead_s}")
+
+    args.transformer, args.vae = default_model.resolve(args.preset, args.transformer, args.vae, args.random_init)
 
     from streamgen.engine.engine import EngineConfig
     from streamgen.server.app import ModelSource, run
