@@ -73,3 +73,31 @@ def test_compare_teacher_and_students_at_two_lengths(tmp_path: Path) -> None:
 def test_missing_checkpoint_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--student", f"s={tmp_path / 'none.safetensors'}", "--horizon", "2", "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_gallery_writes_strips_gifs_and_markdown(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from trainer.gallery import main as gallery_main
+
+    preset = get_preset("test")
+    save_checkpoint(CausalWanTransformer(preset.model), tmp_path / "s.safetensors", kind="transformer",
+                    config=preset.model)
+    stats = LatentStats((0.0,) * preset.vae.latent_channels, (1.0,) * preset.vae.latent_channels)
+    save_checkpoint(CausalVideoVAE(preset.vae), tmp_path / "vae.safetensors", kind="vae", config=preset.vae,
+                    extra_metadata=stats.metadata())
+    out = tmp_path / "gallery"
+    code = gallery_main(["--transformer", str(tmp_path / "s.safetensors"), "--vae", str(tmp_path / "vae.safetensors"),
+                         "--preset", "test", "--prompt", "a red mug", "--prompt", "a blue can", "--seconds", "1",
+                         "--strip-frames", "3", "--text-encoder", "hash", "--out", str(out)])
+    assert code == 0
+    assert Image.open(out / "0.png").size == (3 * preset.video.width, preset.video.height)
+    gif = Image.open(out / "1.gif")
+    total_ms = 0
+    for i in range(gif.n_frames):  # PIL merges identical consecutive frames, adding up their durations
+        gif.seek(i)
+        total_ms += gif.info["duration"]
+    # One second of video; GIF stores delays in centiseconds, so each 62 ms frame becomes 60 ms.
+    assert total_ms == preset.video.fps * (round(1000 / preset.video.fps) // 10 * 10)
+    assert "| a blue can |" in (out / "gallery.md").read_text()
+    assert gallery_main(["--transformer", str(tmp_path / "none.safetensors"), "--out", str(out)]) == 2
