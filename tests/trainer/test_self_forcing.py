@@ -1,0 +1,210 @@
+"""Self-Forcing stage: every mode trains and resumes, options and evaluation run, bad configs and mismatched
+checkpoints are refused before any work, a NaN stops the run with the last good checkpoint intact, and a
+2-process accelerate run equals the 1-process run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from streamgen.config import get_preset
+from streamgen.model.transformer import CausalWanTransformer
+from streamgen.model.weights import load_transformer, read_metadata, save_checkpoint
+from trainer import self_forcing
+from trainer.common import checkpoint as ckpt
+from trainer.common.runtime import NonFiniteLossError
+from trainer.losses import dmd as dmd_losses
+
+from .conftest import write_yaml
+from .student_setup import HORIZON, assets, ode_config, sf_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return assets(tmp_path_factory.getbasetemp() / "student_assets")
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_transformer(path, expected=get_preset("test").model).state_dict()
+
+
+def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("mode", ["sf", "sfpp", "tf", "df"])
+def test_each_mode_trains_exports_and_resumes(tmp_path: Path, root: Path, mode: str) -> None:
+    cfg = sf_config(tmp_path, root, mode)
+    first = self_forcing.train(cfg)
+    assert first.steps == 4 and first.generator_steps == 2  # generator every 2nd iteration here
+    assert all(torch.isfinite(torch.tensor(first.losses + first.generator_losses)))
+    init = _weights(root / "teacher.safetensors")
+    exported = _weights(Path(cfg.export_path))
+    assert _changed(exported, init)
+    latest = ckpt.latest_checkpoint(cfg.run.run_dir)
+    assert latest is not None
+    state = ckpt.load(latest)
+    critic = {k.removeprefix("critic."): v for k, v in state.model.items() if k.startswith("critic.")}
+    assert _changed(critic, init)  # the critic trained too
+    assert set(state.optimizer) == {"generator", "critic", "generator_steps"}
+    meta = read_metadata(cfg.export_path)
+    assert meta["mode"] == mode and meta["window_frames"] == str(HORIZON)
+    assert meta["rollout_frames"] == str(12 if mode == "sfpp" else HORIZON)
+
+    more = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_steps=6))
+    resumed = self_forcing.train(more, resume=True, export=False)
+    assert resumed.steps == 6 and len(resumed.losses) == 2 and resumed.generator_steps == 3
+    if mode == "sf":  # the continued run replays exactly what an uninterrupted one does
+        straight = self_forcing.train(sf_config(tmp_path / "straight", root, mode, run={"max_steps": 6}),
+                                      export=False)
+        assert straight.losses[4:] == resumed.losses
+        assert straight.generator_losses[2:] == resumed.generator_losses
+
+
+def test_options_and_evaluation_run(tmp_path: Path, root: Path) -> None:
+    """GAN head + two-time-scale critic, ODE-pair regression, temporal and preservation losses, eval to TB."""
+    from trainer import ode_init
+
+    ode = ode_config(tmp_path, root, run={"max_steps": 1})
+    ode_init.train(ode, export=False)
+    cfg = sf_config(tmp_path, root, "sf",
+                    losses={"gan": 0.1, "regression": 1.0, "regression_pairs": ode.pairs.dir, "temporal": 0.1,
+                            "background": 0.1, "identity": 0.1},
+                    critic={"steps": 2, "lr_mult": 2.0}, eval={"every": 4, "num_prompts": 2},
+                    run={"max_steps": 4, "save_every": 4})
+    result = self_forcing.train(cfg)
+    assert result.steps == 4 and all(torch.isfinite(torch.tensor(result.losses)))
+    (evaluation,) = result.eval_history
+    assert evaluation["step"] == 4 and "flag_rate/motion" in evaluation
+    state = ckpt.load(ckpt.latest_checkpoint(cfg.run.run_dir))  # type: ignore[arg-type]
+    assert any(k.startswith("gan_head.") for k in state.model)
+    assert any(p.name.startswith("events") for p in (cfg.run.run_dir / "tb").iterdir())
+
+
+def _save_like(src: Path, dst: Path, **meta: str) -> Path:
+    model = load_transformer(src, expected=get_preset("test").model)
+    save_checkpoint(model, dst, kind="transformer", config=model.cfg,
+                    extra_metadata={**read_metadata(src), **meta} | {"kind": "transformer"})
+    return dst
+
+
+def test_mismatched_checkpoints_are_refused_before_any_work(tmp_path: Path, root: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    other = dataclasses.replace(get_preset("test").model, text_dim=128)
+    wrong_model = tmp_path / "wrong_text_dim.safetensors"
+    save_checkpoint(CausalWanTransformer(other), wrong_model, kind="transformer", config=other)
+    other_space = _save_like(root / "teacher.safetensors", tmp_path / "other_vae.safetensors",
+                             vae_checkpoint=str(tmp_path / "another_vae.safetensors"))
+    other_preset = _save_like(root / "teacher.safetensors", tmp_path / "other_preset.safetensors", preset="default")
+    cases = [({"models": {"student_init": str(wrong_model)}}, ["student_init does not match preset 'test'",
+                                                              "text_dim"]),
+             ({"models": {"critic_init": str(other_space)}}, ["different latent spaces"]),
+             ({"models": {"critic_init": str(other_preset)}}, ["made for preset 'default'"]),
+             ({"rollout": {"window_frames": HORIZON + 3}}, ["exceeds the teacher's horizon"]),
+             ({"data": {"num_latent_frames": 3}}, ["holds a latent dataset for", "teacher's latent dataset"]),
+             ({"models": {"teacher": str(tmp_path / "missing.safetensors")}}, ["does not exist"])]
+    for i, (change, messages) in enumerate(cases):
+        cfg = sf_config(tmp_path / f"case{i}", root, "sf", **change)
+        assert self_forcing.main(["--config", str(write_yaml(cfg, tmp_path / f"case{i}.yaml"))]) == 2, change
+        err = capsys.readouterr().err
+        assert all(m in err for m in messages), err
+        assert not cfg.run.run_dir.exists()
+
+
+def test_bad_configs_are_refused_before_any_work(tmp_path: Path, root: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    yaml_path = write_yaml(sf_config(tmp_path, root, "sf"), tmp_path / "good.yaml")
+    bad = [(["--set", "mode=sfxx"], "mode must be one of"),
+           (["--set", "dmd.gen_every=0"], "dmd.gen_every must be >= 1"),
+           (["--set", "dmd.min_tt=3"], "unknown field 'min_tt'"),
+           (["--set", "mode=sfpp", "--set", "rollout.num_frames=null"], "sfpp needs rollout.num_frames"),
+           (["--set", "mode=sfpp", "--set", "rollout.num_frames=4"], "num_frames (4) > window (6)"),
+           (["--set", "losses.regression=1.0", "--set", "losses.regression_pairs=/nonexistent"], "ODE pairs"),
+           (["--set", "models.bootstrap=true", "--set", "preset=default"], "only for preset 'test'"),
+           (["--set", "critic.lr_mult=fast"], "critic.lr_mult")]
+    for extra, message in bad:
+        assert self_forcing.main(["--config", str(yaml_path), *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "runs").exists()
+    assert self_forcing.main(["--config", str(yaml_path), "--check"]) == 0
+    assert '"window_frames": 6' in capsys.readouterr().out
+
+
+def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        self_forcing.main(["--help"])
+    text = capsys.readouterr().out
+    for key in ("mode", "models.teacher", "models.critic_init", "rollout.num_frames", "rollout.grad_frames",
+                "dmd.cfg_scale", "dmd.gen_every", "critic.lr_mult", "critic.steps", "optim.betas", "losses.gan",
+                "losses.regression_kind", "eval.every", "run.num_threads", "forcing.df_max_timestep"):
+        assert f"  {key}:" in text, key
+
+
+def test_nan_stops_with_last_good_checkpoint_intact(tmp_path: Path, root: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = sf_config(tmp_path, root, "sf", run={"max_steps": 6, "save_every": 2})
+    real = dmd_losses.dmd_loss
+    calls = [0]
+
+    def nan_on_second_generator_step(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        loss = real(x, grad)
+        return loss * float("nan") if calls[0] == 2 else loss
+
+    monkeypatch.setattr(dmd_losses, "dmd_loss", nan_on_second_generator_step)
+    with pytest.raises(NonFiniteLossError, match="generator loss is nan at step 2.*step_00000002"):
+        self_forcing.train(cfg)
+    latest = ckpt.latest_checkpoint(cfg.run.run_dir)
+    assert latest is not None and latest.name == "step_00000002"
+    state = ckpt.load(latest)
+    assert state.step == 2 and all(torch.isfinite(v).all() for v in state.model.values())
+    assert not Path(cfg.export_path).exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path: Path, root: Path) -> None:
+    """``accelerate launch --multi_gpu --num_processes 2`` (gloo, CPU), global batch 2: every random draw is
+    keyed on global sample indices or shared keys, so 2 processes reach the 1-process weights up to the order
+    of the gradient sums. AdamW with beta1 = 0 turns a rounding-level gradient difference into up to a
+    full ``lr``-sized step on near-zero gradients, so the bound is 1e-5 at lr 1e-4 after 3 fp32 iterations."""
+    changes = {"run": {"max_steps": 3, "save_every": 3}, "optim": {"lr": 1e-4}}
+    one = sf_config(tmp_path / "one", root, "sfpp", **changes)
+    self_forcing.train(one, export=False)
+    two = sf_config(tmp_path / "two", root, "sfpp", **changes)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "trainer.self_forcing",
+           "--config", str(write_yaml(two, tmp_path / "two.yaml")), "--no-export"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "runtime: 2 process(es)" in proc.stdout
+    a = load_file(str(ckpt.latest_checkpoint(one.run.run_dir) / "model.safetensors"))  # type: ignore[operator]
+    b = load_file(str(ckpt.latest_checkpoint(two.run.run_dir) / "model.safetensors"))  # type: ignore[operator]
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=key)
