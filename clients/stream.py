@@ -190,6 +190,7 @@ class StreamClient:
         await self._channel.close()
 
     async def model_info(self, timeout_s: float = 10.0) -> pb.ModelInfo:
+        """The server's model and limits; raises :class:`StreamError` (UNAVAILABLE when it is down)."""
         try:
             return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self._metadata,
                                                  timeout=timeout_s)

@@ -22,7 +22,7 @@ from streamgen.model.masks import block_causal_mask
 from streamgen.model.sampler import add_noise, x0_from_velocity
 from streamgen.model.transformer import CausalWanTransformer, TextContext
 from trainer import latent_data
-from trainer.common.runtime import sample_generator
+from trainer.common.runtime import EpochOrder, sample_generator
 from trainer.losses import dmd as dmd_losses
 from trainer.ode_init import ODEPairs, load_pairs, regression_batch
 from trainer.rollout import ContextSource, last_frames_span, rollout, sample_exit_step
@@ -67,16 +67,7 @@ class Batches:
 
     def __init__(self, data: latent_data.LatentDataset, seed: int) -> None:
         self.data, self.seed = data, seed
-        self._orders: dict[int, torch.Tensor] = {}
-
-    def clip(self, sample: int) -> int:
-        """Dataset clip of global sample ``sample``: every clip once per epoch, in a seeded order."""
-        n = len(self.data)
-        epoch = sample // n
-        if epoch not in self._orders:
-            g = sample_generator(self.seed, epoch, 0, stream=21)
-            self._orders = {epoch: torch.randperm(n, generator=g)}
-        return int(self._orders[epoch][sample % n])
+        self.clip = EpochOrder(len(data), seed, stream=21)  # global sample -> dataset clip
 
     def text(self, ids: list[int]) -> torch.Tensor:
         """``[B, L, D]`` caption embeddings."""

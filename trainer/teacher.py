@@ -37,7 +37,15 @@ from trainer.common.checkpoint import CheckpointError
 from trainer.common.config import OptimConfig, RunConfig, check
 from trainer.common.images import save_video_grid
 from trainer.common.latents import LatentStats
-from trainer.common.runtime import local_indices, make_runtime, run_loop, run_stage, sample_generator, stage_parser
+from trainer.common.runtime import (
+    EpochOrder,
+    local_indices,
+    make_runtime,
+    run_loop,
+    run_stage,
+    sample_generator,
+    stage_parser,
+)
 from trainer.sampling import sample_teacher
 
 PRECISIONS = ("fp32", "bf16")
@@ -110,6 +118,7 @@ class TeacherTrainConfig:
     preset: str = "default"  # ModelConfig, VAEConfig and video geometry come from this streamgen preset
     precision: str = "bf16"
     export_path: str = "checkpoints/teacher_default.safetensors"
+    export_dtype: str = "bf16"  # weights as stored (loaders upcast to fp32); bf16 halves the committed file
     # Start from these weights (e.g. a shorter-horizon teacher) instead of a random init; ignored on --resume.
     init_checkpoint: str | None = None
     run: RunConfig = field(default_factory=lambda: RunConfig(name="teacher_default"))
@@ -122,6 +131,7 @@ class TeacherTrainConfig:
     def __post_init__(self) -> None:
         get_preset(self.preset)
         check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check(self.export_dtype in PRECISIONS, f"export_dtype must be one of {PRECISIONS}, got {self.export_dtype!r}")
 
     @property
     def model(self) -> ModelConfig:
@@ -158,24 +168,12 @@ def sample_timestep(g: torch.Generator, flow: FlowConfig) -> float:
     return s * 1000.0
 
 
-def clip_order(seed: int, epoch: int, num_clips: int) -> torch.Tensor:
-    """The dataset permutation of ``epoch`` (every clip once per epoch, reproducibly)."""
-    return torch.randperm(num_clips, generator=sample_generator(seed, epoch, 0, stream=7))
-
-
 class Batcher:
     """Builds the local batch of a step from global sample indices (order, noise, t, dropout per sample)."""
 
     def __init__(self, data: latent_data.LatentDataset, cfg: TeacherTrainConfig) -> None:
         self.data, self.cfg = data, cfg
-        self._orders: dict[int, torch.Tensor] = {}
-
-    def clip_index(self, sample: int) -> int:
-        n = len(self.data)
-        epoch = sample // n
-        if epoch not in self._orders:
-            self._orders = {epoch: clip_order(self.cfg.run.seed, epoch, n)}
-        return int(self._orders[epoch][sample % n])
+        self.clip_index = EpochOrder(len(data), cfg.run.seed, stream=7)
 
     def __call__(self, step: int, ids: list[int]) -> tuple[torch.Tensor, ...]:
         x0s, noises, ts, embs = [], [], [], []
@@ -237,6 +235,7 @@ def train(cfg: TeacherTrainConfig, resume: bool = False, export: bool = True) ->
         print(f"trained to step {loop.step} in {time.perf_counter() - t0:.0f} s", flush=True)
     if export and rt.is_main:
         save_checkpoint(ema, cfg.export_path, kind="transformer", config=cfg.model,
+                        dtype=torch.bfloat16 if cfg.export_dtype == "bf16" else None,
                         extra_metadata={"vae_checkpoint": cfg.data.vae_checkpoint, "train_steps": str(loop.step),
                                         "num_latent_frames": str(cfg.data.num_latent_frames)})
         result.png = write_samples(ema.eval(), cfg, Path(cfg.sample.png_path))

@@ -2,8 +2,9 @@
 
 ``clients.stream.StreamClient.stream`` sends prompt switches at video times fixed before the call
 starts; a viewer types a new prompt whenever it likes, so the gateway drives its own call. It
-reuses the stream client's request (:class:`StreamRequest`), decoder (:class:`FrameDecoder`) and
-error type (:class:`StreamError`), so both clients speak the API the same way.
+reuses the stream client's connection (:class:`StreamClient`), request (:class:`StreamRequest`),
+decoder (:class:`FrameDecoder`) and error type (:class:`StreamError`), so both clients speak the API
+the same way.
 
 Responses are read one at a time, only as fast as the consumer takes them: a viewer whose video
 buffer is full stops reading, HTTP/2 flow control fills up and the server pauses that session
@@ -24,7 +25,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from clients.stream import FrameDecoder, StreamError, StreamRequest
+from clients.stream import FrameDecoder, StreamClient, StreamError, StreamRequest
 from streamgen.api.v1 import pb, pb_grpc
 
 
@@ -37,30 +38,14 @@ class DecodedChunk:
     received_s: float         # time.monotonic() when the chunk arrived
 
 
-class Upstream:
-    """The gateway's connection to one streamgen server (one channel, shared by every viewer)."""
+class Upstream(StreamClient):
+    """The gateway's connection to one streamgen server (one channel, shared by every viewer): the
+    stream client's channel, authentication and ``model_info``, plus calls whose prompt changes at any time."""
 
     def __init__(self, target: str, *, token: str | None = None, tls: bool = False,
                  ca_cert: bytes | None = None) -> None:
-        options = [("grpc.max_receive_message_length", -1)]
-        if tls:
-            self._channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(ca_cert), options=options)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
-        self._stub = pb_grpc.StreamGenStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        super().__init__(target, token=token, tls=tls, ca_cert=ca_cert)
         self.target = target
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-    async def model_info(self, timeout_s: float) -> pb.ModelInfo:
-        """The server's model and limits; raises :class:`StreamError` (UNAVAILABLE when it is down)."""
-        try:
-            return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self._metadata,
-                                                 timeout=timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise StreamError(exc.code(), exc.details() or "") from None
 
     def open(self, request: StreamRequest) -> LiveCall:
         return LiveCall(self._stub, self._metadata, request)

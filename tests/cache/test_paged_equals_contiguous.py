@@ -9,8 +9,6 @@ sampler, and every prediction must agree to 1e-5 in fp32 -- through hundreds of 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -25,14 +23,7 @@ PRESET = get_preset("test")
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny shapes gain nothing from threads, and OpenMP spin-waiting on a busy 2-core machine made
-    these tests ~30x slower with 2 threads; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,7 @@ from streamgen.model.text import HashTokenEncoder, TextEncoder
 from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.vae import CausalVideoVAE
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    # Tiny tensors: OpenMP spin-waiting across 2 threads only adds noise (and minutes under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _preset() -> Preset:

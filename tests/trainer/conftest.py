@@ -1,19 +1,29 @@
-"""Tiny-config fixtures for the trainer stages: a few-step VAE checkpoint and a latent dataset (test preset)."""
+"""Tiny-config fixtures for the trainer stages: a few-step VAE checkpoint and a latent dataset (test preset);
+helpers the stage tests share: configs as YAML, a 2-process ``accelerate launch`` and a run's final weights."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from streamgen.model.text import HashTokenEncoder
 from trainer import latent_data
+from trainer.common import checkpoint as ckpt
 from trainer.common.config import build_config
 from trainer.teacher import TeacherTrainConfig
 from trainer.vae import VAETrainConfig
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_vae_config(tmp: Path, **run: object) -> VAETrainConfig:
@@ -72,3 +82,26 @@ def write_yaml(cfg: Any, path: Path) -> Path:
 
     path.write_text(yaml.safe_dump(plain(dataclasses.asdict(cfg))))
     return path
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model weights of the run's latest checkpoint."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    assert latest is not None
+    return load_file(str(latest / "model.safetensors"))
+
+
+def launch_two_processes(stage: str, cfg: Any, yaml_path: Path, timeout_s: float) -> None:
+    """Run ``python -m trainer.<stage> --config <cfg as YAML> --no-export`` under ``accelerate launch
+    --multi_gpu --num_processes 2`` (gloo on CPU, one thread per process); fail unless it ran on 2 processes."""
+    with socket.socket() as s:  # a free port for the processes' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), "-m", f"trainer.{stage}",
+           "--config", str(write_yaml(cfg, yaml_path)), "--no-export"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "runtime: 2 process(es)" in proc.stdout

@@ -19,13 +19,7 @@ from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.vae import CausalVideoVAE
 from trainer.rollout import ContextSource, last_frames_span, rollout, sample_exit_step
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _preset(context_timestep: float = 0.0) -> Preset:

@@ -5,16 +5,10 @@ checkpoints are refused before any work, a NaN stops the run with the last good 
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from streamgen.config import get_preset
 from streamgen.model.transformer import CausalWanTransformer
@@ -24,18 +18,10 @@ from trainer.common import checkpoint as ckpt
 from trainer.common.runtime import NonFiniteLossError
 from trainer.losses import dmd as dmd_losses
 
-from .conftest import write_yaml
+from .conftest import final_weights, launch_two_processes, write_yaml
 from .student_setup import HORIZON, assets, ode_config, sf_config
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -180,12 +166,6 @@ def test_nan_stops_with_last_good_checkpoint_intact(tmp_path: Path, root: Path,
     assert not Path(cfg.export_path).exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one(tmp_path: Path, root: Path) -> None:
     """``accelerate launch --multi_gpu --num_processes 2`` (gloo, CPU), global batch 2: every random draw is
     keyed on global sample indices or shared keys, so 2 processes reach the 1-process weights up to the order
@@ -195,16 +175,8 @@ def test_two_processes_equal_one(tmp_path: Path, root: Path) -> None:
     one = sf_config(tmp_path / "one", root, "sfpp", **changes)
     self_forcing.train(one, export=False)
     two = sf_config(tmp_path / "two", root, "sfpp", **changes)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "trainer.self_forcing",
-           "--config", str(write_yaml(two, tmp_path / "two.yaml")), "--no-export"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "runtime: 2 process(es)" in proc.stdout
-    a = load_file(str(ckpt.latest_checkpoint(one.run.run_dir) / "model.safetensors"))  # type: ignore[operator]
-    b = load_file(str(ckpt.latest_checkpoint(two.run.run_dir) / "model.safetensors"))  # type: ignore[operator]
+    launch_two_processes("self_forcing", two, tmp_path / "two.yaml", timeout_s=180)
+    a, b = final_weights(one.run.run_dir), final_weights(two.run.run_dir)
     assert set(a) == set(b)
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=key)

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from streamgen.config import get_preset
 from streamgen.model.transformer import CausalWanTransformer
 from trainer import latent_data
 from trainer import teacher as teacher_stage
-from trainer.common import checkpoint as ckpt
 from trainer.sampling import sample_teacher, teacher_timesteps
 
-from .conftest import tiny_teacher_config, write_yaml
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    latest = ckpt.latest_checkpoint(run_dir)
-    assert latest is not None
-    return load_file(str(latest / "model.safetensors"))
+from .conftest import final_weights, launch_two_processes, tiny_teacher_config
 
 
 def test_latent_dataset_is_normalised_and_complete(tiny_latents: Path, tiny_vae_checkpoint: Path,
@@ -87,12 +74,6 @@ def test_teacher_timesteps_and_sampler() -> None:
     torch.testing.assert_close(same, x0, atol=1e-5, rtol=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one(tmp_path: Path, tiny_vae_checkpoint: Path, tiny_latents: Path) -> None:
     """``accelerate launch --multi_gpu --num_processes 2`` (gloo, CPU) with the same global batch reaches the
     same weights as one process. Samples, noise and dropout are keyed on global sample indices, so the only
@@ -101,16 +82,32 @@ def test_two_processes_equal_one(tmp_path: Path, tiny_vae_checkpoint: Path, tiny
     one = tiny_teacher_config(tmp_path / "one", tiny_vae_checkpoint, tiny_latents, max_steps=4, save_every=4)
     single = teacher_stage.train(one, export=False)
     two = tiny_teacher_config(tmp_path / "two", tiny_vae_checkpoint, tiny_latents, max_steps=4, save_every=4)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "trainer.teacher",
-           "--config", str(write_yaml(two, tmp_path / "two.yaml")), "--no-export"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "runtime: 2 process(es)" in proc.stdout
+    launch_two_processes("teacher", two, tmp_path / "two.yaml", timeout_s=120)
     a, b = final_weights(one.run.run_dir), final_weights(two.run.run_dir)
     assert set(a) == set(b)
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=key)
     assert single.steps == 4
+
+
+@pytest.mark.parametrize("export_dtype", ["bf16", "fp32"])
+def test_export_stores_the_ema_weights_in_the_configured_dtype(tmp_path: Path, tiny_vae_checkpoint: Path,
+                                                               tiny_latents: Path, export_dtype: str) -> None:
+    from safetensors.torch import load_file
+
+    from streamgen.model.weights import load_transformer, read_metadata
+    from trainer.common import checkpoint as ckpt
+
+    cfg = tiny_teacher_config(tmp_path, tiny_vae_checkpoint, tiny_latents, max_steps=2, save_every=2)
+    cfg = dataclasses.replace(cfg, export_dtype=export_dtype)
+    teacher_stage.train(cfg)
+    stored = load_file(cfg.export_path)
+    dtype = torch.bfloat16 if export_dtype == "bf16" else torch.float32
+    assert {v.dtype for v in stored.values()} == {dtype}
+    ema = load_file(str(ckpt.latest_checkpoint(cfg.run.run_dir) / "ema.safetensors"))
+    assert set(ema) == set(stored) and all(torch.equal(stored[k], ema[k].to(dtype)) for k in ema)
+    assert read_metadata(cfg.export_path)["num_latent_frames"] == "2"
+    model = load_transformer(cfg.export_path, expected=get_preset("test").model)
+    assert next(model.parameters()).dtype == torch.float32  # loaders upcast
+    with pytest.raises(ValueError, match="export_dtype"):
+        dataclasses.replace(cfg, export_dtype="fp16")

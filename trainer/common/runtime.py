@@ -114,6 +114,23 @@ def sample_generator(seed: int, step: int, index: int, stream: int = 0) -> torch
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
+class EpochOrder:
+    """Global sample index -> dataset item: every item once per epoch, in an order seeded on
+    ``(seed, epoch, stream)`` (like the draws of :func:`sample_generator`, the same on resume and on
+    any number of processes). Only the latest epoch's permutation is kept."""
+
+    def __init__(self, num_items: int, seed: int, stream: int) -> None:
+        self.num_items, self.seed, self.stream = num_items, seed, stream
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def __call__(self, sample: int) -> int:
+        epoch = sample // self.num_items
+        if epoch not in self._orders:
+            g = sample_generator(self.seed, epoch, 0, stream=self.stream)
+            self._orders = {epoch: torch.randperm(self.num_items, generator=g)}
+        return int(self._orders[epoch][sample % self.num_items])
+
+
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Linear warmup over ``warmup_steps``, then constant or cosine down to ``min_lr_ratio * lr``."""
     if step < cfg.warmup_steps:

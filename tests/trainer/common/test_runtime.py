@@ -1,4 +1,5 @@
-"""The command line every training stage shares: flags read from the config dataclass, and exit codes."""
+"""The seeded epoch order, and the command line every training stage shares: flags read from the config dataclass,
+and exit codes."""
 
 from __future__ import annotations
 
@@ -6,10 +7,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainer.common.checkpoint import CheckpointError
 from trainer.common.config import RunConfig
-from trainer.common.runtime import NonFiniteLossError, run_stage, stage_parser
+from trainer.common.runtime import EpochOrder, NonFiniteLossError, run_stage, sample_generator, stage_parser
+
+
+def test_epoch_order_visits_every_item_once_per_epoch_in_a_seeded_order() -> None:
+    order = EpochOrder(5, seed=3, stream=7)
+    epochs = [[order(sample) for sample in range(5 * e, 5 * e + 5)] for e in range(3)]
+    assert all(sorted(items) == [0, 1, 2, 3, 4] for items in epochs)
+    assert epochs[1] == torch.randperm(5, generator=sample_generator(3, 1, 0, stream=7)).tolist()
+    assert len({tuple(items) for items in epochs}) == 3  # a new order each epoch
+    assert EpochOrder(5, seed=3, stream=7)(12) == epochs[2][2]  # a resumed run starts mid-epoch on the same item
+    assert [EpochOrder(5, seed=3, stream=8)(s) for s in range(5)] != epochs[0]  # streams are independent
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ The three DMD runs take a few seconds together on one core (250 generator update
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 import torch
@@ -16,12 +15,7 @@ from trainer.losses.toy import GaussianMixture2D, ToyConfig, ToyResult, mode_cov
 NEAR, FAR = 1, 0  # indices of the (+2, 0) mode, beside which the generator starts, and of (-2, 0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("s", [0.05, 0.3, 0.6, 0.95])

@@ -18,10 +18,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from tests.clients.webrtc_harness import GatewayHarness, PromptSpy, loopback_ice, paced_server, wait_idle
+from tests.clients.webrtc.harness import GatewayHarness, PromptSpy, wait_idle
 from tests.server.harness import ServerHarness
 
 pytestmark = pytest.mark.browser
@@ -73,34 +72,6 @@ def driver() -> Iterator[Any]:
     finally:
         chrome.quit()
         profile.cleanup()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_loopback_ice() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with loopback_ice():
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[ServerHarness]:
-    harness = paced_server()
-    yield harness
-    harness.close()
-
-
-@pytest.fixture(scope="module")
-def spy(server: ServerHarness) -> PromptSpy:
-    return PromptSpy(server.engine)
-
-
-@pytest.fixture(scope="module")
-def gateway(server: ServerHarness) -> Iterator[GatewayHarness]:
-    harness = GatewayHarness(server.address)
-    yield harness
-    harness.close()
 
 
 def wait_until(what: str, probe: Callable[[], T], timeout_s: float = 20.0) -> T:

@@ -14,29 +14,26 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from aiortc.mediastreams import MediaStreamError
 
 from clients.webrtc.__main__ import main
 from clients.webrtc.protocol import MessageError, OfferError, parse_message, parse_offer
 from clients.webrtc.track import VIDEO_CLOCK_HZ, VIDEO_TIME_BASE, GeneratedVideoTrack
-from tests.clients.webrtc_harness import (
+from tests.clients.webrtc.harness import (
     FPS,
     GatewayHarness,
     PromptSpy,
     PyViewer,
-    loopback_ice,
     paced_server,
     wait_idle,
 )
 from tests.server.harness import ServerHarness
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DOWN = "127.0.0.1:1"  # nothing listens there: connections are refused at once
 # A minimal offer as a browser sends it (recvonly video + a data channel), made once by aiortc.
 _OFFER: dict[str, str] = {}
@@ -53,34 +50,6 @@ def browser_like_offer() -> dict[str, str]:
 
         _OFFER.update(asyncio.run(make()))
     return dict(_OFFER)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_loopback_ice() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with loopback_ice():
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[ServerHarness]:
-    harness = paced_server()
-    yield harness
-    harness.close()
-
-
-@pytest.fixture(scope="module")
-def spy(server: ServerHarness) -> PromptSpy:
-    return PromptSpy(server.engine)
-
-
-@pytest.fixture(scope="module")
-def gateway(server: ServerHarness) -> Iterator[GatewayHarness]:
-    harness = GatewayHarness(server.address)
-    yield harness
-    harness.close()
 
 
 # ---------------------------------------------------------------------------------------- protocol
