@@ -12,9 +12,12 @@ as one JSON document followed by a short table:
   model is loaded beforehand, as the server does at start). Target <= 0.5 s.
 * ``latency_ratio_200_10``: per-chunk time at chunk 200 over chunk 10 with the rolling
   window full. Target <= 1.05.
-* ``cache_speedup_21``: per-chunk time of a no-cache baseline that recomputes the visible
-  21-frame context in each of the 4 denoising forwards, over the cached engine's
-  per-chunk transformer time at the same 21-frame window. Target >= 3.5.
+* ``cache_speedup_21``: per-chunk transformer time of a no-cache baseline that recomputes the
+  visible 21-frame context in each of the 4 denoising forwards (block-causal mask), over the
+  cached engine's per-chunk transformer time (its 4 denoising forwards + 1 cache write,
+  ``ChunkTiming.generate_ms``) at the same 21-frame window. Target >= 3.5.
+  ``pipeline_speedup_21`` compares whole chunks instead: the baseline plus the same streaming
+  VAE decode, over the cached engine's wall time per chunk (scheduler and decode included).
 * ``batch4_over_1``: aggregate frames/s of 4 batched streams over 1 stream. Target >= 1.5.
 * ``mfu``: analytic transformer FLOPs / forward time, over the bf16 matmul peak measured
   in the same run. Target >= 40 %.
@@ -62,6 +65,8 @@ def run_streams(engine: Engine, num_streams: int, num_chunks: int) -> dict[str, 
             for i in range(num_streams)]
     first: float | None = None
     chunk_times: list[float] = []
+    generate_ms: list[float] = []
+    decode_ms: list[float] = []
     last = t0
     total_frames = 0
     while engine.has_unfinished():
@@ -71,9 +76,12 @@ def run_streams(engine: Engine, num_streams: int, num_chunks: int) -> dict[str, 
                 now = time.perf_counter()
                 first = first if first is not None else now - t0
                 chunk_times.append(now - last)
+                generate_ms.append(out.timing.generate_ms)
+                decode_ms.append(out.timing.decode_ms)
                 last = now
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "frames": total_frames, "ttff_s": first, "chunk_s": chunk_times}
+    return {"wall_s": wall, "frames": total_frames, "ttff_s": first, "chunk_s": chunk_times,
+            "generate_ms": generate_ms, "decode_ms": decode_ms}
 
 
 def bf16_matmul_peak(seconds: float = 1.5) -> float:
@@ -141,9 +149,11 @@ def main() -> None:
     # 1. One stream, long, rolling window (the preset's): RTF, TTFF, chunk 10 vs chunk 200.
     single = run_streams(build(preset, text), 1, long_chunks)
     chunk_s = single["chunk_s"]
+    # Medians over 11 chunks centred on chunk 10 (the window is full from chunk 4 on) and on chunk 200:
+    # single chunk times on a shared 2-core machine jitter by 10 % and more.
     late = min(200, len(chunk_s) - 6)
-    win10 = statistics.median(chunk_s[8:13])
-    win200 = statistics.median(chunk_s[late - 2:late + 3])
+    win10 = statistics.median(chunk_s[5:16])
+    win200 = statistics.median(chunk_s[late - 5:late + 6])
     rtf = single["frames"] / single["wall_s"] / fps
 
     # 2. Four streams batched vs one stream, same length, same engine settings.
@@ -164,7 +174,10 @@ def main() -> None:
     recompute_chunk = 4 * time_forward(model, preset, window, repeats, mask)
     cached = run_streams(build(p21, text), 1, 14 if args.quick else 20)
     cached_chunk = statistics.median(cached["chunk_s"][8:])  # window full from chunk 7 on
-    speedup = recompute_chunk / cached_chunk
+    cached_transformer = statistics.median(cached["generate_ms"][8:]) / 1000
+    decode = statistics.median(cached["decode_ms"][8:]) / 1000
+    speedup = recompute_chunk / cached_transformer
+    pipeline_speedup = (recompute_chunk + decode) / cached_chunk
 
     # 4. MFU of the transformer forward: one 3-frame chunk attending to a full 12-frame window.
     fwd = time_forward(model, preset, preset.cache.window_frames or 12, repeats)
@@ -181,7 +194,9 @@ def main() -> None:
         "latency_ratio_200_10": win200 / win10,
         "batch1_fps": one["frames"] / one["wall_s"], "batch4_fps": four["frames"] / four["wall_s"],
         "batch4_over_1": batch_ratio,
-        "recompute_chunk_s_21": recompute_chunk, "cached_chunk_s_21": cached_chunk, "cache_speedup_21": speedup,
+        "recompute_chunk_s_21": recompute_chunk, "cached_transformer_chunk_s_21": cached_transformer,
+        "cache_speedup_21": speedup, "decode_chunk_s_21": decode, "cached_chunk_wall_s_21": cached_chunk,
+        "pipeline_speedup_21": pipeline_speedup,
         "forward_s_12_frames": fwd, "forward_gflop_12_frames": flops / 1e9, "mfu": mfu,
         "forward_s_3_frames": fwd3, "mfu_3_frames": mfu3,
     }
@@ -190,6 +205,7 @@ def main() -> None:
             ("time to first frame", f"{single['ttff_s']:.3f} s", "<= 0.5 s"),
             (f"chunk {late} / chunk 10 latency", f"{win200 / win10:.3f}", "<= 1.05"),
             ("recompute / cached chunk @21", f"{speedup:.2f}x", ">= 3.5x"),
+            ("  same, whole chunk with decode", f"{pipeline_speedup:.2f}x", ""),
             ("4 streams / 1 stream fps", f"{batch_ratio:.2f}x", ">= 1.5x"),
             ("MFU, 12-frame forward", f"{100 * mfu:.1f} %", ">= 40 %"),
             ("MFU, 3-frame chunk forward", f"{100 * mfu3:.1f} %", "")]

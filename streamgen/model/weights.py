@@ -105,6 +105,17 @@ def load_state_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
     module.load_state_dict(dict(state_dict), strict=True)
 
 
+def publish_atomically(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Rename a finished temp file over ``path``, readable by everyone (``0644``).
+
+    ``tempfile.mkstemp`` creates files as ``0600``; a checkpoint written that way could not be read
+    by another user, e.g. the non-root ``streamgen`` user of the Docker images serving a mounted
+    ``checkpoints/`` volume. ``0644`` is what a plain ``open()`` gives under the usual umask.
+    """
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
                             metadata: Mapping[str, str]) -> None:
     """Write a safetensors file atomically (temp file in the same directory, then rename)."""
@@ -114,7 +125,7 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
+        publish_atomically(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

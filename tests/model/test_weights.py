@@ -84,6 +84,7 @@ def test_checkpoint_round_trip_and_config_check(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"ffn_dim: file 64 vs expected 128"):
         weights.load_transformer(path, expected=other)
     assert not list(tmp_path.glob(".*tmp")), "atomic save left a temporary file"
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by another user (a container's non-root server)
 
 
 def test_checkpoint_corrupt_or_wrong_kind(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ def test_roundtrip_and_prune(tmp_path: Path) -> None:
     loaded = ckpt.load(latest)
     assert loaded.step == 3 and loaded.config == {"a": 1}
     assert set(loaded.model) == {"weight", "bias"}
+    files = [p for p in ckpt.checkpoint_dir(tmp_path).rglob("*") if p.is_file()]
+    assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files), "checkpoints must be readable by others"
 
 
 def test_no_checkpoint_is_none(tmp_path: Path) -> None:
