@@ -2,7 +2,7 @@
 # streamgen serve on an NVIDIA GPU: CUDA torch + streamgen[gpu] (flash-attn, xformers), non-root, HEALTHCHECK.
 #
 #   docker build -t streamgen:gpu .
-#   docker run --gpus all -p 50051:50051 -p 9090:9090 streamgen:gpu                 # random weights (see below)
+#   docker run --gpus all -p 50051:50051 -p 9090:9090 streamgen:gpu               # the committed default model
 #   docker run --gpus all -p 50051:50051 -v $PWD/checkpoints:/models:ro streamgen:gpu \
 #       --preset default --transformer /models/transformer.safetensors --vae /models/vae.safetensors
 #
@@ -45,8 +45,12 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 --shell /usr/sbin/nologin streamgen
 COPY --from=build /opt/venv /opt/venv
+# The default model's serving weights (student + VAE, ~21 MB); `streamgen serve` finds them through
+# $STREAMGEN_CHECKPOINTS. The teacher and the evaluation classifier stay out of the image.
+COPY checkpoints/student_default.safetensors checkpoints/vae_default.safetensors /opt/streamgen/checkpoints/
 # The prompt encoder's weights ship inside its package: no hub access at run time.
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+    STREAMGEN_CHECKPOINTS=/opt/streamgen/checkpoints
 USER streamgen
 WORKDIR /home/streamgen
 EXPOSE 50051 9090
@@ -57,5 +61,5 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
 # SIGTERM drains (health NOT_SERVING, running streams end with REASON_SERVER_SHUTDOWN after
 # --drain-timeout-s, exit 0): give the container a stop timeout above it, e.g. `docker stop -t 30`.
 ENTRYPOINT ["streamgen", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090"]
-# Random weights until a trained default model is published: replace with --transformer/--vae.
-CMD ["--preset", "default", "--random-init"]
+# The committed default model (baked in above); pass --transformer/--vae (e.g. from a mounted volume) to serve another.
+CMD ["--preset", "default"]

@@ -25,7 +25,10 @@ INSTALL_KEY = $(shell { cat pyproject.toml; echo torch==$(TORCH_VERSION); ls -d 
 # This machine's pip config lists local index folders that lack most packages; pip warns per package.
 PIP_QUIET = 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 
-DEMO_PROMPT := a glossy red bottle turning on a white table
+DEMO_PROMPT := a matte blue mug standing still on a wooden table, static camera, bright lighting
+DEMO_PROMPT_2 := a matte white mug standing still on a wooden table, static camera, bright lighting
+DEMO_SECONDS ?= 8
+DEMO_SWITCH_S ?= 4
 DEMO_PORT ?= 50051
 # Generated gRPC stubs (git-ignored): streamgen/api/v1/streamgen_pb2{,_grpc}.py{,i}, rebuilt when the proto changes.
 PROTO := protos/streamgen/v1/streamgen.proto
@@ -34,7 +37,7 @@ STUBS := streamgen/api/v1/streamgen_pb2.py streamgen/api/v1/streamgen_pb2_grpc.p
 .PHONY: help venv check-venv proto browser-deps test test-all demo lint clean distclean
 
 help:
-	@echo "make demo       serve + stream out/demo.mp4 over gRPC (tiny 'test' preset, random weights for now)"
+	@echo "make demo       serve the committed default model + stream out/demo.mp4 over gRPC"
 	echo "make test       ruff + pytest (skips tests marked slow)"
 	echo "make test-all   ruff + pytest including slow tests"
 	echo "make lint       ruff check"
@@ -113,15 +116,12 @@ test-all: venv proto browser-deps
 	@$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout $(TEST_TIMEOUT_S) -m "" $(PYTEST_ARGS)
 
-# Serve the model in the background, stream a clip through the gRPC client, stop the server cleanly.
-# Until a trained default model is committed this serves the tiny 'test' preset with RANDOM weights:
-# every stage is real (MiniLM prompt encoder, transformer, paged KV cache, VAE, H.264) but the video
-# is noise-like colour, not the prompt.
+# Serve the committed default model in the background, stream a clip through the gRPC client
+# (switching the prompt half way), stop the server cleanly (SIGTERM drains, exit 0).
 demo: venv proto
 	@mkdir -p out
-	echo "demo: starting 'streamgen serve' on 127.0.0.1:$(DEMO_PORT) (preset 'test', RANDOM weights: no trained model committed yet)"
-	$(BIN)/streamgen serve --preset test --random-init --port $(DEMO_PORT) --metrics-port 0 --kv-memory-mb 64 \
-	  --log-format text 2> out/demo-server.log &
+	echo "demo: starting 'streamgen serve' (the committed default model) on 127.0.0.1:$(DEMO_PORT)"
+	$(BIN)/streamgen serve --port $(DEMO_PORT) --metrics-port 0 --log-format text 2> out/demo-server.log &
 	server=$$!
 	trap 'kill -TERM $$server 2>/dev/null || true; wait $$server 2>/dev/null || true' EXIT
 	if ! $(BIN)/python -m streamgen.server.health --address 127.0.0.1:$(DEMO_PORT) --wait 120 --quiet; then
@@ -131,13 +131,13 @@ demo: venv proto
 	fi
 	echo "demo: server SERVING; $$(grep -o 'metrics=http[^ ]*' out/demo-server.log | head -n 1 | sed 's/=/ at /')"
 	$(BIN)/python -m clients.stream --server 127.0.0.1:$(DEMO_PORT) --prompt "$(DEMO_PROMPT)" \
-	  --seconds 4 --seed 0 --switch 2:"a matte blue mug on a wooden table" --out out/demo.mp4
+	  --seconds $(DEMO_SECONDS) --seed 0 --switch $(DEMO_SWITCH_S):"$(DEMO_PROMPT_2)" --out out/demo.mp4
 	kill -TERM $$server
 	wait $$server
 	trap - EXIT
 	echo "demo: wrote out/demo.mp4 - open it with any video player (e.g. 'ffplay out/demo.mp4', VLC or a browser)"
 	echo "demo: server log in out/demo-server.log; it drained and exited 0"
-	echo "demo: live preview over WebRTC: run 'streamgen serve', then python -m clients.webrtc --grpc 127.0.0.1:$(DEMO_PORT)"
+	echo "demo: live preview in a browser or OBS: run '$(BIN)/streamgen serve' and '$(BIN)/python -m clients.webrtc --grpc 127.0.0.1:$(DEMO_PORT)', then open http://127.0.0.1:8080"
 
 lint: venv
 	@$(BIN)/ruff check .

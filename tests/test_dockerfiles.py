@@ -74,6 +74,24 @@ def test_healthcheck_probes_the_served_port_with_real_flags(name: str) -> None:
     assert res.returncode == 1 and "usage:" not in res.stderr
 
 
+def _docker_ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last matching pattern wins, ``!`` re-includes, a pattern also covers what lies below it."""
+    ignored = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        body = pattern[1:] if negated else pattern
+        if fnmatch(path, body) or path.startswith(body.rstrip("/") + "/"):
+            ignored = not negated
+    return ignored
+
+
+def test_docker_ignore_rule() -> None:
+    patterns = ["runs", "checkpoints/*", "!checkpoints/keep.safetensors"]
+    assert _docker_ignored("runs/x/y.pt", patterns) and _docker_ignored("checkpoints/teacher.safetensors", patterns)
+    assert not _docker_ignored("checkpoints/keep.safetensors", patterns)
+    assert not _docker_ignored("streamgen/cli.py", patterns)
+
+
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_build_inputs_exist_and_are_not_docker_ignored(name: str) -> None:
     ignored = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines()
@@ -84,7 +102,24 @@ def test_build_inputs_exist_and_are_not_docker_ignored(name: str) -> None:
         *sources, _dest = shlex.split(args)
         for source in sources:
             assert (REPO / source).exists(), f"{name}: COPY {source} does not exist"
-            assert not any(fnmatch(source, pattern) for pattern in ignored), f"{name}: {source} is docker-ignored"
+            assert not _docker_ignored(source, ignored), f"{name}: {source} is docker-ignored"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_image_serves_the_committed_default_model(name: str) -> None:
+    """The runtime stage bakes in the student and VAE where ``$STREAMGEN_CHECKPOINTS`` points, and its
+    default command serves them (no --random-init)."""
+    from streamgen import default_model
+
+    stage = _final_stage(name)
+    copied = [shlex.split(args) for op, args in stage if op == "COPY" and not args.startswith("--from=")]
+    env = " ".join(args for op, args in stage if op == "ENV")
+    directory = re.search(rf"{default_model.ENV_DIR}=(\S+)", env)
+    assert directory is not None, f"{name}: no ENV {default_model.ENV_DIR}"
+    wanted = {f"checkpoints/{default_model.STUDENT_FILE}", f"checkpoints/{default_model.VAE_FILE}"}
+    assert any(wanted <= set(c[:-1]) and c[-1].rstrip("/") == directory.group(1) for c in copied), copied
+    cmd = _exec_form(next(args for op, args in stage if op == "CMD"))
+    assert "--random-init" not in cmd and "--transformer" not in cmd
 
 
 def test_gpu_image_installs_the_gpu_extra_and_cpu_image_the_cpu_torch() -> None:
