@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import math
 import re
+import subprocess
 import threading
 import time
 import urllib.request
@@ -132,3 +134,35 @@ class ServerHarness:
 
 def with_config(**changes: Any) -> ServerConfig:
     return dataclasses.replace(ServerConfig(port=0, metrics_port=0), **changes)
+
+
+class ServeLog:
+    """The stderr of a ``streamgen serve`` subprocess (JSON logs), drained on a thread from the start so the
+    server never blocks on a full pipe. ``wait_serving()`` returns the "serving" event (its bound address);
+    ``join()`` after the process ended makes ``lines`` complete."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None, "start the server with stderr=subprocess.PIPE, text=True"
+        self.proc = proc
+        self.lines: list[str] = []
+        self._serving: dict[str, object] = {}
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if '"event": "serving"' in line and not self._ready.is_set():
+                self._serving = json.loads(line)
+                self._ready.set()
+
+    def wait_serving(self, timeout_s: float) -> dict[str, object]:
+        if not self._ready.wait(timeout_s):
+            self.proc.kill()
+            raise AssertionError(f"server did not report serving within {timeout_s} s: {''.join(self.lines[-10:])}")
+        return self._serving
+
+    def join(self, timeout_s: float = 10.0) -> None:
+        self._thread.join(timeout_s)

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from streamgen.api.v1 import pb, pb_grpc
 from streamgen.engine.engine import AsyncEngine
 from streamgen.engine.request import FinishReason, GenerationRequest
-from tests.server.harness import ServerHarness, make_engine, reference_frames, with_config
+from tests.server.harness import ServeLog, ServerHarness, make_engine, reference_frames, with_config
 
 REPO = Path(__file__).resolve().parents[2]
 KV_USED = "streamgen:kv_cache_used_bytes"
@@ -176,28 +176,6 @@ def test_client_that_stops_reading_is_cancelled_and_its_pages_freed(impatient: S
     assert kinds[0] == "started" and "ended" not in kinds  # the chunks already on the wire, then the status
 
 
-def _read_until_serving(proc: subprocess.Popen[str], lines: list[str], timeout_s: float) -> dict[str, object]:
-    """Collect the server's stderr lines into ``lines`` up to its "serving" event, which is returned."""
-    assert proc.stderr is not None
-    found: dict[str, object] = {}
-
-    def reader() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if '"event": "serving"' in line:
-                found.update(json.loads(line))
-                return
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if not found:
-        proc.kill()
-        raise AssertionError(f"server did not report serving within {timeout_s} s")
-    return found
-
-
 def test_sigterm_drains_running_streams_and_exits_0_without_logging_the_token() -> None:
     drain_timeout_s = 1.0
     token, wrong = "tok-3f9a1c77e2", "guess-51d0b4a8"
@@ -206,10 +184,10 @@ def test_sigterm_drains_running_streams_and_exits_0_without_logging_the_token() 
            "--drain-timeout-s", str(drain_timeout_s), "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env={**os.environ, "STREAMGEN_TOKEN": token})
-    lines: list[str] = []
+    log = ServeLog(proc)
     auth = (("authorization", f"Bearer {token}"),)
     try:
-        serving = _read_until_serving(proc, lines, timeout_s=60)
+        serving = log.wait_serving(timeout_s=60)
         assert serving["auth"] is True
         address = str(serving["address"])
         with grpc.insecure_channel(address) as channel:
@@ -240,15 +218,14 @@ def test_sigterm_drains_running_streams_and_exits_0_without_logging_the_token() 
         assert ended_s - sent >= drain_timeout_s * 0.9
         assert proc.wait(timeout=drain_timeout_s + 10) == 0
         assert time.monotonic() - sent < drain_timeout_s + 5
-        assert proc.stderr is not None
-        lines += proc.stderr.read().splitlines(keepends=True)
+        log.join()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    events = [json.loads(line) for line in lines]  # structured: every line is one JSON object
+    events = [json.loads(line) for line in log.lines]  # structured: every line is one JSON object
     assert [e["event"] for e in events if e["event"] in ("serving", "draining", "stream_end", "stopped")] == \
         ["serving", "draining", "stream_end", "stream_end", "stopped"]
     assert sorted(e["outcome"] for e in events if e["event"] == "stream_end") == ["shutdown", "unavailable"]
-    log_text = "".join(lines)
+    log_text = "".join(log.lines)
     assert token not in log_text and wrong not in log_text

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from streamgen.config import get_preset
 from streamgen.model.transformer import CausalWanTransformer
+from streamgen.model.weights import load_transformer, read_metadata
 from trainer import latent_data
 from trainer import teacher as teacher_stage
+from trainer.common import checkpoint as ckpt
 from trainer.sampling import sample_teacher, teacher_timesteps
 
 from .conftest import final_weights, launch_two_processes, tiny_teacher_config
@@ -93,11 +96,6 @@ def test_two_processes_equal_one(tmp_path: Path, tiny_vae_checkpoint: Path, tiny
 @pytest.mark.parametrize("export_dtype", ["bf16", "fp32"])
 def test_export_stores_the_ema_weights_in_the_configured_dtype(tmp_path: Path, tiny_vae_checkpoint: Path,
                                                                tiny_latents: Path, export_dtype: str) -> None:
-    from safetensors.torch import load_file
-
-    from streamgen.model.weights import load_transformer, read_metadata
-    from trainer.common import checkpoint as ckpt
-
     cfg = tiny_teacher_config(tmp_path, tiny_vae_checkpoint, tiny_latents, max_steps=2, save_every=2)
     cfg = dataclasses.replace(cfg, export_dtype=export_dtype)
     teacher_stage.train(cfg)
