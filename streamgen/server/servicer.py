@@ -33,6 +33,7 @@ from streamgen.server import convert
 from streamgen.server.config import ServerConfig
 from streamgen.server.convert import RequestError
 from streamgen.server.encoders import ChunkEncoder, make_encoder
+from streamgen.server.identity import model_id
 from streamgen.server.logs import event
 from streamgen.server.metrics import Metrics
 
@@ -70,6 +71,9 @@ class StreamGenServicer(pb_grpc.StreamGenServicer):
         self.config = config
         self.metrics = metrics
         self.weights = weights
+        # Computed once: GetModelInfo is cheap, and replicas compare it to refuse a mixed pool.
+        self.model_id = model_id(self.preset, engine.engine.model, engine.engine.vae,
+                                 type(engine.engine.runner.text.token_encoder).__name__)
         self.draining = False
         self._calls: set[_Call] = set()
         self._background: set[asyncio.Future[Any]] = set()
@@ -84,7 +88,8 @@ class StreamGenServicer(pb_grpc.StreamGenServicer):
             max_prompt_chars=ec.max_prompt_chars, max_frames=ec.max_frames or 0, max_sessions=ec.max_sessions,
             encodings=list(convert.ENCODINGS), weights=self.weights, version=_version(),
             max_message_bytes=self.config.max_message_bytes, paced=paced,
-            max_lead_s=ec.max_lead_s if paced else 0.0, max_waiting=self.config.max_waiting)
+            max_lead_s=ec.max_lead_s if paced else 0.0, max_waiting=self.config.max_waiting,
+            model_id=self.model_id)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return self.model_info()
