@@ -15,6 +15,7 @@ from pathlib import Path
 
 from streamgen import default_model
 from streamgen.config import PRESETS  # plain dataclasses: --help stays instant
+from streamgen.precision import DTYPE_NAMES
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -44,8 +45,9 @@ def _add_model(p: argparse._ActionsContainer, random_init_help: str) -> None:
     p.add_argument("--vae", type=Path,
                    help=f"VAE checkpoint (.safetensors); default: checkpoints/{default_model.VAE_FILE}")
     p.add_argument("--random-init", action="store_true", help=random_init_help)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
-                   help="transformer precision (and KV-cache dtype)")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="auto",
+                   help="transformer precision (and KV-cache dtype); auto = bfloat16 only where the CPU multiplies "
+                        "it natively (AVX512-BF16/AMX) or on CUDA, else float32")
     p.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flex, xformers, flash")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
 
@@ -167,11 +169,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from streamgen.model.transformer import CausalWanTransformer
     from streamgen.model.vae import CausalVideoVAE
     from streamgen.model.weights import load_transformer, load_vae
+    from streamgen.precision import resolve_dtype
     from streamgen.video_io import Mp4Writer, frames_to_uint8
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    choice = resolve_dtype(args.dtype)
+    print(f"dtype: {choice.name} ({choice.reason})", file=sys.stderr)
+    if choice.warning:
+        print(f"warning: {choice.warning}", file=sys.stderr)
+    dtype = choice.dtype
     if args.random_init:
         torch.manual_seed(args.seed)
         model = CausalWanTransformer(preset.model, args.attention)

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from streamgen.api.v1 import SERVICE_NAME, pb_grpc
 from streamgen.engine.engine import AsyncEngine, Engine, EngineConfig
+from streamgen.precision import DTYPE_NAMES, resolve_dtype
 from streamgen.server import logs
 from streamgen.server.auth import BearerTokenInterceptor
 from streamgen.server.config import ServerConfig
@@ -155,7 +156,7 @@ class ModelSource:
     transformer: Path | None = None
     vae: Path | None = None
     random_init: bool = False
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # streamgen.precision.DTYPE_NAMES
     attention: str = "sdpa"
     text_encoder: str = "minilm"  # "hash": a model-free stand-in for tests and load benchmarks only
     threads: int = 0
@@ -163,8 +164,8 @@ class ModelSource:
     def __post_init__(self) -> None:
         if not self.random_init and (self.transformer is None or self.vae is None):
             raise ValueError("give --transformer and --vae checkpoints, or --random-init for random weights")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.text_encoder not in ("minilm", "hash"):
             raise ValueError(f"text encoder must be minilm or hash, got {self.text_encoder!r}")
 
@@ -200,8 +201,11 @@ def build_engine(source: ModelSource, config: EngineConfig) -> tuple[Engine, str
         weights += " text=hash (not a language model)"
     text = TextEncoder(preset.model.text_max_tokens, token_encoder=token_encoder)
     text.encode(["warm-up"])  # load MiniLM now, not on the first client's clock
-    dtype = torch.bfloat16 if source.dtype == "bfloat16" else torch.float32
-    return Engine(preset, model, vae, text, config, dtype=dtype), weights
+    choice = resolve_dtype(source.dtype)
+    event(log, "dtype", dtype=choice.name, reason=choice.reason)
+    if choice.warning:
+        log.warning(choice.warning)
+    return Engine(preset, model, vae, text, config, dtype=choice.dtype), weights
 
 
 async def serve_until_signal(server: StreamGenServer) -> None:
