@@ -34,6 +34,7 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 
 from clients.stream import ENCODINGS, OK_REASONS, StreamError, StreamRequest
+from clients.webrtc.live_ts import LiveTsStream, handle_live_ts
 from clients.webrtc.protocol import (
     MAX_OFFER_BYTES,
     MessageError,
@@ -72,6 +73,7 @@ class GatewayConfig:
     server_timeout_s: float = 3.0         # GetModelInfo at each offer: is the server there?
     connect_timeout_s: float = 20.0       # offer answered -> peer connection "connected"
     end_grace_s: float = 3.0              # stream over -> close the pc (the page closes it sooner)
+    first_chunk_timeout_s: float = 60.0   # /live.ts: the server's first frame, else 504 (covers its queueing)
     stats_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
@@ -87,7 +89,8 @@ class GatewayConfig:
             raise ValueError("the default prompt must be non-empty")
         if self.max_viewers <= 0:
             raise ValueError(f"max_viewers must be > 0, got {self.max_viewers}")
-        for name in ("server_timeout_s", "connect_timeout_s", "end_grace_s", "stats_interval_s"):
+        for name in ("server_timeout_s", "connect_timeout_s", "end_grace_s", "first_chunk_timeout_s",
+                     "stats_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -288,6 +291,7 @@ class Gateway:
         self.config = config
         self._upstream: Upstream | None = None
         self.viewers: dict[str, Viewer] = {}
+        self.live_streams: dict[str, LiveTsStream] = {}
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
 
@@ -310,13 +314,20 @@ class Gateway:
         app.router.add_get("/viewer.js", self.script)
         app.router.add_post("/offer", self.offer)
         app.router.add_get("/status", self.status)
+        app.router.add_get("/live.ts", self.live_ts)
         return app
+
+    def num_viewers(self) -> int:
+        """Everyone watching, whatever the way in (counted against ``max_viewers``)."""
+        return len(self.viewers) + len(self.live_streams)
 
     async def start(self) -> None:
         cfg = self.config
         # Created here, not in __init__: a grpc.aio channel belongs to the event loop it is made on.
         self._upstream = Upstream(cfg.grpc_target, token=cfg.token, tls=cfg.tls, ca_cert=cfg.ca_cert)
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        # handler_cancellation: a /live.ts client that disconnects cancels its handler at once, and
+        # with it the Generate call (the server frees the session's pages).
+        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
         await site.start()
@@ -325,7 +336,7 @@ class Gateway:
               encoding=self.config.encoding, max_viewers=self.config.max_viewers)
 
     async def stop(self) -> None:
-        for viewer in list(self.viewers.values()):
+        for viewer in [*self.viewers.values(), *self.live_streams.values()]:
             await viewer.close("gateway stopping")
         if self._runner is not None:
             await self._runner.cleanup()
@@ -341,7 +352,11 @@ class Gateway:
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response({"server": self.config.grpc_target,
-                                  "viewers": [v.status() for v in self.viewers.values()]})
+                                  "viewers": [v.status() for v in [*self.viewers.values(),
+                                                                   *self.live_streams.values()]]})
+
+    async def live_ts(self, request: web.Request) -> web.StreamResponse:
+        return await handle_live_ts(self, request)
 
     async def offer(self, request: web.Request) -> web.Response:
         viewer_id = uuid.uuid4().hex[:8]
@@ -349,7 +364,7 @@ class Gateway:
             offer = parse_offer(await _read_body(request, MAX_OFFER_BYTES))
         except OfferError as exc:
             return _reject(400, viewer_id, str(exc))
-        if len(self.viewers) >= self.config.max_viewers:
+        if self.num_viewers() >= self.config.max_viewers:
             return _reject(503, viewer_id, f"the gateway is full ({self.config.max_viewers} viewers); try later")
         try:
             info = await self.upstream.model_info(timeout_s=self.config.server_timeout_s)

@@ -100,7 +100,7 @@ class GatewayHarness:
 
 
 async def _count(gateway: Gateway) -> int:
-    return len(gateway.viewers)
+    return gateway.num_viewers()
 
 
 class PromptSpy:
