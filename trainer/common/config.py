@@ -10,6 +10,7 @@ model is built or any clip rendered. This module must never import torch or star
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -113,6 +114,13 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return True
 
 
+def _hint_name(hint: Any) -> str:
+    """``float`` -> "a float", ``int | None`` -> "int | None" (readable in an error message)."""
+    if isinstance(hint, type):
+        return f"an {hint.__name__}" if hint.__name__[0] in "aeiou" else f"a {hint.__name__}"
+    return "a " + str(hint).replace("typing.", "")
+
+
 def check_types(cfg: Any, prefix: str = "") -> None:
     """Raise ``ValueError`` naming the first field whose value does not match its annotation."""
     hints = typing.get_type_hints(type(cfg))
@@ -121,7 +129,48 @@ def check_types(cfg: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             check_types(value, prefix=f"{name}.")
         elif not _type_ok(value, hints[f.name]):
-            raise ValueError(f"config field {name} = {value!r} ({type(value).__name__}) is not a {hints[f.name]}")
+            raise ValueError(f"config field {name} = {value!r} ({type(value).__name__}) "
+                             f"is not {_hint_name(hints[f.name])}")
+
+
+# A YAML 1.2 (core schema) decimal number. PyYAML implements YAML 1.1, which reads ``1e-4``, ``-1e-4`` and
+# ``-.5`` as *strings* (its floats need a dot and a signed exponent), so such text in a float field is a number
+# the user meant; it is converted before the type check instead of being refused as "not a float".
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
+def _accepts_float(hint: Any) -> bool:
+    if hint is float:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_accepts_float(h) for h in typing.get_args(hint))
+    return False
+
+
+def _as_number(value: Any, hint: Any) -> Any:
+    """``value`` with YAML 1.2 number text turned into a float where ``hint`` takes floats (tuples element-wise)."""
+    if isinstance(value, str) and _accepts_float(hint) and _YAML12_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    if typing.get_origin(hint) is tuple and isinstance(value, list | tuple):
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return [_as_number(v, args[0]) for v in value]
+        if len(args) == len(value):
+            return [_as_number(v, h) for v, h in zip(value, args, strict=True)]
+    return value
+
+
+def _coerce_numbers(cfg: Any, changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``changes`` with number text in float fields parsed (see ``_YAML12_FLOAT``); other values untouched."""
+    hints = typing.get_type_hints(type(cfg))
+    out: dict[str, Any] = {}
+    for key, value in changes.items():
+        current = getattr(cfg, key, None)
+        if key in hints and dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            out[key] = _coerce_numbers(current, value)
+        else:
+            out[key] = _as_number(value, hints[key]) if key in hints else value
+    return out
 
 
 def _check_changes(cfg: Any, changes: Mapping[str, Any], prefix: str = "") -> None:
@@ -138,7 +187,8 @@ def _check_changes(cfg: Any, changes: Mapping[str, Any], prefix: str = "") -> No
                                  f"got {value!r}")
             _check_changes(current, value, prefix=f"{name}.")
         elif not _type_ok(tuple(value) if isinstance(value, list) else value, hints[key]):
-            raise ValueError(f"config field {name} = {value!r} ({type(value).__name__}) is not a {hints[key]}")
+            raise ValueError(f"config field {name} = {value!r} ({type(value).__name__}) "
+                             f"is not {_hint_name(hints[key])}")
 
 
 def _coerce_floats(cfg: T) -> T:
@@ -161,6 +211,7 @@ def build_config(cls: type[T], changes: Mapping[str, Any] | None = None) -> T:
     """
     cfg = cls()
     if changes:
+        changes = _coerce_numbers(cfg, changes)
         _check_changes(cfg, changes)
         cfg = override(cfg, changes)
     check_types(cfg)
@@ -183,11 +234,15 @@ def describe_config(cls: type, prefix: str = "", default: Any = None) -> list[st
 
 
 def parse_override(text: str) -> dict[str, Any]:
-    """``"optim.lr=1e-4"`` -> ``{"optim": {"lr": 1e-4}}`` (the value is parsed as YAML)."""
+    """``"optim.lr=1e-4"`` -> ``{"optim": {"lr": "1e-4"}}`` (the value is parsed as YAML; number text that
+    YAML 1.1 leaves a string becomes a float where the field is a float, in :func:`build_config`)."""
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like key.sub=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"override {text!r}: the value is not valid YAML ({' '.join(str(exc).split())})") from exc
     for part in reversed(key.strip().split(".")):
         check(bool(part), f"override {text!r} has an empty key part")
         value = {part: value}
@@ -206,19 +261,55 @@ def merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
-    """Parse YAML ``path`` (may be ``None``) plus ``key.sub=value`` ``overrides`` into a validated ``cls``."""
-    data: dict[str, Any] = {}
+    """Parse YAML ``path`` (may be ``None``) plus ``key.sub=value`` ``overrides`` into a validated ``cls``.
+
+    An error names where the offending value came from: the YAML file, or the ``--set key=value``
+    that introduced it (see :func:`_origin`).
+    """
+    layers: list[tuple[str, dict[str, Any]]] = []  # (where it came from, what it sets), in application order
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
         if loaded is not None and not isinstance(loaded, Mapping):
             raise ValueError(f"config file {path} must hold a mapping at the top level, got {type(loaded).__name__}")
-        data = dict(loaded or {})
+        layers.append((str(path), dict(loaded or {})))
     for text in overrides:
-        data = merge(data, parse_override(text))
+        try:
+            layers.append((f"--set {text}", parse_override(text)))
+        except ValueError as exc:
+            raise ValueError(f"--set {text}: {exc}") from exc
     try:
-        return build_config(cls, data)
+        return build_config(cls, _stack(layers))
     except ValueError as exc:
-        raise ValueError(f"{path or 'config'}: {exc}") from exc
+        raise ValueError(f"{_origin(cls, layers, str(exc))}: {exc}") from exc
+
+
+def _stack(layers: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for _, layer in layers:
+        data = merge(data, layer)
+    return data
+
+
+def _origin(cls: type, layers: Sequence[tuple[str, dict[str, Any]]], error: str) -> str:
+    """The layer (YAML file or ``--set``) an error comes from: the earliest one after which every stack of
+    layers fails with this same message. Validation messages name a field and its value, so this is the
+    layer that set the offending value (or, for a rule between fields, the one that completed the conflict).
+    Building a config is cheap and side-effect free, so replaying the layers costs nothing that matters."""
+    if not layers:
+        return "config"
+    culprit = len(layers) - 1
+    for k in range(len(layers) - 2, -1, -1):
+        try:
+            build_config(cls, _stack(layers[:k + 1]))
+        except ValueError as exc:
+            if str(exc) == error:
+                culprit = k
+                continue
+        break
+    return layers[culprit][0]
