@@ -1,0 +1,102 @@
+"""Speed figures that cannot lie: analytic FLOPs, a measured matmul peak, and guards on what they give.
+
+A benchmark divides an analytic FLOP count by a measured time and by a measured peak. If the peak was
+measured in another dtype than the model ran in (bf16 on a CPU that emulates it runs at ~1 GFLOP/s),
+"MFU" comes out at 2000 %. So the peak is always measured in the dtype the model runs, and every
+derived figure passes a guard that raises :class:`ImpossibleFigure` instead of printing nonsense.
+Pure arithmetic except :func:`matmul_peak_flops`; never imported by the model or the engine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from streamgen.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+
+
+class ImpossibleFigure(RuntimeError):
+    """A derived speed figure exceeds what the measured hardware peak allows: a timing or peak bug."""
+
+
+@dataclass(frozen=True)
+class ForwardFlops:
+    """Matmul FLOPs of one forward, split so each part can be checked against what counts it."""
+
+    linear: int  # projections, FFN, patch embedding and head: GEMMs against weights
+    attention: int  # q @ k^T and p @ v, self- and cross-attention
+
+    @property
+    def total(self) -> int:
+        return self.linear + self.attention
+
+
+def transformer_forward_flops(model: ModelConfig, tokens_per_frame: int, query_frames: int,
+                              key_frames: int) -> ForwardFlops:
+    """Matmul FLOPs (2 per multiply-add) of one causal-DiT forward over ``query_frames`` new frames.
+
+    ``key_frames`` counts the frames self-attention reads (cached context + the chunk itself). The
+    prompt's cross-attention K/V are computed once per prompt and are not counted; nor are the per-frame
+    time-embedding MLPs (a few rows, not per token) or element-wise work (norms, RoPE, modulation, softmax).
+    """
+    d = model.dim
+    q = query_frames * tokens_per_frame
+    k = key_frames * tokens_per_frame
+    patch = model.latent_channels * math.prod(model.patch_size)
+    linear_per_layer = (2 * q * d * d * 4  # self-attention q, k, v, out projections
+                        + 2 * q * d * d * 2  # cross-attention q and out projections
+                        + 2 * q * d * model.ffn_dim * 2)  # FFN up and down
+    attention_per_layer = (2 * 2 * q * k * d  # self-attention scores and weighted sum
+                           + 2 * 2 * q * model.text_max_tokens * d)  # cross-attention scores and weighted sum
+    embed_and_head = 2 * q * patch * d * 2  # patch embedding (a strided conv: one GEMM) + output head
+    return ForwardFlops(linear=model.num_layers * linear_per_layer + embed_and_head,
+                        attention=model.num_layers * attention_per_layer)
+
+
+def matmul_peak_flops(dtype: torch.dtype, size: int = 512, seconds: float = 1.0) -> float:
+    """Sustained square-GEMM FLOP/s in ``dtype`` on this machine (the denominator of MFU).
+
+    At least two timed GEMMs even where the dtype is emulated (a 512^3 bf16 GEMM at ~1 GFLOP/s takes
+    ~0.3 s), so the call stays around ``seconds`` on every CPU.
+    """
+    import torch
+
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    a @ b  # warm-up: dispatch, packing, thread pool start
+    n, t0 = 0, time.perf_counter()
+    while n < 2 or time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return n * 2 * size**3 / (time.perf_counter() - t0)
+
+
+def utilisation(flops: float, seconds: float, peak_flops: float, what: str = "MFU") -> float:
+    """``flops / seconds / peak``; raises :class:`ImpossibleFigure` above 100 % or on a non-positive input."""
+    if flops <= 0 or seconds <= 0 or peak_flops <= 0:
+        raise ImpossibleFigure(f"{what}: flops, time and peak must be > 0, got {flops}, {seconds}, {peak_flops}")
+    value = flops / seconds / peak_flops
+    if value > 1.0:
+        raise ImpossibleFigure(
+            f"{what} = {100 * value:.0f} % > 100 %: {flops / 1e9:.2f} GFLOP in {seconds * 1e3:.2f} ms is "
+            f"{flops / seconds / 1e9:.1f} GFLOP/s against a measured peak of {peak_flops / 1e9:.1f} GFLOP/s; "
+            "the peak was measured in another dtype or the timing missed work")
+    return value
+
+
+def realtime_factor(num_frames: int, seconds: float, fps: float, flops_per_frame: float, peak_flops: float) -> float:
+    """Generated frames per second over playback fps, guarded by what the matmul peak allows.
+
+    ``flops_per_frame`` is the transformer's analytic cost per pixel frame; if the measured rate implies
+    more FLOP/s than the peak, the timing is wrong and :class:`ImpossibleFigure` is raised.
+    """
+    if num_frames <= 0 or seconds <= 0 or fps <= 0:
+        raise ImpossibleFigure(f"real-time factor: frames, time and fps must be > 0, got {num_frames}, "
+                               f"{seconds}, {fps}")
+    utilisation(flops_per_frame * num_frames, seconds, peak_flops, what="implied transformer utilisation")
+    return num_frames / seconds / fps
