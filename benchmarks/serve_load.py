@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--pace", action=argparse.BooleanOptionalAction, default=True,
                         help="server paces streams to playback (default) or runs flat out (--no-pace)")
     parser.add_argument("--text-encoder", default="hash", choices=["hash", "minilm"])
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=0, help="server torch threads (0 = default)")
     parser.add_argument("--kv-memory-mb", type=float, default=256)
     parser.add_argument("--warmup-s", type=float, default=3.0, help="warm-up load before measuring (default: 3)")

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-frames", type=int, default=80, help="pixel frames per generated or rendered clip")
     gen.add_argument("--size", type=int, default=128, help="frame size of --rendered clips")
     gen.add_argument("--seed", type=int, default=0, help="generation / render seed")
-    gen.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="student precision")
+    gen.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                     help="student precision (auto: bfloat16 only where the CPU has native bf16)")
     gen.add_argument("--teacher-steps", type=int, default=50, help="teacher Euler steps")
     gen.add_argument("--cfg-scale", type=float, default=4.0, help="teacher guidance scale (1 = none)")
     gen.add_argument("--text-encoder", choices=["minilm", "hash"], default="minilm",

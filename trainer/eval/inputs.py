@@ -96,6 +96,57 @@ def heldout_prompts(num_clips: int, seed: int = 0) -> list[str]:
     return [caption(clip_identity(seed, "heldout", i)[0]) for i in range(num_clips)]
 
 
+# The committed models trained on train-split clips of dataset seeds 0 and 1, so in-distribution
+# prompts come from a seed no training run used: the (kind, colour) combinations were trained on,
+# the exact clips (captions, render seeds) were not.
+IN_DISTRIBUTION_SEED_OFFSET = 100
+PROMPT_SPLITS: tuple[str, ...] = ("in_distribution", "heldout")
+
+
+def in_distribution_prompts(num_clips: int, seed: int = 0) -> list[str]:
+    """Captions of train-split clips (trained combinations) of dataset seed ``seed + IN_DISTRIBUTION_SEED_OFFSET``."""
+    return [caption(clip_identity(seed + IN_DISTRIBUTION_SEED_OFFSET, "train", i)[0]) for i in range(num_clips)]
+
+
+def split_prompts(split: str, num_clips: int, seed: int = 0) -> list[str]:
+    """The prompts of one evaluation split (:data:`PROMPT_SPLITS`)."""
+    if split == "in_distribution":
+        return in_distribution_prompts(num_clips, seed)
+    if split == "heldout":
+        return heldout_prompts(num_clips, seed)
+    raise ValueError(f"unknown prompt split {split!r}; valid: {list(PROMPT_SPLITS)}")
+
+
+def save_clips(directory: str | os.PathLike[str], videos: Sequence[Video], meta: dict[str, Any]) -> None:
+    """Store generated clips losslessly (``clips.npz``, uint8) with what made them (``clips.json``).
+
+    Generation is the slow part of an evaluation on a CPU; a later run with the same ``meta``
+    (checkpoint, prompts, seed, length) reuses the clips through :func:`load_clips`.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    lengths = {v.frames.shape for v in videos}
+    if len(lengths) != 1:
+        raise ValueError(f"clips to store must share one shape, got {sorted(lengths)}")
+    np.savez(out / "clips.npz", frames=np.stack([v.frames for v in videos]))
+    record = {**meta, "names": [v.name for v in videos], "prompts": [v.prompt for v in videos],
+              "fps": videos[0].fps}
+    (out / "clips.json").write_text(json.dumps(record, indent=1))
+
+
+def load_clips(directory: str | os.PathLike[str], meta: dict[str, Any]) -> list[Video] | None:
+    """Clips stored by :func:`save_clips` if they were made with exactly ``meta``; else ``None``."""
+    path = Path(directory)
+    if not (path / "clips.npz").is_file() or not (path / "clips.json").is_file():
+        return None
+    record = json.loads((path / "clips.json").read_text())
+    if any(record.get(k) != v for k, v in meta.items()):
+        return None
+    frames = np.load(path / "clips.npz")["frames"]
+    return [Video(n, f, float(record["fps"]), p) for n, f, p in zip(record["names"], frames, record["prompts"],
+                                                                    strict=True)]
+
+
 def render_reference(prompts: Sequence[str | None], num_frames: int, size: int, fps: float, seed: int = 0
                      ) -> list[Video]:
     """One rendered clip per prompt (a caption; ``None`` or free text: a held-out spec), render seeds from ``seed``.
@@ -133,19 +184,20 @@ def _finish(frames: np.ndarray, name: str, fps: int, prompt: str, out_dir: Path 
 
 def generate_videos(transformer: str | os.PathLike[str], vae_path: str | os.PathLike[str], preset_name: str,
                     prompts: Sequence[str], num_frames: int, seed: int, out_dir: Path | None = None,
-                    dtype: str = "bfloat16", text: str = "minilm") -> list[Video]:
+                    dtype: str = "auto", text: str = "minilm") -> list[Video]:
     """Generate one clip per prompt with the causal student (seed ``seed + i``); also write MP4s to ``out_dir``."""
     import torch
 
     from streamgen.config import get_preset
     from streamgen.generate import generate_latents
     from streamgen.model.weights import load_transformer, load_vae
+    from streamgen.precision import resolve_dtype
     from streamgen.video_io import frames_to_uint8
     from trainer.common.latents import LatentStats
 
     preset = get_preset(preset_name)
     model = load_transformer(transformer, expected=preset.model).eval()
-    model = model.to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    model = model.to(resolve_dtype(dtype).dtype)
     vae = load_vae(vae_path, expected=preset.vae).eval()
     stats = LatentStats.from_checkpoint(vae_path)
     encoder = text_encoder(preset.model.text_max_tokens, text)
