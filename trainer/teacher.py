@@ -5,8 +5,14 @@ attention (no mask, no cache) over a short horizon of ``data.num_latent_frames``
 Training (Wan / Self-Forcing recipe): ``x_t = (1 - s) x_0 + s e`` with one timestep per clip,
 drawn uniformly and warped by ``flow.shift`` (or logit-normal), regress the velocity ``e - x_0``
 with MSE; the prompt is replaced by the empty prompt (all-zero embedding) with probability
-``data.prompt_dropout`` so the same network gives the unconditional score for CFG. bf16
-autocast with fp32 master weights, AdamW, warmup + cosine LR, EMA (exported).
+``data.prompt_dropout`` so the same network gives the unconditional score for CFG. ``precision``
+(``auto``: bf16 autocast over fp32 master weights only where the CPU has native bf16), AdamW,
+warmup + cosine LR, EMA (exported).
+
+Whole clips: with ``data.clip_latent_frames`` longer than the horizon, the dataset stores long clips
+and every sample is a random temporal crop of ``num_latent_frames`` frames, its start drawn from the
+sample's keyed generator (so a resumed run replays it). The crop is presented at positions
+``0..H-1``, as the sampler and Self-Forcing's DMD present the teacher's windows.
 
 Latents come from :mod:`trainer.latent_data` (built once from the trained VAE, first thing a
 run does if the directory is missing or stale). Sampling lives in :mod:`trainer.sampling`.
@@ -37,6 +43,7 @@ from trainer.common.checkpoint import CheckpointError
 from trainer.common.config import OptimConfig, RunConfig, check
 from trainer.common.images import save_video_grid
 from trainer.common.latents import LatentStats
+from trainer.common.precision import EXPORT_DTYPES, PRECISIONS, resolve_config_precision
 from trainer.common.runtime import (
     EpochOrder,
     local_indices,
@@ -48,7 +55,6 @@ from trainer.common.runtime import (
 )
 from trainer.sampling import sample_teacher
 
-PRECISIONS = ("fp32", "bf16")
 TIMESTEP_SAMPLING = ("shifted", "logit_normal", "uniform")
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -71,6 +77,9 @@ class TeacherDataConfig:
     num_clips: int = 1600
     # 6 latent frames = 24 pixel frames = 1.5 s at 16 fps = two student chunks of 3 (see docs/training.md).
     num_latent_frames: int = 6
+    # Latent frames per stored clip; longer than num_latent_frames -> each sample is a random temporal crop
+    # (mid-clip motion, not only clip openings). None: clips are exactly the horizon long (no crop).
+    clip_latent_frames: int | None = None
     global_batch: int = 8
     prompt_dropout: float = 0.1
     encode_batch: int = 8
@@ -78,6 +87,9 @@ class TeacherDataConfig:
     def __post_init__(self) -> None:
         check(self.num_clips > 0, f"data.num_clips must be > 0, got {self.num_clips}")
         check(self.num_latent_frames > 0, f"data.num_latent_frames must be > 0, got {self.num_latent_frames}")
+        check(self.clip_latent_frames is None or self.clip_latent_frames >= self.num_latent_frames,
+              f"data.clip_latent_frames must be >= data.num_latent_frames ({self.num_latent_frames}) or null, "
+              f"got {self.clip_latent_frames}")
         check(self.global_batch > 0, f"data.global_batch must be > 0, got {self.global_batch}")
         check(0 <= self.prompt_dropout < 1, f"data.prompt_dropout must lie in [0, 1), got {self.prompt_dropout}")
         check(self.encode_batch > 0, f"data.encode_batch must be > 0, got {self.encode_batch}")
@@ -116,7 +128,7 @@ class SampleConfig:
 @dataclass(frozen=True)
 class TeacherTrainConfig:
     preset: str = "default"  # ModelConfig, VAEConfig and video geometry come from this streamgen preset
-    precision: str = "bf16"
+    precision: str = "auto"  # auto: bf16 only on CPUs with native bf16 (trainer.common.precision)
     export_path: str = "checkpoints/teacher_default.safetensors"
     export_dtype: str = "bf16"  # weights as stored (loaders upcast to fp32); bf16 halves the committed file
     # Start from these weights (e.g. a shorter-horizon teacher) instead of a random init; ignored on --resume.
@@ -131,17 +143,23 @@ class TeacherTrainConfig:
     def __post_init__(self) -> None:
         get_preset(self.preset)
         check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        check(self.export_dtype in PRECISIONS, f"export_dtype must be one of {PRECISIONS}, got {self.export_dtype!r}")
+        check(self.export_dtype in EXPORT_DTYPES,
+              f"export_dtype must be one of {EXPORT_DTYPES}, got {self.export_dtype!r}")
 
     @property
     def model(self) -> ModelConfig:
         return get_preset(self.preset).model
 
+    @property
+    def clip_latent_frames(self) -> int:
+        """Latent frames per stored clip (the horizon unless ``data.clip_latent_frames`` is longer)."""
+        return self.data.clip_latent_frames or self.data.num_latent_frames
+
     def dataset_spec(self) -> latent_data.LatentDatasetSpec:
         preset = get_preset(self.preset)
         return latent_data.LatentDatasetSpec(
             vae_checkpoint=self.data.vae_checkpoint, num_clips=self.data.num_clips,
-            num_pixel_frames=preset.pixel_frames(self.data.num_latent_frames), height=preset.video.height,
+            num_pixel_frames=preset.pixel_frames(self.clip_latent_frames), height=preset.video.height,
             width=preset.video.width, fps=preset.video.fps, seed=self.data.seed,
             text_max_tokens=preset.model.text_max_tokens)
 
@@ -174,13 +192,29 @@ class Batcher:
     def __init__(self, data: latent_data.LatentDataset, cfg: TeacherTrainConfig) -> None:
         self.data, self.cfg = data, cfg
         self.clip_index = EpochOrder(len(data), cfg.run.seed, stream=7)
+        self.horizon = cfg.data.num_latent_frames
+        if data.latents.shape[2] < self.horizon:
+            raise ValueError(f"latent clips have {data.latents.shape[2]} frames, fewer than the horizon {self.horizon}")
+
+    def crop_start(self, step: int, index: int) -> int:
+        """First latent frame of sample ``index``'s crop at ``step``: uniform over every start that fits.
+
+        Its own keyed stream (not the noise stream), so clips exactly one horizon long draw the same noise,
+        timesteps and dropout as before crops existed.
+        """
+        span = self.data.latents.shape[2] - self.horizon
+        if span == 0:
+            return 0
+        g = sample_generator(self.cfg.run.seed, step, index, stream=8)
+        return int(torch.randint(span + 1, (), generator=g))
 
     def __call__(self, step: int, ids: list[int]) -> tuple[torch.Tensor, ...]:
         x0s, noises, ts, embs = [], [], [], []
         zero = torch.zeros_like(self.data.text_emb[0])
         for i in ids:
             clip = self.clip_index(i)
-            x0 = self.data.latents[clip]  # [C, F, h, w]
+            start = self.crop_start(step, i)
+            x0 = self.data.latents[clip, :, start:start + self.horizon]  # [C, H, h, w]; model positions 0..H-1
             g = sample_generator(self.cfg.run.seed, step, i, stream=2)
             noises.append(torch.randn(x0.shape, generator=g))
             ts.append(sample_timestep(g, self.cfg.flow))
@@ -202,6 +236,7 @@ class TeacherResult:
 def train(cfg: TeacherTrainConfig, resume: bool = False, export: bool = True) -> TeacherResult:
     """Build the latent dataset if needed (rank 0), train or resume to ``run.max_steps``, export on rank 0."""
     rt = make_runtime(cfg.run)
+    cfg = resolve_config_precision(cfg, "teacher", log=rt.is_main)  # recorded resolved in checkpoints
     if rt.is_main:
         latent_data.build(Path(cfg.data.latents_dir), cfg.dataset_spec(), batch=cfg.data.encode_batch)
     rt.barrier()
@@ -241,7 +276,7 @@ def train(cfg: TeacherTrainConfig, resume: bool = False, export: bool = True) ->
         result.png = write_samples(ema.eval(), cfg, Path(cfg.sample.png_path))
         report = {"steps": loop.step, "final_loss": loop.losses[-1] if loop.losses else None,
                   "mean_loss_last_100": sum(loop.losses[-100:]) / max(1, len(loop.losses[-100:])),
-                  "export_path": cfg.export_path, "samples_png": str(result.png)}
+                  "export_path": cfg.export_path, "samples_png": str(result.png), "precision": cfg.precision}
         (cfg.run.run_dir / "report.json").write_text(json.dumps(report, indent=2))
         print(f"exported EMA teacher to {cfg.export_path}; samples in {result.png}", flush=True)
     rt.barrier()

@@ -38,14 +38,17 @@ def tiny_vae_config(tmp: Path, **run: object) -> VAETrainConfig:
     })
 
 
-def tiny_teacher_config(tmp: Path, vae_path: Path, latents_dir: Path, **run: object) -> TeacherTrainConfig:
+def tiny_teacher_config(tmp: Path, vae_path: Path, latents_dir: Path, *, clip_latent_frames: int | None = None,
+                        precision: str = "fp32", **run: object) -> TeacherTrainConfig:
+    """Horizon 2; ``clip_latent_frames`` > 2 trains on random crops of longer clips (6 of them, so it stays tiny)."""
+    clips = {} if clip_latent_frames is None else {"clip_latent_frames": clip_latent_frames, "num_clips": 6}
     return build_config(TeacherTrainConfig, {
-        "preset": "test", "precision": "fp32", "export_path": str(tmp / "teacher.safetensors"),
+        "preset": "test", "precision": precision, "export_path": str(tmp / "teacher.safetensors"),
         "run": {"runs_dir": str(tmp / "runs"), "name": "teacher", "max_steps": 6, "save_every": 3, "log_every": 1,
                 "num_threads": 1, **run},
         "optim": {"lr": 1e-3, "warmup_steps": 2},
         "data": {"vae_checkpoint": str(vae_path), "latents_dir": str(latents_dir), "num_clips": 12,
-                 "num_latent_frames": 2, "global_batch": 4, "prompt_dropout": 0.25},
+                 "num_latent_frames": 2, "global_batch": 4, "prompt_dropout": 0.25, **clips},
         "sample": {"num_steps": 2, "png_path": str(tmp / "samples.png")},
     })
 
@@ -68,6 +71,18 @@ def tiny_latents(tmp_path_factory: pytest.TempPathFactory, tiny_vae_checkpoint: 
     cfg = tiny_teacher_config(tmp, tiny_vae_checkpoint, tmp / "latents")
     latent_data.build(tmp / "latents", cfg.dataset_spec(), batch=4, log=False,
                       token_encoder=HashTokenEncoder())
+    return tmp / "latents"
+
+
+LONG_CLIP_LATENT_FRAMES = 6  # 3x the tiny teacher's horizon of 2: 5 crop starts per clip
+
+
+@pytest.fixture(scope="session")
+def tiny_long_latents(tmp_path_factory: pytest.TempPathFactory, tiny_vae_checkpoint: Path) -> Path:
+    """A 6-clip latent dataset of clips 3x the tiny teacher's horizon long (random-crop training)."""
+    tmp = tmp_path_factory.mktemp("long_latents")
+    cfg = tiny_teacher_config(tmp, tiny_vae_checkpoint, tmp / "latents", clip_latent_frames=LONG_CLIP_LATENT_FRAMES)
+    latent_data.build(tmp / "latents", cfg.dataset_spec(), batch=4, log=False, token_encoder=HashTokenEncoder())
     return tmp / "latents"
 
 

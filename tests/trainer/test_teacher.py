@@ -10,14 +10,16 @@ import torch
 from safetensors.torch import load_file
 
 from streamgen.config import get_preset
+from streamgen.model import transformer as transformer_module
 from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.weights import load_transformer, read_metadata
+from streamgen.precision import resolve_precision
 from trainer import latent_data
 from trainer import teacher as teacher_stage
 from trainer.common import checkpoint as ckpt
 from trainer.sampling import sample_teacher, teacher_timesteps
 
-from .conftest import final_weights, launch_two_processes, tiny_teacher_config
+from .conftest import LONG_CLIP_LATENT_FRAMES, final_weights, launch_two_processes, tiny_teacher_config
 
 
 def test_latent_dataset_is_normalised_and_complete(tiny_latents: Path, tiny_vae_checkpoint: Path,
@@ -109,3 +111,99 @@ def test_export_stores_the_ema_weights_in_the_configured_dtype(tmp_path: Path, t
     assert next(model.parameters()).dtype == torch.float32  # loaders upcast
     with pytest.raises(ValueError, match="export_dtype"):
         dataclasses.replace(cfg, export_dtype="fp16")
+
+
+def test_long_clip_latent_dataset_builds_and_round_trips(tiny_long_latents: Path, tiny_vae_checkpoint: Path,
+                                                         tmp_path: Path) -> None:
+    cfg = tiny_teacher_config(tmp_path, tiny_vae_checkpoint, tiny_long_latents,
+                              clip_latent_frames=LONG_CLIP_LATENT_FRAMES)
+    spec = cfg.dataset_spec()
+    preset = get_preset("test")
+    assert spec.num_pixel_frames == preset.pixel_frames(LONG_CLIP_LATENT_FRAMES)  # whole clips, not the horizon
+    data = latent_data.load(tiny_long_latents, spec)
+    assert data.latents.shape == (6, preset.vae.latent_channels, LONG_CLIP_LATENT_FRAMES, preset.latent_height,
+                                  preset.latent_width)
+    stored = load_file(str(tiny_long_latents / latent_data.TENSORS))
+    assert torch.equal(stored["latents"], data.latents) and torch.isfinite(data.latents).all()
+    # A horizon-long dataset of the same clips is a different dataset: never silently mixed.
+    short = tiny_teacher_config(tmp_path, tiny_vae_checkpoint, tiny_long_latents)
+    with pytest.raises(ValueError, match="no complete latent dataset"):
+        latent_data.load(tiny_long_latents, dataclasses.replace(short.dataset_spec(), num_clips=6))
+    with pytest.raises(ValueError, match="clip_latent_frames must be >="):
+        tiny_teacher_config(tmp_path, tiny_vae_checkpoint, tiny_long_latents, clip_latent_frames=1)
+
+
+def test_random_crops_are_keyed_within_the_clip_and_at_positions_from_zero(
+        tiny_long_latents: Path, tiny_vae_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_teacher_config(tmp_path, tiny_vae_checkpoint, tiny_long_latents,
+                              clip_latent_frames=LONG_CLIP_LATENT_FRAMES)
+    data = latent_data.load(tiny_long_latents, cfg.dataset_spec())
+    a, b = teacher_stage.Batcher(data, cfg), teacher_stage.Batcher(data, cfg)
+    horizon = cfg.data.num_latent_frames
+    starts = [a.crop_start(step, i) for step in range(20) for i in range(4)]
+    assert starts == [b.crop_start(step, i) for step in range(20) for i in range(4)]  # keyed: replays on resume
+    assert all(0 <= s <= LONG_CLIP_LATENT_FRAMES - horizon for s in starts)
+    assert set(starts) == set(range(LONG_CLIP_LATENT_FRAMES - horizon + 1))  # every start that fits is drawn
+    other_seed = teacher_stage.Batcher(data, dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=99)))
+    assert starts != [other_seed.crop_start(step, i) for step in range(20) for i in range(4)]
+    # The batch holds exactly the crop: x_t = x0 + s (e - x0) with target e - x0, so x0 = x_t - s * target.
+    step, ids = 3, [0, 1, 2, 3]
+    x_t, t, _, target = a(step, ids)
+    assert x_t.shape[2] == horizon
+    for row, i in enumerate(ids):
+        start = a.crop_start(step, i)
+        x0 = data.latents[a.clip_index(i), :, start:start + horizon]
+        torch.testing.assert_close(x_t[row] - t[row] / 1000 * target[row], x0, atol=1e-5, rtol=0)
+    # The teacher's training forward presents a crop at positions 0..H-1, as the sampler and DMD present windows.
+    seen: list[torch.Tensor] = []
+    real_rope = transformer_module.rope_freqs
+
+    def recording_rope(positions: torch.Tensor, *args: object) -> torch.Tensor:
+        seen.append(positions.clone())
+        return real_rope(positions, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(transformer_module, "rope_freqs", recording_rope)
+    model = CausalWanTransformer(cfg.model)
+    with torch.no_grad():
+        teacher_stage.TeacherForward(model)(x_t, t, torch.randn(len(ids), cfg.model.text_max_tokens,
+                                                                cfg.model.text_dim))
+    assert len(seen) == 1 and torch.equal(seen[0], torch.arange(horizon).expand(len(ids), horizon))
+
+
+def test_crop_training_resumes_bit_exactly(tmp_path: Path, tiny_vae_checkpoint: Path, tiny_long_latents: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def cfg_at(root: Path) -> teacher_stage.TeacherTrainConfig:
+        return tiny_teacher_config(root, tiny_vae_checkpoint, tiny_long_latents,
+                                   clip_latent_frames=LONG_CLIP_LATENT_FRAMES)
+
+    full = teacher_stage.train(cfg_at(tmp_path / "full"), export=False)
+    cfg = cfg_at(tmp_path / "killed")
+    real, calls = teacher_stage.F.mse_loss, [0]
+
+    def killed_at_step_4(*args: object, **kwargs: object) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(teacher_stage.F, "mse_loss", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_stage.train(cfg, export=False)
+    monkeypatch.setattr(teacher_stage.F, "mse_loss", real)
+    resumed = teacher_stage.train(cfg, resume=True, export=False)
+    assert resumed.losses == full.losses[3:]
+    a, b = final_weights(cfg.run.run_dir), final_weights(tmp_path / "full" / "runs" / "teacher")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_precision_auto_is_resolved_printed_and_recorded(tmp_path: Path, tiny_vae_checkpoint: Path,
+                                                         tiny_latents: Path, capsys: pytest.CaptureFixture) -> None:
+    assert teacher_stage.TeacherTrainConfig().precision == "auto"
+    expected, reason = resolve_precision("auto")
+    cfg = tiny_teacher_config(tmp_path, tiny_vae_checkpoint, tiny_latents, precision="auto", max_steps=3)
+    teacher_stage.train(cfg, export=False)
+    assert f"teacher: precision {expected} ({reason})" in capsys.readouterr().out
+    latest = ckpt.latest_checkpoint(cfg.run.run_dir)
+    assert latest is not None and ckpt.load(latest).config["precision"] == expected
+    with pytest.raises(ValueError, match="precision must be one of"):
+        tiny_teacher_config(tmp_path, tiny_vae_checkpoint, tiny_latents, precision="fp16")

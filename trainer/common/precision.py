@@ -1,0 +1,28 @@
+"""The ``precision`` setting of every trainer stage: ``auto`` (the default), ``bf16`` or ``fp32``.
+
+``bf16`` is CPU bf16 autocast over fp32 master weights. It pays only where the CPU multiplies bf16
+natively (AVX512-BF16 / AMX); on an AVX2-only CPU PyTorch emulates it and a teacher step runs ~30x
+slower than fp32 (docs/training.md). ``auto`` picks with the server's detection
+(:func:`streamgen.precision.resolve_precision`) once at the start of a stage; the stage then runs and
+records (checkpoint config, report) the resolved value, so a run's record says what it actually used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TypeVar
+
+from streamgen.precision import resolve_precision
+
+PRECISIONS = ("auto", "fp32", "bf16")  # what a config may say
+EXPORT_DTYPES = ("fp32", "bf16")  # what a stored checkpoint may be
+
+C = TypeVar("C")
+
+
+def resolve_config_precision(cfg: C, stage: str, log: bool = True) -> C:
+    """``cfg`` with ``cfg.precision`` resolved to ``"bf16"`` or ``"fp32"`` for this machine; prints the choice."""
+    choice, reason = resolve_precision(cfg.precision)  # type: ignore[attr-defined]
+    if log:
+        print(f"{stage}: precision {choice} ({reason})", flush=True)
+    return dataclasses.replace(cfg, precision=choice)  # type: ignore[type-var]
