@@ -38,6 +38,7 @@ class Geometry:
     num_frames: int
     window_frames: int
     teacher_horizon: int
+    min_window_start: int = 0  # sfpp: earliest start of the scored window (rollout.window_min_start)
 
 
 @dataclass
@@ -93,9 +94,11 @@ def score_timesteps(generators: list[torch.Generator], dmd: DMDConfig) -> torch.
                       for g in generators]).float()
 
 
-def window_start(seed: int, step: int, turn: int, num_frames: int, window: int, chunk_frames: int) -> int:
-    """Self-Forcing++'s window: a chunk-aligned start drawn uniformly, shared by the batch and all ranks."""
-    starts = list(range(0, num_frames - window + 1, chunk_frames))
+def window_start(seed: int, step: int, turn: int, num_frames: int, window: int, chunk_frames: int,
+                 min_start: int = 0) -> int:
+    """Self-Forcing++'s window: a chunk-aligned start in ``[min_start, N - T]`` drawn uniformly, shared by the
+    batch and all ranks."""
+    starts = list(range(min_start, num_frames - window + 1, chunk_frames))
     g = sample_generator(seed, step, turn, stream=12)
     return starts[int(torch.randint(len(starts), (1,), generator=g).item())]
 
@@ -141,7 +144,8 @@ class DistillStep:
         source, span, start = None, last_frames_span(geom.num_frames, cfg.rollout.grad_frames), 0
         length = geom.num_frames
         if cfg.mode == "sfpp":
-            start = window_start(cfg.run.seed, step, turn, geom.num_frames, geom.window_frames, chunk)
+            start = window_start(cfg.run.seed, step, turn, geom.num_frames, geom.window_frames, chunk,
+                                 geom.min_window_start)
             span = (start, start + geom.window_frames)
             length = start + geom.window_frames  # frames after the window cannot change it (causal): skip them
         elif cfg.mode in ("tf", "df"):

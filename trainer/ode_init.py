@@ -48,9 +48,21 @@ from streamgen.model.masks import block_causal_mask, chunk_ends
 from streamgen.model.sampler import student_timesteps, x0_from_velocity
 from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.weights import atomic_save_safetensors, load_transformer, read_metadata, save_checkpoint
+from streamgen.precision import resolve_precision
 from trainer import latent_data
 from trainer.common.checkpoint import write_text_atomic
 from trainer.common.config import OptimConfig, RunConfig, check
+from trainer.common.precision import EXPORT_DTYPES, PRECISIONS, resolve_config_precision
+from trainer.common.preflight import (
+    Input,
+    checkpoint_command,
+    file_input,
+    latents_input,
+    preflight,
+    run_inputs,
+    self_command,
+    stage_command,
+)
 from trainer.common.runtime import (
     Runtime,
     local_indices,
@@ -62,7 +74,6 @@ from trainer.common.runtime import (
 )
 from trainer.sampling import sample_teacher, teacher_timesteps
 
-PRECISIONS = ("fp32", "bf16")
 MANIFEST = "manifest.json"
 
 
@@ -119,6 +130,30 @@ def ensure_latents(directory: Path, spec: latent_data.LatentDatasetSpec, encode_
         latent_data.build(Path(directory), spec, batch=encode_batch)
     rt.barrier()
     return latent_data.load(Path(directory), spec)
+
+
+def student_data_inputs(data: StudentDataConfig, preset: Preset, horizon: int | None) -> list[Input]:
+    """The teacher's latent dataset as an input of a student stage, plus the VAE that builds it when it is missing.
+
+    ``horizon`` is the teacher's (``None`` while the teacher checkpoint is missing: then the clip length, and
+    so the dataset, is unknown and only the teacher is reported). A directory holding another spec is an
+    error here already (:func:`check_latents_spec`): a student stage never rebuilds over it.
+    """
+    frames = data.num_latent_frames or horizon
+    if frames is None:
+        return []
+    spec = data.spec(preset, frames)
+    check_latents_spec(Path(data.latents_dir), spec)
+    make = stage_command("trainer.teacher", None, {  # the teacher stage's encoder, set to exactly this spec
+        "preset": preset.name, "data.vae_checkpoint": data.vae_checkpoint, "data.latents_dir": data.latents_dir,
+        "data.num_clips": data.num_clips, "data.num_latent_frames": frames, "data.clip_latent_frames": None,
+        "data.seed": data.seed}, "--encode-only")
+    shape = (preset.model.latent_channels, frames, preset.latent_height, preset.latent_width)
+    latents = latents_input("data.latents_dir", data.latents_dir, spec, shape, make)
+    if latents.present:
+        return [latents]
+    return [latents, file_input("data.vae_checkpoint", data.vae_checkpoint,
+                                checkpoint_command("trainer.vae", data.vae_checkpoint))]
 
 
 def teacher_horizon(path: str | Path) -> int:
@@ -308,7 +343,7 @@ def load_pairs(directory: Path) -> ODEPairs:
 @dataclass(frozen=True)
 class OdeInitConfig:
     preset: str = "default"
-    precision: str = "bf16"
+    precision: str = "auto"  # auto: bf16 only on CPUs with native bf16 (trainer.common.precision)
     teacher: str = "checkpoints/teacher_default.safetensors"  # also the student's initial weights
     export_path: str = "checkpoints/student_ode_default.safetensors"
     export_dtype: str = "bf16"  # weights as stored (loaders upcast); bf16 halves the file, serving runs bf16
@@ -323,7 +358,8 @@ class OdeInitConfig:
         get_preset(self.preset)
         check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         check(self.global_batch > 0, f"global_batch must be > 0, got {self.global_batch}")
-        check(self.export_dtype in PRECISIONS, f"export_dtype must be one of {PRECISIONS}, got {self.export_dtype!r}")
+        check(self.export_dtype in EXPORT_DTYPES,
+              f"export_dtype must be one of {EXPORT_DTYPES}, got {self.export_dtype!r}")
 
     @property
     def model(self) -> ModelConfig:
@@ -391,7 +427,7 @@ def prepare_pairs(cfg: OdeInitConfig, rt: Runtime) -> tuple[int, dict[str, str]]
     if data.latents.shape[2] < horizon:
         raise ValueError(f"latent clips have {data.latents.shape[2]} frames, fewer than the teacher horizon {horizon}")
     build_pairs(Path(cfg.pairs.dir), cfg.pairs, preset, cfg.teacher, horizon, data, spec, rt,
-                cfg.precision == "bf16")
+                resolve_precision(cfg.precision)[0] == "bf16")  # already resolved when called from train()
     return horizon, teacher_meta
 
 
@@ -399,6 +435,7 @@ def train(cfg: OdeInitConfig, resume: bool = False, export: bool = True) -> OdeI
     """Build (or reuse) the ODE pairs, regress the student to ``run.max_steps``, export its EMA on rank 0."""
     preset = get_preset(cfg.preset)
     rt = make_runtime(cfg.run)
+    cfg = resolve_config_precision(cfg, "ode_init", log=rt.is_main)  # recorded resolved in checkpoints
     horizon, teacher_meta = prepare_pairs(cfg, rt)
     pairs = load_pairs(Path(cfg.pairs.dir))
     bf16 = cfg.precision == "bf16"
@@ -444,6 +481,29 @@ def train(cfg: OdeInitConfig, resume: bool = False, export: bool = True) -> OdeI
     return OdeInitResult(loop.step, loop.losses)
 
 
+def inputs(cfg: OdeInitConfig, args: argparse.Namespace) -> list[Input]:
+    """What this command reads: ``--check`` lists it, and a missing required input stops it before any work."""
+    preset = get_preset(cfg.preset)
+    teacher = file_input("teacher", cfg.teacher, checkpoint_command("trainer.teacher", cfg.teacher))
+    horizon = teacher_horizon(cfg.teacher) if teacher.present else None
+    found = [teacher, *student_data_inputs(cfg.data, preset, horizon)]
+    if horizon is not None:
+        data_spec = cfg.data.spec(preset, horizon)
+        manifest = Path(cfg.pairs.dir) / MANIFEST
+        made = json.loads(manifest.read_text()).get("spec", {}) if manifest.is_file() else {}
+        wanted = pairs_spec(cfg.pairs, preset, cfg.teacher, horizon, data_spec, bf16=False)
+        same = {k: v for k, v in made.items() if k != "bf16"} == {k: v for k, v in wanted.items() if k != "bf16"}
+        p = cfg.pairs
+        cost = (f"{p.num_pairs} teacher ODE solves of {p.teacher_steps} Euler steps with CFG "
+                f"({2 * p.num_pairs * p.teacher_steps} teacher forwards over {horizon} latent frames; 192 x 24 took "
+                "~8 min on 2 processes for the default preset)")
+        found.append(Input("pairs.dir", Path(p.dir), same, self_command("trainer.ode_init", args.config,
+                                                                        args.overrides, "--pairs-only"),
+                           built_by_run=cost if not made else f"it holds pairs for other settings: rebuilt: {cost}",
+                           detail=f"{p.num_pairs} pairs"))
+    return found if args.pairs_only else found + run_inputs(cfg.run, args.resume)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = stage_parser(
         OdeInitConfig, prog="python -m trainer.ode_init",
@@ -459,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run(cfg: OdeInitConfig) -> None:
+        preflight(inputs(cfg, args), check=args.check)
+        if args.check:
+            return
         if args.pairs_only:
             prepare_pairs(cfg, make_runtime(cfg.run))
         else:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from streamgen.cache.contiguous import ContiguousKVCache
-from streamgen.config import Preset, SamplerConfig
+from streamgen.config import CacheConfig, Preset, SamplerConfig
 from streamgen.generate import ChunkPlan, context_input, draw_noise, plan_chunks
 from streamgen.model.sampler import add_noise, student_timesteps, x0_from_velocity
 from streamgen.model.transformer import CausalWanTransformer, TextContext
@@ -76,6 +76,19 @@ def sample_exit_step(seed: int, step: int, num_steps: int, turn: int = 0) -> int
     """
     g = sample_generator(seed, step, turn, stream=11)
     return int(torch.randint(num_steps, (1,), generator=g).item())
+
+
+def first_evicting_chunk(cache: CacheConfig, chunk_frames: int) -> int | None:
+    """First frame of the first chunk whose context has lost a frame to the rolling cache (``None``: never).
+
+    A chunk ``[s, s + chunk)`` sees the sinks and the frames ``>= s + chunk - recent``
+    (:class:`~streamgen.cache.contiguous.ContiguousKVCache`), so it misses one once
+    ``s + chunk - recent > sink``, i.e. ``s > window - chunk``; chunks start at multiples of the chunk.
+    For the ``default`` preset (window 12 incl. 3 sinks, chunk 3) that is frame 12.
+    """
+    if cache.window_frames is None:
+        return None
+    return chunk_frames * ((cache.window_frames - chunk_frames) // chunk_frames + 1)
 
 
 def last_frames_span(num_frames: int, grad_frames: int | None) -> tuple[int, int]:

@@ -55,6 +55,17 @@ from trainer import latent_data
 from trainer.common import checkpoint as ckpt
 from trainer.common.checkpoint import CheckpointError
 from trainer.common.config import OptimConfig, RunConfig, check
+from trainer.common.precision import EXPORT_DTYPES, PRECISIONS, resolve_config_precision
+from trainer.common.preflight import (
+    Input,
+    checkpoint_command,
+    existing_run,
+    file_input,
+    nothing_to_resume,
+    preflight,
+    run_inputs,
+    stage_command,
+)
 from trainer.common.runtime import (
     NonFiniteLossError,
     Runtime,
@@ -74,11 +85,11 @@ from trainer.ode_init import (
     check_same_latent_space,
     ensure_latents,
     load_for_preset,
+    student_data_inputs,
     teacher_horizon,
 )
 
 MODES = ("sf", "sfpp", "tf", "df")
-PRECISIONS = ("fp32", "bf16")
 REGRESSION_KINDS = ("latent", "lpips")
 
 
@@ -101,11 +112,16 @@ class RolloutConfig:
     window_frames: int | None = None
     # sf/tf/df: only the last grad_frames frames take gradient (earlier chunks fully no_grad); None = all.
     grad_frames: int | None = None
+    # sfpp: the scored window's start is drawn uniformly from the chunk-aligned starts in
+    # [window_min_start, N - T]. 0 = the whole rollout (as the paper); the preset's first evicting chunk
+    # (12 for `default`: trainer.rollout.first_evicting_chunk) puts the rolling cache's eviction in every window.
+    window_min_start: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_frames", "window_frames", "grad_frames"):
             value = getattr(self, name)
             check(value is None or value > 0, f"rollout.{name} must be > 0 or null, got {value}")
+        check(self.window_min_start >= 0, f"rollout.window_min_start must be >= 0, got {self.window_min_start}")
 
 
 @dataclass(frozen=True)
@@ -190,7 +206,7 @@ class EvalConfig:
 class SelfForcingConfig:
     mode: str = "sf"
     preset: str = "default"  # model, sampler (4 steps, chunk 3) and rolling cache come from this preset
-    precision: str = "bf16"
+    precision: str = "auto"  # auto: bf16 only on CPUs with native bf16 (trainer.common.precision)
     export_path: str = "checkpoints/student_sf_default.safetensors"
     export_dtype: str = "bf16"  # weights as stored (loaders upcast); bf16 halves the file, serving runs bf16
     global_batch: int = 2  # rollouts per iteration, summed over processes
@@ -213,7 +229,8 @@ class SelfForcingConfig:
         get_preset(self.preset)
         check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         check(self.global_batch > 0, f"global_batch must be > 0, got {self.global_batch}")
-        check(self.export_dtype in PRECISIONS, f"export_dtype must be one of {PRECISIONS}, got {self.export_dtype!r}")
+        check(self.export_dtype in EXPORT_DTYPES,
+              f"export_dtype must be one of {EXPORT_DTYPES}, got {self.export_dtype!r}")
         check(not self.models.bootstrap or self.preset == "test",
               f"models.bootstrap makes random models and is only for preset 'test', not {self.preset!r}")
         n, w = self.rollout.num_frames, self.rollout.window_frames
@@ -238,9 +255,15 @@ def resolve_geometry(cfg: SelfForcingConfig, horizon: int, chunk_frames: int) ->
         check(num > window, f"mode sfpp needs rollout.num_frames ({num}) > window ({window})")
         check(window % chunk_frames == 0, f"mode sfpp needs a chunk-aligned window: {window} frames is not a "
                                           f"multiple of the chunk ({chunk_frames})")
+        first = cfg.rollout.window_min_start
+        check(first % chunk_frames == 0, f"rollout.window_min_start ({first}) must be a multiple of the chunk "
+                                         f"({chunk_frames})")
+        check(first <= num - window, f"rollout.window_min_start ({first}) leaves no window of {window} frames in a "
+                                     f"rollout of {num}: it must be <= {num - window}")
     else:
         check(num == window, f"mode {cfg.mode} scores the whole rollout: num_frames {num} != window {window}")
-    return Geometry(num, window, horizon)
+        check(cfg.rollout.window_min_start == 0, f"rollout.window_min_start is for mode sfpp, not {cfg.mode}")
+    return Geometry(num, window, horizon, cfg.rollout.window_min_start)
 
 
 # ---------------------------------------------------------------- models
@@ -322,6 +345,7 @@ def train(cfg: SelfForcingConfig, resume: bool = False, export: bool = True) -> 
     horizon = teacher_horizon(cfg.models.teacher)
     geom = resolve_geometry(cfg, horizon, preset.sampler.chunk_frames)
     rt = make_runtime(cfg.run)
+    cfg = resolve_config_precision(cfg, "self_forcing", log=rt.is_main)  # recorded resolved in checkpoints
     models = load_models(cfg, preset)
     data = ensure_latents(Path(cfg.data.latents_dir), cfg.data.spec(preset, horizon), cfg.data.encode_batch, rt)
     needed = geom.num_frames if cfg.mode in ("tf", "df") else geom.window_frames if cfg.losses.gan > 0 else 0
@@ -335,6 +359,7 @@ def train(cfg: SelfForcingConfig, resume: bool = False, export: bool = True) -> 
                               weight_decay=cfg.optim.weight_decay)
     run_dir = cfg.run.run_dir
     start, gen_steps = 0, 0
+    eval_history: list[dict[str, float]] = []
     latest = ckpt.latest_checkpoint(run_dir)
     if resume and latest is not None:
         state = ckpt.load(latest)
@@ -353,12 +378,15 @@ def train(cfg: SelfForcingConfig, resume: bool = False, export: bool = True) -> 
         if rt.rank in state.rng and len(state.rng) == rt.world_size:
             ckpt.set_rng_state(state.rng[rt.rank])
         start = state.step
+        eval_history = list(state.extra.get("eval_history", []))  # report.json lists the whole run's evaluations
         if rt.is_main:
             print(f"resuming from {latest} (step {start})", flush=True)
-    elif latest is not None and not resume:
-        raise ValueError(f"{run_dir} already has checkpoint {latest}; pass --resume to continue it "
-                         f"or choose another run.name")
-    result = SelfForcingResult(steps=start, generator_steps=gen_steps, checkpoint=latest if resume else None)
+    elif resume:  # a typo in run.name must not silently start a new run
+        raise ValueError(nothing_to_resume(cfg.run))
+    elif latest is not None:
+        raise ValueError(existing_run(run_dir, latest))
+    result = SelfForcingResult(steps=start, generator_steps=gen_steps, checkpoint=latest if resume else None,
+                               eval_history=eval_history)
 
     def save(step: int) -> None:
         rngs = rt.gather_objects(ckpt.rng_state())
@@ -369,7 +397,8 @@ def train(cfg: SelfForcingConfig, resume: bool = False, export: bool = True) -> 
             state = ckpt.RunState(step=step, model=weights, ema=fp32_state(models.ema),
                                   optimizer={"generator": g_opt.state_dict(), "critic": c_opt.state_dict(),
                                              "generator_steps": result.generator_steps},
-                                  config=to_dict(cfg), rng=dict(enumerate(rngs)))
+                                  config=to_dict(cfg), rng=dict(enumerate(rngs)),
+                                  extra={"eval_history": result.eval_history})
             result.checkpoint = ckpt.save(run_dir, state, cfg.run.keep_checkpoints)
         rt.barrier()
 
@@ -554,6 +583,34 @@ def check_setup(cfg: SelfForcingConfig) -> Geometry:
     return geom
 
 
+def inputs(cfg: SelfForcingConfig, args: argparse.Namespace) -> list[Input]:
+    """What a run reads: ``--check`` lists it, and a missing required input stops the run before any work."""
+    preset = get_preset(cfg.preset)
+    m = cfg.models
+    found = [file_input("models.teacher", m.teacher, checkpoint_command("trainer.teacher", m.teacher)),
+             file_input("models.student_init", m.student_init, checkpoint_command("trainer.ode_init", m.student_init))]
+    if m.critic_init is not None:
+        found.append(file_input("models.critic_init", m.critic_init,
+                                checkpoint_command("trainer.teacher", m.critic_init)))
+    horizon = teacher_horizon(m.teacher) if found[0].present else None
+    found += student_data_inputs(cfg.data, preset, horizon)
+    decodes = cfg.eval.every is not None or (cfg.losses.regression > 0 and cfg.losses.regression_kind == "lpips")
+    if decodes and not any(i.key == "data.vae_checkpoint" for i in found):
+        found.append(file_input("data.vae_checkpoint", cfg.data.vae_checkpoint,
+                                checkpoint_command("trainer.vae", cfg.data.vae_checkpoint)))
+    if cfg.losses.regression > 0:
+        pairs = Path(cfg.losses.regression_pairs)
+        found.append(Input("losses.regression_pairs", pairs, (pairs / "manifest.json").is_file(),
+                           "make the teacher's ODE pairs with " + stage_command(
+                               "trainer.ode_init", "configs/ode_init_default.yaml",
+                               {"teacher": m.teacher, "pairs.dir": pairs}, "--pairs-only")))
+    if cfg.eval.every is not None and cfg.eval.classifier is not None:
+        found.append(file_input("eval.classifier", cfg.eval.classifier,
+                                checkpoint_command("trainer.eval.classifier", cfg.eval.classifier),
+                                optional="evaluation reports no prompt adherence"))
+    return found + run_inputs(cfg.run, args.resume)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = stage_parser(
         SelfForcingConfig, prog="python -m trainer.self_forcing",
@@ -564,9 +621,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "Exports the EMA student as a 'transformer' checkpoint. Run dir: <run.runs_dir>/<run.name>/ "
                     "(checkpoints/, tb/, report.json).",
         no_export_help="train only; skip the export")
-    p.add_argument("--check", action="store_true",
-                   help="validate the config, checkpoints and latent dataset against each other, print the "
-                        "rollout geometry and exit")
     return p
 
 
@@ -576,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(cfg: SelfForcingConfig) -> None:
         if cfg.models.bootstrap:
             bootstrap_tiny(cfg)
+        preflight(inputs(cfg, args), check=args.check)  # every missing input, with the command that makes it
         geom = check_setup(cfg)  # every mismatch is refused here, before models are built
         if args.check:
             print(json.dumps({"mode": cfg.mode, "rollout_frames": geom.num_frames,

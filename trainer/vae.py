@@ -38,10 +38,11 @@ from streamgen.model.weights import save_checkpoint
 from trainer.common.config import OptimConfig, RunConfig, check
 from trainer.common.images import save_video_grid
 from trainer.common.latents import LatentStats
+from trainer.common.precision import PRECISIONS, resolve_config_precision
+from trainer.common.preflight import preflight, run_inputs
 from trainer.common.runtime import local_indices, make_runtime, run_loop, run_stage, sample_generator, stage_parser
 from trainer.data.dataset import ClipConfig, render_item
 
-PRECISIONS = ("fp32", "bf16")
 EXPORT_DTYPES = ("auto", "fp32", "bf16")
 
 
@@ -84,7 +85,7 @@ class VAELossConfig:
 @dataclass(frozen=True)
 class VAETrainConfig:
     preset: str = "default"  # the VAEConfig and video size come from this streamgen preset
-    precision: str = "fp32"
+    precision: str = "auto"  # auto: bf16 only on CPUs with native bf16 (trainer.common.precision)
     export_path: str = "checkpoints/vae_default.safetensors"
     export_dtype: str = "auto"  # auto: bf16 if held-out PSNR drops <= 0.2 dB, else fp32
     run: RunConfig = field(default_factory=lambda: RunConfig(name="vae_default"))
@@ -246,6 +247,7 @@ class VAEResult:
 def train(cfg: VAETrainConfig, resume: bool = False, export: bool = True) -> VAEResult:
     """Train (or resume) to ``run.max_steps``, then evaluate and export on rank 0."""
     rt = make_runtime(cfg.run)
+    cfg = resolve_config_precision(cfg, "vae", log=rt.is_main)  # recorded resolved in checkpoints
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     vae = CausalVideoVAE(cfg.vae)
     ema = CausalVideoVAE(cfg.vae).requires_grad_(False)
@@ -320,7 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_stage(VAETrainConfig, args, lambda cfg: train(cfg, resume=args.resume, export=not args.no_export))
+
+    def run(cfg: VAETrainConfig) -> None:
+        preflight(run_inputs(cfg.run, args.resume), check=args.check)  # renders its own clips: only the run dir
+        if not args.check:
+            train(cfg, resume=args.resume, export=not args.no_export)
+
+    return run_stage(VAETrainConfig, args, run)
 
 
 if __name__ == "__main__":

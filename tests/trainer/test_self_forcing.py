@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from streamgen.cache.contiguous import ContiguousKVCache
 from streamgen.config import get_preset
 from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.weights import load_transformer, read_metadata, save_checkpoint
-from trainer import self_forcing
+from trainer import distill_step, latent_data, self_forcing
 from trainer.common import checkpoint as ckpt
 from trainer.common.runtime import NonFiniteLossError
 from trainer.losses import dmd as dmd_losses
+from trainer.rollout import first_evicting_chunk
 
 from .conftest import final_weights, launch_two_processes, write_yaml
 from .student_setup import HORIZON, assets, ode_config, sf_config
@@ -180,3 +183,60 @@ def test_two_processes_equal_one(tmp_path: Path, root: Path) -> None:
     assert set(a) == set(b)
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_first_evicting_chunk_is_where_the_rolling_cache_first_hides_a_frame() -> None:
+    preset = get_preset("default")
+    chunk = preset.sampler.chunk_frames
+    cache = ContiguousKVCache(1, 1, preset.cache, backend=None)  # type: ignore[arg-type]  # attention unused
+    first_hidden = None
+    for start in range(0, 10 * chunk, chunk):
+        if first_hidden is None and cache.visible_frame_ids(start + chunk) != list(range(start)):
+            first_hidden = start
+        view = cache.view(start, chunk)
+        view.new_keys[0] = view.new_values[0] = torch.zeros(1, chunk, 1, 1)
+        cache.commit(view)
+    assert first_hidden == first_evicting_chunk(preset.cache, chunk) == 12  # window 12 incl. 3 sinks, chunk 3
+    assert first_evicting_chunk(get_preset("test").cache, chunk) is None  # unbounded cache: never evicts
+
+
+@pytest.mark.parametrize("mode", ["sf", "sfpp"])
+def test_rollout_lengths_and_windows_come_out_as_configured(tmp_path: Path, root: Path, mode: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """sf rolls out the teacher's whole horizon; sfpp 10x it, each window drawn from [window_min_start, N - T]."""
+    changes = {"rollout": {"num_frames": 10 * HORIZON, "window_min_start": 12}} if mode == "sfpp" else {}
+    cfg = sf_config(tmp_path, root, mode, **changes)
+    preset = get_preset(cfg.preset)
+    chunk = preset.sampler.chunk_frames
+    geom = self_forcing.resolve_geometry(cfg, HORIZON, chunk)
+    calls: list[tuple[int, tuple[int, int]]] = []
+
+    def recording_rollout(model: object, context: object, preset: object, length: int, gens: list[object],
+                          **kwargs: object) -> SimpleNamespace:
+        calls.append((length, kwargs["grad_span"]))  # type: ignore[arg-type]
+        return SimpleNamespace(latents=torch.zeros(len(gens), 4, length, 2, 2))
+
+    monkeypatch.setattr(distill_step, "rollout", recording_rollout)
+    data = latent_data.load(Path(cfg.data.latents_dir), cfg.data.spec(preset, HORIZON))
+    step = distill_step.DistillStep(cfg, preset, geom, self_forcing.load_models(cfg, preset),
+                                    distill_step.Batches(data, cfg.run.seed))
+    text = torch.zeros(2, preset.model.text_max_tokens, preset.model.text_dim)
+    for s in range(40):
+        out = step.generate(s, 0, [0, 1], text, grad=False)
+        assert out.shape[2] == HORIZON  # the scored window is the teacher's horizon
+    if mode == "sf":
+        assert geom.num_frames == HORIZON and set(calls) == {(HORIZON, (0, HORIZON))}  # whole horizon, 2 chunks
+        return
+    assert geom.num_frames == 10 * HORIZON
+    starts = [span[0] for _, span in calls]
+    assert all(length == start + HORIZON and span == (start, start + HORIZON)
+               for (length, span), start in zip(calls, starts, strict=True))
+    allowed = set(range(12, 10 * HORIZON - HORIZON + 1, chunk))
+    assert set(starts) <= allowed and len(set(starts)) >= len(allowed) // 2  # uniform over the allowed starts
+    for bad, message in ((13, "multiple of the chunk"), (10 * HORIZON - HORIZON + chunk, "leaves no window")):
+        with pytest.raises(ValueError, match=message):
+            self_forcing.resolve_geometry(sf_config(tmp_path, root, "sfpp", rollout={
+                "num_frames": 10 * HORIZON, "window_min_start": bad}), HORIZON, chunk)
+    with pytest.raises(ValueError, match="window_min_start is for mode sfpp"):
+        self_forcing.resolve_geometry(sf_config(tmp_path, root, "sf", rollout={"window_min_start": 3}),
+                                      HORIZON, chunk)
