@@ -17,6 +17,12 @@ Library::
         async for frames in client.frames(StreamRequest("a red mug", num_frames=48)):
             ...  # np.uint8 [N, H, W, 3] per chunk
 
+Behind a load balancer, or given several replicas (``"10.0.0.5:50051,10.0.0.6:50051"``, or a
+``dns:///`` name of a headless Service: round-robin over its addresses), a start that a replica
+refuses (``UNAVAILABLE`` while it drains, ``RESOURCE_EXHAUSTED`` when it is full) is retried with
+exponential backoff (:class:`RetryPolicy`), landing on another replica; a stream that already
+delivered frames is never retried (its frames would repeat from another session).
+
 This module speaks only the public gRPC API; it never imports the engine or the model (torch is
 loaded only through ``streamgen.video_io`` when JPEG/raw/Annex-B frames are re-encoded to a file).
 """
@@ -30,6 +36,7 @@ import io
 import json
 import math
 import os
+import random
 import signal
 import statistics
 import sys
@@ -51,6 +58,11 @@ ENCODINGS: dict[str, int] = {"h264": pb.ENCODING_H264_FMP4, "h264-annexb": pb.EN
 # Reasons after which the stream is complete as far as the client asked (exit 0).
 OK_REASONS = (pb.StreamEnded.REASON_COMPLETED, pb.StreamEnded.REASON_STOPPED, pb.StreamEnded.REASON_LIMIT_REACHED)
 EXIT_OK, EXIT_RPC_ERROR, EXIT_USAGE, EXIT_STREAM_ENDED_EARLY = 0, 1, 2, 3
+# A replica refuses a start with these when it drains or is full: another replica may take it. (Also
+# what a client sees when the balancer finds no live replica, or the replica died before any frame.)
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# Response header naming the replica that served a call (deploy/local/nginx.conf.template sets it).
+UPSTREAM_HEADER = "x-streamgen-upstream"
 
 
 class StreamError(Exception):
@@ -68,6 +80,50 @@ class StreamEndedEarly(Exception):
     def __init__(self, ended: pb.StreamEnded) -> None:
         super().__init__(f"{pb.StreamEnded.Reason.Name(ended.reason)}: {ended.message}")
         self.ended = ended
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a refused start is retried: up to ``max_attempts`` calls in all, sleeping a jittered
+    exponential backoff between them (uniform in [b/2, b], b = initial * multiplier^(n-1), capped)
+    so that clients refused together do not come back together."""
+
+    max_attempts: int = 8
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 1.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if not (0 <= self.initial_backoff_s <= self.max_backoff_s and self.multiplier >= 1):
+            raise ValueError("want 0 <= initial_backoff_s <= max_backoff_s and multiplier >= 1")
+
+    def backoff_s(self, retry: int, rng: random.Random) -> float:
+        """Seconds to sleep before retry number ``retry`` (1, 2, ...)."""
+        cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (retry - 1))
+        return rng.uniform(cap / 2, cap)
+
+
+DEFAULT_RETRY = RetryPolicy()
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One start that was refused and then retried."""
+
+    code: grpc.StatusCode
+    message: str
+    upstream: str  # the replica, from the balancer's x-streamgen-upstream header ("" without one)
+
+
+@dataclass
+class StreamTrace:
+    """What it took to get a stream (filled in by :meth:`StreamClient.stream` when passed one)."""
+
+    refusals: list[Refusal] = field(default_factory=list)
+    upstream: str = ""  # the replica of the last attempt, as the balancer names it ("" if it does not)
 
 
 @dataclass(frozen=True, order=True)
@@ -167,18 +223,33 @@ class FrameDecoder:
         return np.stack([f.to_ndarray(format="rgb24") for f in frames])
 
 
+def channel_target(target: str) -> str:
+    """``host:port``, a gRPC target URI (``dns:///name:port``), or several ``ip:port`` separated by commas
+    (made into gRPC's ``ipv4:``/``ipv6:`` list, balanced round-robin by the channel)."""
+    if "," not in target or ":///" in target or target.startswith(("ipv4:", "ipv6:")):
+        return target
+    scheme = "ipv6" if target.startswith("[") else "ipv4"
+    return f"{scheme}:{target}"
+
+
 class StreamClient:
-    """An async client of one server (one channel); use as ``async with``."""
+    """An async client of one server, balancer or replica set (one channel); use as ``async with``."""
 
     def __init__(self, target: str, *, token: str | None = None, tls: bool = False,
-                 ca_cert: bytes | None = None) -> None:
-        options = [("grpc.max_receive_message_length", -1)]  # raw chunks of large videos exceed 4 MiB
+                 ca_cert: bytes | None = None, retry: RetryPolicy = DEFAULT_RETRY) -> None:
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", -1),  # raw chunks of large videos exceed 4 MiB
+            ("grpc.lb_policy_name", "round_robin"),  # several addresses: each call (and retry) takes the next
+        ]
+        target = channel_target(target)
         if tls:
             self._channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(ca_cert), options=options)
         else:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         self._stub = pb_grpc.StreamGenStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.retry = retry
+        self._rng = random.Random()
 
     async def __aenter__(self) -> StreamClient:
         return self
@@ -198,11 +269,47 @@ class StreamClient:
             raise StreamError(exc.code(), exc.details() or "") from None
 
     async def stream(self, request: StreamRequest, *, stop: asyncio.Event | None = None,
-                     ) -> AsyncIterator[pb.GenerateResponse]:
+                     trace: StreamTrace | None = None) -> AsyncIterator[pb.GenerateResponse]:
         """Raw responses (StreamStarted, FrameChunk..., StreamEnded). Sends the prompt switches as the
         video time they name is received and a StopRequest when ``stop`` is set. Leaving the loop
-        early cancels the call (the server frees the session). Raises :class:`StreamError`."""
+        early cancels the call (the server frees the session). Raises :class:`StreamError`.
+
+        A start refused with a code in :data:`RETRYABLE_CODES` before any frame arrived is retried
+        under ``self.retry`` (recorded in ``trace``); StreamStarted is therefore passed on together
+        with the first chunk (or StreamEnded), once the stream is known to run where it started."""
+        trace = trace if trace is not None else StreamTrace()
+        attempt = 0
+        while True:
+            attempt += 1
+            held: pb.GenerateResponse | None = None
+            delivered = False
+            try:
+                async with contextlib.aclosing(self._attempt(request, stop, trace)) as responses:
+                    async for response in responses:
+                        if response.WhichOneof("response") == "started" and not delivered:
+                            held = response
+                            continue
+                        if held is not None:
+                            delivered = True
+                            yield held
+                            held = None
+                        delivered = True
+                        yield response
+                if held is not None:  # a server that ends the call OK right after StreamStarted
+                    yield held
+                return
+            except StreamError as exc:
+                if (delivered or exc.code not in RETRYABLE_CODES or attempt >= self.retry.max_attempts
+                        or (stop is not None and stop.is_set())):
+                    raise
+                trace.refusals.append(Refusal(exc.code, exc.message, trace.upstream))
+            await asyncio.sleep(self.retry.backoff_s(attempt, self._rng))
+
+    async def _attempt(self, request: StreamRequest, stop: asyncio.Event | None,
+                       trace: StreamTrace) -> AsyncIterator[pb.GenerateResponse]:
+        """One Generate call (see :meth:`stream`)."""
         call = self._stub.Generate(metadata=self._metadata)
+        trace.upstream = ""
         # Responses are read by their own task, as fast as they arrive, so the end of the stream is
         # seen (and our side half-closed) even while the caller is still busy with earlier chunks;
         # a write racing the end then fails locally instead of failing the whole call.
@@ -213,7 +320,7 @@ class StreamClient:
         received = 0
         try:
             await call.write(request.to_proto())
-            tasks.append(asyncio.create_task(_read_all(call, inbox)))
+            tasks.append(asyncio.create_task(_read_all(call, inbox, trace)))
             if stop is not None:
                 tasks.append(asyncio.create_task(_send_stop_when(stop, call)))
             while (response := await inbox.get()) is not None:
@@ -240,11 +347,12 @@ class StreamClient:
             if not call.done():
                 call.cancel()
 
-    async def frames(self, request: StreamRequest, *, stop: asyncio.Event | None = None) -> AsyncIterator[np.ndarray]:
+    async def frames(self, request: StreamRequest, *, stop: asyncio.Event | None = None,
+                     trace: StreamTrace | None = None) -> AsyncIterator[np.ndarray]:
         """Decoded frames, ``np.uint8 [N, H, W, 3]`` per chunk. Raises :class:`StreamError` on a non-OK
         status and :class:`StreamEndedEarly` on REASON_ERROR / REASON_SERVER_SHUTDOWN."""
         decoder: FrameDecoder | None = None
-        async for response in self.stream(request, stop=stop):
+        async for response in self.stream(request, stop=stop, trace=trace):
             kind = response.WhichOneof("response")
             if kind == "started":
                 decoder = FrameDecoder(response.started)
@@ -255,18 +363,31 @@ class StreamClient:
                 raise StreamEndedEarly(response.ended)
 
 
-async def _read_all(call: Any, inbox: asyncio.Queue[pb.GenerateResponse | StreamError | None]) -> None:
+async def _read_all(call: Any, inbox: asyncio.Queue[pb.GenerateResponse | StreamError | None],
+                    trace: StreamTrace) -> None:
     """Move every response into ``inbox``; half-close on StreamEnded; then None (or the error)."""
     try:
+        # The balancer's header arrives with the response headers; a refusal sent as trailers only
+        # carries it in the trailers.
+        trace.upstream = _upstream_of(await call.initial_metadata())
         while (response := await call.read()) is not grpc.aio.EOF:
             inbox.put_nowait(response)
             if response.WhichOneof("response") == "ended":
                 with contextlib.suppress(Exception):
                     await call.done_writing()  # lets the server close the call now
     except grpc.aio.AioRpcError as exc:
+        trace.upstream = trace.upstream or _upstream_of(exc.trailing_metadata())
         inbox.put_nowait(StreamError(exc.code(), exc.details() or ""))
         return
     inbox.put_nowait(None)
+
+
+def _upstream_of(metadata: Any) -> str:
+    """The replica that answered: nginx lists every upstream it tried ("dead:1, live:2"), the last served."""
+    for key, value in metadata or ():
+        if key == UPSTREAM_HEADER:
+            return str(value).split(",")[-1].strip()
+    return ""
 
 
 async def _write_quietly(call: Any, message: pb.GenerateRequest) -> None:
@@ -379,7 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
                "            2  bad arguments\n"
                "            3  the stream ended early (REASON_ERROR or REASON_SERVER_SHUTDOWN); the frames\n"
                "               received are still written")
-    p.add_argument("--server", default="127.0.0.1:50051", help="host:port of the server (default: %(default)s)")
+    p.add_argument("--server", default="127.0.0.1:50051",
+                   help="host:port of the server or load balancer; several replicas as ip:port,ip:port; or a gRPC "
+                        "target such as dns:///streamgen-headless:50051 (default: %(default)s)")
+    p.add_argument("--start-attempts", type=int, default=RetryPolicy.max_attempts,
+                   help="calls to try when replicas refuse the start (UNAVAILABLE / RESOURCE_EXHAUSTED), with "
+                        "backoff; a stream that delivered frames is never retried (default: %(default)s)")
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--image", type=Path, help="PNG/JPEG start image (product photo) for the first frame")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed + prompt + model -> same video")
@@ -425,6 +551,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--out must end in .mp4, got {args.out}")
     if args.image is not None and not args.image.is_file():
         raise ValueError(f"--image {args.image} is not a file")
+    if args.start_attempts < 1:
+        raise ValueError(f"--start-attempts must be >= 1, got {args.start_attempts}")
     if args.ca_cert is not None and not args.ca_cert.is_file():
         raise ValueError(f"--ca-cert {args.ca_cert} is not a file")
     for s in args.switch:
@@ -450,12 +578,14 @@ async def run(args: argparse.Namespace) -> int:
     tty = sys.stderr.isatty() and not args.quiet
     out: _Mp4Out | None = None
     summary: dict[str, Any] = {"server": args.server}
-    async with StreamClient(args.server, token=token, tls=args.tls, ca_cert=ca) as client:
+    trace = StreamTrace()
+    retry = RetryPolicy(max_attempts=args.start_attempts)
+    async with StreamClient(args.server, token=token, tls=args.tls, ca_cert=ca, retry=retry) as client:
         try:
             info = await client.model_info()
             request = _request_from(args, info)
             progress = Progress(request.num_frames)
-            async for response in client.stream(request, stop=stop):
+            async for response in client.stream(request, stop=stop, trace=trace):
                 kind = response.WhichOneof("response")
                 if kind == "started":
                     summary.update(session=response.started.session_id, width=response.started.width,
@@ -475,6 +605,7 @@ async def run(args: argparse.Namespace) -> int:
         except StreamError as exc:
             if tty:
                 print(file=sys.stderr)
+            _print_refusals(trace)
             print(f"error: {exc.code.name}: {exc.message}", file=sys.stderr)
             return EXIT_RPC_ERROR
         finally:
@@ -484,12 +615,20 @@ async def run(args: argparse.Namespace) -> int:
     if tty:
         print(file=sys.stderr)
     summary.update(progress.summary())
+    summary.update(start_retries=len(trace.refusals), upstream=trace.upstream or None)
+    _print_refusals(trace)
     print(json.dumps(summary))
     reason = summary.get("reason")
     if reason not in [pb.StreamEnded.Reason.Name(r) for r in OK_REASONS]:
         print(f"error: stream ended with {reason}: {summary.get('message', '')}", file=sys.stderr)
         return EXIT_STREAM_ENDED_EARLY
     return EXIT_OK
+
+
+def _print_refusals(trace: StreamTrace) -> None:
+    for r in trace.refusals:
+        where = f" by {r.upstream}" if r.upstream else ""
+        print(f"note: start refused{where} ({r.code.name}: {r.message}); retried", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
