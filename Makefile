@@ -34,7 +34,7 @@ DEMO_PORT ?= 50051
 PROTO := protos/streamgen/v1/streamgen.proto
 STUBS := streamgen/api/v1/streamgen_pb2.py streamgen/api/v1/streamgen_pb2_grpc.py streamgen/api/v1/streamgen_pb2.pyi
 
-.PHONY: help venv check-venv proto browser-deps obs-deps test test-all demo lint clean distclean
+.PHONY: help venv check-venv proto browser-deps obs-deps nginx-deps test test-all demo lint clean distclean
 
 help:
 	@echo "make demo       serve the committed default model + stream out/demo.mp4 over gRPC"
@@ -44,6 +44,7 @@ help:
 	echo "make venv       create/refresh .venv (torch $(TORCH_VERSION)+cpu, then -e '.[dev,webrtc]', then gRPC stubs)"
 	echo "make browser-deps  install Debian's chromium + chromium-driver for the browser tests (part of make test)"
 	echo "make obs-deps   install Debian's obs-studio + xvfb for the OBS test (part of make test)"
+	echo "make nginx-deps install Debian's nginx for the load-balancer tests, deploy/local/run.sh (part of make test)"
 	echo "make proto      (re)generate the gRPC stubs from $(PROTO) into streamgen/api/v1/"
 	echo "make clean      remove caches, build output and out/;  make distclean also removes .venv"
 
@@ -133,11 +134,34 @@ obs-deps:
 	  echo "obs-deps: apt-get failed (see above)" >&2
 	fi
 
-test: venv proto browser-deps obs-deps
+# Debian's nginx for deploy/local/run.sh and tests/deploy (replicas behind a gRPC load balancer),
+# installed like browser-deps. run.sh runs nginx with its own prefix and config, never the system
+# service. Same rules: says why and goes on when it cannot; the tests then skip (fail under CI).
+nginx-deps:
+	@if [[ -x /usr/sbin/nginx ]] || command -v nginx >/dev/null; then exit 0; fi
+	sudo=""
+	if ! command -v apt-get >/dev/null; then
+	  echo "nginx-deps: no apt-get on this machine: install nginx yourself" >&2; exit 0
+	fi
+	if [[ $$(id -u) -ne 0 ]]; then
+	  if sudo -n true 2>/dev/null; then sudo="sudo -n"; else
+	    echo "nginx-deps: not root and no passwordless sudo: run 'apt-get install nginx' as root" >&2
+	    exit 0
+	  fi
+	fi
+	start=$$SECONDS
+	echo "nginx-deps: apt-get install nginx (for the load-balancer tests)"
+	if $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq nginx >/dev/null; then
+	  echo "nginx-deps: installed in $$((SECONDS - start)) s ($$(/usr/sbin/nginx -v 2>&1))"
+	else
+	  echo "nginx-deps: apt-get failed (see above)" >&2
+	fi
+
+test: venv proto browser-deps obs-deps nginx-deps
 	@$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout $(TEST_TIMEOUT_S) $(PYTEST_ARGS)
 
-test-all: venv proto browser-deps obs-deps
+test-all: venv proto browser-deps obs-deps nginx-deps
 	@$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout $(TEST_TIMEOUT_S) -m "" $(PYTEST_ARGS)
 
