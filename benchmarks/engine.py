@@ -42,6 +42,7 @@ from streamgen.config import CacheConfig, Preset, get_preset
 from streamgen.engine.engine import Engine, EngineConfig
 from streamgen.engine.request import GenerationRequest
 from streamgen.model.masks import block_causal_mask
+from streamgen.model.quantize import QUANTIZE_MODES, quantize_transformer
 from streamgen.model.text import HashTokenEncoder, TextEncoder
 from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.vae import CausalVideoVAE
@@ -52,12 +53,13 @@ PROMPTS = ["a glossy red bottle turning slowly on a white table", "a matte blue 
            "a green can on a kitchen counter, camera zooming in", "a white box in a dark studio"]
 
 
-def build(preset: Preset, text: TextEncoder, dtype: torch.dtype, **engine_kw: Any) -> Engine:
+def build(preset: Preset, text: TextEncoder, dtype: torch.dtype, quantize: str = "none", **engine_kw: Any) -> Engine:
     torch.manual_seed(0)
     model = CausalWanTransformer(preset.model)
     with torch.no_grad():  # random weights with a non-zero head, so the math is not degenerate
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
+    model = quantize_transformer(model.to(dtype), quantize)
     return Engine(preset, model, CausalVideoVAE(preset.vae), text,
                   EngineConfig(kv_memory_bytes=256 * 2**20, max_frames=None, **engine_kw), dtype=dtype)
 
@@ -112,6 +114,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer chunks (smoke run, noisier)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto", help="as `streamgen serve --dtype`")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                        help="INT8 linear layers (CPU, float32); the other-dtype run stays unquantised")
     parser.add_argument("--hash-text", action="store_true", help="skip MiniLM (hash embeddings)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,7 +132,7 @@ def main() -> None:
     tokens = preset.tokens_per_frame
     window_frames = preset.cache.window_frames or 12
 
-    peak = matmul_peak_flops(dtype)
+    peak = matmul_peak_flops(dtype, quantize=args.quantize)
     other_peak = matmul_peak_flops(other)
     # A lower bound on the transformer work per pixel frame (4 denoising forwards + 1 cache write, each
     # attending at least to the chunk itself): the real-time factor's guard against impossible timings.
@@ -136,7 +140,7 @@ def main() -> None:
     flops_per_frame = chunk_flops / preset.pixel_frames(chunk)
 
     # 1. One stream, long, rolling window (the preset's): RTF, TTFF, chunk 10 vs chunk 200.
-    single = run_streams(build(preset, text, dtype), 1, long_chunks)
+    single = run_streams(build(preset, text, dtype, args.quantize), 1, long_chunks)
     chunk_s = single["chunk_s"]
     # Medians over 11 chunks centred on chunk 10 (the window is full from chunk 4 on) and on chunk 200:
     # single chunk times on a shared 2-core machine jitter by 10 % and more.
@@ -151,20 +155,20 @@ def main() -> None:
 
     # 2. Four streams batched vs one stream, same length, same engine settings.
     n_batch_chunks = 8 if args.quick else 20
-    one = run_streams(build(preset, text, dtype), 1, n_batch_chunks)
-    four = run_streams(build(preset, text, dtype), 4, n_batch_chunks)
+    one = run_streams(build(preset, text, dtype, args.quantize), 1, n_batch_chunks)
+    four = run_streams(build(preset, text, dtype, args.quantize), 4, n_batch_chunks)
     batch_ratio = (four["frames"] / four["wall_s"]) / (one["frames"] / one["wall_s"])
 
     # 3. Cached chunk vs recomputing a 21-frame visible context (Self-Forcing's comparison).
     window = 21
     p21 = dataclasses.replace(preset, cache=CacheConfig(window_frames=window, sink_frames=0))
     torch.manual_seed(0)
-    model = CausalWanTransformer(preset.model).to(dtype).eval()
+    model = quantize_transformer(CausalWanTransformer(preset.model).to(dtype).eval(), args.quantize)
     repeats = 3 if args.quick else 7
     # No cache: every denoising forward runs over context + chunk under the block-causal mask.
     mask = block_causal_mask(window, tokens, [window - chunk, chunk])
     recompute_chunk = 4 * time_forward(model, preset, window, repeats, mask)
-    cached = run_streams(build(p21, text, dtype), 1, 14 if args.quick else 20)
+    cached = run_streams(build(p21, text, dtype, args.quantize), 1, 14 if args.quick else 20)
     cached_chunk = statistics.median(cached["chunk_s"][8:])  # window full from chunk 7 on
     cached_transformer = statistics.median(cached["generate_ms"][8:]) / 1000
     decode = statistics.median(cached["decode_ms"][8:]) / 1000
@@ -181,6 +185,7 @@ def main() -> None:
     name = str(dtype).removeprefix("torch.")
     result = {
         "preset": preset.name, "threads": args.threads, "dtype": name, "dtype_reason": choice.reason,
+        "quantize": args.quantize,
         "matmul_peak_gflops": peak / 1e9,
         "rtf": rtf, "generated_fps": rtf * fps, "ttff_s": single["ttff_s"],
         "chunk10_s": win10, "chunk200_s": win200, "chunk_index_late": late,

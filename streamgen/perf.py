@@ -58,21 +58,33 @@ def transformer_forward_flops(model: ModelConfig, tokens_per_frame: int, query_f
                         attention=model.num_layers * attention_per_layer)
 
 
-def matmul_peak_flops(dtype: torch.dtype, size: int = 512, seconds: float = 1.0) -> float:
+def matmul_peak_flops(dtype: torch.dtype, size: int = 512, seconds: float = 1.0, quantize: str = "none") -> float:
     """Sustained square-GEMM FLOP/s in ``dtype`` on this machine (the denominator of MFU).
 
-    At least two timed GEMMs even where the dtype is emulated (a 512^3 bf16 GEMM at ~1 GFLOP/s takes
-    ~0.3 s), so the call stays around ``seconds`` on every CPU.
+    ``quantize="int8"`` times the INT8 dynamic linear the quantised model runs instead (weights INT8,
+    activations quantised per call), so an INT8 model's MFU is measured against INT8 GEMMs. At least two
+    timed GEMMs even where the dtype is emulated (a 512^3 bf16 GEMM at ~1 GFLOP/s takes ~0.3 s), so the
+    call stays around ``seconds`` on every CPU.
     """
     import torch
 
     a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    a @ b  # warm-up: dispatch, packing, thread pool start
-    n, t0 = 0, time.perf_counter()
-    while n < 2 or time.perf_counter() - t0 < seconds:
-        a @ b
-        n += 1
+    if quantize == "none":
+        b = torch.randn(size, size).to(dtype)
+        gemm = lambda: a @ b
+    else:
+        from streamgen.model.quantize import quantize_transformer
+
+        holder = torch.nn.Module()
+        holder.blocks = torch.nn.Sequential(torch.nn.Linear(size, size, bias=False))
+        linear = quantize_transformer(holder, quantize).blocks
+        gemm = lambda: linear(a)
+    with torch.no_grad():
+        gemm()  # warm-up: dispatch, packing, thread pool start
+        n, t0 = 0, time.perf_counter()
+        while n < 2 or time.perf_counter() - t0 < seconds:
+            gemm()
+            n += 1
     return n * 2 * size**3 / (time.perf_counter() - t0)
 
 

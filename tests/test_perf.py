@@ -66,3 +66,4 @@ def test_realtime_factor_is_guarded_by_the_peak() -> None:
 
 def test_peak_is_measured_in_the_requested_dtype() -> None:
     assert matmul_peak_flops(torch.float32, size=64, seconds=0.01) > 0
+    assert matmul_peak_flops(torch.float32, size=64, seconds=0.01, quantize="int8") > 0
