@@ -15,9 +15,13 @@ The matrix square root has two backends, chosen explicitly:
 * ``"scipy"``: ``scipy.linalg.sqrtm(S_1 @ S_2)`` as in the reference FID/FVD code, with the
   usual diagonal jitter when the product is singular and the imaginary part dropped.
 
-Fewer samples than feature dimensions make the covariances rank-deficient: the distance is
-still defined but biased upwards; :func:`frechet_distance` records the sample counts so a
-report can say so. This module never loads a model or reads videos.
+Fewer samples than feature dimensions make the covariances rank-deficient and the distance
+is dominated by its small-sample bias (16 clips of 256-d features put every model, the
+teacher included, at 110-117). So :func:`frechet_distance` refuses fewer than
+``min_samples_per_dim`` (default 2) samples per feature dimension on either side, and
+:func:`pca_projection` offers the lower-dimensional feature to use instead: the reference
+set's top principal components. For small sets prefer KID (:mod:`trainer.eval.stats`),
+which is unbiased at any size. This module never loads a model or reads videos.
 """
 
 from __future__ import annotations
@@ -113,10 +117,45 @@ class FrechetResult:
         return min(self.num_a, self.num_b) <= self.feature_dim
 
 
-def frechet_distance(features_a: np.ndarray, features_b: np.ndarray, backend: str = "eigh") -> FrechetResult:
-    """Frechet distance between feature sets ``[N_a, D]`` and ``[N_b, D]``."""
+MIN_SAMPLES_PER_DIM = 2.0
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray, backend: str = "eigh",
+                     min_samples_per_dim: float = MIN_SAMPLES_PER_DIM) -> FrechetResult:
+    """Frechet distance between feature sets ``[N_a, D]`` and ``[N_b, D]``.
+
+    Raises ``ValueError`` when either set has fewer than ``min_samples_per_dim * D`` samples
+    (pass 0 only to study the biased regime itself).
+    """
+    if backend not in _TRACE_SQRT:
+        raise ValueError(f"unknown sqrtm backend {backend!r}; valid: {list(SQRTM_BACKENDS)}")
     a, b = feature_stats(features_a), feature_stats(features_b)
+    dim = int(a.mean.shape[0])
+    if b.mean.shape[0] != dim:
+        raise ValueError(f"feature dimensions differ: {dim} vs {b.mean.shape[0]}")
+    need = math.ceil(min_samples_per_dim * dim)
+    if min(a.num_samples, b.num_samples) < need:
+        raise ValueError(f"Frechet distance of {dim}-d features needs at least {need} samples per set "
+                         f"({min_samples_per_dim:g} per dimension), got {a.num_samples} and {b.num_samples}: "
+                         f"project to fewer dimensions (pca_projection) or use KID")
     distance = frechet_distance_from_stats(a, b, backend)
     if not math.isfinite(distance):
         raise ValueError("Frechet distance is not finite; the features contain NaN or inf")
     return FrechetResult(distance, a.num_samples, b.num_samples, int(a.mean.shape[0]))
+
+
+def pca_projection(reference: np.ndarray, num_dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean [D], components [D, k])`` of the reference features' top ``k = num_dims`` principal axes.
+
+    Project any set with ``(x - mean) @ components``; fitting on the reference alone keeps the
+    axes the same for every model compared against it.
+    """
+    x = np.asarray(reference, dtype=np.float64)
+    if x.ndim != 2 or not 1 <= num_dims <= x.shape[1]:
+        raise ValueError(f"need reference features [N, D] and 1 <= num_dims <= D, got {x.shape} and {num_dims}")
+    if x.shape[0] < num_dims + 1:
+        raise ValueError(f"{num_dims} principal components need at least {num_dims + 1} reference samples, "
+                         f"got {x.shape[0]}")
+    mean = x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    return mean, vt[:num_dims].T

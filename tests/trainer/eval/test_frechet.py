@@ -12,6 +12,7 @@ from trainer.eval.frechet import (
     feature_stats,
     frechet_distance,
     frechet_distance_from_stats,
+    pca_projection,
     trace_sqrt_product_eigh,
 )
 
@@ -58,7 +59,7 @@ def test_eigh_trace_handles_singular_covariances() -> None:
     x = np.random.default_rng(3).normal(size=(4, 10))
     stats = feature_stats(x)
     assert np.isfinite(trace_sqrt_product_eigh(stats.cov, stats.cov))
-    result = frechet_distance(x, x[::-1])
+    result = frechet_distance(x, x[::-1], min_samples_per_dim=0)
     assert result.distance == pytest.approx(0.0, abs=1e-8) and result.rank_deficient
 
 
@@ -78,3 +79,24 @@ def test_bad_inputs_raise() -> None:
         frechet_distance(np.ones((5, 3)) * np.arange(5)[:, None], np.ones((5, 4)) * np.arange(5)[:, None])
     with pytest.raises(ValueError, match="N >= 2"):
         feature_stats(np.zeros((1, 3)))
+
+
+def test_too_few_samples_for_the_feature_size_raises() -> None:
+    """16 clips of 256-d features (the old 110-117 regime) is refused, not reported biased."""
+    rng = np.random.default_rng(5)
+    with pytest.raises(ValueError, match="needs at least 512 samples per set"):
+        frechet_distance(rng.normal(size=(16, 256)), rng.normal(size=(16, 256)))
+    with pytest.raises(ValueError, match="got 40 and 7"):
+        frechet_distance(rng.normal(size=(40, 4)), rng.normal(size=(7, 4)))
+    assert frechet_distance(rng.normal(size=(8, 4)), rng.normal(size=(8, 4))).feature_dim == 4
+
+
+def test_pca_projection_keeps_the_reference_axes() -> None:
+    rng = np.random.default_rng(6)
+    ref = rng.normal(size=(64, 10)) * np.array([5.0, 3.0] + [0.1] * 8)
+    mean, axes = pca_projection(ref, 2)
+    assert axes.shape == (10, 2)
+    # The top two components span the two high-variance coordinates.
+    assert (axes[:2] ** 2).sum(axis=0) == pytest.approx([1.0, 1.0], abs=0.01)
+    with pytest.raises(ValueError, match="need at least 3 reference samples"):
+        pca_projection(ref[:2], 2)
