@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from streamgen.model.text import TextEncoder, TokenEncoder
 from streamgen.model.weights import atomic_save_safetensors, load_vae
@@ -87,16 +88,20 @@ def build(directory: Path, spec: LatentDatasetSpec, batch: int = 8, log: bool = 
     clip_cfg = ClipConfig(num_frames=spec.num_pixel_frames, height=spec.height, width=spec.width, fps=float(spec.fps))
     latents, captions, attributes = [], [], []
     t0 = time.perf_counter()
+    if log:
+        print(f"building latent dataset {directory}: {spec.num_clips} clips x {spec.num_pixel_frames} frames at "
+              f"{spec.height}x{spec.width} (render + VAE encode)", flush=True)
+    # A bar with rate and time left: building takes minutes to tens of minutes and must never look like a hang.
+    bar = tqdm(total=spec.num_clips, desc="latent dataset", unit="clip", disable=not log, dynamic_ncols=True,
+               mininterval=2.0)
     for start in range(0, spec.num_clips, batch):
         items = [render_item(spec.seed, "train", i, clip_cfg) for i in range(start, min(spec.num_clips, start + batch))]
         video = torch.stack([v for v, _, _ in items])  # [b, 3, N, H, W]
         latents.append(stats.normalize(vae.encode(video)))  # fp32: the VAE's convs are faster in fp32 on CPU
         captions += [c for _, c, _ in items]
         attributes += [a for _, _, a in items]
-        if log and (start // batch) % 25 == 0:
-            done = start + len(items)
-            print(f"encoded {done}/{spec.num_clips} clips ({done / (time.perf_counter() - t0):.1f} clips/s)",
-                  flush=True)
+        bar.update(len(items))
+    bar.close()
     unique = sorted(set(captions))
     ids = {c: i for i, c in enumerate(unique)}
     encoder = TextEncoder(spec.text_max_tokens, token_encoder=token_encoder)

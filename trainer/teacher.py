@@ -44,6 +44,15 @@ from trainer.common.config import OptimConfig, RunConfig, check
 from trainer.common.images import save_video_grid
 from trainer.common.latents import LatentStats
 from trainer.common.precision import EXPORT_DTYPES, PRECISIONS, resolve_config_precision
+from trainer.common.preflight import (
+    Input,
+    checkpoint_command,
+    file_input,
+    latents_input,
+    preflight,
+    run_inputs,
+    self_command,
+)
 from trainer.common.runtime import (
     EpochOrder,
     local_indices,
@@ -327,10 +336,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def inputs(cfg: TeacherTrainConfig, args: argparse.Namespace) -> list[Input]:
+    """What this command reads: ``--check`` lists it, and a missing required input stops it before any work."""
+    preset = get_preset(cfg.preset)
+    found = [file_input("data.vae_checkpoint", cfg.data.vae_checkpoint,  # encodes the latents, decodes the samples
+                        checkpoint_command("trainer.vae", cfg.data.vae_checkpoint))]
+    if args.sample_only is not None:
+        return found  # and the run's latest checkpoint (sample_from_run says so if there is none)
+    shape = (preset.model.latent_channels, cfg.clip_latent_frames, preset.latent_height, preset.latent_width)
+    found.append(latents_input("data.latents_dir", cfg.data.latents_dir, cfg.dataset_spec(), shape,
+                               self_command("trainer.teacher", args.config, args.overrides, "--encode-only")))
+    if args.encode_only:
+        return found
+    if cfg.init_checkpoint is not None and not args.resume:  # a resumed run starts from its checkpoint instead
+        found.append(file_input("init_checkpoint", cfg.init_checkpoint,
+                                checkpoint_command("trainer.teacher", cfg.init_checkpoint)))
+    return found + run_inputs(cfg.run, args.resume)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run(cfg: TeacherTrainConfig) -> None:
+        preflight(inputs(cfg, args), check=args.check)
+        if args.check:
+            return
         if args.encode_only:
             latent_data.build(Path(cfg.data.latents_dir), cfg.dataset_spec(), batch=cfg.data.encode_batch)
         elif args.sample_only is not None:

@@ -5,6 +5,7 @@ checkpoints are refused before any work, a NaN stops the run with the last good 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -240,3 +241,17 @@ def test_rollout_lengths_and_windows_come_out_as_configured(tmp_path: Path, root
     with pytest.raises(ValueError, match="window_min_start is for mode sfpp"):
         self_forcing.resolve_geometry(sf_config(tmp_path, root, "sf", rollout={"window_min_start": 3}),
                                       HORIZON, chunk)
+
+
+def test_report_after_a_resume_holds_the_whole_runs_evaluations(tmp_path: Path, root: Path) -> None:
+    """The evaluation history rides in the checkpoint, so report.json lists step 2's evaluation (before the
+    resume) beside step 4's, not only what the resumed call evaluated."""
+    changes = {"eval": {"every": 2, "num_prompts": 1}, "run": {"max_steps": 2, "save_every": 2}}
+    first = self_forcing.train(sf_config(tmp_path, root, "sf", **changes), export=False)
+    assert [e["step"] for e in first.eval_history] == [2]
+    cfg = sf_config(tmp_path, root, "sf", **{**changes, "run": {"max_steps": 4, "save_every": 2}})
+    resumed = self_forcing.train(cfg, resume=True)
+    assert [e["step"] for e in resumed.eval_history] == [2, 4]
+    report = json.loads((cfg.run.run_dir / "report.json").read_text())
+    assert [e["step"] for e in report["eval"]] == [2, 4]
+    assert report["eval"][0] == first.eval_history[0]

@@ -4,7 +4,8 @@ Layout of one checkpoint (a directory, ``step_00001234``)::
 
     model.safetensors   trainable weights (fp32)
     ema.safetensors     EMA weights (fp32)
-    state.pt            optimizer state, step, config, per-rank RNG states (torch, numpy, python)
+    state.pt            optimizer state, step, config, per-rank RNG states (torch, numpy, python), and
+                        the stage's ``extra`` (e.g. its evaluation history)
 
 It is written into a temporary sibling directory, each file fsynced, then the directory is
 renamed into place (``os.replace``), and only *then* is the ``latest`` pointer (a one-line text
@@ -21,7 +22,7 @@ import random
 import shutil
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,9 @@ class RunState:
     optimizer: dict[str, Any]
     config: dict[str, Any]
     rng: dict[int, dict[str, Any]]  # rank -> RNG states
+    # What the stage keeps across a resume besides weights and optimizer, e.g. the evaluation history that
+    # report.json lists (a resumed run's report covers the whole run, not only the steps after the resume).
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def rng_state() -> dict[str, Any]:
@@ -118,7 +122,7 @@ def save(run_dir: Path, state: RunState, keep: int) -> Path:
         atomic_save_safetensors(state.model, tmp / "model.safetensors", meta)
         atomic_save_safetensors(state.ema, tmp / "ema.safetensors", meta)
         _torch_save_atomic({"step": state.step, "optimizer": state.optimizer, "config": state.config,
-                            "rng": state.rng}, tmp / "state.pt")
+                            "rng": state.rng, "extra": state.extra}, tmp / "state.pt")
         _fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. the final save right after a periodic one)
             shutil.rmtree(final)
@@ -175,7 +179,7 @@ def load(path: Path) -> RunState:
     if not isinstance(raw, dict) or not {"step", "optimizer", "config", "rng"} <= set(raw):
         raise CheckpointError(f"checkpoint {path} state.pt lacks step/optimizer/config/rng")
     return RunState(step=int(raw["step"]), model=model, ema=ema, optimizer=raw["optimizer"], config=raw["config"],
-                    rng=raw["rng"])
+                    rng=raw["rng"], extra=dict(raw.get("extra") or {}))  # checkpoints written before `extra`: {}
 
 
 def restore_modules(state: RunState, model: nn.Module, ema: nn.Module, path: Path) -> None:

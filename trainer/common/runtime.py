@@ -12,8 +12,10 @@
   checkpoint stays the latest), periodic atomic checkpoints, a wall-clock budget, a tqdm bar
   with loss and clips/s, and TensorBoard scalars.
 * **Command line.** :func:`stage_parser` and :func:`run_stage`: the flags (``--config``,
-  ``--set``, ``--resume``, ``--no-export``) and exit codes (0 done, 1 training failed, 2 bad
-  config or arguments) that every ``python -m trainer.<stage>`` shares.
+  ``--set``, ``--resume``, ``--check``, ``--no-export``) and exit codes (0 done, 1 training failed,
+  2 bad config, arguments, launch or missing inputs) that every ``python -m trainer.<stage>`` shares.
+* **Launch.** A launcher asked for N processes that started another number is refused
+  (:func:`launch_mismatch`) instead of training silently on fewer.
 
 This module never builds models or data; stages hand it a ``step_fn``.
 """
@@ -27,7 +29,7 @@ import os
 import sys
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +44,7 @@ from tqdm import tqdm
 
 from trainer.common import checkpoint as ckpt
 from trainer.common.config import OptimConfig, RunConfig, describe_config, load_config
+from trainer.common.preflight import existing_run, nothing_to_resume
 
 T = TypeVar("T")
 
@@ -92,6 +95,9 @@ def make_runtime(cfg: RunConfig) -> Runtime:
     """One ``Accelerator`` on CPU; threads per process from config, else the cores split between processes."""
     torch.set_num_threads(cfg.num_threads or default_threads())
     accelerator = Accelerator(cpu=True)
+    mismatch = launch_mismatch(accelerator.num_processes)
+    if mismatch is not None:
+        raise LaunchError(mismatch)
     rt = Runtime(accelerator, accelerator.process_index, accelerator.num_processes)
     if rt.is_main:
         print(f"runtime: {rt.world_size} process(es) x {torch.get_num_threads()} thread(s), "
@@ -206,8 +212,9 @@ def run_loop(rt: Runtime, run: RunConfig, optim: OptimConfig, model: nn.Module, 
     """Train ``model`` (its gradients synchronised by whatever ``step_fn`` forwards through) to ``run.max_steps``.
 
     ``step_fn(step)`` returns this rank's mean loss over its slice of the global batch (with
-    a graph) and scalars to log. ``resume`` continues from the run's ``latest`` checkpoint;
-    without it an existing checkpoint is an error, so a run is never silently overwritten.
+    a graph) and scalars to log. ``resume`` continues from the run's ``latest`` checkpoint (none
+    there is an error naming the run directory searched); without it an existing checkpoint is an
+    error, so a run is never silently overwritten.
     """
     run_dir = run.run_dir
     start = 0
@@ -221,11 +228,10 @@ def run_loop(rt: Runtime, run: RunConfig, optim: OptimConfig, model: nn.Module, 
         start = state.step
         if rt.is_main:
             print(f"resuming from {latest} (step {start})", flush=True)
-    elif resume and rt.is_main:
-        print(f"--resume: no checkpoint under {ckpt.checkpoint_dir(run_dir)}, starting fresh", flush=True)
+    elif resume:  # a typo in run.name must not silently start a new run
+        raise ValueError(nothing_to_resume(run))
     elif latest is not None:
-        raise ValueError(f"{run_dir} already has checkpoint {latest}; pass --resume to continue it "
-                         f"or choose another run.name")
+        raise ValueError(existing_run(run_dir, latest))
     result = LoopResult(step=start, checkpoint=latest if resume else None)
     if start >= run.max_steps:
         return result
@@ -284,6 +290,64 @@ def _nan_message(what: str, step: int, value: float, last: Path | None) -> str:
             f"(resume from it with --resume, e.g. after lowering optim.lr)")
 
 
+class LaunchError(ValueError):
+    """The launcher started a different number of processes than it was asked for."""
+
+
+def launch_mismatch(actual: int, env: Mapping[str, str] | None = None,
+                    launcher_argv: Sequence[str] | None = None) -> str | None:
+    """Why this launch is not what was asked for, or ``None``: a run asked for N processes must not train on fewer.
+
+    ``actual`` is the world size this process sees. The number asked for is ``WORLD_SIZE`` where the launcher
+    sets it (torchrun, ``accelerate launch --multi_gpu``, mpirun) or ``ACCELERATE_NUM_PROCESSES``. accelerate's
+    single-process launcher (``accelerate launch --cpu --num_processes 2``, no ``--multi_gpu``) sets neither:
+    it starts one process, marked by its ``ACCELERATE_*`` variables plus the ``MASTER_PORT`` it only sets when
+    asked for more than one process; the number asked is then read from the launcher's command line
+    (``launcher_argv``, default: the parent process's) where it is there. We fail rather than warn: the
+    committed configs give each process one thread, so one process of two would silently take twice the
+    planned wall time (and any ``run.max_minutes`` budget would stop it half-way).
+    """
+    env = os.environ if env is None else env
+    hint = ("on CPU start N processes with `accelerate launch --multi_gpu --num_processes N --num_machines 1 "
+            "--mixed_precision no --dynamo_backend no -m trainer.<stage> ...` (gloo), or launch without "
+            "--num_processes to train in one process")
+    for var in ("WORLD_SIZE", "ACCELERATE_NUM_PROCESSES"):
+        if env.get(var, "").strip().isdigit():
+            asked = int(env[var])
+            if asked != actual:
+                return f"the launch asked for {asked} processes ({var}={asked}) but this run has {actual}; {hint}"
+            return None
+    by_accelerate = any(k in env for k in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_MIXED_PRECISION"))
+    if not (by_accelerate and "MASTER_PORT" in env) or actual != 1:
+        return None
+    argv = _parent_argv() if launcher_argv is None else list(launcher_argv)
+    asked_n = _num_processes_arg(argv) if any("accelerate" in a for a in argv[:3]) else None
+    if asked_n is not None and asked_n <= 1:
+        return None
+    asked_text = f"{asked_n} processes" if asked_n is not None else "more than one process"
+    return (f"accelerate launch was asked for {asked_text} but started only this one (without --multi_gpu, "
+            f"e.g. with --cpu, it runs a single process); {hint}")
+
+
+def _parent_argv() -> list[str]:
+    """The parent process's command line (Linux ``/proc``); empty where it cannot be read."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _num_processes_arg(argv: Sequence[str]) -> int | None:
+    """``--num_processes N`` (or ``--num-processes=N``) from an ``accelerate launch`` command line."""
+    for i, arg in enumerate(argv):
+        name, _, value = arg.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            value = value or (argv[i + 1] if i + 1 < len(argv) else "")
+            return int(value) if value.isdigit() else None
+    return None
+
+
 def default_threads() -> int:
     """Threads per process when the config leaves it open: the cores split between processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -315,6 +379,10 @@ def stage_parser(config_cls: type, *, prog: str, description: str, no_export_hel
                    help="override one field after the YAML, e.g. --set run.max_steps=100 (repeatable)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the run's latest checkpoint (bit-exact with a fixed seed)")
+    p.add_argument("--check", action="store_true",
+                   help="check the config and every input the run reads (checkpoints, datasets, the run directory) "
+                        "without doing any work: list each one, say what the run would build first, and name the "
+                        "command that makes each missing input; exit 0 when the run could start, else 2")
     p.add_argument("--no-export", action="store_true", help=no_export_help)
     return p
 
@@ -323,11 +391,17 @@ def run_stage(config_cls: type[T], args: argparse.Namespace, body: Callable[[T],
     """Load the stage's config from ``args`` (``--config``, ``--set``) and run ``body(cfg)``.
 
     Returns the exit code: 0 done; 1 training failed (a non-finite loss, an unusable checkpoint);
-    2 a bad config or arguments (an unknown key, a bad value, an existing run without ``--resume``),
-    reported before any training starts where the config alone decides it.
+    2 a bad config or arguments (an unknown key, a bad value, an existing run without ``--resume``,
+    ``--resume`` with nothing to resume, missing inputs, a launch with fewer processes than asked),
+    reported before any training starts where the config, the launch and the files decide it.
     """
     try:
         cfg = load_config(config_cls, args.config, args.overrides)
+        # Before any work: a single-process launch asked for several processes is refused here already
+        # (make_runtime checks the process group it actually gets).
+        mismatch = launch_mismatch(int(os.environ.get("WORLD_SIZE", "1")))
+        if mismatch is not None:
+            raise LaunchError(mismatch)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

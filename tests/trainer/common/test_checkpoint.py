@@ -77,3 +77,16 @@ def test_missing_file_and_bad_pointer(tmp_path: Path) -> None:
     (ckpt.checkpoint_dir(tmp_path) / ckpt.LATEST).write_text("step_00000009\n")
     with pytest.raises(ckpt.CheckpointError, match="does not exist"):
         ckpt.latest_checkpoint(tmp_path)
+
+
+def test_extra_state_round_trips_and_older_checkpoints_load_without_it(tmp_path: Path) -> None:
+    history = [{"step": 2.0, "flag_rate/motion": 0.5}]
+    saved = state(2)
+    saved.extra = {"eval_history": history}
+    latest = ckpt.save(tmp_path / "new", saved, keep=1)
+    assert ckpt.load(latest).extra == {"eval_history": history}
+    old = ckpt.save(tmp_path / "old", state(1), keep=1)
+    raw = torch.load(old / "state.pt", weights_only=False)
+    del raw["extra"]  # as written before the field existed
+    torch.save(raw, old / "state.pt")
+    assert ckpt.load(old).extra == {}
