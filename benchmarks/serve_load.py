@@ -3,6 +3,8 @@
     python benchmarks/serve_load.py                                # 4 clients x 20 s, test preset, paced
     python benchmarks/serve_load.py --preset default --clients 4 --duration-s 30
     python benchmarks/serve_load.py --server 127.0.0.1:50051       # an already running server (no RSS)
+    deploy/local/run.sh 3 -- --preset test --random-init --text-encoder hash &
+    python benchmarks/serve_load.py --target 127.0.0.1:50050 --clients 9   # replicas behind a load balancer
 
 Unless ``--server`` is given, the script starts ``streamgen serve`` itself (random weights, the
 chosen preset, ``--max-sessions`` = clients, a free port), waits for health SERVING, runs every
@@ -17,6 +19,11 @@ Printed: one JSON document, then a short table.
 * ``ttff_s``: StartRequest -> first chunk received, p50 / p95 over streams.
 * ``inter_chunk_p95_s``: gap between consecutive chunks of a stream, p95 over all gaps.
 * ``errors``: streams that did not end with REASON_STOPPED / COMPLETED / LIMIT (target: 0).
+* ``per_replica_streams``: streams per replica, as the balancer names it in its
+  ``x-streamgen-upstream`` header (deploy/local/nginx.conf.template); ``unknown`` without one.
+* ``start_refusals``: starts a replica refused (UNAVAILABLE draining, RESOURCE_EXHAUSTED full);
+  ``start_retries``: those the client retried (``clients.stream.RetryPolicy``); ``streams_refused``:
+  streams still refused after every retry (they count in ``errors`` too).
 * ``server_ms_per_chunk``: the server's own timing of a chunk (transformer forwards, VAE decode,
   H.264 encode), means over all chunks: where the time goes when streams fall behind.
 * ``rss_mib``: the server's resident memory idle after start, idle after a short warm-up load
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import math
 import os
@@ -41,7 +49,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from clients.stream import OK_REASONS, StreamClient, StreamError, StreamRequest
+from clients.stream import OK_REASONS, RETRYABLE_CODES, StreamClient, StreamError, StreamRequest, StreamTrace
 from streamgen.api.v1 import pb
 from streamgen.server.health import check
 
@@ -63,6 +71,9 @@ class StreamStats:
     encode_ms: list[float] = field(default_factory=list)
     reason: str = ""
     error: str = ""
+    upstream: str = ""    # the replica, from the balancer's header ("" without one)
+    retries: int = 0      # refused starts retried before this stream ran (or gave up)
+    refused: bool = False  # still refused after every retry
 
     @property
     def fps(self) -> float:
@@ -78,9 +89,10 @@ async def run_client(address: str, index: int, duration_s: float, encoding: str)
     loop = asyncio.get_running_loop()
     loop.call_later(duration_s, stop.set)
     stats.start_s = time.monotonic()
+    trace = StreamTrace()
     try:
         async with StreamClient(address) as client:
-            async for response in client.stream(request, stop=stop):
+            async for response in client.stream(request, stop=stop, trace=trace):
                 kind = response.WhichOneof("response")
                 if kind == "started":
                     stats.playback_fps = response.started.fps
@@ -99,6 +111,9 @@ async def run_client(address: str, index: int, duration_s: float, encoding: str)
                         stats.error = f"{stats.reason}: {response.ended.message}"
     except StreamError as exc:
         stats.error = str(exc)
+        stats.refused = exc.code in RETRYABLE_CODES and stats.first_chunk_s is None
+    stats.upstream = trace.upstream
+    stats.retries = len(trace.refusals)
     return stats
 
 
@@ -160,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=0, help="server torch threads (0 = default)")
     parser.add_argument("--kv-memory-mb", type=float, default=256)
     parser.add_argument("--warmup-s", type=float, default=3.0, help="warm-up load before measuring (default: 3)")
-    parser.add_argument("--server", help="use this running server instead of starting one (no RSS figures)")
+    parser.add_argument("--server", "--target", dest="server",
+                        help="use this running server or load balancer instead of starting one (no RSS figures)")
     args = parser.parse_args(argv)
     if args.clients < 1 or not 0 < args.duration_s <= 600:
         parser.error("--clients must be >= 1 and --duration-s in (0, 600]")
@@ -201,6 +217,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "inter_chunk_p95_s": round(percentile(gaps, 0.95), 3),
         "frames": sum(s.frames for s in streams),
         "errors": [s.error for s in streams if s.error or not s.reason],
+        "per_replica_streams": dict(sorted(collections.Counter(s.upstream or "unknown" for s in streams).items())),
+        "start_refusals": sum(s.retries + s.refused for s in streams),
+        "start_retries": sum(s.retries for s in streams),
+        "streams_refused": sum(s.refused for s in streams),
         "reasons": sorted({s.reason for s in streams}),
         "server_ms_per_chunk": {name: round(statistics.fmean(v), 1) if v else None for name, v in (
             ("generate", [x for s in streams for x in s.generate_ms]),
@@ -215,11 +235,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(json.dumps(report, indent=2))
     print()
     print(f"{'clients':>7} {'preset':>8} {'paced':>5} {'fps min/p50':>12} {'rt x':>5} {'ttff p50/p95 s':>15} "
-          f"{'gap p95 s':>9} {'errors':>6} {'rss MiB before/after':>21}")
+          f"{'gap p95 s':>9} {'errors':>6} {'retries':>7} {'rss MiB before/after':>21}  streams per replica")
     rss = "-" if rss_before is None else f"{rss_before:.0f}/{rss_after:.0f}"
     print(f"{args.clients:>7} {args.preset:>8} {str(args.pace):>5} {min(fps):>5.1f}/{statistics.median(fps):<6.1f} "
           f"{report['realtime_factor']:>5.2f} {report['ttff_s']['p50']:>7.3f}/{report['ttff_s']['p95']:<7.3f} "
-          f"{report['inter_chunk_p95_s']:>9.3f} {len(report['errors']):>6} {rss:>21}")
+          f"{report['inter_chunk_p95_s']:>9.3f} {len(report['errors']):>6} {report['start_retries']:>7} {rss:>21}  "
+          + " ".join(f"{k}={v}" for k, v in report["per_replica_streams"].items()))
     return report
 
 

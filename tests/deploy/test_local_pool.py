@@ -8,9 +8,12 @@ it); the SIGTERM test runs last because the replica it drains stays down.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -22,7 +25,7 @@ import pytest
 
 from clients.stream import RetryPolicy
 from streamgen.api.v1 import pb, pb_grpc
-from tests.deploy.harness import Pool, Result, established_to, nginx_or_skip, run_stream
+from tests.deploy.harness import REPO, Pool, Result, established_to, nginx_or_skip, run_stream
 
 READY_TIMEOUT_S = 180  # three replicas importing torch at once on two busy cores
 
@@ -112,6 +115,20 @@ def test_nine_streams_spread_three_per_replica_and_all_complete(pool: Pool) -> N
     _wait_idle(pool, [0, 1, 2])
     assert established_to(pool.dead_port) == 0  # type: ignore[attr-defined]
     assert sum(established_to(int(a.rsplit(":", 1)[1])) for a in _addresses(pool)) <= 9
+
+
+def test_load_benchmark_through_the_balancer_reports_each_replica(pool: Pool) -> None:
+    res = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--target", pool.balancer, "--clients", "6",
+                          "--duration-s", "2", "--warmup-s", "0", "--encoding", "jpeg"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.split("\n\n", 1)[0])  # the JSON document, then the table
+    assert report["errors"] == [] and report["start_refusals"] == report["start_retries"] == 0
+    assert set(report["per_replica_streams"]) == set(_addresses(pool)), report["per_replica_streams"]
+    assert sorted(report["per_replica_streams"].values()) == [2, 2, 2]
+    assert 0 < report["ttff_s"]["p50"] <= report["ttff_s"]["p95"] < 5 and report["fps"]["min"] > 0
+    _wait_idle(pool, [0, 1, 2])
 
 
 def test_a_call_that_sends_nothing_ends_with_its_deadline_and_frees_the_upstream(pool: Pool) -> None:
