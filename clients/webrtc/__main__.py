@@ -1,8 +1,9 @@
 """``python -m clients.webrtc``: serve the WebRTC preview page for a streamgen server.
 
-    python -m clients.webrtc --grpc 127.0.0.1:50051 [--port 8080]
+    python -m clients.webrtc --grpc 127.0.0.1:50051 [--port 8080] [--ice-server stun:HOST:PORT ...]
 
-then open http://127.0.0.1:8080 (or ``/?obs=1&prompt=...`` as an OBS Browser Source).
+then open http://127.0.0.1:8080 (or ``/?obs=1&prompt=...`` as an OBS Browser Source, or
+``/live.ts?prompt=...`` as an OBS Media Source, in ffplay or VLC; WHEP players use ``/whep``).
 Ctrl-C / SIGTERM closes every viewer (their server streams are cancelled) and exits 0.
 """
 
@@ -15,11 +16,13 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from clients.stream import ENCODINGS
 from clients.webrtc.gateway import CODECS, DEFAULT_PROMPT, Gateway, GatewayConfig
+from clients.webrtc.ice import CREDENTIAL_ENV, USERNAME_ENV, ice_servers_from
+from clients.webrtc.track import DEFAULT_MAX_LAG_S
 from streamgen.server import logs
 
 EXIT_OK, EXIT_LISTEN, EXIT_USAGE = 0, 1, 2
@@ -36,10 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
                "                          the video fills the frame; reconnects after errors (seed=N optional)\n"
                "  POST /offer             JSON {sdp, type: \"offer\", prompt?, seed?} -> the answer; errors are\n"
                "                          JSON {error} with 400 (bad offer), 502 (server down), 503 (full)\n"
+               "  POST /whep              WHEP (RFC 9725): SDP offer (application/sdp) -> 201 + SDP answer,\n"
+               "                          Location: /whep/<id>; DELETE it to stop (?prompt=TEXT&seed=N)\n"
+               "  /live.ts?prompt=TEXT    the stream as H.264 in MPEG-TS over HTTP (seed=N, fps=N optional):\n"
+               "                          OBS Media Source, ffplay, VLC; closing the connection ends the stream\n"
+               "  /config                 JSON: the ICE servers the page uses\n"
                "  /status                 JSON: the server address and the viewers\n\n"
-               "OBS: Sources -> + -> Browser; URL http://127.0.0.1:8080/?obs=1&prompt=a%20red%20mug;\n"
+               "OBS (Windows/macOS): Sources -> + -> Browser; URL http://127.0.0.1:8080/?obs=1&prompt=a%20red%20mug;\n"
                "width/height = the model's video size or a multiple; tick 'Shutdown source when not visible'\n"
-               "so hiding the source ends its stream.\n\n"
+               "so hiding the source ends its stream.\n"
+               "OBS (Linux builds without Browser Source): Sources -> + -> Media Source; untick 'Local File';\n"
+               "Input http://127.0.0.1:8080/live.ts?prompt=a%20red%20mug; Input Format mpegts.\n\n"
+               f"TURN credentials come from env {USERNAME_ENV} and {CREDENTIAL_ENV}.\n\n"
                "exit codes: 0 stopped by SIGINT/SIGTERM, 1 cannot listen on --host/--port, 2 bad arguments")
     p.add_argument("--grpc", required=True, metavar="HOST:PORT", help="address of `streamgen serve`")
     p.add_argument("--host", default="127.0.0.1",
@@ -50,7 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WebRTC video codec (default: %(default)s; VP8 plays in every browser and OBS)")
     p.add_argument("--encoding", choices=list(ENCODINGS), default="h264",
                    help="encoding asked of the gRPC server, decoded by the gateway (default: %(default)s)")
-    p.add_argument("--max-viewers", type=int, default=8, help="concurrent viewers (default: %(default)s)")
+    p.add_argument("--max-viewers", type=int, default=8,
+                   help="concurrent viewers, page, WHEP and /live.ts together (default: %(default)s)")
+    p.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                   help="STUN/TURN server for both peers (repeatable): stun:HOST[:PORT] or turn:HOST[:PORT]"
+                        f"[?transport=udp|tcp]; TURN credentials from env {USERNAME_ENV} / {CREDENTIAL_ENV} "
+                        "(default: none, host candidates only: one machine or a LAN)")
+    p.add_argument("--max-lag-ms", type=float, default=1000 * DEFAULT_MAX_LAG_S,
+                   help="live edge: skip a frame that would reach the viewer this much later than it could "
+                        "(default: %(default)g)")
+    p.add_argument("--peer-timeout-s", type=float, default=3.0,
+                   help="a viewer that sends no RTCP for this long is gone: its stream is cancelled "
+                        "(default: %(default)g)")
     p.add_argument("--token", help="bearer token for the server (default: env STREAMGEN_TOKEN)")
     p.add_argument("--tls", action="store_true", help="connect to the server with TLS")
     p.add_argument("--ca-cert", type=Path, help="CA certificate (PEM) for --tls (default: system roots)")
@@ -73,16 +95,24 @@ async def serve(config: GatewayConfig) -> None:
         await gateway.stop()
 
 
+def config_from(args: argparse.Namespace, env: Mapping[str, str]) -> GatewayConfig:
+    """The parsed command line (and the environment's token and TURN credentials) as a config.
+    Raises ValueError."""
+    if args.ca_cert is not None and not args.ca_cert.is_file():
+        raise ValueError(f"--ca-cert {args.ca_cert} is not a file")
+    return GatewayConfig(
+        grpc_target=args.grpc, host=args.host, port=args.port, codec=args.codec, encoding=args.encoding,
+        prompt=args.prompt, max_viewers=args.max_viewers,
+        ice_servers=ice_servers_from(args.ice_server, env), max_lag_ms=args.max_lag_ms,
+        peer_timeout_s=args.peer_timeout_s,
+        token=args.token or env.get("STREAMGEN_TOKEN") or None, tls=args.tls,
+        ca_cert=args.ca_cert.read_bytes() if args.ca_cert else None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.ca_cert is not None and not args.ca_cert.is_file():
-            raise ValueError(f"--ca-cert {args.ca_cert} is not a file")
-        config = GatewayConfig(
-            grpc_target=args.grpc, host=args.host, port=args.port, codec=args.codec, encoding=args.encoding,
-            prompt=args.prompt, max_viewers=args.max_viewers,
-            token=args.token or os.environ.get("STREAMGEN_TOKEN") or None, tls=args.tls,
-            ca_cert=args.ca_cert.read_bytes() if args.ca_cert else None)
+        config = config_from(args, os.environ)
     except ValueError as exc:
         print(f"python -m clients.webrtc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

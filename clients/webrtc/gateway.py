@@ -1,18 +1,18 @@
-"""The WebRTC gateway: an HTTP page + ``POST /offer``, one peer connection and one ``Generate`` call per viewer.
+"""The WebRTC gateway: the page, ``POST /offer``, WHEP, ``/live.ts``; one ``Generate`` call per viewer.
 
-A viewer's life::
+Ways in::
 
-    POST /offer {sdp, type, prompt?, seed?}
-      -> check the offer (400 + JSON message), the viewer limit (503), the server (GetModelInfo; 502)
-      -> answer with a sendonly video track (VP8 or H.264) and the page's data channel
-    peer connection "connected"
-      -> open Generate (unbounded), decode chunks, feed the paced track; stats on the data channel
-    data channel: {"type": "prompt"} -> PromptUpdate, {"type": "stop"} -> StopRequest
-    tab closed / pc closed or failed / data channel closed / stream over / never connected
-      -> cancel the Generate call (the server frees the session's pages at once), close the pc
+    GET  /                   the page (viewer.js); /?obs=1&prompt=... is the OBS Browser Source view
+    POST /offer              the page's JSON offer -> JSON answer (see :mod:`clients.webrtc.protocol`)
+    POST /whep               a WHEP player's SDP offer -> 201 + SDP answer, Location: /whep/<id>
+    DELETE /whep/<id>        ... ends it (see :mod:`clients.webrtc.whep`)
+    GET  /live.ts            MPEG-TS over HTTP for OBS's Media Source, ffplay, VLC (:mod:`clients.webrtc.live_ts`)
+    GET  /config             what the page needs before it offers: the ICE servers
+    GET  /status             JSON: the server address and the viewers
 
-Every viewer runs in its own tasks: a viewer's error (bad message, server down, server refusal)
-is logged and reported to that viewer only; the gateway keeps serving the others.
+Each offer is checked (400 + a message), then the viewer limit (503), then the server
+(GetModelInfo; 502); a :class:`~clients.webrtc.viewer.Viewer` then lives in its own tasks, so one
+viewer's error never reaches another.
 
 Logs are the server's structured lines (:mod:`streamgen.server.logs`): viewer ids, outcomes,
 counts and timings, never prompts. This module never imports the engine or the model.
@@ -20,33 +20,24 @@ counts and timings, never prompts. This module never imports the engine or the m
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import time
 import uuid
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 
-from clients.stream import ENCODINGS, OK_REASONS, StreamError, StreamRequest
+from clients.stream import ENCODINGS, StreamError, StreamRequest
+from clients.webrtc import whep
+from clients.webrtc.ice import IceServer
 from clients.webrtc.live_ts import LiveTsStream, handle_live_ts
-from clients.webrtc.protocol import (
-    MAX_OFFER_BYTES,
-    MessageError,
-    Offer,
-    OfferError,
-    parse_message,
-    parse_offer,
-    to_page,
-)
-from clients.webrtc.track import GeneratedVideoTrack
-from clients.webrtc.upstream import DecodedChunk, LiveCall, Upstream
-from streamgen.api.v1 import pb
+from clients.webrtc.protocol import MAX_OFFER_BYTES, OfferError, Refused, parse_offer
+from clients.webrtc.track import DEFAULT_MAX_LAG_S
+from clients.webrtc.upstream import Upstream
+from clients.webrtc.viewer import Viewer
 from streamgen.server.logs import event
 
 log = logging.getLogger("clients.webrtc")
@@ -75,6 +66,9 @@ class GatewayConfig:
     end_grace_s: float = 3.0              # stream over -> close the pc (the page closes it sooner)
     first_chunk_timeout_s: float = 60.0   # /live.ts: the server's first frame, else 504 (covers its queueing)
     stats_interval_s: float = 1.0
+    ice_servers: tuple[IceServer, ...] = ()  # STUN/TURN for both peers; none = host candidates only
+    max_lag_ms: float = 1000 * DEFAULT_MAX_LAG_S  # live edge: skip frames that would wait longer
+    peer_timeout_s: float = 3.0           # no RTCP from a viewer this long -> it is gone, cancel its stream
 
     def __post_init__(self) -> None:
         if not self.grpc_target or ":" not in self.grpc_target:
@@ -90,198 +84,17 @@ class GatewayConfig:
         if self.max_viewers <= 0:
             raise ValueError(f"max_viewers must be > 0, got {self.max_viewers}")
         for name in ("server_timeout_s", "connect_timeout_s", "end_grace_s", "first_chunk_timeout_s",
-                     "stats_interval_s"):
+                     "stats_interval_s", "peer_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.max_lag_ms >= 0:
+            raise ValueError(f"max_lag_ms must be >= 0, got {self.max_lag_ms}")
 
-
-class Viewer:
-    """One browser tab: its peer connection, video track, data channel and Generate call."""
-
-    def __init__(self, gateway: Gateway, viewer_id: str, pc: RTCPeerConnection, info: pb.ModelInfo,
-                 request: StreamRequest) -> None:
-        self.gateway = gateway
-        self.id = viewer_id
-        self.pc = pc
-        self.info = info
-        self.request = request
-        self.track = GeneratedVideoTrack(info.fps, max_buffered_frames=2 * max(1, info.frames_per_chunk))
-        self.created_s = time.monotonic()
-        self.session_id: str | None = None
-        self.end_reason: str | None = None
-        self.closed = False
-        self._channel: RTCDataChannel | None = None
-        self._outbox: list[str] = []
-        self._call: LiveCall | None = None
-        self._started = False
-        self._last_timing: pb.ChunkTiming | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-        @pc.on("connectionstatechange")
-        async def on_state() -> None:
-            state = pc.connectionState
-            if state == "connected":
-                self.start()
-            elif state in ("failed", "closed"):
-                await self.close(f"peer connection {state}")
-
-        @pc.on("datachannel")
-        def on_channel(channel: RTCDataChannel) -> None:
-            self.attach(channel)
-
-        self.spawn(self._close_unless_connected())
-
-    # ------------------------------------------------------------------ tasks
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            event(log, "viewer_failed", logging.ERROR, viewer=self.id, error=f"{type(exc).__name__}: {exc}")
-            self.send("error", message=f"gateway error: {type(exc).__name__}: {exc}", fatal=True)
-            self.spawn(self.close("gateway error"))
-
-    # ------------------------------------------------------------------ data channel
-    def attach(self, channel: RTCDataChannel) -> None:
-        self._channel = channel
-
-        @channel.on("open")
-        def on_open() -> None:
-            self._flush()
-
-        @channel.on("message")
-        def on_message(data: str | bytes) -> None:
-            self.on_message(data)
-
-        @channel.on("close")
-        def on_close() -> None:
-            self.spawn(self.close("data channel closed"))
-
-        self._flush()
-
-    def send(self, kind: str, **fields: Any) -> None:
-        """To the page over the data channel; queued until the channel opens."""
-        if self.closed:
-            return
-        self._outbox.append(to_page(kind, **fields))
-        self._flush()
-
-    def _flush(self) -> None:
-        channel = self._channel
-        if channel is None or channel.readyState != "open":
-            return
-        while self._outbox:
-            channel.send(self._outbox.pop(0))
-
-    def on_message(self, data: str | bytes) -> None:
-        try:
-            message = parse_message(data, self.info.max_prompt_chars or None)
-        except MessageError as exc:
-            event(log, "bad_message", logging.WARNING, viewer=self.id, error=str(exc))
-            self.send("error", message=str(exc), fatal=False)
-            return
-        if message.type == "prompt":
-            self.spawn(self._update_prompt(message.prompt))
-        else:
-            self.spawn(self._stop())
-
-    async def _update_prompt(self, prompt: str) -> None:
-        if self._call is None or not await self._call.update_prompt(prompt):
-            self.send("error", message="no stream is running: the prompt was not sent", fatal=False)
-            return
-        event(log, "prompt_sent", viewer=self.id, session=self.session_id, prompt_chars=len(prompt))
-        self.send("prompt_sent", prompt=prompt)
-
-    async def _stop(self) -> None:
-        event(log, "stop_requested", viewer=self.id, session=self.session_id)
-        if self._call is None or not await self._call.stop():
-            await self.close("stopped before the stream started")
-
-    # ------------------------------------------------------------------ the stream
-    def start(self) -> None:
-        """Open the Generate call (once the peer connection is up: no server pages for a viewer that
-        never connects) and the stats loop."""
-        if self._started or self.closed:
-            return
-        self._started = True
-        self.spawn(self._run_stream())
-        self.spawn(self._send_stats())
-
-    async def _run_stream(self) -> None:
-        call = self._call = self.gateway.upstream.open(self.request)
-        try:
-            async with contextlib.aclosing(call.events()) as events:  # aclosing: cancel the call on any exit
-                async for item in events:
-                    if isinstance(item, DecodedChunk):
-                        self._last_timing = item.chunk.timing
-                        await self.track.put(item.frames)
-                    elif isinstance(item, pb.StreamStarted):
-                        self._on_started(item)
-                    else:
-                        self._on_ended(item)
-        except StreamError as exc:
-            self.end_reason = f"error {exc.code.name}"
-            message = self.gateway.describe_error(exc)
-            event(log, "stream_failed", logging.WARNING, viewer=self.id, session=self.session_id,
-                  code=exc.code.name, error=exc.message)
-            self.send("error", message=message, fatal=True)
-        self.track.finish()
-        await asyncio.sleep(self.gateway.config.end_grace_s)  # the page closes first when it can
-        await self.close(self.end_reason or "stream over")
-
-    def _on_started(self, started: pb.StreamStarted) -> None:
-        self.session_id = started.session_id
-        if started.fps and started.fps != self.track.fps and self.track.frames_sent == 0:
-            self.track.fps = started.fps
-        event(log, "stream_started", viewer=self.id, session=started.session_id, width=started.width,
-              height=started.height, fps=started.fps, preset=started.preset)
-        self.send("started", session_id=started.session_id, width=started.width, height=started.height,
-                  fps=started.fps, preset=started.preset, codec=self.gateway.config.codec)
-
-    def _on_ended(self, ended: pb.StreamEnded) -> None:
-        reason = pb.StreamEnded.Reason.Name(ended.reason)
-        self.end_reason = reason
-        level = logging.INFO if ended.reason in OK_REASONS else logging.WARNING
-        event(log, "stream_ended", level, viewer=self.id, session=self.session_id, reason=reason,
-              frames=ended.frames_sent, message=ended.message)
-        self.send("ended", reason=reason, message=ended.message, frames=ended.frames_sent)
-
-    async def _send_stats(self) -> None:
-        while not self.closed:
-            await asyncio.sleep(self.gateway.config.stats_interval_s)
-            timing = self._last_timing
-            chunk_ms = None if timing is None else round(timing.generate_ms + timing.decode_ms + timing.encode_ms, 1)
-            self.send("stats", **self.track.stats(), chunk_ms=chunk_ms, buffered_frames=self.track.buffered_frames)
-
-    async def _close_unless_connected(self) -> None:
-        await asyncio.sleep(self.gateway.config.connect_timeout_s)
-        if not self._started:
-            await self.close(f"not connected within {self.gateway.config.connect_timeout_s:g} s")
-
-    # ------------------------------------------------------------------ tear-down
-    async def close(self, reason: str) -> None:
-        """Cancel the Generate call (frees the server session), close the pc; idempotent."""
-        if self.closed:
-            return
-        self.closed = True
-        current = asyncio.current_task()
-        for task in list(self._tasks):
-            if task is not current:
-                task.cancel()
-        self.track.stop()
-        with contextlib.suppress(Exception):
-            await self.pc.close()
-        self.gateway.viewers.pop(self.id, None)
-        event(log, "viewer_closed", viewer=self.id, session=self.session_id, reason=reason,
-              frames=self.track.frames_sent, duration_s=round(time.monotonic() - self.created_s, 3))
-
-    def status(self) -> dict[str, Any]:
-        return {"id": self.id, "connection": self.pc.connectionState, "session_id": self.session_id,
-                "frames": self.track.frames_sent, "end_reason": self.end_reason}
+    def rtc_configuration(self) -> RTCConfiguration:
+        """The gateway's peer configuration. With no ICE servers configured, none at all: aiortc's
+        default would be a public STUN server, and a gateway without them serves hosts that reach it
+        directly (loopback, LAN, a published port)."""
+        return RTCConfiguration(iceServers=[server.to_aiortc() for server in self.ice_servers])
 
 
 class Gateway:
@@ -313,8 +126,10 @@ class Gateway:
         app.router.add_get("/", self.index)
         app.router.add_get("/viewer.js", self.script)
         app.router.add_post("/offer", self.offer)
+        app.router.add_get("/config", self.page_config)
         app.router.add_get("/status", self.status)
         app.router.add_get("/live.ts", self.live_ts)
+        whep.add_routes(app, self)
         return app
 
     def num_viewers(self) -> int:
@@ -355,6 +170,10 @@ class Gateway:
                                   "viewers": [v.status() for v in [*self.viewers.values(),
                                                                    *self.live_streams.values()]]})
 
+    async def page_config(self, request: web.Request) -> web.Response:
+        return web.json_response({"iceServers": [server.to_page() for server in self.config.ice_servers]},
+                                 headers={"Cache-Control": "no-store"})
+
     async def live_ts(self, request: web.Request) -> web.StreamResponse:
         return await handle_live_ts(self, request)
 
@@ -362,51 +181,54 @@ class Gateway:
         viewer_id = uuid.uuid4().hex[:8]
         try:
             offer = parse_offer(await _read_body(request, MAX_OFFER_BYTES))
+            viewer = await self.negotiate(viewer_id, offer.sdp, offer.prompt, offer.seed, kind="webrtc")
         except OfferError as exc:
             return _reject(400, viewer_id, str(exc))
+        except Refused as exc:
+            return _reject(exc.status, viewer_id, str(exc), **exc.fields)
+        return web.json_response({"sdp": viewer.pc.localDescription.sdp, "type": viewer.pc.localDescription.type,
+                                  "viewer": viewer_id})
+
+    async def negotiate(self, viewer_id: str, sdp: str, prompt: str | None, seed: int, kind: str) -> Viewer:
+        """Check the limits and the server, answer ``sdp`` with a new viewer (its pc's localDescription).
+        Raises :class:`Refused` (with the HTTP status) or OfferError (400)."""
         if self.num_viewers() >= self.config.max_viewers:
-            return _reject(503, viewer_id, f"the gateway is full ({self.config.max_viewers} viewers); try later")
+            raise Refused(503, f"the gateway is full ({self.config.max_viewers} viewers); try later")
         try:
             info = await self.upstream.model_info(timeout_s=self.config.server_timeout_s)
         except StreamError as exc:
-            return _reject(502, viewer_id, self.describe_error(exc), code=exc.code.name)
-        if offer.prompt is not None and info.max_prompt_chars and len(offer.prompt) > info.max_prompt_chars:
-            return _reject(400, viewer_id, f"\"prompt\" has {len(offer.prompt)} characters; "
-                                           f"the server's limit is {info.max_prompt_chars}")
-        return await self._answer(viewer_id, offer, info)
-
-    async def _answer(self, viewer_id: str, offer: Offer, info: pb.ModelInfo) -> web.Response:
+            raise Refused(502, self.describe_error(exc), code=exc.code.name) from None
+        if prompt is not None and info.max_prompt_chars and len(prompt) > info.max_prompt_chars:
+            raise OfferError(f"\"prompt\" has {len(prompt)} characters; the server's limit is {info.max_prompt_chars}")
         codec = CODECS[self.config.codec]
-        if f" {codec.split('/')[1].lower()}/90000" not in offer.sdp.lower():
-            return _reject(400, viewer_id, f"the browser offered no {self.config.codec.upper()} video; "
-                                           f"start the gateway with another --codec ({', '.join(CODECS)})")
-        # No ICE servers: aiortc's default would be a public STUN server; a gateway serves hosts
-        # that reach it directly (loopback, LAN, a published port).
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        request = StreamRequest(prompt=offer.prompt or self.config.prompt, seed=offer.seed, num_frames=0,
+        if f" {codec.split('/')[1].lower()}/90000" not in sdp.lower():
+            raise OfferError(f"the browser offered no {self.config.codec.upper()} video; "
+                             f"start the gateway with another --codec ({', '.join(CODECS)})")
+        pc = RTCPeerConnection(self.config.rtc_configuration())
+        request = StreamRequest(prompt=prompt or self.config.prompt, seed=seed, num_frames=0,
                                 encoding=self.config.encoding)
         viewer: Viewer | None = None
         try:
-            viewer = Viewer(self, viewer_id, pc, info, request)
+            viewer = Viewer(self, viewer_id, pc, info, request, kind=kind)
             # The sending transceiver exists before the offer is applied: aiortc picks the codecs
             # when it applies the offer, so the preference (our codec + its retransmission format)
             # must already be set then. The offer's recvonly video section binds to it.
             transceiver = pc.addTransceiver(viewer.track, direction="sendonly")
             transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs
                                              if c.mimeType in (codec, "video/rtx")])
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
+            viewer.sender = transceiver.sender
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:  # aiortc raises ValueError / OperationError / others for SDP it cannot use
             if viewer is not None:
                 await viewer.close("unusable offer")
             with contextlib.suppress(Exception):
                 await pc.close()
-            return _reject(400, viewer_id, f"the offer could not be used: {type(exc).__name__}: {exc}")
+            raise OfferError(f"the offer could not be used: {type(exc).__name__}: {exc}") from None
         self.viewers[viewer_id] = viewer
-        event(log, "viewer_connecting", viewer=viewer_id, viewers=len(self.viewers), seed=offer.seed,
+        event(log, "viewer_connecting", viewer=viewer_id, kind=kind, viewers=self.num_viewers(), seed=seed,
               prompt_chars=len(request.prompt))
-        return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
-                                  "viewer": viewer_id})
+        return viewer
 
     def describe_error(self, exc: StreamError) -> str:
         """A message for the page and the log: what failed and what to do about it."""

@@ -59,11 +59,13 @@ class LiveQuery:
     fps: int = 0         # 0: the model's native rate
 
 
-def parse_query(query: Mapping[str, str], max_prompt_chars: int | None = None) -> LiveQuery:
-    """Check ``/live.ts``'s query parameters. Raises :class:`QueryError`."""
-    unknown = sorted(set(query) - set(QUERY_KEYS))
+def parse_query(query: Mapping[str, str], max_prompt_chars: int | None = None,
+                keys: tuple[str, ...] = QUERY_KEYS) -> LiveQuery:
+    """Check ``/live.ts``'s query parameters (or those of ``POST /whep``, which takes ``keys``
+    prompt and seed only). Raises :class:`QueryError`."""
+    unknown = sorted(set(query) - set(keys))
     if unknown:
-        raise QueryError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; valid: {', '.join(QUERY_KEYS)}")
+        raise QueryError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; valid: {', '.join(keys)}")
     prompt = query.get("prompt")
     if prompt is not None:
         try:

@@ -33,6 +33,16 @@ class OfferError(ValueError):
     """A malformed ``POST /offer`` body; the message tells the page what to fix."""
 
 
+class Refused(Exception):
+    """An offer the gateway cannot take now: HTTP ``status`` 502 (server) or 503 (full), a message for
+    the viewer, and extra ``fields`` for the JSON error (e.g. the gRPC code)."""
+
+    def __init__(self, status: int, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.fields = fields
+
+
 class MessageError(ValueError):
     """A data-channel message the gateway does not understand."""
 
@@ -69,7 +79,7 @@ def parse_offer(body: bytes, max_prompt_chars: int | None = None) -> Offer:
     sdp = data.get("sdp")
     if not isinstance(sdp, str) or not sdp.strip():
         raise OfferError("\"sdp\" must be a non-empty string (RTCPeerConnection.localDescription.sdp)")
-    _check_sdp(sdp)
+    check_sdp(sdp)
     prompt = data.get("prompt")
     if prompt is not None:
         prompt = check_prompt(prompt, max_prompt_chars, OfferError)
@@ -79,7 +89,7 @@ def parse_offer(body: bytes, max_prompt_chars: int | None = None) -> Offer:
     return Offer(sdp=sdp, prompt=prompt, seed=seed)
 
 
-def _check_sdp(sdp: str) -> None:
+def check_sdp(sdp: str) -> None:
     lines = [line.strip() for line in sdp.splitlines() if line.strip()]
     if not lines or lines[0] != "v=0":
         raise OfferError("\"sdp\" is not a session description (it must start with \"v=0\")")

@@ -1,5 +1,6 @@
-// streamgen live viewer: negotiates WebRTC with the gateway (POST /offer, no trickle ICE), plays the
-// generated video, sends prompt changes and stop on the "control" data channel, shows live stats.
+// streamgen live viewer: negotiates WebRTC with the gateway (POST /offer, no trickle ICE; the ICE
+// servers come from GET /config), plays the generated video, sends prompt changes and stop on the
+// "control" data channel, shows live stats and where the latency goes.
 // URL parameters: prompt=TEXT (initial prompt), seed=N, obs=1 (clean OBS view: starts by itself,
 // no controls, reconnects every few seconds after an error or the end of a stream).
 "use strict";
@@ -13,12 +14,18 @@ const els = { form: $("controls"), prompt: $("prompt"), send: $("send"), toggle:
 
 // For the console (and the browser test): what this page is doing, the gateway's last messages, and
 // send(message) to put any message on the data channel.
-const viewer = window.streamgen = { state: "idle", sessionId: null, messages: [], error: null, send: sendMessage };
+// latency: per received frame {gatewayMs, jitterMs}: the gateway's share (ready at the gateway ->
+// received here, both Unix ms) and the jitter buffer + decode (received -> shown).
+const viewer = window.streamgen = { state: "idle", sessionId: null, messages: [], error: null, send: sendMessage,
+                                    pcConfig: null, latency: [] };
 let pc = null;
 let channel = null;
 let statsTimer = null;
 let retryTimer = null;
 let gatewayStats = {};
+let sentFrames = new Map();   // RTP pts (gateway's, before the sender's random offset) -> {ready, sent}
+let rtpOffset = null;         // RTP timestamp - gateway pts, found by matching (see matchOffset)
+let seen = [];                // recent {rtp, received, shown} from requestVideoFrameCallback
 
 function sendMessage(message) {
   if (!channel || channel.readyState !== "open") return false;
@@ -45,6 +52,7 @@ function fail(message) {
 }
 
 function teardown() {
+  document.body.classList.remove("playing");
   clearInterval(statsTimer);
   statsTimer = null;
   if (channel) channel.onclose = null;
@@ -53,6 +61,51 @@ function teardown() {
   pc = null;
   channel = null;
   setState("idle");
+}
+
+async function pcConfig() {
+  const res = await fetch("/config");
+  if (!res.ok) throw new Error(`the gateway answered HTTP ${res.status} for /config`);
+  return { iceServers: (await res.json()).iceServers || [] };
+}
+
+// RTP timestamp = gateway pts + a random 32-bit offset chosen by the sender: the offset is the
+// difference that most (received frame, sent frame) pairs share.
+function matchOffset() {
+  const counts = new Map();
+  let best = null, bestCount = 0;
+  for (const f of seen.slice(-30)) {
+    for (const pts of Array.from(sentFrames.keys()).slice(-60)) {
+      const d = (f.rtp - pts) >>> 0;
+      const c = (counts.get(d) || 0) + 1;
+      counts.set(d, c);
+      if (c > bestCount) { best = d; bestCount = c; }
+    }
+  }
+  return bestCount >= 3 ? best : null;
+}
+
+function onFrame(now, meta) {
+  if (meta.rtpTimestamp !== undefined && meta.receiveTime !== undefined) {
+    const received = performance.timeOrigin + meta.receiveTime;
+    const shown = performance.timeOrigin + (meta.presentationTime ?? now);
+    seen.push({ rtp: meta.rtpTimestamp, received, shown });
+    if (seen.length > 200) seen.shift();
+    if (rtpOffset === null) rtpOffset = matchOffset();
+    const sent = rtpOffset === null ? undefined : sentFrames.get((meta.rtpTimestamp - rtpOffset) >>> 0);
+    if (sent) {
+      viewer.latency.push({ gatewayMs: received - sent.ready, pacingMs: sent.sent - sent.ready,
+                            jitterMs: shown - received });
+      if (viewer.latency.length > 600) viewer.latency.shift();
+    }
+  }
+  if (pc) els.video.requestVideoFrameCallback(onFrame);
+}
+
+function median(values) {
+  if (!values.length) return null;
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)];
 }
 
 function waitForIceGathering(conn, timeoutMs) {
@@ -73,7 +126,18 @@ async function start() {
   setState("connecting");
   setStatus("connecting to the gateway...");
   viewer.error = null;
-  const conn = pc = new RTCPeerConnection({ iceServers: [] });
+  let config;
+  try {
+    config = viewer.pcConfig = await pcConfig();
+  } catch (err) {
+    fail(err instanceof TypeError ? `the gateway is unreachable (${err.message})` : err.message);
+    return;
+  }
+  if (viewer.state !== "connecting") return;  // stopped meanwhile
+  sentFrames = new Map();
+  rtpOffset = null;
+  seen = [];
+  const conn = pc = new RTCPeerConnection({ iceServers: config.iceServers });
   conn.addTransceiver("video", { direction: "recvonly" });
   channel = conn.createDataChannel("control");
   channel.onmessage = (e) => onMessage(e.data);
@@ -81,6 +145,7 @@ async function start() {
   conn.ontrack = (e) => {
     els.video.srcObject = e.streams[0] || new MediaStream([e.track]);
     els.video.play().catch(() => {});  // muted autoplay is allowed; a refusal only means no gesture yet
+    if ("requestVideoFrameCallback" in els.video) els.video.requestVideoFrameCallback(onFrame);
   };
   conn.onconnectionstatechange = () => {
     if (pc === conn && conn.connectionState === "failed") fail("the WebRTC connection to the gateway failed");
@@ -138,6 +203,8 @@ function onMessage(text) {
       break;
     case "stats":
       gatewayStats = msg;
+      for (const [pts, ready, sent] of msg.sent || []) sentFrames.set(pts, { ready, sent });
+      while (sentFrames.size > 400) sentFrames.delete(sentFrames.keys().next().value);
       break;
     case "prompt_sent":
       setStatus(`prompt sent; it takes over at the next chunk: "${msg.prompt}"`);
@@ -149,6 +216,7 @@ function onMessage(text) {
       teardown();
       setStatus(`stream ended: ${msg.reason.replace("REASON_", "").toLowerCase()}` +
                 (msg.message ? ` (${msg.message})` : "") + `, ${msg.frames} frames`);
+      els.stats.textContent = els.stats.textContent.replace(/frames \d+/, `frames ${msg.frames}`);
       if (OBS) retryTimer = setTimeout(start, RETRY_MS);
       break;
   }
@@ -157,26 +225,28 @@ function onMessage(text) {
 async function showStats() {
   if (!pc) return;
   let fps = null;
-  let jitterMs = null;
   let report;
   try { report = await pc.getStats(); } catch { return; }  // closed meanwhile
   report.forEach((s) => {
-    if (s.type === "inbound-rtp" && s.kind === "video") {
-      fps = s.framesPerSecond ?? null;
-      if (s.jitterBufferEmittedCount) jitterMs = 1000 * s.jitterBufferDelay / s.jitterBufferEmittedCount;
-    }
+    if (s.type === "inbound-rtp" && s.kind === "video") fps = s.framesPerSecond ?? null;
   });
   const g = gatewayStats;
   const fmt = (v, digits = 0) => (v === null || v === undefined ? "-" : Number(v).toFixed(digits));
-  // Latency: how long a frame waited in the gateway after the server sent it, plus the browser's
-  // jitter buffer. The server's own lead over playback (pacing) comes before that.
-  const latency = g.buffer_ms !== undefined && g.buffer_ms !== null && jitterMs !== null
-    ? g.buffer_ms + jitterMs : null;
+  // Where the time goes, medians over the last 2 s: the server's chunk (generate + VAE + encode),
+  // then the gateway's share (ready -> received here: its pacing wait, the WebRTC encoder and the
+  // network), then this browser's jitter buffer and decoder.
+  const recent = viewer.latency.slice(-32);
+  const gatewayMs = median(recent.map((l) => l.gatewayMs));
+  const pacingMs = median(recent.map((l) => l.pacingMs));
+  const jitterMs = median(recent.map((l) => l.jitterMs));
+  const total = gatewayMs !== null && jitterMs !== null ? gatewayMs + jitterMs : null;
+  const networkMs = gatewayMs !== null && pacingMs !== null ? gatewayMs - pacingMs : null;
   els.stats.textContent =
-    `fps ${fmt(fps, 1)} (sent ${fmt(g.fps, 1)}) · latency ${fmt(latency)} ms ` +
-    `(gateway ${fmt(g.buffer_ms)} + jitter buffer ${fmt(jitterMs)}) · chunk ${fmt(g.chunk_ms)} ms · ` +
+    `fps ${fmt(fps, 1)} (sent ${fmt(g.fps, 1)}) · latency ${fmt(total)} ms after generation ` +
+    `(gateway ${fmt(gatewayMs)}: pacing ${fmt(pacingMs)} + encode/network ${fmt(networkMs)}; ` +
+    `jitter buffer ${fmt(jitterMs)}) · chunk ${fmt(g.chunk_ms)} ms · ` +
     `first frame ${g.ttff_ms === null || g.ttff_ms === undefined ? "-" : (g.ttff_ms / 1000).toFixed(2) + " s"} · ` +
-    `frames ${fmt(g.frames)}`;
+    `frames ${fmt(g.frames)}` + (g.skipped ? ` (${g.skipped} skipped to stay live)` : "");
 }
 
 els.form.addEventListener("submit", (e) => {
@@ -185,6 +255,9 @@ els.form.addEventListener("submit", (e) => {
   if (prompt) sendMessage({ type: "prompt", prompt });
 });
 els.toggle.addEventListener("click", () => (viewer.state === "idle" ? start() : stop()));
+// The OBS view shows its status line ("connecting...", "waiting for the first frames...") over the
+// black frame until the video really plays, so a source that is still connecting is not a mystery.
+els.video.addEventListener("playing", () => { if (pc) document.body.classList.add("playing"); });
 // Closing the tab or navigating away: close the pc now so the server frees the session at once.
 window.addEventListener("pagehide", teardown);
 

@@ -146,6 +146,31 @@ def test_track_paces_frames_on_the_fps_clock_and_shifts_pts_after_a_stall() -> N
     assert [s[2] for s in shapes] == [(i * 48) % 256 for i in range(12)]  # in order, none lost
 
 
+def test_track_skips_to_the_live_edge_when_chunks_arrive_ahead_of_its_clock() -> None:
+    fps, chunk = 50, 10
+
+    async def scenario() -> tuple[GeneratedVideoTrack, list[float]]:
+        track = GeneratedVideoTrack(fps, max_buffered_frames=100, max_lag_s=0.05)
+        frames = np.zeros((chunk, 4, 4, 3), dtype=np.uint8)
+        # A paced server's start: three chunks in a burst (each 0.2 s of video, 20 ms apart), then one
+        # chunk every 0.2 s. Playing every frame on the track's clock would leave it ~0.4 s behind.
+        for _ in range(3):
+            await track.put(frames)
+            await asyncio.sleep(0.02)
+        lags = []
+        for i in range(6 * chunk):
+            if i and i % chunk == 0:
+                await track.put(frames)
+            await track.recv()
+            lags.append(track.stats()["pacing_ms"])
+        return track, lags
+
+    track, lags = asyncio.run(scenario())
+    assert 15 <= track.frames_skipped <= 25                 # the burst's lead, skipped once
+    assert track.stats()["pacing_ms"] <= 50 + 10            # then at the live edge
+    assert track.frames_sent == 6 * chunk
+
+
 # ---------------------------------------------------------------------------------------- gateway
 
 
