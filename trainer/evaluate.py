@@ -153,7 +153,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             frechet = frechet_by_window(next(iter(sets.values())), sets["reference (rendered)"], cfg)
             if not frechet:
-                meta["frechet"] = f"skipped: fewer than {cfg.min_frechet_samples} clips per window position"
+                meta["frechet"] = (f"skipped: fewer than {2 * cfg.frechet_dims} clips per window position "
+                                   f"(on {cfg.frechet_dims} principal components of the classifier features)")
     meta["wall time (s)"] = round(time.time() - t0, 1)
     paths = write_report(args.out, args.out.name, sets, frechet, videos[0].fps, meta, cfg, classifier_accuracy)
     return {"out": str(args.out), **{k: str(v) for k, v in paths.items()},

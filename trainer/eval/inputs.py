@@ -162,7 +162,7 @@ def render_reference(prompts: Sequence[str | None], num_frames: int, size: int, 
             with contextlib.suppress(ValueError):
                 spec = parse_caption(prompt)
         clip = render_clip(spec, num_frames, height=size, width=size, fps=fps, seed=render_seed)
-        videos.append(Video(f"rendered_{i:04d}", clip.frames, fps, caption(spec)))
+        videos.append(Video(f"rendered_{i:04d}", clip.frames, fps, caption(spec), clip.mask.mean(axis=(1, 2))))
     return videos
 
 

@@ -34,13 +34,20 @@ from trainer.eval.classifier import (
     window,
     window_starts,
 )
-from trainer.eval.frechet import SQRTM_BACKENDS, FrechetResult, frechet_distance
+from trainer.eval.frechet import (
+    MIN_SAMPLES_PER_DIM,
+    SQRTM_BACKENDS,
+    FrechetResult,
+    frechet_distance,
+    pca_projection,
+)
 from trainer.eval.oracle import MetricResult, OracleConfig, frames_for, oracle_metrics, window_means
 
 FIRST_WINDOW_KEYS: tuple[str, ...] = ("camera",)
 # Per-frame series that are labels, not quantities: never averaged into drift curves.
 CATEGORICAL_SERIES: frozenset[str] = frozenset({"nearest_colour_index"})
 WHOLE_CLIP_KEYS: tuple[str, ...] = tuple(k for k in ATTRIBUTE_KEYS if k not in FIRST_WINDOW_KEYS)
+TRUE_AREA_CURVE = "truth/object_area"  # per-window true object area of a rendered clip
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,9 @@ class SuiteConfig:
     oracle: OracleConfig = field(default_factory=OracleConfig)
     hop_seconds: float = 1.0  # between classifier windows
     frechet_backend: str = "eigh"
-    min_frechet_samples: int = 8  # per set, for a Frechet distance at one window position
+    # The Frechet distance is taken on the reference's top principal components of the classifier
+    # features (its 256 dimensions would need 512+ clips per set): 16 need 32 clips per window position.
+    frechet_dims: int = 16
     classifier_batch: int = 32
 
     def __post_init__(self) -> None:
@@ -58,18 +67,23 @@ class SuiteConfig:
             raise ValueError(f"SuiteConfig.hop_seconds must be > 0, got {self.hop_seconds}")
         if self.frechet_backend not in SQRTM_BACKENDS:
             raise ValueError(f"unknown frechet_backend {self.frechet_backend!r}; valid: {list(SQRTM_BACKENDS)}")
-        if self.min_frechet_samples < 2:
-            raise ValueError("SuiteConfig.min_frechet_samples must be >= 2")
+        if self.frechet_dims < 1:
+            raise ValueError("SuiteConfig.frechet_dims must be >= 1")
 
 
 @dataclass(frozen=True)
 class Video:
-    """One clip to evaluate: uint8 ``frames [N, H, W, 3]`` at ``fps``, with its prompt if known."""
+    """One clip to evaluate: uint8 ``frames [N, H, W, 3]`` at ``fps``, with its prompt if known.
+
+    ``object_area``: the true object area per frame ``[N]`` (fraction of the frame), known only
+    for rendered clips; it lets a comparison check what the segmentation reads against the truth.
+    """
 
     name: str
     frames: np.ndarray
     fps: float
     prompt: str | None = None
+    object_area: np.ndarray | None = None
 
 
 @dataclass
@@ -137,6 +151,8 @@ def evaluate_clip(video: Video, model: AttributeClassifier | None = None, cfg: S
     curves = {f"{name}/{series}": window_means(values, window_frames)
               for name, m in metrics.items() for series, values in m.per_frame.items()
               if series not in CATEGORICAL_SERIES}
+    if video.object_area is not None:
+        curves[TRUE_AREA_CURVE] = window_means(np.asarray(video.object_area, dtype=np.float64), window_frames)
     classified = None
     if model is not None:
         classified = classify_clip(video.frames, video.fps, model, attributes, cfg)
@@ -205,7 +221,12 @@ def evaluate_set(videos: Sequence[Video], model: AttributeClassifier | None = No
 
 def frechet_by_window(generated: SetEvaluation, reference: SetEvaluation, cfg: SuiteConfig | None = None
                       ) -> dict[int, FrechetResult]:
-    """Frechet distance of classifier features per window start frame present in both sets with enough clips."""
+    """Frechet distance per window start frame present in both sets with enough clips.
+
+    On the reference's top ``cfg.frechet_dims`` principal components of the classifier features
+    (:func:`~trainer.eval.frechet.pca_projection`); a window position with fewer than
+    ``MIN_SAMPLES_PER_DIM * frechet_dims`` clips on either side is left out, never reported biased.
+    """
     cfg = cfg or SuiteConfig()
 
     def by_start(s: SetEvaluation) -> dict[int, list[np.ndarray]]:
@@ -220,6 +241,9 @@ def frechet_by_window(generated: SetEvaluation, reference: SetEvaluation, cfg: S
     gen, ref = by_start(generated), by_start(reference)
     results = {}
     for start in sorted(set(gen) & set(ref)):
-        if min(len(gen[start]), len(ref[start])) >= cfg.min_frechet_samples:
-            results[start] = frechet_distance(np.stack(gen[start]), np.stack(ref[start]), cfg.frechet_backend)
+        g, r = np.stack(gen[start]), np.stack(ref[start])
+        dims = min(cfg.frechet_dims, r.shape[1])
+        if min(len(g), len(r)) >= math.ceil(MIN_SAMPLES_PER_DIM * dims) and len(r) > dims:
+            mean, axes = pca_projection(r, dims)
+            results[start] = frechet_distance((g - mean) @ axes, (r - mean) @ axes, cfg.frechet_backend)
     return results

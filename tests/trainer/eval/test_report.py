@@ -43,7 +43,7 @@ def test_clip_evaluation_curves_and_adherence(small_videos: list[Video], tiny_cl
 
 
 def test_report_files(tmp_path: Path, small_videos: list[Video], tiny_classifier: AttributeClassifier) -> None:
-    cfg = SuiteConfig(min_frechet_samples=2)
+    cfg = SuiteConfig(frechet_dims=1)
     over = [Video(v.name + "_bright", brighten(v.frames, 3.0), v.fps, v.prompt) for v in small_videos]
     generated = evaluate_set(over, tiny_classifier, cfg)
     reference = evaluate_set(small_videos, tiny_classifier, cfg)

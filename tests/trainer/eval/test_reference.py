@@ -1,0 +1,140 @@
+"""A generated set against its rendered reference, on constructed evaluations (no rendering, no model)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from trainer.data.attributes import ATTRIBUTE_KEYS, ATTRIBUTE_VALUES
+from trainer.data.captions import caption
+from trainer.data.dataset import clip_identity
+from trainer.eval.reference import (
+    ReferenceConfig,
+    attribute_adherence,
+    set_stability,
+    stability_against_reference,
+    summarise_against_reference,
+)
+from trainer.eval.suite import TRUE_AREA_CURVE, ClassifierEvaluation, ClipEvaluation, SetEvaluation, aggregate
+
+CFG = ReferenceConfig(num_resamples=200, frechet_resamples=20)
+
+
+def _clip(i: int, attributes: dict[str, str], curves: dict[str, np.ndarray],
+          first: dict[str, str] | None = None, last: dict[str, str] | None = None,
+          features: np.ndarray | None = None) -> ClipEvaluation:
+    first = first or attributes
+    last = last or first
+    feats = features if features is not None else np.zeros((2, 4))
+    classified = ClassifierEvaluation([0, 16], [first, last], feats, None, None)
+    return ClipEvaluation(f"clip{i}", caption_of(attributes), attributes, 32, 16.0, {}, 1.0, curves, classified)
+
+
+def caption_of(attributes: dict[str, str]) -> str:
+    from trainer.data.attributes import ClipSpec
+
+    return caption(ClipSpec(**attributes))
+
+
+def _attrs(n: int, seed: int = 0) -> list[dict[str, str]]:
+    return [dict(clip_identity(seed, "train", i)[0].__dict__) for i in range(n)]
+
+
+def _set(clips: list[ClipEvaluation]) -> SetEvaluation:
+    return aggregate(clips)
+
+
+def _other(key: str, value: str) -> str:
+    return next(v for v in ATTRIBUTE_VALUES[key] if v != value)
+
+
+def test_opposite_drifts_cancel_in_the_set_mean_but_are_flagged() -> None:
+    rng = np.random.default_rng(0)
+    reference = rng.normal(1.0, 0.03, 32)
+    generated = np.where(np.arange(32) % 2 == 0, 1.5, 0.6)  # half grow, half shrink
+    assert abs(generated.mean() - 1.0) < 0.2  # the old set-mean test would have passed it
+    result = stability_against_reference("subject area", generated, reference, CFG)
+    assert result.flagged and result.share_outside.value == 1.0
+    assert result.median_abs_deviation.value > 0.3
+
+
+def test_a_set_matching_the_references_own_drift_is_not_flagged() -> None:
+    rng = np.random.default_rng(1)
+    reference = rng.uniform(0.08, 0.2, 32)  # the renderer's camera moves ease out: motion falls to ~0.13
+    generated = reference * rng.normal(1.0, 0.02, 32)
+    result = stability_against_reference("motion", generated, reference, CFG)
+    assert not result.flagged and result.share_outside.value <= 0.2
+    assert result.median_abs_deviation.high < 0.01
+    # Tested against 1 instead, every clip would have "drifted".
+    assert np.all(np.abs(generated - 1.0) > 0.2)
+
+
+def test_stability_with_too_few_defined_ratios_is_not_judged() -> None:
+    result = stability_against_reference("luma", [1.0, math.nan], [1.0, 1.1], CFG)
+    assert not result.flagged and "not judged" in result.note and math.isnan(result.share_outside.value)
+
+
+def test_set_stability_pairs_clips_by_caption_and_drops_misread_areas() -> None:
+    attrs = _attrs(12)
+    ref_clips, gen_clips = [], []
+    for i, a in enumerate(attrs):
+        truth = np.array([0.2, 0.1])  # the object truly halves
+        read = np.array([0.2, 0.2]) if i == 0 else truth  # clip 0: the segmentation misreads it
+        ref_clips.append(_clip(i, a, {"subject_drift/area_fraction": read, TRUE_AREA_CURVE: truth,
+                                      "overexposure/luma": np.array([0.5, 0.5])}))
+        gen_clips.append(_clip(i, a, {"subject_drift/area_fraction": np.array([0.2, 0.4]),
+                                      "overexposure/luma": np.array([0.5, 0.5])}))
+    stability = set_stability(_set(gen_clips), _set(ref_clips), CFG)
+    area = stability["subject area"]
+    assert area.num_judged == 11 and math.isnan(area.ratios[0]) and "1 captions unmeasured" in area.note
+    assert area.flagged  # grew 2x where the truth halves
+    assert not stability["luma"].flagged
+    with pytest.raises(ValueError, match="do not share a caption"):
+        set_stability(_set(gen_clips[1:] + gen_clips[:1]), _set(ref_clips), CFG)
+
+
+def test_unmeasured_attribute_is_excluded_from_the_mean() -> None:
+    attrs = _attrs(40)
+    rng = np.random.default_rng(2)
+    ref_clips, gen_clips = [], []
+    for i, a in enumerate(attrs):
+        # The classifier reads material at chance on rendered clips, everything else right.
+        read = dict(a, material=str(rng.choice(ATTRIBUTE_VALUES["material"])))
+        ref_clips.append(_clip(i, a, {}, read))
+        # The generated clips get every attribute right except material, which is always wrong.
+        gen_clips.append(_clip(i, a, {}, dict(a, material=_other("material", a["material"]))))
+    generated, reference = _set(gen_clips), _set(ref_clips)
+    per = attribute_adherence(generated, reference, "first", CFG)
+    assert not per["material"].measured and per["material"].generated.value == 0.0
+    assert all(per[k].measured for k in ATTRIBUTE_KEYS if k != "material")
+    summary = summarise_against_reference(generated, reference, CFG)
+    assert "material" not in summary.measured["first"]
+    assert summary.adherence_mean["first"].value == pytest.approx(1.0)
+    assert summary.as_dict()["unmeasured"]["first"] == ["material"]
+
+
+def test_last_window_adherence_is_the_last_windows() -> None:
+    attrs = _attrs(16)
+    ref_clips = [_clip(i, a, {}) for i, a in enumerate(attrs)]
+    # Right at the start, the colour lost by the end.
+    gen_clips = [_clip(i, a, {}, a, dict(a, colour=_other("colour", a["colour"]))) for i, a in enumerate(attrs)]
+    summary = summarise_against_reference(_set(gen_clips), _set(ref_clips), CFG)
+    assert summary.adherence["first"]["colour"].generated.value == 1.0
+    assert summary.adherence["last"]["colour"].generated.value == 0.0
+    assert summary.adherence["last"]["colour"].rendered.value == 1.0
+
+
+def test_distances_report_kid_and_refuse_frechet_below_its_sample_count() -> None:
+    rng = np.random.default_rng(3)
+    attrs = _attrs(16)
+    ref_clips = [_clip(i, a, {}, features=rng.normal(size=(2, 40))) for i, a in enumerate(attrs)]
+    gen_clips = [_clip(i, a, {}, features=rng.normal(size=(2, 40)) + 1.0) for i, a in enumerate(attrs)]
+    summary = summarise_against_reference(_set(gen_clips), _set(ref_clips), CFG)
+    d = summary.distances["first"]
+    assert d.kid is not None and d.kid.low > 0
+    assert d.frechet is None and "needs 32 clips per set, got 16" in d.note
+    small = ReferenceConfig(num_resamples=50, frechet_resamples=10, frechet_dims=4)
+    d4 = summarise_against_reference(_set(gen_clips), _set(ref_clips), small).distances["first"]
+    assert d4.frechet is not None and d4.frechet.value > 0
