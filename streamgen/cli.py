@@ -1,4 +1,4 @@
-"""Command line: ``streamgen serve | generate | info``.
+"""Command line: ``streamgen serve | generate | info | convert``.
 
 Each sub-command validates its arguments before doing any work and exits non-zero with a
 one-line message on bad input (``ValueError`` -> exit 2). Heavy imports (torch, the text
@@ -8,6 +8,7 @@ encoder) happen inside the commands so that ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -39,6 +40,9 @@ def _add_preset(p: argparse._ActionsContainer) -> None:
 def _add_model(p: argparse._ActionsContainer, random_init_help: str) -> None:
     """The flags that choose the weights and how they run (``generate`` and ``serve`` alike)."""
     _add_preset(p)
+    p.add_argument("--model", type=Path,
+                   help="a streamgen model directory (model.json; see `streamgen convert`), instead of "
+                        "--preset/--transformer/--vae; e.g. checkpoints/default")
     p.add_argument("--transformer", type=Path,
                    help="transformer checkpoint (.safetensors); default: the committed default model "
                         f"(checkpoints/{default_model.STUDENT_FILE}, or ${default_model.ENV_DIR})")
@@ -59,7 +63,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--num-frames", type=int, required=True, help="number of pixel frames to write (> 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same video)")
-    p.add_argument("--out", type=Path, required=True, help="output .mp4 path")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output path: .mp4 (H.264) or .npy (the exact uint8 frames [F, H, W, 3])")
     _add_model(p, "use randomly initialised weights, seeded by --seed (no checkpoints; output is noise-like)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -74,8 +79,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "exit 0. See docs/serving.md.")
     model = p.add_argument_group("model")
     _add_model(model, "serve randomly initialised weights (seed 0; the video is noise-like)")
-    model.add_argument("--text-encoder", choices=["minilm", "hash"], default="minilm",
-                       help="prompt encoder; 'hash' is a model-free stand-in for tests and load benchmarks only")
+    model.add_argument("--text-encoder", choices=["minilm", "hash"],
+                       help="prompt encoder (default: the model directory's, else minilm); 'hash' is a model-free "
+                            "stand-in for tests and load benchmarks only")
     net = p.add_argument_group("network and security")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     net.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port, see the log)")
@@ -120,10 +126,36 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = _add_command(sub, "info", "print a preset's configuration and derived sizes as JSON",
+    p = _add_command(sub, "info", "print a preset's or model directory's configuration and memory plan as JSON",
                      "Print a preset's model, VAE, cache, sampler and video configuration, plus derived sizes (model "
-                     "width, latent grid, tokens per frame, pixel frames per chunk), as JSON.")
+                     "width, latent grid, tokens per frame, pixel frames per chunk) and a memory plan computed on "
+                     "the meta device (no weights loaded): weight bytes, KV bytes per stream at the preset's "
+                     "window, activations per chunk, and how many streams fit. See docs/serving.md.")
     _add_preset(p)
+    p.add_argument("--model", type=Path, help="a streamgen model directory (its preset and parts)")
+    p.add_argument("--plan-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="serving precision the memory plan assumes (weights, KV, activations)")
+    p.add_argument("--kv-memory-mb", type=float, help="KV pool size in MiB: how many streams' caches fit")
+    p.add_argument("--device-memory-gb", type=float, default=80.0,
+                   help="device memory in GB (10^9 bytes): how many streams fit beside the weights")
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = _add_command(
+        sub, "convert", "turn a diffusers Wan2.1 directory or a Self-Forcing checkpoint into a model directory",
+        "Convert (a) a diffusers Wan2.1 T2V directory (transformer/, vae/, text_encoder/, tokenizer/, "
+        "model_index.json) or (b) a Self-Forcing / CausVid training checkpoint (.pt with generator and/or "
+        "generator_ema, Wan-original key names; needs --base for the config, VAE and text encoder) into a "
+        "streamgen model directory for `streamgen serve --model`. Strict: every key used once.")
+    p.add_argument("source", type=Path, help="diffusers Wan2.1 T2V directory, or a training checkpoint (.pt)")
+    p.add_argument("--out", type=Path, required=True, help="the model directory to create (must not exist)")
+    p.add_argument("--base", type=Path,
+                   help="for a .pt: a diffusers Wan2.1 T2V directory giving the transformer config, VAE and "
+                        "text encoder (its transformer weights are not used)")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema",
+                   help="for a .pt: generator_ema (ema) or generator (raw)")
+    p.add_argument("--preset", default="wan-1.3b",
+                   help=f"preset giving video size, cache window and sampler: {', '.join(PRESETS)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,53 +164,88 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_generate(sub)
     _add_info(sub)
+    _add_convert(sub)
     return parser
+
+
+def _check_model_flags(args: argparse.Namespace) -> None:
+    """``--model DIR`` replaces the preset and checkpoint flags; mixing them is an error."""
+    if args.model is None:
+        return
+    given = [flag for flag, on in (("--transformer", getattr(args, "transformer", None) is not None),
+                                   ("--vae", getattr(args, "vae", None) is not None),
+                                   ("--random-init", getattr(args, "random_init", False)),
+                                   ("--preset", args.preset != "default")) if on]
+    if given:
+        raise ValueError(f"--model takes its preset and weights from {args.model / 'model.json'}; drop "
+                         f"{', '.join(given)}")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from streamgen.config import get_preset, to_dict
 
-    preset = get_preset(args.preset)
+    _check_model_flags(args)
+    if args.kv_memory_mb is not None and args.kv_memory_mb <= 0:
+        raise ValueError(f"--kv-memory-mb must be > 0, got {args.kv_memory_mb}")
+    if not args.device_memory_gb > 0:
+        raise ValueError(f"--device-memory-gb must be > 0, got {args.device_memory_gb}")
+    md = None
+    if args.model is not None:
+        from streamgen.model_dir import read_model_dir
+
+        md = read_model_dir(args.model)
+        preset = md.preset
+    else:
+        preset = get_preset(args.preset)
     info = to_dict(preset)
     info["derived"] = {"dim": preset.model.dim, "latent_height": preset.latent_height,
                        "latent_width": preset.latent_width, "tokens_per_frame": preset.tokens_per_frame,
                        "pixel_frames_per_chunk": preset.pixel_frames(preset.sampler.chunk_frames)}
+    import torch
+
+    from streamgen.memory_plan import plan
+
+    memory = plan(preset, dtype=getattr(torch, args.plan_dtype),
+                  text_kind=None if md is None else md.text_kind, vae_kind=None if md is None else md.vae_kind,
+                  text_encoder_dir=None if md is None else md.text_encoder,
+                  vae_dir=None if md is None or md.vae_kind != "wan" else md.vae,
+                  kv_memory_bytes=None if args.kv_memory_mb is None else int(args.kv_memory_mb * 2**20),
+                  device_memory_bytes=int(args.device_memory_gb * 1e9))
+    if md is not None:
+        info["model_dir"] = md.describe()
+    info["memory_plan"] = memory.as_dict()
     print(json.dumps(info, indent=2))
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def cmd_convert(args: argparse.Namespace) -> int:
     from streamgen.config import get_preset
+    from streamgen.convert import convert
 
-    preset = get_preset(args.preset)
-    if args.num_frames <= 0:
-        raise ValueError(f"--num-frames must be > 0, got {args.num_frames}")
-    if not args.prompt.strip():
-        raise ValueError("--prompt must not be empty")
-    if args.out.suffix.lower() != ".mp4":
-        raise ValueError(f"--out must end in .mp4, got {args.out}")
-    args.transformer, args.vae = default_model.resolve(args.preset, args.transformer, args.vae, args.random_init)
+    get_preset(args.preset)
+    out = convert(args.source, args.out, base=args.base, weights=args.weights, preset=args.preset)
+    from streamgen.model_dir import read_model_dir
 
-    import math
+    md = read_model_dir(out)
+    print(json.dumps({"out": str(out), "preset": md.preset.name, "source": md.source}))
+    return 0
 
+
+def _build_pipeline(args: argparse.Namespace, dtype: object) -> object:
+    """The Pipeline ``generate`` runs: a model directory, the given checkpoints, or random weights."""
     import torch
-    from tqdm import tqdm
 
-    from streamgen.generate import generate_latents
+    from streamgen.config import get_preset
+    from streamgen.pipeline import Pipeline
+
+    if args.model is not None:
+        return Pipeline.from_pretrained(args.model, dtype=dtype, attention=args.attention)  # type: ignore[arg-type]
     from streamgen.model.text import TextEncoder
     from streamgen.model.transformer import CausalWanTransformer
     from streamgen.model.vae import CausalVideoVAE
     from streamgen.model.weights import load_transformer, load_vae
-    from streamgen.precision import resolve_dtype
-    from streamgen.video_io import Mp4Writer, frames_to_uint8
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    choice = resolve_dtype(args.dtype)
-    print(f"dtype: {choice.name} ({choice.reason})", file=sys.stderr)
-    if choice.warning:
-        print(f"warning: {choice.warning}", file=sys.stderr)
-    dtype = choice.dtype
+    preset = get_preset(args.preset)
     if args.random_init:
         torch.manual_seed(args.seed)
         model = CausalWanTransformer(preset.model, args.attention)
@@ -186,27 +253,64 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         model = load_transformer(args.transformer, expected=preset.model, attention_backend=args.attention)
         vae = load_vae(args.vae, expected=preset.vae)
-    model = model.eval().to(dtype)
-    vae = vae.eval()
+    return Pipeline(preset, model, vae, TextEncoder(max_tokens=preset.model.text_max_tokens),
+                    dtype=dtype)  # type: ignore[arg-type]
 
-    text = TextEncoder(max_tokens=preset.model.text_max_tokens)
-    emb, _ = text.encode([args.prompt])
-    num_latent = math.ceil(args.num_frames / preset.vae.temporal_factor)
-    generator = torch.Generator().manual_seed(args.seed)
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from streamgen.config import get_preset
+
+    _check_model_flags(args)
+    if args.model is None:
+        get_preset(args.preset)
+    if args.num_frames <= 0:
+        raise ValueError(f"--num-frames must be > 0, got {args.num_frames}")
+    if not args.prompt.strip():
+        raise ValueError("--prompt must not be empty")
+    if args.out.suffix.lower() not in (".mp4", ".npy"):
+        raise ValueError(f"--out must end in .mp4 or .npy, got {args.out}")
+    if args.model is None:
+        args.transformer, args.vae = default_model.resolve(args.preset, args.transformer, args.vae, args.random_init)
+    else:
+        from streamgen.model_dir import read_model_dir
+
+        read_model_dir(args.model)  # every part present, widths agree: fail before any loading
+
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from streamgen.precision import resolve_dtype
+    from streamgen.video_io import Mp4Writer
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    choice = resolve_dtype(args.dtype)
+    print(f"dtype: {choice.name} ({choice.reason})", file=sys.stderr)
+    if choice.warning:
+        print(f"warning: {choice.warning}", file=sys.stderr)
+    pipe = _build_pipeline(args, choice.dtype)
+    video = pipe.preset.video  # type: ignore[attr-defined]
     written = 0
+    kept: list[np.ndarray] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), Mp4Writer(args.out, preset.video.width, preset.video.height, preset.video.fps) as writer, \
-            tqdm(total=args.num_frames, unit="frame", desc="generate", disable=args.no_progress) as bar:
-        context = model.encode_text(emb)
-        decoder = vae.init_decoder_state(batch_size=1)
-        for latents in generate_latents(model, context, preset, num_latent, generator):
-            video, decoder = vae.decode_chunk(vae.from_diffusion(latents.float()), decoder)
-            frames = frames_to_uint8(video[0])[: args.num_frames - written]
-            writer.write(frames)
+    with contextlib.ExitStack() as stack:
+        writer = (stack.enter_context(Mp4Writer(args.out, video.width, video.height, video.fps))
+                  if args.out.suffix.lower() == ".mp4" else None)
+        bar = stack.enter_context(tqdm(total=args.num_frames, unit="frame", desc="generate",
+                                       disable=args.no_progress))
+        for frames in pipe.iter_frames(args.prompt, num_frames=args.num_frames,  # type: ignore[attr-defined]
+                                       seed=args.seed):
+            if writer is not None:
+                writer.write(frames)
+            else:
+                kept.append(frames)
             written += len(frames)
             bar.update(len(frames))
-    print(json.dumps({"out": str(args.out), "frames": written, "width": preset.video.width,
-                      "height": preset.video.height, "fps": preset.video.fps}))
+    if writer is None:
+        np.save(args.out, np.concatenate(kept))
+    print(json.dumps({"out": str(args.out), "frames": written, "width": video.width,
+                      "height": video.height, "fps": video.fps}))
     return 0
 
 
@@ -230,6 +334,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from streamgen.config import get_preset
 
+    _check_model_flags(args)
     get_preset(args.preset)  # unknown names fail before anything loads
     for flag in ("tls_cert", "tls_key", "transformer", "vae"):
         path = getattr(args, flag)
@@ -240,7 +345,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.pace and not (args.max_lead_s > 0):
         raise ValueError(f"--max-lead-s must be > 0, got {args.max_lead_s}")
 
-    args.transformer, args.vae = default_model.resolve(args.preset, args.transformer, args.vae, args.random_init)
+    if args.model is not None:
+        from streamgen.model_dir import read_model_dir
+
+        read_model_dir(args.model)  # every part present, widths agree: fail before the server starts
+    else:
+        args.transformer, args.vae = default_model.resolve(args.preset, args.transformer, args.vae,
+                                                           args.random_init)
 
     from streamgen.engine.engine import EngineConfig
     from streamgen.server.app import ModelSource, run
@@ -248,7 +359,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     source = ModelSource(preset=args.preset, transformer=args.transformer, vae=args.vae, random_init=args.random_init,
                          dtype=args.dtype, attention=args.attention, text_encoder=args.text_encoder,
-                         threads=args.threads)
+                         threads=args.threads, model_dir=args.model)
     engine_config = EngineConfig(max_sessions=args.max_sessions, kv_memory_bytes=int(args.kv_memory_mb * 2**20),
                                  max_queue_wait_s=args.max_queue_wait_s,
                                  max_lead_s=args.max_lead_s if args.pace else math.inf,
@@ -265,7 +376,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(source, engine_config, server_config, log_format=args.log_format, log_level=args.log_level)
 
 
-COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "info": cmd_info}
+COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "info": cmd_info, "convert": cmd_convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

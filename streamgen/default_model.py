@@ -16,12 +16,18 @@ DEFAULT_PRESET = "default"
 STUDENT_FILE = "student_default.safetensors"
 VAE_FILE = "vae_default.safetensors"
 ENV_DIR = "STREAMGEN_CHECKPOINTS"
+MODEL_DIR = "default"  # checkpoints/default/model.json: the same two files as a model directory (`--model`)
 
 
 def checkpoints_dir() -> Path:
     """``$STREAMGEN_CHECKPOINTS``, else the ``checkpoints/`` beside the ``streamgen`` package (the repo's)."""
     env = os.environ.get(ENV_DIR, "").strip()
     return Path(env) if env else Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def model_dir() -> Path:
+    """The default model as a model directory (its ``model.json`` references the two files above)."""
+    return checkpoints_dir() / MODEL_DIR
 
 
 def restore_hint(directory: Path) -> str:

@@ -106,7 +106,8 @@ class Engine:
             raise ValueError(f"session {sid!r} already exists")
         tf = self.preset.vae.temporal_factor
         num_frames = request.num_frames if request.num_frames is not None else self.config.unbounded_max_frames
-        total_latent = None if num_frames is None else max(1, math.ceil(num_frames / tf))
+        # The VAE knows its frame layout (ours: tf per latent frame; Wan's: 1 + tf k).
+        total_latent = None if num_frames is None else self.vae.latent_frames_for(num_frames)
         if request.start_image is not None and total_latent is not None:
             total_latent = max(total_latent, 2)  # the image frame plus at least one generated chunk
         worst = self.kv.worst_case_frames(self.preset.sampler.chunk_frames, total_latent)

@@ -28,7 +28,7 @@ from streamgen.generate import context_input, draw_noise
 from streamgen.model.sampler import add_noise, student_timesteps, x0_from_velocity
 from streamgen.model.text import TextEncoder
 from streamgen.model.transformer import CausalWanTransformer, TextContext
-from streamgen.model.vae import CausalVideoVAE, StreamState
+from streamgen.model.vae import CausalVideoVAE
 from streamgen.video_io import frames_to_uint8
 
 
@@ -194,7 +194,8 @@ class ModelRunner:
             video, new_states = self.vae.decode_chunk(z, states[0])
             parts = [new_states]
         else:
-            video, new_states = self.vae.decode_chunk(z, StreamState.concat(states))  # type: ignore[arg-type]
+            # The state's own class stacks it (ours batches the tensors; the Wan VAE's keeps streams apart).
+            video, new_states = self.vae.decode_chunk(z, type(states[0]).concat(states))  # type: ignore[attr-defined]
             parts = new_states.split([1] * len(items))
         decode_ms = (time.perf_counter() - start) * 1000 / len(items)
         results = []

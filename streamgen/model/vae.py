@@ -295,6 +295,12 @@ class CausalVideoVAE(nn.Module):
         self.latent_mean.copy_(torch.tensor(mean, dtype=torch.float32))
         self.latent_std.copy_(torch.tensor(std, dtype=torch.float32))
 
+    def latent_frames_for(self, num_pixel_frames: int) -> int:
+        """Latent frames whose decode holds ``num_pixel_frames`` frames (``temporal_factor`` each)."""
+        if num_pixel_frames <= 0:
+            raise ValueError(f"num_pixel_frames must be > 0, got {num_pixel_frames}")
+        return math.ceil(num_pixel_frames / self.cfg.temporal_factor)
+
     def to_diffusion(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents ``[B, C, n, h, w]`` -> the diffusion models' normalised space."""
         mean, std = self.latent_mean.view(1, -1, 1, 1, 1), self.latent_std.view(1, -1, 1, 1, 1)

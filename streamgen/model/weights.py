@@ -202,6 +202,17 @@ def load_vae(path: str | os.PathLike[str], expected: VAEConfig | None = None) ->
     return vae
 
 
+def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a missing, truncated or foreign file is a ``ValueError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The safetensors metadata of a checkpoint (``{}`` when it has none)."""
     from safetensors import safe_open
@@ -239,10 +250,10 @@ def _read_diffusers_dir(directory: Path) -> tuple[dict[str, Any], dict[str, torc
     index = directory / "diffusion_pytorch_model.safetensors.index.json"
     state: dict[str, torch.Tensor] = {}
     if single.is_file():
-        state = load_file(str(single))
+        state = read_safetensors(single)
     elif index.is_file():
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(str(directory / shard)))
+            state.update(read_safetensors(directory / shard))
     else:
         raise ValueError(f"{directory} has no diffusion_pytorch_model.safetensors (or sharded index)")
     return config, state

@@ -158,15 +158,19 @@ class ModelSource:
     random_init: bool = False
     dtype: str = "auto"  # streamgen.precision.DTYPE_NAMES
     attention: str = "sdpa"
-    text_encoder: str = "minilm"  # "hash": a model-free stand-in for tests and load benchmarks only
+    text_encoder: str | None = None  # None: the model directory's, else minilm; "hash": tests and benchmarks only
     threads: int = 0
+    model_dir: Path | None = None  # a streamgen model directory: replaces preset, checkpoints and encoder
 
     def __post_init__(self) -> None:
-        if not self.random_init and (self.transformer is None or self.vae is None):
+        if self.model_dir is not None:
+            if self.transformer is not None or self.vae is not None or self.random_init:
+                raise ValueError("a model directory takes no --transformer / --vae / --random-init")
+        elif not self.random_init and (self.transformer is None or self.vae is None):
             raise ValueError("give --transformer and --vae checkpoints, or --random-init for random weights")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
-        if self.text_encoder not in ("minilm", "hash"):
+        if self.text_encoder not in (None, "minilm", "hash"):
             raise ValueError(f"text encoder must be minilm or hash, got {self.text_encoder!r}")
 
 
@@ -183,9 +187,11 @@ def build_engine(source: ModelSource, config: EngineConfig) -> tuple[Engine, str
     from streamgen.model.vae import CausalVideoVAE
     from streamgen.model.weights import load_transformer, load_vae
 
-    preset = get_preset(source.preset)
     if source.threads > 0:
         torch.set_num_threads(source.threads)
+    if source.model_dir is not None:
+        return _build_engine_from_dir(source, config)
+    preset = get_preset(source.preset)
     if source.random_init:
         torch.manual_seed(0)
         model: Any = CausalWanTransformer(preset.model, source.attention)
@@ -208,6 +214,27 @@ def build_engine(source: ModelSource, config: EngineConfig) -> tuple[Engine, str
     return Engine(preset, model, vae, text, config, dtype=choice.dtype), weights
 
 
+def _build_engine_from_dir(source: ModelSource, config: EngineConfig) -> tuple[Engine, str]:
+    """``streamgen serve --model DIR``: everything (preset, weights, prompt encoder) from the directory."""
+    from streamgen.model.text import HashTokenEncoder
+    from streamgen.model_dir import load_model_dir, read_model_dir
+
+    assert source.model_dir is not None
+    md = read_model_dir(source.model_dir)
+    if source.text_encoder == "minilm" and md.text_kind != "minilm":
+        raise ValueError(f"--text-encoder minilm, but {md.root} uses a {md.text_kind} text encoder "
+                         f"(width {md.text_dim}); drop --text-encoder")
+    token_encoder = HashTokenEncoder(md.preset.model.text_dim) if source.text_encoder == "hash" else None
+    parts = load_model_dir(md, attention=source.attention, token_encoder=token_encoder)
+    weights = parts.description + (" text=hash (not a language model)" if token_encoder is not None else "")
+    parts.text.encode(["warm-up"])  # load the prompt encoder now, not on the first client's clock
+    choice = resolve_dtype(source.dtype)
+    event(log, "dtype", dtype=choice.name, reason=choice.reason)
+    if choice.warning:
+        log.warning(choice.warning)
+    return Engine(parts.preset, parts.transformer, parts.vae, parts.text, config, dtype=choice.dtype), weights
+
+
 async def serve_until_signal(server: StreamGenServer) -> None:
     """Start, wait for SIGTERM or SIGINT, drain. A second signal during the drain kills the process."""
     loop = asyncio.get_running_loop()
@@ -227,7 +254,7 @@ def run(source: ModelSource, engine_config: EngineConfig, server_config: ServerC
     logs.configure(log_format, log_level)
     t0 = time.monotonic()
     engine, weights = build_engine(source, engine_config)
-    event(log, "engine_ready", preset=source.preset, weights=weights, load_s=round(time.monotonic() - t0, 2))
+    event(log, "engine_ready", preset=engine.preset.name, weights=weights, load_s=round(time.monotonic() - t0, 2))
     async_engine = AsyncEngine(engine, max_buffered_chunks=server_config.max_buffered_chunks)
     server = StreamGenServer(async_engine, server_config, weights)
     asyncio.run(serve_until_signal(server))
