@@ -26,8 +26,15 @@ import torch
 from streamgen.cache.paged import PagedKVCacheManager
 from streamgen.config import Preset
 from streamgen.engine.model_runner import ModelRunner, StepResult
-from streamgen.engine.request import ChunkOutput, ChunkTiming, FinishReason, GenerationRequest
-from streamgen.engine.scheduler import Scheduler, SchedulerConfig, SessionProgress, Status
+from streamgen.engine.request import ChunkOutput, ChunkTiming, FinishReason, GenerationRequest, generator_seed
+from streamgen.engine.scheduler import (
+    Admission,
+    AdmissionDecision,
+    Scheduler,
+    SchedulerConfig,
+    SessionProgress,
+    Status,
+)
 from streamgen.model.text import TextEncoder
 from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.vae import CausalVideoVAE
@@ -84,9 +91,12 @@ class Engine:
         self.last_step_ran = False
 
     # ------------------------------------------------------------------ API
-    def _admit(self, session_id: str, worst_case_frames: int) -> str | None:
+    def _admit(self, session_id: str, worst_case_frames: int) -> Admission:
         result = self.kv.admit(session_id, worst_case_frames)
-        return None if result.admitted else result.reason
+        if result.admitted:
+            return Admission(AdmissionDecision.ADMIT)
+        never = result.blocks_needed > self.kv.pool.num_usable_blocks
+        return Admission(AdmissionDecision.NEVER if never else AdmissionDecision.WAIT, result.reason)
 
     def validate(self, request: GenerationRequest) -> None:
         request.validate(self.config.max_prompt_chars, self.config.max_frames)
@@ -111,7 +121,7 @@ class Engine:
         if request.start_image is not None and total_latent is not None:
             total_latent = max(total_latent, 2)  # the image frame plus at least one generated chunk
         worst = self.kv.worst_case_frames(self.preset.sampler.chunk_frames, total_latent)
-        self.runner.add_session(sid, request.prompt, request.seed, request.start_image)
+        self.runner.add_session(sid, request.prompt, generator_seed(request.seed), request.start_image)
         fps = request.fps or float(self.preset.video.fps)
         self.scheduler.add(SessionProgress(sid, total_latent, worst, fps, tf, self.clock(),
                                            has_image=request.start_image is not None))
@@ -286,11 +296,21 @@ class AsyncEngine:
         """Run ``fn`` on the engine thread between steps (consistent reads, e.g. metrics)."""
         return await self._call(fn)  # type: ignore[return-value]
 
-    async def start(self, request: GenerationRequest) -> tuple[str, asyncio.Queue[ChunkOutput]]:
-        """Validate and queue a stream; raises ``ValueError`` for bad input."""
+    @staticmethod
+    def new_session_id() -> str:
+        return uuid.uuid4().hex[:12]
+
+    async def start(self, request: GenerationRequest,
+                    session_id: str | None = None) -> tuple[str, asyncio.Queue[ChunkOutput]]:
+        """Validate and queue a stream; raises ``ValueError`` for bad input.
+
+        Pass ``session_id`` (from :meth:`new_session_id`) to know the id *before* awaiting: a caller
+        cancelled during this await can still abort the session, because commands run in order on
+        the engine thread, so an ``abort`` sent after ``start`` always finds the session added.
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[ChunkOutput] = asyncio.Queue()
-        sid = uuid.uuid4().hex[:12]
+        sid = session_id or self.new_session_id()
         self._queues[sid] = (loop, queue)
         try:
             await self._call(lambda: self.engine.add_request(request, sid))

@@ -44,8 +44,26 @@ class GenerationRequest:
                 raise ValueError(f"num_frames {self.num_frames} exceeds the limit of {max_frames}")
         if self.fps is not None and not 0 < self.fps <= 240:
             raise ValueError(f"fps must be in (0, 240], got {self.fps}")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        # The whole uint64 range of the proto's seed (see generator_seed for what the generator gets).
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+
+
+def generator_seed(seed: int) -> int:
+    """The torch generator seed for a request's uint64 ``seed``.
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of its seed, so seeds that differ in
+    their high half alone would give the same video. Seeds below 2**32 are used as they are (their
+    videos never change); a larger seed is mixed by SplitMix64's finaliser and its low 32 bits are
+    used, so every bit of it counts. 2**32 distinct videos per prompt remain.
+    """
+    if seed < 2**32:
+        return seed
+    mask = 2**64 - 1
+    z = (seed + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) & 0xFFFF_FFFF
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,14 @@ runner executes them and :meth:`Scheduler.update` advances the bookkeeping.
 
 Continuous batching falls out of this: sessions at different denoising steps and context
 lengths share a forward, because timesteps are per frame and attention is per session.
-Pacing: a live stream that is more than ``max_lead_s`` ahead of its playback clock sits
-out, so sessions that are behind get the compute.
+Pacing: a live stream's next chunk is generated once the chunk's *last* frame is within
+``max_lead_s`` of its playback clock (or, for a chunk that lasts longer than ``max_lead_s``,
+once its first frame is due), so no frame is delivered more than ``max_lead_s`` ahead and
+sessions that are behind get the compute.
+
+Admission: the waiting queue is FIFO; a session that waited ``max_queue_wait_s`` is refused
+whatever the reason it waits (KV memory short or every slot busy), so a client always gets
+its signal to retry elsewhere within the deadline.
 """
 
 from __future__ import annotations
@@ -67,6 +73,21 @@ class SessionProgress:
             return 0.0
         return self.emitted_pixel_frames / self.fps - (now_s - self.start_s)
 
+    def wait_for_pacing_s(self, now_s: float, chunk_pixel_frames: int, max_lead_s: float) -> float:
+        """Seconds until the next chunk may be generated (<= 0: now).
+
+        A chunk may run once its last frame is at most ``max_lead_s`` ahead of playback, or once its
+        first frame is due (a chunk longer than ``max_lead_s`` could otherwise never start on time).
+        Frame ``i`` plays at ``start_s + i / fps``.
+        """
+        if self.start_s is None or math.isinf(max_lead_s):
+            return 0.0
+        elapsed = now_s - self.start_s
+        first = self.emitted_pixel_frames
+        last_due = (first + chunk_pixel_frames - 1) / self.fps - elapsed - max_lead_s
+        first_due = first / self.fps - elapsed
+        return min(last_due, first_due)
+
 
 @dataclass(frozen=True)
 class WorkItem:
@@ -114,8 +135,22 @@ class SchedulerConfig:
             raise ValueError("SchedulerConfig max_queue_wait_s must be >= 0 and max_lead_s > 0")
 
 
-# Admission callback: (session_id, worst_case_frames) -> None if admitted, else a reason string.
-AdmitFn = Callable[[str, int], str | None]
+class AdmissionDecision(enum.Enum):
+    ADMIT = "admit"   # resources reserved: the session runs from now on
+    WAIT = "wait"     # not now (the pool is short); retry when a session ends
+    NEVER = "never"   # can never fit (needs more than the whole pool): refuse at once
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What the admission callback decided for one session, and why (for the client's message)."""
+
+    decision: AdmissionDecision
+    reason: str = ""
+
+
+# Admission callback: (session_id, worst_case_frames) -> the decision (the callback reserves on ADMIT).
+AdmitFn = Callable[[str, int], Admission]
 
 
 @dataclass
@@ -176,20 +211,36 @@ class Scheduler:
         while self.waiting and self.num_running < self.config.max_running:
             sid = self.waiting[0]
             s = self.sessions[sid]
-            reason = self.admit(sid, s.worst_case_frames)
-            if reason is None:
+            result = self.admit(sid, s.worst_case_frames)
+            if result.decision is AdmissionDecision.ADMIT:
                 self.waiting.popleft()
                 s.status = Status.RUNNING
                 s.start_s = now_s
                 admitted.append(sid)
                 continue
-            if now_s - s.arrival_s >= self.config.max_queue_wait_s or "never be admitted" in reason:
-                self.finish(sid, FinishReason.REJECTED, f"not admitted within {self.config.max_queue_wait_s:g} s: "
-                                                        f"{reason}")
+            if result.decision is AdmissionDecision.NEVER:
+                self.finish(sid, FinishReason.REJECTED, result.reason)
+                rejected.append(sid)
+                continue
+            if now_s - s.arrival_s >= self.config.max_queue_wait_s:
+                self._reject(sid, result.reason)
                 rejected.append(sid)
                 continue
             break  # FIFO: later sessions wait behind the head of the queue
+        # The deadline holds whatever the slot state: with every slot busy nothing above looked at
+        # the queue, and a session behind a waiting head is never looked at either.
+        expired = [sid for sid in self.waiting
+                   if now_s - self.sessions[sid].arrival_s >= self.config.max_queue_wait_s]
+        for sid in expired:
+            busy = self.num_running >= self.config.max_running
+            self._reject(sid, f"all {self.config.max_running} sessions busy" if busy
+                         else "waiting behind earlier sessions for KV memory")
+            rejected.append(sid)
         return admitted, rejected
+
+    def _reject(self, session_id: str, reason: str) -> None:
+        self.finish(session_id, FinishReason.REJECTED,
+                    f"not admitted within {self.config.max_queue_wait_s:g} s: {reason}")
 
     def _next_item(self, s: SessionProgress) -> WorkItem:
         if s.needs_image:
@@ -218,13 +269,13 @@ class Scheduler:
             if s.paused:
                 throttled.append(s.session_id)
                 continue
-            lead = s.lead_s(now_s)
-            if lead > self.config.max_lead_s:
-                throttled.append(s.session_id)
-                ready_at = now_s + lead - self.config.max_lead_s
-                wakeup = ready_at if wakeup is None else min(wakeup, ready_at)
-                continue
             item = self._next_item(s)
+            if item.kind is WorkKind.DENOISE and item.step == 0:  # pacing decides at a chunk's start only
+                wait = s.wait_for_pacing_s(now_s, item.num_frames * s.pixel_frames_per_latent, self.config.max_lead_s)
+                if wait > 0:
+                    throttled.append(s.session_id)
+                    wakeup = now_s + wait if wakeup is None else min(wakeup, now_s + wait)
+                    continue
             # A RECACHE forward covers one session's resident frames, so it never shares a batch.
             key = (item.kind, item.num_frames) if item.kind is not WorkKind.RECACHE else (item.kind, -len(groups) - 1)
             groups.setdefault(key, []).append(item)
