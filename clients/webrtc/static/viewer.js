@@ -85,19 +85,29 @@ function matchOffset() {
   return bestCount >= 3 ? best : null;
 }
 
+// A frame's gateway times arrive with the next stats message, often after the frame itself: frames
+// wait in `seen` until both sides are known.
+function matchFrames() {
+  if (rtpOffset === null) rtpOffset = matchOffset();
+  if (rtpOffset === null) return;
+  for (const f of seen) {
+    if (f.matched) continue;
+    const sent = sentFrames.get((f.rtp - rtpOffset) >>> 0);
+    if (!sent) continue;
+    f.matched = true;
+    viewer.latency.push({ gatewayMs: f.received - sent.ready, pacingMs: sent.sent - sent.ready,
+                          jitterMs: f.shown - f.received });
+    if (viewer.latency.length > 600) viewer.latency.shift();
+  }
+}
+
 function onFrame(now, meta) {
   if (meta.rtpTimestamp !== undefined && meta.receiveTime !== undefined) {
     const received = performance.timeOrigin + meta.receiveTime;
     const shown = performance.timeOrigin + (meta.presentationTime ?? now);
-    seen.push({ rtp: meta.rtpTimestamp, received, shown });
+    seen.push({ rtp: meta.rtpTimestamp, received, shown, matched: false });
     if (seen.length > 200) seen.shift();
-    if (rtpOffset === null) rtpOffset = matchOffset();
-    const sent = rtpOffset === null ? undefined : sentFrames.get((meta.rtpTimestamp - rtpOffset) >>> 0);
-    if (sent) {
-      viewer.latency.push({ gatewayMs: received - sent.ready, pacingMs: sent.sent - sent.ready,
-                            jitterMs: shown - received });
-      if (viewer.latency.length > 600) viewer.latency.shift();
-    }
+    matchFrames();
   }
   if (pc) els.video.requestVideoFrameCallback(onFrame);
 }
@@ -205,6 +215,7 @@ function onMessage(text) {
       gatewayStats = msg;
       for (const [pts, ready, sent] of msg.sent || []) sentFrames.set(pts, { ready, sent });
       while (sentFrames.size > 400) sentFrames.delete(sentFrames.keys().next().value);
+      matchFrames();
       break;
     case "prompt_sent":
       setStatus(`prompt sent; it takes over at the next chunk: "${msg.prompt}"`);

@@ -91,6 +91,11 @@ class GatewayHarness:
     def num_viewers(self) -> int:
         return self.run(_count(self.gateway))
 
+    def status(self) -> dict[str, Any]:
+        """GET /status."""
+        with urllib.request.urlopen(self.url + "/status", timeout=10) as res:
+            return json.loads(res.read())
+
     def close(self) -> None:
         try:
             self.run(self.gateway.stop())
@@ -170,6 +175,10 @@ class PyViewer:
                 message = await self.messages.get()
                 if message["type"] == kind:
                     return message
+
+    async def next_message_any(self, timeout_s: float = 20.0) -> dict[str, Any]:
+        async with asyncio.timeout(timeout_s):
+            return await self.messages.get()
 
     def send(self, message: dict[str, Any] | str) -> None:
         self.channel.send(message if isinstance(message, str) else json.dumps(message))

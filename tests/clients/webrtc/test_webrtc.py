@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -247,19 +248,39 @@ def test_viewer_gets_paced_video_changes_prompt_and_survives_bad_messages(
     assert logged.count("bad_message") == 3
 
 
-def test_stop_message_ends_the_stream(server: ServerHarness, gateway: GatewayHarness) -> None:
-    async def scenario() -> dict[str, object]:
-        viewer = PyViewer()
-        await viewer.connect(gateway)
-        await viewer.next_message("started")
-        viewer.send({"type": "stop"})
-        ended = await viewer.next_message("ended")
-        await viewer.close()
-        return ended
+def test_stop_message_ends_the_stream_and_every_frame_count_agrees(
+        server: ServerHarness, gateway: GatewayHarness, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="clients.webrtc")
 
-    ended = asyncio.run(scenario())
+    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+        viewer = PyViewer()
+        answer = await viewer.connect(gateway)
+        await viewer.next_message("started")
+        await asyncio.wait_for(viewer.got_track.wait(), 10)
+        for _ in range(FPS):
+            await asyncio.wait_for(viewer.track.recv(), 10)
+        statuses = [await asyncio.to_thread(gateway.status)]
+        viewer.send({"type": "stop"})
+        messages = []
+        while (message := await viewer.next_message_any()) and message["type"] != "ended":
+            messages.append(message)
+        statuses.append(await asyncio.to_thread(gateway.status))
+        await viewer.close()
+        return message | {"viewer": answer["viewer"]}, messages, statuses
+
+    ended, before, statuses = asyncio.run(scenario())
     assert ended["reason"] == "REASON_STOPPED"
     wait_idle(server, gateway)
+    # One count: frames handed to the viewer's encoder. The last stats message, the "ended" message,
+    # /status at that moment and the gateway's viewer_closed log line all say the same number.
+    last_stats = [m for m in before if m["type"] == "stats"][-1]
+    closed = [fields for r in caplog.records if r.getMessage() == "viewer_closed"
+              and (fields := r.streamgen_fields)["viewer"] == ended["viewer"]]
+    assert ended["frames"] >= FPS and ended["generated"] >= ended["frames"]
+    assert last_stats["frames"] == ended["frames"]
+    assert [v["frames"] for v in statuses[-1]["viewers"] if v["id"] == ended["viewer"]] in ([], [ended["frames"]])
+    assert [v["frames"] for v in statuses[0]["viewers"] if v["id"] == ended["viewer"]][0] <= ended["frames"]
+    assert [fields["frames"] for fields in closed] == [ended["frames"]]
 
 
 def test_h264_is_negotiated_on_request_and_a_missing_codec_is_a_400(server: ServerHarness) -> None:

@@ -8,8 +8,10 @@ say why, except under CI (env CI set), where they fail: CI must not go green wit
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -20,8 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.clients.webrtc.harness import GatewayHarness, PromptSpy, wait_idle
-from tests.server.harness import ServerHarness
+from tests.clients.webrtc.harness import FPS, GatewayHarness, PromptSpy, wait_idle
+from tests.server.harness import ServerHarness, make_engine
 
 pytestmark = pytest.mark.browser
 
@@ -50,8 +52,9 @@ def _why_not() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def driver() -> Iterator[Any]:
+@contextlib.contextmanager
+def chromium() -> Iterator[tuple[Any, str]]:
+    """A headless Chromium driven by chromedriver, in a fresh profile: (driver, profile directory)."""
     reason = _why_not()
     if reason is not None:
         if os.environ.get("CI"):
@@ -68,10 +71,17 @@ def driver() -> Iterator[Any]:
         options.add_argument(flag)
     chrome = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
     try:
-        yield chrome
+        yield chrome, profile.name
     finally:
-        chrome.quit()
+        with contextlib.suppress(Exception):
+            chrome.quit()
         profile.cleanup()
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[Any]:
+    with chromium() as (chrome, _):
+        yield chrome
 
 
 def wait_until(what: str, probe: Callable[[], T], timeout_s: float = 20.0) -> T:
@@ -195,3 +205,78 @@ def test_page_says_when_the_server_is_down(driver: Any) -> None:
         close_tab(driver)
     finally:
         down.close()
+
+
+@pytest.fixture(scope="module")
+def serve_default_server() -> Iterator[ServerHarness]:
+    """Paced like `streamgen serve` by default: generation may run 2 s ahead of playback (the lead a
+    gateway that plays every frame on its own clock turns into 2 s of delay)."""
+    with ServerHarness(make_engine(max_lead_s=2.0, unbounded_max_frames=60 * FPS)) as harness:
+        yield harness
+
+
+def test_gateway_adds_at_most_300_ms_p50_measured_per_frame_in_the_browser(
+        driver: Any, serve_default_server: ServerHarness) -> None:
+    """Per frame: ready at the gateway (its chunk's arrival from gRPC + its place in the chunk at the
+    stream's fps) -> received by the browser (requestVideoFrameCallback's receiveTime), matched by
+    RTP timestamp; both clocks are this machine's."""
+    from selenium.webdriver.common.by import By
+
+    gateway = GatewayHarness(serve_default_server.address)
+    try:
+        open_tab(driver, gateway.url + "/?prompt=a%20glossy%20red%20bottle%20turning")
+        driver.find_element(By.ID, "toggle").click()
+        wait_playing(driver)
+        time.sleep(4.0)
+        latency = driver.execute_script("return window.streamgen.latency")
+        stats = driver.find_element(By.ID, "stats").text
+        gateway_ms = np.array([entry["gatewayMs"] for entry in latency])
+        pacing_ms = np.array([entry["pacingMs"] for entry in latency])
+        jitter_ms = np.array([entry["jitterMs"] for entry in latency])
+        print(f"gateway-added latency over {len(latency)} frames: p50 {np.median(gateway_ms):.0f} ms "
+              f"(pacing {np.median(pacing_ms):.0f}), p90 {np.percentile(gateway_ms, 90):.0f} ms; "
+              f"jitter buffer p50 {np.median(jitter_ms):.0f} ms; stats line: {stats}")
+        assert len(latency) >= 2 * FPS                         # most frames of 4 s were matched
+        assert np.median(gateway_ms) <= 300
+        assert "gateway" in stats and "pacing" in stats and "jitter buffer" in stats and "skipped" in stats
+
+        # One frame count: the page's stats line, /status and the gateway's log agree once it stops.
+        driver.find_element(By.ID, "toggle").click()
+        wait_until("stopped", lambda: "stream ended: stopped" in page_state(driver)["status"])
+        ended = driver.execute_script(
+            'return window.streamgen.messages.filter((m) => m.type === "ended").pop()')
+        assert f"frames {ended['frames']}" in driver.find_element(By.ID, "stats").text
+        assert ended["frames"] + 0 >= 4 * FPS and ended["generated"] >= ended["frames"]
+        close_tab(driver)
+        wait_idle(serve_default_server, gateway)
+    finally:
+        gateway.close()
+
+
+def test_a_killed_browser_has_its_stream_cancelled_within_5_s(server: ServerHarness,
+                                                                gateway: GatewayHarness) -> None:
+    with chromium() as (chrome, profile):
+        open_tab(chrome, gateway.url + "/?obs=1&prompt=a%20red%20mug")
+        wait_playing(chrome)
+        assert server.metric("streamgen:num_sessions_running") == 1
+        # SIGKILL every process of that browser (found by its profile directory): no tab close, no
+        # pagehide, no DTLS close; the gateway only stops hearing from it.
+        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_has(p, profile)]
+        assert pids
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed_s = time.monotonic()
+        server.wait_metric("streamgen:num_sessions_running", lambda v: v == 0, timeout_s=5.0)
+        server.wait_metric("streamgen:kv_cache_used_bytes", lambda v: v == 0, timeout_s=1.0)
+        took_s = time.monotonic() - killed_s
+        print(f"killed browser: stream cancelled after {took_s:.2f} s")
+        assert took_s < 5.0
+    wait_idle(server, gateway)
+
+
+def _cmdline_has(proc: Path, text: str) -> bool:
+    try:
+        return text.encode() in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
