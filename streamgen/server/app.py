@@ -23,9 +23,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from streamgen.api.v1 import SERVICE_NAME, pb_grpc
+from streamgen.api.v1 import SERVICE_NAME, pb, pb_grpc
 from streamgen.engine.engine import AsyncEngine, Engine, EngineConfig
 from streamgen.precision import DTYPE_NAMES, resolve_dtype
 from streamgen.server import logs
@@ -33,7 +32,9 @@ from streamgen.server.auth import BearerTokenInterceptor
 from streamgen.server.config import ServerConfig
 from streamgen.server.logs import event
 from streamgen.server.metrics import EngineSnapshot, Metrics
+from streamgen.server.reflection import enable_server_reflection
 from streamgen.server.servicer import StreamGenServicer
+from streamgen.server.wire import TolerantDeserializers
 
 log = logging.getLogger("streamgen.server")
 
@@ -77,14 +78,19 @@ class StreamGenServer:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if cfg.token is not None:
             interceptors.append(BearerTokenInterceptor(cfg.token, on_refused=lambda: self.metrics.outcome(
                 "unauthenticated")))
+        # A request that does not parse reaches the servicer as a value (INVALID_ARGUMENT there), not
+        # as an exception inside grpc (UNKNOWN, "Unexpected <class ...>", two ERROR tracebacks).
+        service = pb.DESCRIPTOR.services_by_name["StreamGen"]
+        interceptors.append(TolerantDeserializers(
+            (f"/{SERVICE_NAME}/",), {f"/{SERVICE_NAME}/{m.name}": m.input_type.name for m in service.methods}))
         server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_StreamGenServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)
+        enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE_NAME], server)
         address = _hostport(cfg.host, cfg.port)
         try:
             if cfg.tls:
@@ -128,7 +134,8 @@ class StreamGenServer:
         event(log, "draining", timeout_s=self.config.drain_timeout_s, streams=len(self.servicer._calls))
         await self.health.enter_graceful_shutdown()
         ended = await self.servicer.drain(self.config.drain_timeout_s)
-        await self.stop(grace_s=1.0)
+        # Every call has ended or been cancelled by now: the grace only lets their statuses go out.
+        await self.stop(grace_s=0.25)
         event(log, "stopped", ended_early=ended, drain_s=round(time.monotonic() - start, 3))
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -141,6 +148,7 @@ class StreamGenServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poll
             self._poll = None
+        self.servicer.close()
         await asyncio.to_thread(self.engine.shutdown)
         self.metrics.stop_http()
 

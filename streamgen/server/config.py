@@ -33,6 +33,7 @@ class ServerConfig:
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
     h264_crf: int = DEFAULT_CRF
     max_image_pixels: int = 40_000_000   # start images larger than this are refused before decoding
+    image_decode_workers: int = 2        # threads decoding start images (off the event loop); bounds their CPU
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -59,6 +60,8 @@ class ServerConfig:
             raise ValueError(f"h264_crf must lie in [0, 51], got {self.h264_crf}")
         if self.max_image_pixels <= 0:
             raise ValueError(f"max_image_pixels must be > 0, got {self.max_image_pixels}")
+        if self.image_decode_workers < 1:
+            raise ValueError(f"image_decode_workers must be >= 1, got {self.image_decode_workers}")
 
     @property
     def tls(self) -> bool:

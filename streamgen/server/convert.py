@@ -14,12 +14,14 @@ Pure conversion: this module never calls the engine, holds no state and never lo
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import re
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from streamgen.api.v1 import pb
 from streamgen.config import Preset
@@ -62,6 +64,10 @@ class StreamPlan:
     fps: int
     keyframe_interval: int
     jpeg_quality: int
+    image_bytes: bytes = b""  # the undecoded start image, if any
+
+    def with_image(self, image: np.ndarray) -> StreamPlan:
+        return dataclasses.replace(self, request=dataclasses.replace(self.request, start_image=image), image_bytes=b"")
 
 
 def invalid(message: str) -> RequestError:
@@ -78,31 +84,66 @@ def encoding_from_proto(value: int) -> Encoding:
 
 
 def decode_start_image(data: bytes, width: int, height: int, max_pixels: int) -> np.ndarray:
-    """PNG/JPEG bytes -> ``np.uint8 [height, width, 3]`` (see the module docstring for the fitting)."""
+    """PNG/JPEG bytes -> ``np.uint8 [height, width, 3]`` (see the module docstring for the fitting).
+
+    CPU-heavy for a large photo: the servicer runs it in a bounded worker pool, never on the event
+    loop. The pixel budget is checked on the header (``Image.open`` reads nothing else), before any
+    pixel is decoded, so a small file that declares a huge image (a decompression bomb) costs nothing.
+    """
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.format not in ("PNG", "JPEG"):
                 raise invalid(f"start_image must be PNG or JPEG, got {img.format or 'an unknown format'}")
             if img.width * img.height > max_pixels:
                 raise invalid(f"start_image is {img.width}x{img.height}; the limit is {max_pixels} pixels")
+            if img.format == "JPEG":
+                # Let libjpeg decode at a reduced DCT scale when the photo is much larger than needed:
+                # still >= 2x the output on both sides (any EXIF rotation included), then Lanczos.
+                side = 2 * max(width, height)
+                img.draft("RGB", (side, side))
             img.load()  # decode now: a truncated or corrupt file fails here, not later
-            img = ImageOps.exif_transpose(img)
+            if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+                img = ImageOps.exif_transpose(img)  # (a copy: only when there is something to rotate)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, rgba)
-            rgb = img.convert("RGB")
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
+            fitted = rgb.resize((width, height), Image.Resampling.LANCZOS, box=_centre_crop(rgb.size, width, height),
+                                reducing_gap=3.0)
     except RequestError:
         raise
+    except Image.UnidentifiedImageError:
+        raise invalid("start_image is not a decodable PNG or JPEG: unrecognised image data") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise invalid(f"start_image is not a decodable PNG or JPEG: {exc}") from None
-    fitted = ImageOps.fit(rgb, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+        raise invalid(f"start_image is not a decodable PNG or JPEG: {clean_message(str(exc))}") from None
     return np.asarray(fitted, dtype=np.uint8).copy()  # [H, W, 3]
 
 
-def plan_stream(start: pb.StartRequest, preset: Preset, *, max_image_pixels: int, default_keyframe_interval_s: float,
+def _centre_crop(size: tuple[int, int], width: int, height: int) -> tuple[float, float, float, float]:
+    """The largest centred box of ``size`` with the aspect ratio ``width:height`` (as ``ImageOps.fit``)."""
+    w, h = size
+    if w * height > h * width:  # wider than the target: trim the sides
+        crop_w = h * width / height
+        return ((w - crop_w) / 2, 0.0, (w + crop_w) / 2, float(h))
+    crop_h = w * height / width
+    return (0.0, (h - crop_h) / 2, float(w), (h + crop_h) / 2)
+
+
+_OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
+
+
+def clean_message(message: str) -> str:
+    """A client-facing message without object reprs or memory addresses (``<_io.BytesIO object at 0x..>``)."""
+    return _OBJECT_REPR.sub("<object>", message)
+
+
+def plan_stream(start: pb.StartRequest, preset: Preset, *, default_keyframe_interval_s: float,
                 default_jpeg_quality: int) -> StreamPlan:
     """Validate a StartRequest against the served model; raise :class:`RequestError` on any problem.
+
+    The start image is only size-checked here; the caller decodes ``plan.image_bytes`` with
+    :func:`decode_start_image` (off the event loop) and completes the plan with :meth:`StreamPlan.with_image`.
 
     Limits that the engine owns (prompt length, frame count, fps range, seed) are checked by
     ``Engine.add_request``; its ``ValueError`` becomes INVALID_ARGUMENT in the servicer.
@@ -126,12 +167,9 @@ def plan_stream(start: pb.StartRequest, preset: Preset, *, max_image_pixels: int
     if start.jpeg_quality > 100:
         raise invalid(f"jpeg_quality must lie in [1, 100] (0 = server default), got {start.jpeg_quality}")
     jpeg_quality = start.jpeg_quality or default_jpeg_quality
-    image = None
-    if start.start_image:
-        image = decode_start_image(start.start_image, video.width, video.height, max_image_pixels)
     request = GenerationRequest(prompt=start.prompt, seed=start.seed, num_frames=start.num_frames or None,
-                                start_image=image, fps=float(fps))
-    return StreamPlan(request, encoding, fps, keyframe_interval, jpeg_quality)
+                                fps=float(fps))
+    return StreamPlan(request, encoding, fps, keyframe_interval, jpeg_quality, start.start_image)
 
 
 def stream_started(session_id: str, preset: Preset, plan: StreamPlan, *, codec: str, mime_type: str,
@@ -154,7 +192,8 @@ def frame_chunk(chunk: ChunkOutput, encoded: EncodedChunk, pts: int, *, encode_m
 
 
 def stream_ended(reason: FinishReason, message: str, frames_sent: int) -> pb.GenerateResponse:
-    return pb.GenerateResponse(ended=pb.StreamEnded(reason=REASONS[reason], message=message, frames_sent=frames_sent))
+    return pb.GenerateResponse(ended=pb.StreamEnded(reason=REASONS[reason], message=clean_message(message),
+                                                    frames_sent=frames_sent))
 
 
 def refusal_of(final: ChunkOutput) -> RequestError | None:

@@ -47,7 +47,7 @@ def test_image_over_the_pixel_limit_is_refused_before_decoding() -> None:
 
 def test_plan_defaults() -> None:
     start = pb.StartRequest(prompt="a mug", encoding=pb.ENCODING_H264_FMP4)
-    plan = plan_stream(start, PRESET, max_image_pixels=10**6, default_keyframe_interval_s=2.0,
+    plan = plan_stream(start, PRESET, default_keyframe_interval_s=2.0,
                        default_jpeg_quality=90)
     assert plan.request.num_frames is None and plan.request.start_image is None  # 0 frames = unbounded
     assert (plan.encoding, plan.fps, plan.keyframe_interval, plan.jpeg_quality) == (Encoding.H264_FMP4, 16, 32, 90)
