@@ -158,6 +158,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] if ordered else math.nan
 
 
+async def model_info(address: str) -> pb.ModelInfo:
+    async with StreamClient(address) as client:
+        return await client.model_info()
+
+
 async def load(address: str, clients: int, duration_s: float, encoding: str) -> list[StreamStats]:
     return list(await asyncio.gather(*(run_client(address, i, duration_s, encoding) for i in range(clients))))
 
@@ -187,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         proc, address = start_server(args)
     if check(address) != "SERVING":
         raise RuntimeError(f"{address} is not SERVING")
+    info = asyncio.run(model_info(address))  # what actually serves (behind --target: the replicas' model)
     rss_start = rss_mib(proc.pid) if proc else None
     if args.warmup_s > 0:
         asyncio.run(load(address, args.clients, args.warmup_s, args.encoding))
@@ -207,7 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gaps = [b - a for s in streams for a, b in zip(s.chunk_s, s.chunk_s[1:], strict=False)]
     playback_fps = max((s.playback_fps for s in streams), default=0) or math.nan
     report: dict[str, Any] = {
-        "clients": args.clients, "duration_s": args.duration_s, "preset": args.preset, "encoding": args.encoding,
+        "clients": args.clients, "duration_s": args.duration_s, "preset": info.preset, "model_id": info.model_id,
+        "encoding": args.encoding,
         "paced": args.pace, "dtype": args.dtype, "cpu_count": os.cpu_count(), "wall_s": round(wall_s, 2),
         "fps": {"min": round(min(fps), 2), "p50": round(statistics.median(fps), 2),
                 "per_stream": [round(f, 2) for f in fps]},
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{'clients':>7} {'preset':>8} {'paced':>5} {'fps min/p50':>12} {'rt x':>5} {'ttff p50/p95 s':>15} "
           f"{'gap p95 s':>9} {'errors':>6} {'retries':>7} {'rss MiB before/after':>21}  streams per replica")
     rss = "-" if rss_before is None else f"{rss_before:.0f}/{rss_after:.0f}"
-    print(f"{args.clients:>7} {args.preset:>8} {str(args.pace):>5} {min(fps):>5.1f}/{statistics.median(fps):<6.1f} "
+    print(f"{args.clients:>7} {info.preset:>8} {str(args.pace):>5} {min(fps):>5.1f}/{statistics.median(fps):<6.1f} "
           f"{report['realtime_factor']:>5.2f} {report['ttff_s']['p50']:>7.3f}/{report['ttff_s']['p95']:<7.3f} "
           f"{report['inter_chunk_p95_s']:>9.3f} {len(report['errors']):>6} {report['start_retries']:>7} {rss:>21}  "
           + " ".join(f"{k}={v}" for k, v in report["per_replica_streams"].items()))

@@ -61,6 +61,8 @@ EXIT_OK, EXIT_RPC_ERROR, EXIT_USAGE, EXIT_STREAM_ENDED_EARLY = 0, 1, 2, 3
 # A replica refuses a start with these when it drains or is full: another replica may take it. (Also
 # what a client sees when the balancer finds no live replica, or the replica died before any frame.)
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# How a stream ends when its replica dies mid-way: UNAVAILABLE directly, INTERNAL (RST_STREAM) through a proxy.
+_CUT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL})
 # Response header naming the replica that served a call (deploy/local/nginx.conf.template sets it).
 UPSTREAM_HEADER = "x-streamgen-upstream"
 
@@ -283,6 +285,7 @@ class StreamClient:
             attempt += 1
             held: pb.GenerateResponse | None = None
             delivered = False
+            frames = 0
             try:
                 async with contextlib.aclosing(self._attempt(request, stop, trace)) as responses:
                     async for response in responses:
@@ -294,11 +297,16 @@ class StreamClient:
                             yield held
                             held = None
                         delivered = True
+                        if response.WhichOneof("response") == "chunk":
+                            frames += response.chunk.frame_count
                         yield response
                 if held is not None:  # a server that ends the call OK right after StreamStarted
                     yield held
                 return
             except StreamError as exc:
+                if delivered and exc.code in _CUT_CODES:  # say what happened, not only the transport's words
+                    raise StreamError(exc.code, f"the stream was cut after {frames} frames (the replica or the "
+                                                f"connection to it went away): {exc.message}") from None
                 if (delivered or exc.code not in RETRYABLE_CODES or attempt >= self.retry.max_attempts
                         or (stop is not None and stop.is_set())):
                     raise

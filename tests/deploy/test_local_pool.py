@@ -177,10 +177,15 @@ def test_kill_9_ends_its_streams_quickly_the_balancer_skips_it_and_capacity_retu
         return results, fresh, killed_s
 
     results, fresh, killed_s = asyncio.run(scenario())
+    cut = [r for r in results if r.upstream == victim["address"]]
+    print(f"kill -9: {len(cut)} streams cut, status "  # the figures docs/serving.md quotes (pytest -s)
+          f"{sorted({str(r.error) for r in cut if r.error})} after "
+          f"{max((r.ended_s or 0) - killed_s for r in cut):.3f} s at most")
     for r in results:
         if r.upstream == victim["address"]:
             # A clear status within a few seconds, and no retry: frames were already delivered.
             assert r.error is not None and r.error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL), r
+            assert f"the stream was cut after {r.frames} frames" in r.error.message
             assert r.ended_s is not None and r.ended_s - killed_s < 5 and r.trace.refusals == []
         else:
             assert r.error is None and r.reason == "REASON_STOPPED", r
@@ -216,6 +221,8 @@ def test_sigterm_drains_one_replica_and_new_starts_land_on_the_others(pool: Pool
 
     results, fresh = asyncio.run(scenario())
     drained = [r for r in results if r.upstream == victim["address"]]
+    print(f"SIGTERM: {len(drained)} streams ended REASON_SERVER_SHUTDOWN; 6 new starts, "
+          f"{sum(len(r.trace.refusals) for r in fresh)} refusals retried")
     assert 2 <= len(drained) <= 4, Counter(r.upstream for r in results)
     for r in results:
         expected = "REASON_SERVER_SHUTDOWN" if r in drained else "REASON_COMPLETED"
