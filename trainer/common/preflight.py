@@ -32,7 +32,8 @@ from trainer.common.config import RunConfig
 from trainer.latent_data import LatentDatasetSpec
 
 # Render + VAE-encode throughput of the default preset (128x128): 1600 clips x 24 frames in 440 s on 2 idle
-# cores (docs/training.md); 2-3x slower beside another training job. Only used for the announced estimate.
+# cores (docs/training.md, ~87 frames/s); 31.5 frames/s on one thread of a 2-core AMD EPYC at load average ~12
+# (2.8x slower), hence "2-3x under load". Only used for the announced estimate; the progress bar has the truth.
 ENCODE_PIXELS_PER_S = 1600 * 24 * 128 * 128 / 440
 
 
