@@ -140,6 +140,33 @@ def test_pipeline_stream_yields_chunks_and_switches_prompt(converted: Path) -> N
     assert np.abs(first.astype(int) - offline.astype(int)).max() <= 2
 
 
+def test_staggered_streams_on_the_wan_vae_equal_alone(converted: Path) -> None:
+    """One stream's first chunk commits in the same batch as another's later chunk: each decodes
+    as it would alone (the Wan VAE decodes streams one by one inside the batched step)."""
+    from streamgen.engine.engine import Engine
+    from streamgen.engine.request import GenerationRequest
+    from streamgen.model_dir import load_model_dir
+
+    def engine() -> Engine:
+        parts = load_model_dir(converted)
+        return Engine(parts.preset, parts.transformer, parts.vae, parts.text,
+                      EngineConfig(kv_memory_bytes=2**22), dtype=torch.float32)
+
+    alone = engine()
+    sid = alone.add_request(GenerationRequest(PROMPT, seed=1, num_frames=21))
+    reference = np.concatenate([c.frames for c in alone.run_until_done()[sid]])
+    both = engine()
+    both.add_request(GenerationRequest("a white box", seed=2, num_frames=21), "early")
+    early = [c for _ in range(5) for c in both.step()]  # "early" finishes its first chunk (4 steps + commit)
+    both.add_request(GenerationRequest(PROMPT, seed=1, num_frames=21), "late")
+    outputs = both.run_until_done()
+    outputs["early"] = early + outputs["early"]
+    frames = np.concatenate([c.frames for c in outputs["late"]])
+    assert frames.shape == reference.shape == (21, 32, 32, 3)
+    assert np.abs(frames.astype(int) - reference.astype(int)).max() <= 1
+    assert sum(len(c.frames) for c in outputs["early"]) == 21
+
+
 def test_info_prints_model_dir_and_memory_plan(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["info", "--model", str(converted), "--kv-memory-mb", "1"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -28,7 +28,7 @@ from streamgen.generate import context_input, draw_noise
 from streamgen.model.sampler import add_noise, student_timesteps, x0_from_velocity
 from streamgen.model.text import TextEncoder
 from streamgen.model.transformer import CausalWanTransformer, TextContext
-from streamgen.model.vae import CausalVideoVAE
+from streamgen.model.vae import CausalVideoVAE, StreamState
 from streamgen.video_io import frames_to_uint8
 
 
@@ -179,7 +179,8 @@ class ModelRunner:
 
     def _finish_chunks(self, items: list[WorkItem], latents: list[torch.Tensor], forward_ms: float
                        ) -> list[StepResult]:
-        """Remember each committed chunk, then decode all of them in one batched streaming-VAE call.
+        """Remember each committed chunk, then decode all of them in one batched streaming-VAE call
+        (one call per session for a VAE that cannot batch streams, ``vae.batched_decode`` False).
 
         Every session keeps its own decoder state; the states are stacked for the call and split
         after it, so a session decodes exactly what it would decode alone (the decoder has no
@@ -192,16 +193,20 @@ class ModelRunner:
         z = self.vae.from_diffusion(torch.cat(latents).to(self.vae_dtype))  # [B, C, F, h, w]
         if len(items) == 1:
             video, new_states = self.vae.decode_chunk(z, states[0])
-            parts = [new_states]
+            videos, parts = [video[0]], [new_states]
+        elif not self.vae.batched_decode:
+            # The Wan VAE: a stream's first chunk decodes to fewer frames than a later one, and its
+            # feature caches change structure after the first frame, so streams decode one by one.
+            decoded = [self.vae.decode_chunk(z[b:b + 1], states[b]) for b in range(len(items))]
+            videos, parts = [v[0] for v, _ in decoded], [st for _, st in decoded]
         else:
-            # The state's own class stacks it (ours batches the tensors; the Wan VAE's keeps streams apart).
-            video, new_states = self.vae.decode_chunk(z, type(states[0]).concat(states))  # type: ignore[attr-defined]
-            parts = new_states.split([1] * len(items))
+            video, new_states = self.vae.decode_chunk(z, StreamState.concat(states))  # type: ignore[arg-type]
+            videos, parts = list(video), new_states.split([1] * len(items))
         decode_ms = (time.perf_counter() - start) * 1000 / len(items)
         results = []
         for b, item in enumerate(items):
             self.states[item.session_id].decoder = parts[b]
-            results.append(StepResult(item, frames_to_uint8(video[b].float()), forward_ms, decode_ms))
+            results.append(StepResult(item, frames_to_uint8(videos[b].float()), forward_ms, decode_ms))
         return results
 
     def _recache(self, batch: ForwardBatch) -> list[StepResult]:

@@ -295,6 +295,9 @@ class CausalVideoVAE(nn.Module):
         self.latent_mean.copy_(torch.tensor(mean, dtype=torch.float32))
         self.latent_std.copy_(torch.tensor(std, dtype=torch.float32))
 
+    # Streams at any point decode together: their states stack along the batch (StreamState.concat).
+    batched_decode = True
+
     def latent_frames_for(self, num_pixel_frames: int) -> int:
         """Latent frames whose decode holds ``num_pixel_frames`` frames (``temporal_factor`` each)."""
         if num_pixel_frames <= 0:

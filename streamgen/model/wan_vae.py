@@ -12,7 +12,8 @@ frames) on the module and clearing it at the start and end of every call. We kee
 per stream instead, in a :class:`WanDecoderState`, and call the same ``decoder`` per frame with
 it, so decoding N chunks runs exactly the ops of one whole-video decode. The list's tensors are
 never modified in place by the decoder (entries are replaced by fresh clones), so a state stays
-valid after the call that consumed it: states are values, like ``StreamState``.
+valid after the call that consumed it: states are values, like ``StreamState``. Unlike ours,
+states of streams at different points do not stack into one batch (``batched_decode`` is False).
 
 Frame counts differ from our VAE: the first latent frame of a stream decodes to one pixel
 frame, every later one to four (Wan's 1 + 4k layout), hence :meth:`WanVideoVAE.latent_frames_for`.
@@ -44,36 +45,11 @@ INSTALL_HINT = "the Wan VAE needs diffusers: pip install 'streamgen[wan]'"
 
 @dataclass(frozen=True)
 class WanDecoderState:
-    """Decoder memory of ``batch_size`` streams.
-
-    One stream: ``feat_map`` is diffusers' per-causal-conv cache list (``None`` = a fresh stream
-    that has decoded nothing yet). Several (from :meth:`concat`): ``parts`` holds one state per
-    stream group. Streams at different points differ in the *structure* of their caches (the
-    first frame is special), so they are kept apart and decoded one group after another rather
-    than padded into one batch.
-    """
+    """Decoder memory of ``batch_size`` streams at the same point: diffusers' per-causal-conv cache
+    list (``None`` = fresh streams that have decoded nothing yet)."""
 
     batch_size: int
     feat_map: tuple[Any, ...] | None = None
-    parts: tuple[WanDecoderState, ...] | None = None
-
-    @staticmethod
-    def concat(states: list[WanDecoderState]) -> WanDecoderState:
-        if not states:
-            raise ValueError("WanDecoderState.concat needs at least one state")
-        flat: list[WanDecoderState] = []
-        for s in states:
-            flat.extend(s.parts if s.parts is not None else (s,))
-        return WanDecoderState(sum(s.batch_size for s in flat), None, tuple(flat))
-
-    def split(self, sizes: list[int]) -> list[WanDecoderState]:
-        if sum(sizes) != self.batch_size or any(n <= 0 for n in sizes):
-            raise ValueError(f"split sizes {sizes} must be positive and add up to batch size {self.batch_size}")
-        parts = list(self.parts) if self.parts is not None else [self]
-        if [p.batch_size for p in parts] != list(sizes):
-            raise ValueError(f"split sizes {sizes} do not match the concatenated states "
-                             f"{[p.batch_size for p in parts]}")
-        return parts
 
 
 def vae_config_from_wan(config: dict[str, Any]) -> VAEConfig:
@@ -88,6 +64,10 @@ def vae_config_from_wan(config: dict[str, Any]) -> VAEConfig:
 
 class WanVideoVAE(nn.Module):
     """An ``AutoencoderKLWan`` with a per-stream streaming decoder and Wan's latent normalisation."""
+
+    # Streams at different points cannot share a decode call (the first chunk yields fewer frames and
+    # the caches change structure after the first frame): the engine decodes them one by one.
+    batched_decode = False
 
     def __init__(self, vae: nn.Module) -> None:
         super().__init__()
@@ -149,25 +129,13 @@ class WanVideoVAE(nn.Module):
         return video, WanDecoderState(state.batch_size, tuple(feat))
 
     def decode_chunk(self, latents: torch.Tensor, state: WanDecoderState) -> tuple[torch.Tensor, WanDecoderState]:
-        """Decode the next ``n`` latent frames ``[B, C, n, h, w]`` of a stream (VAE space, see
-        :meth:`from_diffusion`) -> video ``[B, 3, N, H, W]`` in [-1, 1] and the state after them.
-        ``N = 1 + 4 (n - 1)`` for a stream's first chunk, ``4 n`` afterwards."""
+        """Decode the next ``n`` latent frames ``[B, C, n, h, w]`` of ``B`` streams at the same point (VAE
+        space, see :meth:`from_diffusion`) -> video ``[B, 3, N, H, W]`` in [-1, 1] and the state after
+        them. ``N = 1 + 4 (n - 1)`` for a stream's first chunk, ``4 n`` afterwards."""
         if latents.dim() != 5 or latents.shape[1] != self.cfg.latent_channels or latents.shape[2] == 0:
             raise ValueError(f"latents must be [B, {self.cfg.latent_channels}, n>0, h, w], "
                              f"got {tuple(latents.shape)}")
-        if state.parts is None:
-            return self._decode_stream(latents, state)
-        videos, states, row = [], [], 0
-        for part in state.parts:
-            v, s = self._decode_stream(latents[row:row + part.batch_size], part)
-            videos.append(v)
-            states.append(s)
-            row += part.batch_size
-        lengths = {v.shape[2] for v in videos}
-        if len(lengths) != 1:
-            raise ValueError(f"streams in one decode batch produced different frame counts {sorted(lengths)}: "
-                             "a stream's first chunk cannot share a batch with later chunks")
-        return torch.cat(videos), WanDecoderState.concat(states)
+        return self._decode_stream(latents, state)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Whole-video decode (diffusers' own ``decode``, clamped to [-1, 1])."""
