@@ -1,28 +1,35 @@
-"""``python -m trainer.compare``: teacher vs students on the same held-out prompts, at 1x and Nx the horizon.
+"""``python -m trainer.compare``: teacher and students against rendered clips of the same captions, with intervals.
 
-The evidence that the trainer works (issue "Trainer II"): one table and a few plots that put
-the bidirectional teacher (many steps, its own horizon only) beside the 4-step causal
-students (Self-Forcing, Self-Forcing++, Teacher Forcing, Diffusion Forcing, ...) on
+The evidence that the trainer works. For every prompt split (``in_distribution``: trained
+(kind, colour) combinations with unseen captions, render and noise seeds; ``heldout``: the
+combinations no model saw) and every length (multiples of the teacher's horizon), the
+renderer draws the prompts once (the *reference*, also reported as a row of its own: the
+rendered clips' own values) and every model generates the same prompts with the same seeds.
+Each generated set is then measured against the reference by :mod:`trainer.eval.reference`:
 
-* the Frechet distance of attribute-classifier features to rendered clips of the same prompts
-  (per 1 s window, so it is also a drift curve),
-* prompt adherence (attribute classifier, first window, mean over attributes),
-* long-horizon stability: for a few per-window quantities (luma, motion, subject area,
-  adherence, Frechet distance) the last window's value over the first window's.
+* KID of attribute-classifier features at the first and the last window, with a bootstrap
+  interval; beside it the Frechet distance on the reference's top principal components where
+  there are enough clips for them;
+* adherence per attribute at the first and the last window, beside the classifier's accuracy on
+  the rendered clips; attributes it cannot read there are *unmeasured* and left out of the mean;
+* per-clip stability (last window / first window of luma, motion, subject area, adherence)
+  against the paired rendered clip's own ratio;
+* orderings between models only where bootstrap intervals separate, else "not separable".
 
-Every generated set uses the same prompts and seeds; the rendered reference is rendered once
-per length. Each (model, length) also gets a full per-set report (``trainer.eval.report``)
-under ``OUT/<model>_<k>x/``; the comparison itself is ``OUT/compare.md`` / ``compare.json``
-and ``OUT/*.png``.
+Generated clips are stored losslessly in ``OUT/<model>_<split>_<k>x/clips.npz`` and reused by a
+later run made with the same checkpoint (by content hash), prompts, seed and length: generation
+is the slow part on a CPU. Each set also gets the per-set report of :mod:`trainer.eval.report`.
 
     python -m trainer.compare --teacher checkpoints/teacher_default.safetensors \\
-        --student sf=runs/sf_default/student.safetensors --student sfpp=runs/sfpp_default/student.safetensors \\
-        --num-clips 16 --multiples 1 10 --out reports/self_forcing
+        --student sfpp=checkpoints/student_default.safetensors --multiples 1 10 \\
+        --num-clips 64 --long-clips 8 --out reports/eval
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import itertools
 import json
 import math
 import sys
@@ -31,16 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from trainer.data.attributes import ATTRIBUTE_KEYS
+from trainer.eval.inputs import PROMPT_SPLITS
+from trainer.eval.reference import STABILITY_CURVES, WINDOWS
+from trainer.eval.stats import MIN_KID_SAMPLES, NOT_SEPARABLE, Interval, order
 
-# Per-window quantities whose last/first ratio is the "no collapse" check (stable = near 1).
-STABILITY_CURVES: dict[str, str] = {
-    "luma": "overexposure/luma",
-    "motion": "motion/frame_diff",
-    "subject area": "subject_drift/area_fraction",
-    "adherence": "adherence/whole_clip_keys",
-}
-STABILITY_TOLERANCE = 0.20  # |last / first - 1| within this counts as "no collapse"
+RENDERED = "rendered"
+STUDENT_STAGES = ("ode_init", "self_forcing")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ def parse_student(text: str) -> ModelSpec:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
         raise ValueError(f"--student takes NAME=CHECKPOINT, got {text!r}")
+    if name in (RENDERED, "teacher"):
+        raise ValueError(f"--student name {name!r} is reserved")
     return ModelSpec(name, "student", Path(path))
 
 
@@ -67,126 +73,189 @@ def teacher_horizon(path: Path) -> int:
     return int(value)
 
 
-def ratio(curve: np.ndarray | None) -> float:
-    """Last finite window value over the first (nan when undefined)."""
-    if curve is None:
-        return math.nan
-    finite = np.asarray(curve, dtype=np.float64)
-    finite = finite[np.isfinite(finite)]
-    if len(finite) < 2 or abs(finite[0]) < 1e-9:
-        return math.nan
-    return float(finite[-1] / finite[0])
+def check_checkpoint(m: ModelSpec, horizon: int) -> None:
+    """A clear error for a checkpoint of the wrong kind (teacher vs student) or trained at another horizon."""
+    from streamgen.model.weights import read_metadata
+
+    meta = read_metadata(m.checkpoint)
+    if meta.get("kind") != "transformer":
+        raise ValueError(f"{m.name}: {m.checkpoint} is a {meta.get('kind')!r} checkpoint, not a transformer")
+    stage = meta.get("stage")
+    if m.kind == "teacher" and stage is not None:
+        raise ValueError(f"{m.name}: {m.checkpoint} is a causal student ({stage}), not the bidirectional teacher")
+    if m.kind == "student" and stage not in STUDENT_STAGES:
+        raise ValueError(f"{m.name}: {m.checkpoint} records no student stage (one of {list(STUDENT_STAGES)}); "
+                         "is it the teacher?")
+    trained = meta.get("num_latent_frames")
+    if trained is not None and int(trained) != horizon:
+        raise ValueError(f"{m.name}: {m.checkpoint} was trained at a horizon of {trained} latent frames, "
+                         f"this comparison's horizon is {horizon}")
 
 
-def summarise(set_eval: Any, frechet: dict[int, Any], fps: float) -> dict[str, Any]:
-    """The comparison row of one evaluated set."""
-    distances = [r.distance for _, r in sorted(frechet.items())]
-    row: dict[str, Any] = {
-        "clips": len(set_eval.clips),
-        "frames": int(max(c.num_frames for c in set_eval.clips)),
-        "frechet_mean": float(np.mean(distances)) if distances else math.nan,
-        "frechet_first": distances[0] if distances else math.nan,
-        "frechet_last": distances[-1] if distances else math.nan,
-        "frechet_curve": [{"start_s": s / fps, "distance": r.distance} for s, r in sorted(frechet.items())],
-        "adherence_mean": set_eval.adherence_per_head.get("mean", math.nan),
-        "adherence_per_head": dict(set_eval.adherence_per_head),
-        "flag_rates": dict(set_eval.flag_rates),
-        "stability": {label: ratio(set_eval.curves.get(key)) for label, key in STABILITY_CURVES.items()},
-        "curves": {label: np.asarray(set_eval.curves[key]).tolist()
-                   for label, key in STABILITY_CURVES.items() if key in set_eval.curves},
-    }
-    if len(distances) >= 2:
-        row["stability"]["frechet"] = distances[-1] / distances[0] if distances[0] > 0 else math.nan
-    return row
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+def clip_meta(m: ModelSpec, prompts: list[str], num_frames: int, args: argparse.Namespace) -> dict[str, Any]:
+    """What made a set of generated clips: a stored set is reused only when all of it matches."""
+    meta: dict[str, Any] = {"model": m.kind, "checkpoint": str(m.checkpoint),
+                            "checkpoint_sha256": file_sha256(m.checkpoint), "vae": str(args.vae),
+                            "preset": args.preset, "prompts": prompts, "seed": args.seed, "num_frames": num_frames,
+                            "dtype": "float32" if m.kind == "teacher" else args.dtype,
+                            "text_encoder": args.text_encoder}
+    if m.kind == "teacher":
+        meta.update({"teacher_steps": args.teacher_steps, "cfg_scale": args.cfg_scale})
+    return meta
 
 
-def markdown(rows: dict[str, dict[str, Any]], meta: dict[str, Any], images: list[str]) -> str:
-    lines = ["# Teacher vs students", ""]
+# ---------------------------------------------------------------------------------------------
+# Orderings and Markdown.
+
+
+def _interval(d: dict[str, Any] | None) -> Interval | None:
+    if d is None or d.get("value") is None:
+        return None
+    return Interval(d["value"], d["low"], d["high"], d["n"], d["level"])
+
+
+def orderings(rows: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
+    """Pairwise verdicts between models on the same split and length: KID (lower better), mean adherence."""
+    out = []
+    groups: dict[tuple[str, str], list[str]] = {}
+    for key, r in rows.items():
+        if r["model"] != RENDERED:
+            groups.setdefault((r["split"], r["length"]), []).append(key)
+    for (split, length), keys in groups.items():
+        windows = ["first"] if length == "1x" else list(WINDOWS)
+        for ka, kb in itertools.combinations(keys, 2):
+            a, b = rows[ka], rows[kb]
+            for window in windows:
+                checks = (("KID", "distances", False), ("adherence (measured attributes)", "adherence_mean", True))
+                for metric, field, higher_is_better in checks:
+                    ia = _interval(a[field][window]["kid"] if field == "distances" else a[field][window])
+                    ib = _interval(b[field][window]["kid"] if field == "distances" else b[field][window])
+                    verdict = (order(a["model"], ia, b["model"], ib, higher_is_better)
+                               if ia is not None and ib is not None else NOT_SEPARABLE)
+                    out.append({"split": split, "length": length, "window": window, "metric": metric,
+                                "a": a["model"], "b": b["model"], "verdict": verdict})
+    return out
+
+
+def _fmt(d: dict[str, Any] | None, digits: int = 2, scale: float = 1.0) -> str:
+    i = _interval(d)
+    return "n/a" if i is None else i.format(digits, scale)
+
+
+def _adherence_cell(a: dict[str, Any]) -> str:
+    if not a["measured"]:
+        return "unmeasured"
+    return _fmt(a["generated"])
+
+
+def markdown(rows: dict[str, dict[str, Any]], verdicts: list[dict[str, str]], meta: dict[str, Any]) -> str:
+    lines = ["# Teacher and students against the rendered reference", ""]
     lines += [f"- **{k}**: {v}" for k, v in meta.items()]
-    lines += ["", "## Quality", "",
-              "| model | length | frames | Frechet (mean over windows) | Frechet first / last window | "
-              "adherence (mean) |", "|---|---|---|---|---|---|"]
-    for key, r in rows.items():
-        model, length = key.rsplit("@", 1)
-        lines.append(f"| {model} | {length} | {r['frames']} | {_fmt(r['frechet_mean'], 2)} | "
-                     f"{_fmt(r['frechet_first'], 2)} / {_fmt(r['frechet_last'], 2)} | {_fmt(r['adherence_mean'])} |")
-    labels = list(STABILITY_CURVES) + ["frechet"]
-    lines += ["", f"## Stability: last window / first window (no collapse: within +-{STABILITY_TOLERANCE:.0%})", "",
-              "| model | length | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
-    for key, r in rows.items():
-        model, length = key.rsplit("@", 1)
-        cells = []
-        for label in labels:
-            v = r["stability"].get(label, math.nan)
-            ok = math.isfinite(v) and abs(v - 1) <= STABILITY_TOLERANCE
-            cells.append(_fmt(v, 2) + ("" if not math.isfinite(v) else " ok" if ok else " **drift**"))
-        lines.append(f"| {model} | {length} | " + " | ".join(cells) + " |")
-    metrics = sorted({m for r in rows.values() for m in r["flag_rates"]})
-    lines += ["", "## Failure flags (fraction of clips)", "",
-              "| model | length | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    for key, r in rows.items():
-        model, length = key.rsplit("@", 1)
-        lines.append(f"| {model} | {length} | " + " | ".join(_fmt(r["flag_rates"].get(m), 2) for m in metrics) + " |")
-    if images:
-        lines += ["", "## Curves", ""] + [f"![{name}]({name})" for name in images]
-    lines += ["", "Per-set details (clips, metric summaries, drift curves): the `<model>_<k>x/report.md` files.", ""]
+    lines += ["", "All intervals are 95 % bootstrap percentile intervals over clips.", "",
+              "## Distance to the rendered clips of the same captions", "",
+              "KID x 1000 (classifier features, unbiased; 0 = same distribution). Frechet distance on the "
+              "reference's top principal components (n/a where there are too few clips for them).", "",
+              "| model | split | length | clips | KID first window | KID last window | Frechet first | Frechet last |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows.values():
+        if r["model"] == RENDERED:
+            continue
+        d = r["distances"]
+        lines.append(f"| {r['model']} | {r['split']} | {r['length']} | {r['num_clips']} | "
+                     f"{_fmt(d['first']['kid'], 1, 1000)} | {_fmt(d['last']['kid'], 1, 1000)} | "
+                     f"{_fmt(d['first']['frechet'], 1)} | {_fmt(d['last']['frechet'], 1)} |")
+    splits_lengths = list(dict.fromkeys((r["split"], r["length"]) for r in rows.values()))
+    for split, length in splits_lengths:
+        group = [r for r in rows.values() if r["split"] == split and r["length"] == length]
+        for window in (["first"] if length == "1x" else list(WINDOWS)):
+            lines += ["", f"## Adherence per attribute: {split}, {length}, {window} window", "",
+                      "Share of clips whose classified attribute matches the caption. *rendered* = the classifier's "
+                      "accuracy on the rendered clips of the same captions; an attribute it reads below "
+                      "chance + 0.5 x (1 - chance) there is unmeasured and left out of the mean.", "",
+                      "| model | " + " | ".join(ATTRIBUTE_KEYS) + " | mean (measured) |",
+                      "|---|" + "---|" * (len(ATTRIBUTE_KEYS) + 1)]
+            for r in group:
+                per = r["adherence"][window]
+                lines.append(f"| {r['model']} | " + " | ".join(_adherence_cell(per[k]) for k in ATTRIBUTE_KEYS)
+                             + f" | {_fmt(r['adherence_mean'][window])} |")
+            ref = group[0]["adherence"][window]
+            lines.append("| (chance) | " + " | ".join(f"{ref[k]['chance']:.2f}" for k in ATTRIBUTE_KEYS) + " | |")
+            for r in group:
+                if r["model"] == RENDERED:
+                    continue
+                per = r["adherence"][window]
+                cells = [f"{per[k]['of_rendered']:.2f}" if per[k]["measured"] and per[k]["of_rendered"] is not None
+                         and math.isfinite(per[k]["of_rendered"]) else "-" for k in ATTRIBUTE_KEYS]
+                lines.append(f"| {r['model']} / rendered | " + " | ".join(cells) + " | |")
+        if length != "1x":
+            lines += ["", f"## Stability per clip: {split}, {length} (last window / first window)", "",
+                      "Each clip's ratio beside the rendered clip of its caption. p10 / p50 / p90 of the ratios; "
+                      "MAD = median |ratio - rendered ratio|; outside = share of clips outside the rendered clips' "
+                      "range (min..max).", "",
+                      "| model | quantity | clips judged | ratio p10 / p50 / p90 | rendered p10 / p50 / p90 | "
+                      "MAD | outside rendered range | verdict |", "|---|---|---|---|---|---|---|---|"]
+            for r in group:
+                if r["model"] == RENDERED:
+                    continue
+                for q in STABILITY_CURVES:
+                    s = r["stability"].get(q)
+                    if s is None:
+                        continue
+                    dist, rdist = s["distribution"], s["reference_distribution"]
+                    qs = " / ".join("n/a" if dist[p] is None or not math.isfinite(dist[p]) else f"{dist[p]:.2f}"
+                                    for p in ("p10", "p50", "p90"))
+                    rqs = " / ".join("n/a" if rdist[p] is None or not math.isfinite(rdist[p]) else f"{rdist[p]:.2f}"
+                                     for p in ("p10", "p50", "p90"))
+                    verdict = "**drift**" if s["flagged"] else "within" if s["num_judged"] >= 2 else "not judged"
+                    lines.append(f"| {r['model']} | {q} | {s['num_judged']} | {qs} | {rqs} | "
+                                 f"{_fmt(s['median_abs_deviation'])} | {_fmt(s['share_outside'])} | {verdict} |")
+    if verdicts:
+        lines += ["", "## Orderings (claimed only where the intervals separate)", "",
+                  "| split | length | window | metric | models | verdict |", "|---|---|---|---|---|---|"]
+        for v in verdicts:
+            lines.append(f"| {v['split']} | {v['length']} | {v['window']} | {v['metric']} | {v['a']} vs {v['b']} | "
+                         f"{v['verdict']} |")
+    lines += ["", "Per-set details (clips, oracle metrics, drift curves): `<model>_<split>_<k>x/report.md`.", ""]
     return "\n".join(lines)
 
 
-def plot(out: Path, rows: dict[str, dict[str, Any]], window_s: float) -> list[str]:
-    """One PNG per length: Frechet distance and stability curves over time, one line per model."""
-    import matplotlib
+# ---------------------------------------------------------------------------------------------
+# The run.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    names = []
-    lengths = sorted({k.rsplit("@", 1)[1] for k in rows}, key=lambda s: int(s.rstrip("x")))
-    for length in lengths:
-        keys = [k for k in rows if k.endswith("@" + length)]
-        panels = ["frechet"] + list(STABILITY_CURVES)
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-        for ax, panel in zip(axes, panels, strict=True):
-            for key in keys:
-                r = rows[key]
-                if panel == "frechet":
-                    xs = [p["start_s"] for p in r["frechet_curve"]]
-                    ys = [p["distance"] for p in r["frechet_curve"]]
-                else:
-                    ys = r["curves"].get(panel, [])
-                    xs = [i * window_s for i in range(len(ys))]
-                if ys:
-                    ax.plot(xs, ys, marker=".", label=key.rsplit("@", 1)[0])
-            ax.set_title(panel)
-            ax.set_xlabel("time (s)")
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"length {length} the teacher's horizon")
-        fig.tight_layout()
-        name = f"curves_{length}.png"
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        names.append(name)
-    return names
+def _validate(args: argparse.Namespace) -> None:
+    if args.num_clips < MIN_KID_SAMPLES or args.long_clips is not None and args.long_clips < MIN_KID_SAMPLES:
+        raise ValueError(f"--num-clips and --long-clips must be >= {MIN_KID_SAMPLES}: KID and its interval need "
+                         f"{MIN_KID_SAMPLES} clips per set")
+    if any(k < 1 for k in args.multiples):
+        raise ValueError("--multiples must be >= 1")
+    for split in list(args.splits) + list(args.long_splits or []):
+        if split not in PROMPT_SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid: {list(PROMPT_SPLITS)}")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from streamgen.config import get_preset
     from trainer.eval import inputs
     from trainer.eval.classifier import load_classifier
-    from trainer.eval.report import write_report
+    from trainer.eval.reference import ReferenceConfig, summarise_against_reference
+    from trainer.eval.report import json_safe, write_report
     from trainer.eval.suite import SuiteConfig, evaluate_set, frechet_by_window
 
+    _validate(args)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     models = ([ModelSpec("teacher", "teacher", args.teacher)] if args.teacher else []) + \
         [parse_student(s) for s in args.student]
     if not models:
@@ -199,49 +268,72 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     horizon = args.horizon or (teacher_horizon(args.teacher) if args.teacher else None)
     if horizon is None:
         raise ValueError("give --horizon (latent frames) when no --teacher is compared")
-    from streamgen.config import get_preset
-
+    for m in models:
+        check_checkpoint(m, horizon)
+    out.mkdir(parents=True, exist_ok=True)
     preset = get_preset(args.preset)
     fps = float(preset.video.fps)
     classifier = load_classifier(args.classifier)
-    cfg = SuiteConfig(min_frechet_samples=min(8, args.num_clips))
-    prompts = inputs.heldout_prompts(args.num_clips, args.seed)
+    cfg = SuiteConfig()
+    rcfg = ReferenceConfig(num_resamples=args.resamples, seed=args.seed)
     rows: dict[str, dict[str, Any]] = {}
+
+    def log(text: str) -> None:
+        print(f"[{time.time() - t0:6.0f} s] {text}", flush=True)
+
     for k in args.multiples:
         num_frames = preset.pixel_frames(horizon * k)
-        reference_videos = inputs.render_reference(prompts, num_frames, preset.video.height, fps, args.seed + 1000)
-        reference = evaluate_set(reference_videos, classifier, cfg)
-        for m in models:
-            if m.kind == "teacher" and k != 1:
-                continue  # the bidirectional teacher only exists at its own horizon
-            print(f"[{time.time() - t0:6.0f} s] {m.name} at {k}x ({num_frames} frames, {len(prompts)} clips)",
-                  flush=True)
-            set_dir = out / f"{m.name}_{k}x"
-            if m.kind == "teacher":
-                videos = inputs.generate_teacher_videos(m.checkpoint, args.vae, args.preset, prompts, num_frames,
-                                                        args.seed, set_dir / "videos", args.teacher_steps,
-                                                        args.cfg_scale, text=args.text_encoder)
-            else:
-                videos = inputs.generate_videos(m.checkpoint, args.vae, args.preset, prompts, num_frames, args.seed,
-                                                set_dir / "videos", text=args.text_encoder)
-            evaluated = evaluate_set(videos, classifier, cfg)
-            frechet = frechet_by_window(evaluated, reference, cfg)
-            write_report(set_dir, f"{m.name} at {k}x", {m.name: evaluated, "reference (rendered)": reference},
-                         frechet, fps, {"checkpoint": str(m.checkpoint), "length": f"{k}x ({num_frames} frames)"},
-                         cfg)
-            rows[f"{m.name}@{k}x"] = summarise(evaluated, frechet, fps)
-    meta = {"prompts": f"{len(prompts)} held-out captions (seed {args.seed})",
-            "teacher horizon": f"{horizon} latent frames ({preset.pixel_frames(horizon)} pixel frames, "
-                               f"{preset.pixel_frames(horizon) / fps:.2f} s)",
-            "teacher sampler": f"{args.teacher_steps} Euler steps, CFG {args.cfg_scale}",
-            "students": "4 steps, chunked KV-cache generation (rolling window) as served",
-            "VAE": str(args.vae), "classifier": str(args.classifier),
-            "wall time (s)": round(time.time() - t0)}
-    images = plot(out, rows, cfg.oracle.window_seconds)
-    (out / "compare.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=float))
-    (out / "compare.md").write_text(markdown(rows, meta, images))
-    return {"out": str(out), "rows": {k: {"frechet_mean": r["frechet_mean"], "adherence_mean": r["adherence_mean"]}
-                                      for k, r in rows.items()}}
+        n = args.num_clips if k == 1 else (args.long_clips or args.num_clips)
+        splits = args.splits if k == 1 else (args.long_splits or args.splits)
+        for split in splits:
+            prompts = inputs.split_prompts(split, n, args.seed)
+            log(f"rendered reference: {split}, {k}x ({num_frames} frames, {n} clips)")
+            reference = evaluate_set(inputs.render_reference(prompts, num_frames, preset.video.height, fps,
+                                                             args.seed + 1000), classifier, cfg)
+            own = summarise_against_reference(reference, reference, rcfg)
+            rows[f"{RENDERED}@{split}@{k}x"] = {"model": RENDERED, "split": split, "length": f"{k}x",
+                                                **own.as_dict()}
+            for m in models:
+                if m.kind == "teacher" and k != 1:
+                    continue  # the bidirectional teacher only exists at its own horizon
+                set_dir = out / f"{m.name}_{split}_{k}x"
+                meta = clip_meta(m, prompts, num_frames, args)
+                videos = inputs.load_clips(set_dir, meta)
+                if videos is None:
+                    log(f"generating {m.name}: {split}, {k}x")
+                    if m.kind == "teacher":
+                        videos = inputs.generate_teacher_videos(m.checkpoint, args.vae, args.preset, prompts,
+                                                                num_frames, args.seed, None, args.teacher_steps,
+                                                                args.cfg_scale, text=args.text_encoder)
+                    else:
+                        videos = inputs.generate_videos(m.checkpoint, args.vae, args.preset, prompts, num_frames,
+                                                        args.seed, None, args.dtype, args.text_encoder)
+                    inputs.save_clips(set_dir, videos, meta)
+                else:
+                    log(f"reusing stored clips of {m.name}: {split}, {k}x")
+                evaluated = evaluate_set(videos, classifier, cfg)
+                summary = summarise_against_reference(evaluated, reference, rcfg)
+                sets = {m.name: evaluated, "reference (rendered)": reference}
+                write_report(set_dir, f"{m.name}, {split}, {k}x", sets,
+                             frechet_by_window(evaluated, reference, cfg), fps,
+                             {"checkpoint": str(m.checkpoint), "length": f"{k}x ({num_frames} frames)"}, cfg)
+                rows[f"{m.name}@{split}@{k}x"] = {"model": m.name, "split": split, "length": f"{k}x",
+                                                  **summary.as_dict()}
+    verdicts = orderings(rows)
+    meta_out = {"prompts": f"in_distribution: train-split captions of dataset seed "
+                           f"{args.seed + inputs.IN_DISTRIBUTION_SEED_OFFSET}; heldout: held-out captions of seed "
+                           f"{args.seed}; noise seeds {args.seed} + clip index; render seeds from {args.seed + 1000}",
+                "teacher horizon": f"{horizon} latent frames ({preset.pixel_frames(horizon)} pixel frames, "
+                                   f"{preset.pixel_frames(horizon) / fps:.2f} s)",
+                "teacher sampler": f"{args.teacher_steps} Euler steps, CFG {args.cfg_scale}",
+                "students": f"4 steps, chunked KV-cache generation (rolling window) as served, {args.dtype}",
+                "VAE": str(args.vae), "classifier": str(args.classifier),
+                "bootstrap": f"{args.resamples} resamples, seed {args.seed}",
+                "wall time (s)": round(time.time() - t0)}
+    (out / "compare.json").write_text(json.dumps(json_safe({"meta": meta_out, "rows": rows, "orderings": verdicts}),
+                                                 indent=1))
+    (out / "compare.md").write_text(markdown(rows, verdicts, meta_out))
+    return {"out": str(out), "sets": sorted(rows)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,26 +344,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a causal student to compare (repeatable)")
     p.add_argument("--vae", type=Path, default=Path("checkpoints/vae_default.safetensors"), help="VAE checkpoint")
     p.add_argument("--classifier", default="checkpoints/attr_classifier.safetensors",
-                   help="attribute classifier checkpoint (adherence and Frechet features)")
+                   help="attribute classifier checkpoint (adherence and features)")
     p.add_argument("--preset", default="default", help="model preset")
     p.add_argument("--horizon", type=int, help="teacher horizon in latent frames (default: teacher metadata)")
     p.add_argument("--multiples", type=int, nargs="+", default=[1, 10], help="lengths, in teacher horizons")
-    p.add_argument("--num-clips", type=int, default=16, help="held-out prompts (one clip each per set)")
-    p.add_argument("--seed", type=int, default=0, help="prompt, noise and render seed")
+    p.add_argument("--splits", nargs="+", default=list(PROMPT_SPLITS), help=f"prompt splits, of {PROMPT_SPLITS}")
+    p.add_argument("--num-clips", type=int, default=64, help="clips per split and model at 1x")
+    p.add_argument("--long-clips", type=int, help="clips per split and model at multiples > 1 (default --num-clips)")
+    p.add_argument("--long-splits", nargs="+", help="prompt splits at multiples > 1 (default --splits)")
+    p.add_argument("--seed", type=int, default=0, help="prompt, noise, render and bootstrap seed")
     p.add_argument("--teacher-steps", type=int, default=50, help="teacher Euler steps")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="teacher guidance scale")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="student precision (float32: exact everywhere; bf16 is emulated, slow, on AVX2-only CPUs)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--text-encoder", choices=["minilm", "hash"], default="minilm",
                    help="prompt encoder; 'hash' is a model-free stand-in for tests")
-    p.add_argument("--out", type=Path, required=True, help="output directory, e.g. reports/self_forcing")
+    p.add_argument("--out", type=Path, required=True, help="output directory, e.g. reports/eval")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.num_clips < 2 or any(k < 1 for k in args.multiples):
-            raise ValueError("--num-clips must be >= 2 and --multiples >= 1")
         print(json.dumps(run(args)))
     except ValueError as exc:
         print(f"trainer.compare: error: {exc}", file=sys.stderr)

@@ -1,12 +1,10 @@
-"""``python -m trainer.compare``: teacher and students side by side at several lengths (tiny, random weights)."""
+"""``python -m trainer.compare``: teacher and students against the rendered reference (tiny, random weights)."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,15 +13,8 @@ from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.vae import CausalVideoVAE
 from streamgen.model.weights import save_checkpoint
 from trainer.common.latents import LatentStats
-from trainer.compare import main, parse_student, ratio
+from trainer.compare import main, parse_student
 from trainer.eval.classifier import CHECKPOINT_KIND, AttributeClassifier, ClassifierConfig
-
-
-def test_ratio_is_last_over_first_finite_window() -> None:
-    assert ratio(np.array([2.0, np.nan, 3.0, 2.5])) == pytest.approx(1.25)
-    assert math.isnan(ratio(np.array([0.0, 1.0])))  # undefined against a zero first window
-    assert math.isnan(ratio(np.array([1.0])))
-    assert math.isnan(ratio(None))
 
 
 def test_student_argument_is_name_equals_path() -> None:
@@ -31,9 +22,13 @@ def test_student_argument_is_name_equals_path() -> None:
     assert (spec.name, spec.kind, str(spec.checkpoint)) == ("sf", "student", "runs/x.safetensors")
     with pytest.raises(ValueError, match="NAME=CHECKPOINT"):
         parse_student("runs/x.safetensors")
+    with pytest.raises(ValueError, match="reserved"):
+        parse_student("rendered=x.safetensors")
 
 
-def test_compare_teacher_and_students_at_two_lengths(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("ckpt")
     preset = get_preset("test")
     torch.manual_seed(0)
     model = CausalWanTransformer(preset.model)
@@ -42,37 +37,79 @@ def test_compare_teacher_and_students_at_two_lengths(tmp_path: Path) -> None:
             p.add_(torch.randn_like(p) * 0.05)
     save_checkpoint(model, tmp_path / "teacher.safetensors", kind="transformer", config=preset.model,
                     extra_metadata={"num_latent_frames": "2"})
-    save_checkpoint(model, tmp_path / "student.safetensors", kind="transformer", config=preset.model)
+    save_checkpoint(model, tmp_path / "student.safetensors", kind="transformer", config=preset.model,
+                    extra_metadata={"stage": "self_forcing", "num_latent_frames": "2"})
+    save_checkpoint(model, tmp_path / "student_h3.safetensors", kind="transformer", config=preset.model,
+                    extra_metadata={"stage": "self_forcing", "num_latent_frames": "3"})
     stats = LatentStats((0.0,) * preset.vae.latent_channels, (1.0,) * preset.vae.latent_channels)
     save_checkpoint(CausalVideoVAE(preset.vae), tmp_path / "vae.safetensors", kind="vae", config=preset.vae,
                     extra_metadata=stats.metadata())
     clf_cfg = ClassifierConfig(num_frames=4, frame_stride=2, image_size=16, stem_patch=2, stem_channels=8,
                                stage_channels=(8, 16), feature_dim=12, pooled_size=2)
     save_checkpoint(AttributeClassifier(clf_cfg), tmp_path / "clf.safetensors", kind=CHECKPOINT_KIND, config=clf_cfg)
+    return tmp_path
+
+
+def _args(ckpt: Path, out: Path, *extra: str) -> list[str]:
+    return ["--vae", str(ckpt / "vae.safetensors"), "--classifier", str(ckpt / "clf.safetensors"),
+            "--preset", "test", "--teacher-steps", "2", "--text-encoder", "hash", "--threads", "1",
+            "--resamples", "50", "--out", str(out), *extra]
+
+
+def test_compare_teacher_and_student_against_the_rendered_reference(tiny_checkpoints: Path, tmp_path: Path
+                                                                    ) -> None:
+    ckpt = tiny_checkpoints
     out = tmp_path / "cmp"
-    student = f"s1={tmp_path / 'student.safetensors'}"
-    code = main(["--teacher", str(tmp_path / "teacher.safetensors"), "--student", student,
-                 "--vae", str(tmp_path / "vae.safetensors"), "--classifier", str(tmp_path / "clf.safetensors"),
-                 "--preset", "test", "--multiples", "1", "3", "--num-clips", "2", "--teacher-steps", "2",
-                 "--text-encoder", "hash", "--threads", "1", "--out", str(out)])
-    assert code == 0
+    argv = _args(ckpt, out, "--teacher", str(ckpt / "teacher.safetensors"),
+                 "--student", f"s1={ckpt / 'student.safetensors'}", "--multiples", "1", "3", "--num-clips", "8",
+                 "--splits", "heldout")
+    assert main(argv) == 0
     report = json.loads((out / "compare.json").read_text())
     rows = report["rows"]
-    # The teacher exists only at its own horizon; the student at every length.
-    assert sorted(rows) == ["s1@1x", "s1@3x", "teacher@1x"]
-    horizon_frames = preset.pixel_frames(2)
-    assert rows["teacher@1x"]["frames"] == rows["s1@1x"]["frames"] == horizon_frames
-    assert rows["s1@3x"]["frames"] == preset.pixel_frames(6)
-    assert set(rows["s1@3x"]["stability"]) >= {"luma", "motion", "subject area", "adherence"}
+    # The teacher exists only at its own horizon; the student and the rendered reference at every length.
+    assert sorted(rows) == ["rendered@heldout@1x", "rendered@heldout@3x", "s1@heldout@1x", "s1@heldout@3x",
+                            "teacher@heldout@1x"]
+    assert rows["s1@heldout@1x"]["num_windows"] == 1 and rows["s1@heldout@3x"]["num_windows"] > 1
+    assert rows["s1@heldout@1x"]["stability"] == {}
+    assert set(rows["s1@heldout@3x"]["stability"]) == {"luma", "motion", "subject area", "adherence"}
+    kid = rows["s1@heldout@1x"]["distances"]["first"]["kid"]
+    assert kid["low"] <= kid["value"] <= kid["high"] and kid["n"] == 8
+    assert rows["rendered@heldout@1x"]["distances"]["first"]["kid"]["value"] == pytest.approx(0.0, abs=1e-9)
+    # 8 clips are too few for a 16-component Frechet distance: reported as such, never a biased number.
+    assert rows["s1@heldout@1x"]["distances"]["first"]["frechet"] is None
+    assert {v["verdict"] for v in report["orderings"]} <= {"not separable", "teacher better than s1",
+                                                           "s1 better than teacher"}
     text = (out / "compare.md").read_text()
-    assert "| s1 | 3x |" in text and "| teacher | 1x |" in text
-    assert (out / "curves_1x.png").is_file() and (out / "curves_3x.png").is_file()
-    assert (out / "s1_3x" / "report.md").is_file()
+    assert "| s1 | heldout | 3x | 8 |" in text and "## Stability per clip: heldout, 3x" in text
+    assert "## Adherence per attribute: heldout, 3x, last window" in text
+    assert (out / "s1_heldout_3x" / "report.md").is_file() and (out / "s1_heldout_3x" / "clips.npz").is_file()
+    # A second run reuses the stored clips (same checkpoint, prompts, seed and length).
+    before = (out / "s1_heldout_1x" / "clips.npz").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (out / "s1_heldout_1x" / "clips.npz").stat().st_mtime_ns == before
 
 
-def test_missing_checkpoint_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--student", f"s={tmp_path / 'none.safetensors'}", "--horizon", "2", "--out", str(tmp_path)]) == 2
+def test_bad_input_is_a_clear_error(tiny_checkpoints: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                    ) -> None:
+    ckpt = tiny_checkpoints
+    out = tmp_path / "bad"
+    assert main(["--student", f"s={tmp_path / 'none.safetensors'}", "--horizon", "2", "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(_args(ckpt, out, "--student", f"s={ckpt / 'student.safetensors'}", "--horizon", "2",
+                      "--num-clips", "4")) == 2
+    assert "must be >= 8" in capsys.readouterr().err
+    assert main(_args(ckpt, out, "--teacher", str(ckpt / "student.safetensors"))) == 2
+    assert "not the bidirectional teacher" in capsys.readouterr().err
+    assert main(_args(ckpt, out, "--student", f"s={ckpt / 'teacher.safetensors'}", "--horizon", "2")) == 2
+    assert "is it the teacher?" in capsys.readouterr().err
+    assert main(_args(ckpt, out, "--teacher", str(ckpt / "teacher.safetensors"),
+                      "--student", f"s={ckpt / 'student_h3.safetensors'}")) == 2
+    assert "horizon of 3 latent frames" in capsys.readouterr().err
+    assert main(_args(ckpt, out, "--student", f"s={ckpt / 'vae.safetensors'}", "--horizon", "2")) == 2
+    assert "not a transformer" in capsys.readouterr().err
+    assert main(_args(ckpt, out, "--student", f"s={ckpt / 'student.safetensors'}", "--horizon", "2",
+                      "--splits", "train")) == 2
+    assert "unknown split" in capsys.readouterr().err
 
 
 def test_gallery_writes_strips_gifs_and_markdown(tmp_path: Path) -> None:

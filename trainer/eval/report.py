@@ -39,14 +39,14 @@ PLOTTED_CURVES: tuple[tuple[str, str], ...] = (
 UNRELIABLE_HEAD_ACCURACY = 0.7
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe: NaN/inf -> None, numpy -> Python, recursively."""
     if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _clean(value.tolist())
+        return json_safe(value.tolist())
     if isinstance(value, (np.floating, float)):
         return float(value) if math.isfinite(float(value)) else None
     if isinstance(value, (np.integer, np.bool_)):
@@ -216,7 +216,7 @@ def write_report(out_dir: str | Path, name: str, sets: Mapping[str, SetEvaluatio
                "classifier_accuracy": dict(classifier_accuracy or {}),
                "sets": {k: set_json(s) for k, s in sets.items()}, "frechet": frechet_json(frechet, fps)}
     paths["json"] = out / "report.json"
-    paths["json"].write_text(json.dumps(_clean(payload), indent=1))
+    paths["json"].write_text(json.dumps(json_safe(payload), indent=1))
     paths["markdown"] = out / "report.md"
     paths["markdown"].write_text(markdown(name, sets, frechet, fps, meta, images, classifier_accuracy))
     return paths
