@@ -186,7 +186,11 @@ class StreamGenServicer(pb_grpc.StreamGenServicer):
         call.admitted = True
 
     async def _generate(self, call: _Call, context: grpc.aio.ServicerContext) -> str:
-        first = await self._read(call, context)
+        try:  # a client that opens the call and sends nothing must not hold it (and a balancer's upstream) forever
+            first = await asyncio.wait_for(self._read(call, context), timeout=self.config.stall_timeout_s)
+        except TimeoutError:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no StartRequest within "
+                               f"{self.config.stall_timeout_s:g} s of opening the call") from None
         if first is grpc.aio.EOF:
             raise convert.invalid("the request stream ended before a StartRequest")
         kind = first.WhichOneof("request")

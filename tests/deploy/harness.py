@@ -28,9 +28,10 @@ from streamgen.api.v1 import pb
 REPO = Path(__file__).resolve().parents[2]
 RUN_SH = REPO / "deploy" / "local" / "run.sh"
 # Replicas at the test preset: one torch thread each (2 cores), paced with a short lead so a 96-frame
-# stream lasts ~5 s (long enough to be cut mid-run), a 1 s drain.
+# stream lasts ~5 s (long enough to be cut mid-run), a 1 s drain, and a 2 s wait for a StartRequest.
 SERVE_ARGS = ["--preset", "test", "--random-init", "--text-encoder", "hash", "--dtype", "float32", "--threads", "1",
-              "--max-lead-s", "0.5", "--drain-timeout-s", "1", "--kv-memory-mb", "16", "--max-frames", "960"]
+              "--max-lead-s", "0.5", "--drain-timeout-s", "1", "--kv-memory-mb", "16", "--max-frames", "960",
+              "--stall-timeout-s", "2"]
 
 
 def nginx_or_skip() -> str:

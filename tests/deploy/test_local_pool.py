@@ -131,10 +131,9 @@ def test_load_benchmark_through_the_balancer_reports_each_replica(pool: Pool) ->
     _wait_idle(pool, [0, 1, 2])
 
 
-def test_a_call_that_sends_nothing_ends_with_its_deadline_and_frees_the_upstream(pool: Pool) -> None:
-    """A client opens Generate through the balancer and never sends its StartRequest. The replica
-    holds no session for it (no KV memory); the client's deadline ends it with DEADLINE_EXCEEDED, and
-    the replica's call closes with it (nginx resets the upstream stream)."""
+def test_a_call_that_sends_nothing_gets_a_clear_status_and_frees_the_upstream(pool: Pool) -> None:
+    """A client opens Generate through the balancer and never sends its StartRequest: the replica ends
+    the call with DEADLINE_EXCEEDED after its stall timeout (2 s here), and nothing stays open upstream."""
     release = threading.Event()
 
     def nothing() -> Iterator[pb.GenerateRequest]:  # a request stream that stays silent
@@ -142,11 +141,15 @@ def test_a_call_that_sends_nothing_ends_with_its_deadline_and_frees_the_upstream
         yield from ()
 
     with grpc.insecure_channel(pool.balancer) as channel:
-        call = pb_grpc.StreamGenStub(channel).Generate(nothing(), timeout=1.5)
+        opened = time.monotonic()
+        call = pb_grpc.StreamGenStub(channel).Generate(nothing(), timeout=20)
         with pytest.raises(grpc.RpcError) as ended:
             next(call)
-        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+        waited_s = time.monotonic() - opened
     release.set()
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+    assert ended.value.details() == "no StartRequest within 2 s of opening the call"  # type: ignore[attr-defined]
+    assert 1.5 < waited_s < 6
     _wait_idle(pool, [0, 1, 2])
     # A TCP client that sends nothing at all never reaches a replica: nginx closes it after
     # client_header_timeout (run.sh --client-header-timeout-s, 10 s by default; not waited for here).
