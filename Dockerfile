@@ -48,6 +48,8 @@ COPY --from=build /opt/venv /opt/venv
 # The default model's serving weights (student + VAE, ~21 MB); `streamgen serve` finds them through
 # $STREAMGEN_CHECKPOINTS. The teacher and the evaluation classifier stay out of the image.
 COPY checkpoints/student_default.safetensors checkpoints/vae_default.safetensors /opt/streamgen/checkpoints/
+# The same model as a model directory (`streamgen serve --model /opt/streamgen/checkpoints/default`).
+COPY checkpoints/default/model.json /opt/streamgen/checkpoints/default/
 # The prompt encoder's weights ship inside its package: no hub access at run time.
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
     STREAMGEN_CHECKPOINTS=/opt/streamgen/checkpoints

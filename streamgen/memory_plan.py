@@ -99,7 +99,12 @@ def text_encoder_params(kind: str, text_encoder_dir: Path | None = None) -> int:
 
 def vae_params(kind: str, preset: Preset, vae_dir: Path | None = None) -> int:
     if kind == "wan":
-        from diffusers import AutoencoderKLWan
+        try:
+            from diffusers import AutoencoderKLWan
+        except ImportError:
+            from streamgen.model.wan_vae import INSTALL_HINT
+
+            raise ValueError(f"the memory plan of a Wan model counts its VAE: {INSTALL_HINT}") from None
 
         config: dict[str, Any] = {}
         if vae_dir is not None:

@@ -118,6 +118,9 @@ def test_image_serves_the_committed_default_model(name: str) -> None:
     assert directory is not None, f"{name}: no ENV {default_model.ENV_DIR}"
     wanted = {f"checkpoints/{default_model.STUDENT_FILE}", f"checkpoints/{default_model.VAE_FILE}"}
     assert any(wanted <= set(c[:-1]) and c[-1].rstrip("/") == directory.group(1) for c in copied), copied
+    model_json = f"checkpoints/{default_model.MODEL_DIR}/model.json"  # the same model as a --model directory
+    assert any(model_json in c[:-1] and c[-1].rstrip("/") == f"{directory.group(1)}/{default_model.MODEL_DIR}"
+               for c in copied), copied
     cmd = _exec_form(next(args for op, args in stage if op == "CMD"))
     assert "--random-init" not in cmd and "--transformer" not in cmd
 

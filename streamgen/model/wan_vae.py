@@ -27,6 +27,7 @@ This module does no file I/O except :func:`load_wan_vae`; it knows nothing of se
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -175,7 +176,10 @@ def load_wan_vae(vae_dir: str | Path) -> WanVideoVAE:
 
     weights_path = vae_dir / "diffusion_pytorch_model.safetensors"
     state = read_safetensors(weights_path)
-    init = {k: v for k, v in config.items() if not k.startswith("_")}
+    # Keys this diffusers version does not take (a newer config's additions) would make the constructor
+    # fail; the weights are checked strictly below, so dropping them cannot hide a mismatch.
+    accepted = inspect.signature(AutoencoderKLWan.__init__).parameters
+    init = {k: v for k, v in config.items() if k in accepted and k != "self"}
     try:
         with torch.device("meta"):
             vae = AutoencoderKLWan(**init)
