@@ -148,6 +148,7 @@ async function start() {
   rtpOffset = null;
   seen = [];
   const conn = pc = new RTCPeerConnection({ iceServers: config.iceServers });
+  viewer.iceServers = conn.getConfiguration().iceServers;  // what this peer really uses (tests read it)
   conn.addTransceiver("video", { direction: "recvonly" });
   channel = conn.createDataChannel("control");
   channel.onmessage = (e) => onMessage(e.data);

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clients.webrtc.ice import IceServer
 from tests.clients.webrtc.harness import FPS, GatewayHarness, PromptSpy, wait_idle
 from tests.server.harness import ServerHarness, make_engine
 
@@ -280,3 +281,23 @@ def _cmdline_has(proc: Path, text: str) -> bool:
         return text.encode() in (proc / "cmdline").read_bytes()
     except OSError:
         return False
+
+
+def test_ice_servers_reach_the_pages_peer_connection(driver: Any, server: ServerHarness) -> None:
+    turn = IceServer("turn:127.0.0.1:9?transport=udp", "alice", "s3cret")   # nothing listens: never reached
+    gateway = GatewayHarness(server.address, ice_servers=(IceServer("stun:127.0.0.1:9"), turn))
+    try:
+        open_tab(driver, gateway.url + "/")
+        driver.execute_script("document.getElementById('toggle').click()")
+        servers = wait_until("the page's RTCPeerConnection", lambda: driver.execute_script(
+            "return window.streamgen.iceServers"))
+        assert [(s["urls"] if isinstance(s["urls"], str) else s["urls"][0], s.get("username") or None,
+                 s.get("credential") or None)
+                for s in servers] == [("stun:127.0.0.1:9", None, None),
+                                      ("turn:127.0.0.1:9?transport=udp", "alice", "s3cret")]
+        close_tab(driver)
+        deadline = time.monotonic() + 20
+        while gateway.num_viewers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        gateway.close()
