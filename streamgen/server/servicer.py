@@ -189,8 +189,8 @@ class StreamGenServicer(pb_grpc.StreamGenServicer):
         try:  # a client that opens the call and sends nothing must not hold it (and a balancer's upstream) forever
             first = await asyncio.wait_for(self._read(call, context), timeout=self.config.stall_timeout_s)
         except TimeoutError:
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no StartRequest within "
-                               f"{self.config.stall_timeout_s:g} s of opening the call") from None
+            raise convert.invalid(f"no StartRequest within {self.config.stall_timeout_s:g} s "
+                                  "of opening the call") from None
         if first is grpc.aio.EOF:
             raise convert.invalid("the request stream ended before a StartRequest")
         kind = first.WhichOneof("request")

@@ -133,13 +133,15 @@ def test_load_benchmark_through_the_balancer_reports_each_replica(pool: Pool) ->
 
 def test_a_call_that_sends_nothing_gets_a_clear_status_and_frees_the_upstream(pool: Pool) -> None:
     """A client opens Generate through the balancer and never sends its StartRequest: the replica ends
-    the call with DEADLINE_EXCEEDED after its stall timeout (2 s here), and nothing stays open upstream."""
+    the call with INVALID_ARGUMENT after its stall timeout (2 s here), and nothing stays open upstream."""
     release = threading.Event()
 
     def nothing() -> Iterator[pb.GenerateRequest]:  # a request stream that stays silent
         release.wait(30)
         yield from ()
 
+    outcome = 'streamgen:request_outcome_total{reason="invalid_argument"}'
+    before = sum(pool.metric(i, outcome) for i in range(3))
     with grpc.insecure_channel(pool.balancer) as channel:
         opened = time.monotonic()
         call = pb_grpc.StreamGenStub(channel).Generate(nothing(), timeout=20)
@@ -147,10 +149,11 @@ def test_a_call_that_sends_nothing_gets_a_clear_status_and_frees_the_upstream(po
             next(call)
         waited_s = time.monotonic() - opened
     release.set()
-    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+    assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     assert ended.value.details() == "no StartRequest within 2 s of opening the call"  # type: ignore[attr-defined]
     assert 1.5 < waited_s < 6
     _wait_idle(pool, [0, 1, 2])
+    assert sum(pool.metric(i, outcome) for i in range(3)) == before + 1  # the call was accounted, once
     # A TCP client that sends nothing at all never reaches a replica: nginx closes it after
     # client_header_timeout (run.sh --client-header-timeout-s, 10 s by default; not waited for here).
     before = sum(established_to(int(a.rsplit(":", 1)[1])) for a in _addresses(pool))
