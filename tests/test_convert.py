@@ -86,6 +86,34 @@ def test_diffusers_dir_converts_and_serves_requested_frames(converted: Path) -> 
     assert frames.shape == (14, 32, 32, 3) and frames.std() > 1
 
 
+@pytest.mark.slow  # ~30 s of process start-up; the in-process test above covers the same engine build
+def test_streamgen_serve_model_subprocess(converted: Path) -> None:
+    """The real command: `streamgen serve --model DIR`, a RAW stream of the requested frames, SIGTERM -> exit 0."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.server.harness import ServeLog
+
+    server = subprocess.Popen([sys.executable, "-m", "streamgen.cli", "serve", "--model", str(converted), "--port",
+                               "0", "--metrics-port", "-1", "--dtype", "float32", "--no-pace"],
+                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    log = ServeLog(server)
+    try:
+        serving = log.wait_serving(timeout_s=180)
+        with grpc.insecure_channel(str(serving["address"])) as channel:
+            start = pb.StartRequest(prompt=PROMPT, seed=3, num_frames=14, encoding=pb.ENCODING_RAW_RGB)
+            responses = list(pb_grpc.StreamGenStub(channel).Generate(iter([pb.GenerateRequest(start=start)]),
+                                                                     timeout=120))
+        assert responses[0].started.preset == "model" and responses[-1].ended.frames_sent == 14
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+        log.join()
+
+
 def test_converted_transformer_equals_diffusers(converted: Path) -> None:
     ref = wan_tiny.make_transformer()
     ours = load_transformer(converted / "transformer.safetensors")

@@ -233,13 +233,14 @@ def _build_engine_from_dir(source: ModelSource, config: EngineConfig) -> tuple[E
         raise ValueError(f"--text-encoder minilm, but {md.root} uses a {md.text_kind} text encoder "
                          f"(width {md.text_dim}); drop --text-encoder")
     token_encoder = HashTokenEncoder(md.preset.model.text_dim) if source.text_encoder == "hash" else None
-    parts = load_model_dir(md, attention=source.attention, token_encoder=token_encoder)
-    weights = parts.description + (" text=hash (not a language model)" if token_encoder is not None else "")
-    parts.text.encode(["warm-up"])  # load the prompt encoder now, not on the first client's clock
     choice = resolve_dtype(source.dtype)
     event(log, "dtype", dtype=choice.name, reason=choice.reason)
     if choice.warning:
         log.warning(choice.warning)
+    # A UMT5 encoder runs in the serving dtype, as Wan runs its T5 in bf16 (MiniLM ignores it).
+    parts = load_model_dir(md, attention=source.attention, token_encoder=token_encoder, text_dtype=choice.dtype)
+    weights = parts.description + (" text=hash (not a language model)" if token_encoder is not None else "")
+    parts.text.encode(["warm-up"])  # load the prompt encoder now, not on the first client's clock
     return Engine(parts.preset, parts.transformer, parts.vae, parts.text, config, dtype=choice.dtype), weights
 
 
