@@ -102,6 +102,28 @@ def test_whep_refuses_bad_offers_with_a_readable_body(gateway: GatewayHarness, b
     assert gateway.num_viewers() == 0
 
 
+def test_whep_on_a_full_gateway_is_a_503(server: ServerHarness) -> None:
+    async def offer() -> str:
+        player = WhepPlayer()
+        try:
+            return await player.offer()
+        finally:
+            await player.pc.close()
+
+    full = GatewayHarness(server.address, max_viewers=1)
+    try:
+        watching = urllib.request.urlopen(full.url + "/live.ts", timeout=20)  # the one viewer allowed
+        try:
+            assert watching.read(188)[0] == 0x47
+            status, _, text = http("POST", full.url + "/whep", asyncio.run(offer()).encode())
+            assert status == 503 and "the gateway is full (1 viewers)" in text
+        finally:
+            watching.close()
+        wait_idle(server, full)
+    finally:
+        full.close()
+
+
 def test_whep_with_the_server_down_is_a_502() -> None:
     async def offer() -> str:
         player = WhepPlayer()
