@@ -102,11 +102,17 @@ class UMT5TokenEncoder:
             except (OSError, ValueError, TypeError, KeyError) as exc:
                 raise ValueError(f"{self.tokenizer_dir}: cannot load the tokenizer: {_first_line(exc)}") from None
             try:
-                model = UMT5EncoderModel.from_pretrained(str(self.text_encoder_dir), dtype=self.dtype,
-                                                         local_files_only=True)
+                model, info = UMT5EncoderModel.from_pretrained(str(self.text_encoder_dir), dtype=self.dtype,
+                                                               local_files_only=True, output_loading_info=True)
             except (OSError, ValueError, RuntimeError, SafetensorError, KeyError) as exc:
                 raise ValueError(f"{self.text_encoder_dir}: cannot load the UMT5 encoder: "
                                  f"{_first_line(exc)}") from None
+            # transformers only reports missing / unexpected keys and initialises the missing ones at
+            # random: a silently half-random encoder, which we refuse like every other strict load.
+            missing, extra = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+            if missing or extra:
+                raise ValueError(f"{self.text_encoder_dir}: UMT5 weights do not match its config: missing keys "
+                                 f"{missing[:8]} ({len(missing)}), unexpected keys {extra[:8]} ({len(extra)})")
             self._tokenizer = tokenizer
             self._model = model.to(self.device).eval()
 

@@ -75,3 +75,21 @@ def test_bad_directories(umt5_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"cannot load the UMT5 encoder"):
         encoder.load()
     assert not encoder.is_loaded
+
+
+def test_missing_or_extra_weights_are_refused(umt5_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "text_encoder"
+    broken.mkdir()
+    (broken / "config.json").write_text((umt5_dir / "text_encoder" / "config.json").read_text())
+    state = load_file(str(umt5_dir / "text_encoder" / "model.safetensors"))
+    state.pop("encoder.block.1.layer.1.DenseReluDense.wo.weight")
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    encoder = UMT5TokenEncoder(broken, umt5_dir / "tokenizer")
+    with pytest.raises(ValueError, match=r"missing keys \['encoder.block.1.layer.1.DenseReluDense.wo.weight'\].*"
+                                         r"unexpected keys \['extra.weight'\]"):
+        encoder.load()
+    assert not encoder.is_loaded
+
