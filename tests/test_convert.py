@@ -195,6 +195,22 @@ def test_staggered_streams_on_the_wan_vae_equal_alone(converted: Path) -> None:
     assert sum(len(c.frames) for c in outputs["early"]) == 21
 
 
+def test_image_start_on_the_wan_vae(converted: Path) -> None:
+    """A start image is Wan-encoded into latent frame 0 (one pixel frame); the stream still gives N frames."""
+    from streamgen.engine.engine import Engine
+    from streamgen.engine.request import GenerationRequest
+    from streamgen.model_dir import load_model_dir
+
+    parts = load_model_dir(converted)
+    engine = Engine(parts.preset, parts.transformer, parts.vae, parts.text, EngineConfig(kv_memory_bytes=2**22),
+                    dtype=torch.float32)
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    sid = engine.add_request(GenerationRequest(PROMPT, seed=1, num_frames=14, start_image=image))
+    chunks = engine.run_until_done()[sid]
+    assert sum(len(c.frames) for c in chunks) == 14 and len(chunks[0].frames) == 1
+    assert chunks[-1].finish_reason == "completed"
+
+
 def test_info_prints_model_dir_and_memory_plan(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["info", "--model", str(converted), "--kv-memory-mb", "1"]) == 0
     info = json.loads(capsys.readouterr().out)
