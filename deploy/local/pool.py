@@ -11,8 +11,9 @@ mixed pool (exit 3: a retried start could land on another model), render
 ``deploy/local/nginx.conf.template`` into the run directory and run nginx in the foreground with that
 prefix (never the system service), then supervise:
 
-* a replica that exits non-zero or by a signal (a crash, ``kill -9``) is restarted on its port, and
-  rejoins the pool once SERVING with the pool's model id (nginx skipped it meanwhile: passive health);
+* a serving replica that exits non-zero or by a signal (a crash, ``kill -9``) is restarted on its
+  port, and rejoins the pool once SERVING with the pool's model id (nginx skipped it meanwhile:
+  passive health); one that fails again before serving is left down (no crash loop);
 * a replica that exits 0 drained on purpose (SIGTERM) and stays down;
 * SIGTERM / SIGINT to this process drains every replica (they end their streams with
   REASON_SERVER_SHUTDOWN after their ``--drain-timeout-s``), stops nginx gracefully, and exits 0
@@ -273,10 +274,11 @@ class Pool:
                 code = r.proc.poll()
                 if code is not None and r.state in ("starting", "serving", "refused"):
                     r.exit_codes.append(code)
-                    crashed = code != 0 and r.state != "refused"
+                    # A replica that crashes before it ever served again would crash again: no restart loop.
+                    crashed = code != 0 and r.state == "serving"
                     r.state = "exited"
                     self.emit("replica_exited", index=r.index, exit_code=code,
-                              restarting=crashed and self.args.restart)
+                              restarting=crashed and self.args.restart, log=str(r.log))
                     if crashed and self.args.restart:
                         r.restarts += 1
                         self.start_replica(r)

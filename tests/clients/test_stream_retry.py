@@ -9,7 +9,16 @@ import random
 import grpc
 import pytest
 
-from clients.stream import NO_RETRY, RetryPolicy, StreamClient, StreamError, StreamRequest, StreamTrace, channel_target
+from clients.stream import (
+    NO_RETRY,
+    RetryPolicy,
+    StreamClient,
+    StreamError,
+    StreamRequest,
+    StreamTrace,
+    channel_target,
+    main,
+)
 from streamgen.api.v1 import pb
 from tests.server.harness import ServerHarness, make_engine
 
@@ -28,6 +37,11 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
         RetryPolicy(initial_backoff_s=2.0, max_backoff_s=1.0)
 
 
+def test_cli_start_attempts_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--prompt", "a mug", "--start-attempts", "0"]) == 2
+    assert "--start-attempts must be >= 1" in capsys.readouterr().err
+
+
 def test_channel_target_turns_a_list_into_a_round_robin_target() -> None:
     assert channel_target("127.0.0.1:50051") == "127.0.0.1:50051"
     assert channel_target("10.0.0.5:1,10.0.0.6:2") == "ipv4:10.0.0.5:1,10.0.0.6:2"
@@ -35,17 +49,16 @@ def test_channel_target_turns_a_list_into_a_round_robin_target() -> None:
     assert channel_target("dns:///streamgen.default.svc:50051") == "dns:///streamgen.default.svc:50051"
 
 
-async def _run(target: str, num_frames: int, policy: RetryPolicy) -> tuple[int, str, StreamTrace]:
+async def _run(client: StreamClient, num_frames: int) -> tuple[int, str, StreamTrace]:
     trace = StreamTrace()
     frames, reason = 0, ""
-    async with StreamClient(target, retry=policy) as client:
-        async for response in client.stream(StreamRequest("a red mug", num_frames=num_frames, encoding="raw"),
-                                            trace=trace):
-            kind = response.WhichOneof("response")
-            if kind == "chunk":
-                frames += response.chunk.frame_count
-            elif kind == "ended":
-                reason = pb.StreamEnded.Reason.Name(response.ended.reason)
+    async for response in client.stream(StreamRequest("a red mug", num_frames=num_frames, encoding="raw"),
+                                        trace=trace):
+        kind = response.WhichOneof("response")
+        if kind == "chunk":
+            frames += response.chunk.frame_count
+        elif kind == "ended":
+            reason = pb.StreamEnded.Reason.Name(response.ended.reason)
     return frames, reason, trace
 
 
@@ -54,24 +67,27 @@ def test_a_refused_start_is_retried_on_another_replica() -> None:
         draining.server.servicer.draining = True  # refuses every start with UNAVAILABLE, as after SIGTERM
         target = f"{draining.address},{serving.address}"
 
-        async def four() -> list[tuple[int, str, StreamTrace]]:
-            return [await _run(target, 12, RetryPolicy(initial_backoff_s=0.01)) for _ in range(4)]
+        async def six() -> list[tuple[int, str, StreamTrace]]:
+            async with StreamClient(target, retry=RetryPolicy(initial_backoff_s=0.01)) as client:
+                return [await _run(client, 12) for _ in range(6)]
 
-        results = asyncio.run(four())
-        # Round robin sends some starts to the draining replica first; each is retried and completes.
-        assert [(f, r) for f, r, _ in results] == [(12, "REASON_COMPLETED")] * 4
+        results = asyncio.run(six())
+        # One channel, round robin over both: some starts go to the draining replica first; each is
+        # retried (on the other) and completes.
+        assert [(f, r) for f, r, _ in results] == [(12, "REASON_COMPLETED")] * 6
         refusals = [x for _, _, t in results for x in t.refusals]
         assert refusals and all(x.code == grpc.StatusCode.UNAVAILABLE and "draining" in x.message for x in refusals)
 
         # Without retries the same refusal reaches the caller.
         async def once_each() -> list[StreamError | None]:
             errors: list[StreamError | None] = []
-            for _ in range(2):
-                try:
-                    await _run(target, 12, NO_RETRY)
-                    errors.append(None)
-                except StreamError as exc:
-                    errors.append(exc)
+            async with StreamClient(target, retry=NO_RETRY) as client:
+                for _ in range(6):
+                    try:
+                        await _run(client, 12)
+                        errors.append(None)
+                    except StreamError as exc:
+                        errors.append(exc)
             return errors
 
         errors = asyncio.run(once_each())
