@@ -155,10 +155,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if not frechet:
                 meta["frechet"] = (f"skipped: fewer than {2 * cfg.frechet_dims} clips per window position "
                                    f"(on {cfg.frechet_dims} principal components of the classifier features)")
+            meta.update(_against_reference(sets[label], sets["reference (rendered)"], args.out))
     meta["wall time (s)"] = round(time.time() - t0, 1)
     paths = write_report(args.out, args.out.name, sets, frechet, videos[0].fps, meta, cfg, classifier_accuracy)
     return {"out": str(args.out), **{k: str(v) for k, v in paths.items()},
             "flag_rates": {k: s.flag_rates for k, s in sets.items()}}
+
+
+def _against_reference(generated: Any, reference: Any, out: Path) -> dict[str, str]:
+    """KID, adherence of readable attributes and per-clip stability against the rendered clips (report lines)."""
+    from trainer.eval.reference import summarise_against_reference
+    from trainer.eval.report import json_safe
+    from trainer.eval.stats import MIN_KID_SAMPLES
+
+    if len(generated.clips) < MIN_KID_SAMPLES:
+        return {"against the reference": f"skipped: KID and its interval need {MIN_KID_SAMPLES} clips"}
+    if any(c.attributes is None for c in generated.clips):
+        return {"against the reference": "skipped: some prompts are not captions, so no rendered clip matches them"}
+    summary = summarise_against_reference(generated, reference)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "against_reference.json").write_text(json.dumps(json_safe(summary.as_dict()), indent=1))
+    lines = {}
+    for window in ("first", "last"):
+        k = summary.distances[window].kid
+        lines[f"KID x 1000, {window} window (95 % interval)"] = k.format(1, 1000) if k else "n/a"
+        lines[f"adherence of readable attributes, {window} window"] = (
+            f"{summary.adherence_mean[window].format(2)} over {', '.join(summary.measured[window])}")
+    for q, st in summary.stability.items():
+        lines[f"stability of {q} vs the rendered clips"] = st.note
+    lines["against the reference (details)"] = "against_reference.json"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,3 +104,16 @@ def test_generate_and_evaluate_with_random_weights(tmp_path: Path, source: str,
     clips = report["sets"][label]["clips"]
     assert len(clips) == 2 and all(c["num_frames"] == 24 for c in clips)
     assert len(list((out / "videos").glob("*.mp4"))) == 2
+
+
+def test_rendered_reference_adds_kid_adherence_and_stability(tmp_path: Path, tiny_classifier: AttributeClassifier
+                                                             ) -> None:
+    clf = tmp_path / "clf.safetensors"
+    save_checkpoint(tiny_classifier, clf, kind=CHECKPOINT_KIND, config=tiny_classifier.cfg)
+    out = tmp_path / "rep"
+    assert main(["--rendered", "8", "--num-frames", "40", "--size", "32", "--hop-seconds", "1", "--reference",
+                 "rendered", "--classifier", str(clf), "--out", str(out), "--threads", "1"]) == 0
+    meta = json.loads((out / "report.json").read_text())["meta"]
+    assert "KID x 1000, first window (95 % interval)" in meta and "stability of luma vs the rendered clips" in meta
+    details = json.loads((out / "against_reference.json").read_text())
+    assert details["num_clips"] == 8 and set(details["adherence"]) == {"first", "last"}
