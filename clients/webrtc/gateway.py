@@ -11,8 +11,9 @@ Ways in::
     GET  /status             JSON: the server address and the viewers
 
 Each offer is checked (400 + a message), then the viewer limit (503), then the server
-(GetModelInfo; 502); a :class:`~clients.webrtc.viewer.Viewer` then lives in its own tasks, so one
-viewer's error never reaches another.
+(GetModelInfo; 502), then its Generate call is opened and the answer waits for StreamStarted (a
+refusal: 503 when the server is busy, else 502); a :class:`~clients.webrtc.viewer.Viewer` then
+lives in its own tasks, so one viewer's error never reaches another.
 
 Logs are the server's structured lines (:mod:`streamgen.server.logs`): viewer ids, outcomes,
 counts and timings, never prompts. This module never imports the engine or the model.
@@ -226,6 +227,12 @@ class Gateway:
                 await pc.close()
             raise OfferError(f"the offer could not be used: {type(exc).__name__}: {exc}") from None
         self.viewers[viewer_id] = viewer
+        try:
+            await viewer.open_stream(self.config.server_timeout_s)
+        except StreamError as exc:
+            await viewer.close(f"server refused: {exc.code.name}")
+            status = 503 if exc.code.name == "RESOURCE_EXHAUSTED" else 502
+            raise Refused(status, self.describe_error(exc), code=exc.code.name) from None
         event(log, "viewer_connecting", viewer=viewer_id, kind=kind, viewers=self.num_viewers(), seed=seed,
               prompt_chars=len(request.prompt))
         return viewer

@@ -114,7 +114,7 @@ class GeneratedVideoTrack(MediaStreamTrack):
         frame, ready_s = item
         now = time.monotonic()
         if self._next_due is None:
-            self._next_due = ready_s
+            self._next_due = now
         due = max(self._next_due, ready_s)
         if due > now:
             await asyncio.sleep(due - now)
@@ -147,7 +147,7 @@ class GeneratedVideoTrack(MediaStreamTrack):
         newer frame waits behind it (then the head is skipped)."""
         item = self._queue.popleft()
         while item is not None and len(self._queue) >= 1 and self._queue[0] is not None:
-            due = max(self._next_due if self._next_due is not None else item[1], item[1])
+            due = max(self._next_due if self._next_due is not None else time.monotonic(), item[1])
             if due - item[1] <= self.max_lag_s:
                 break
             self._frames_skipped += 1

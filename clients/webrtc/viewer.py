@@ -1,8 +1,9 @@
 """One WebRTC viewer (the page, or a WHEP player): its peer connection, video track, data channel and
 ``Generate`` call, and every way it ends.
 
-    peer connection "connected"
-      -> open Generate (unbounded), decode chunks, feed the live-edge track; stats on the data channel
+    offer answered only once the server started the stream (a refusal is the offer's HTTP error)
+      -> Generate (unbounded): decode chunks, feed the live-edge track
+    peer connection "connected" -> the track plays; stats on the data channel
     data channel (the page only): {"type": "prompt"} -> PromptUpdate, {"type": "stop"} -> StopRequest
     tab closed / pc closed or failed / data channel closed / stream over / never connected /
     peer silent (no RTCP receiver report for ``peer_timeout_s``: a killed browser, a dead network)
@@ -77,6 +78,7 @@ class Viewer:
         self._started = False
         self._last_timing: pb.ChunkTiming | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._admitted: asyncio.Future[None] | None = None
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -164,15 +166,36 @@ class Viewer:
             await self.close("stopped before the stream started")
 
     # ------------------------------------------------------------------ the stream
+    async def open_stream(self, timeout_s: float) -> None:
+        """Open the Generate call before the offer is answered, so that a server that refuses (busy:
+        its sessions and queue are full; down) is the offer's HTTP error rather than a stream that
+        never starts. Returns once the server started the stream, or after ``timeout_s`` (a server
+        that queues the stream answers later); raises :class:`StreamError` on a refusal. A viewer
+        that then never connects holds its server session for ``connect_timeout_s`` at most."""
+        self._admitted = asyncio.get_running_loop().create_future()
+        self.spawn(self._run_stream())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._admitted), timeout_s)
+        except TimeoutError:
+            self._admitted.cancel()
+
     def start(self) -> None:
-        """Open the Generate call (once the peer connection is up: no server pages for a viewer that
-        never connects), the stats loop and the peer watch."""
+        """The peer connection is up: the track starts playing; the stats loop and the peer watch."""
         if self._started or self.closed:
             return
         self._started = True
-        self.spawn(self._run_stream())
         self.spawn(self._send_stats())
         self.spawn(self._watch_peer())
+
+    def _admit(self, error: StreamError | None = None) -> bool:
+        """Settle the offer's wait; True if it was still waiting."""
+        if self._admitted is None or self._admitted.done():
+            return False
+        if error is None:
+            self._admitted.set_result(None)
+        else:
+            self._admitted.set_exception(error)
+        return True
 
     async def _run_stream(self) -> None:
         call = self._call = self.gateway.upstream.open(self.request)
@@ -185,9 +208,12 @@ class Viewer:
                         await self.track.put(item.frames, item.received_s)
                     elif isinstance(item, pb.StreamStarted):
                         self._on_started(item)
+                        self._admit()
                     else:
                         ended = item
         except StreamError as exc:
+            if self._admit(exc):
+                return  # the offer is refused with it; the gateway closes this viewer
             self.end_reason = f"error {exc.code.name}"
             message = self.gateway.describe_error(exc)
             event(log, "stream_failed", logging.WARNING, viewer=self.id, session=self.session_id,

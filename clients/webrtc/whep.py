@@ -10,7 +10,7 @@
 A WHEP viewer is the page's viewer without the data channel: the prompt is fixed by the query
 string, and the stream ends with DELETE, the peer connection closing, or the player going silent
 (no RTCP for the gateway's peer timeout). Errors are plain text with the HTTP status: 400 bad
-offer or query, 415 not SDP, 502 server unreachable, 503 full.
+offer or query, 415 not SDP, 502 server unreachable, 503 the gateway full or the server busy.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 
 import av
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 
 from clients.webrtc.live_ts import QueryError, parse_query
 from tests.clients.webrtc.harness import FPS, GatewayHarness, wait_idle
-from tests.server.harness import ServerHarness, make_engine, with_config
+from tests.server.harness import ServerHarness
 
 DOWN = "127.0.0.1:1"
 
@@ -116,13 +115,6 @@ def test_server_down_is_a_502_at_once() -> None:
         assert gateway.num_viewers() == 0
     finally:
         gateway.close()
-
-
-@pytest.fixture(scope="module")
-def one_session_server() -> Iterator[ServerHarness]:
-    with ServerHarness(make_engine(max_lead_s=0.5, max_sessions=1, unbounded_max_frames=60 * FPS),
-                       with_config(max_waiting=0)) as harness:
-        yield harness
 
 
 def test_viewers_beyond_the_servers_limit_get_a_503_naming_the_server_refusal(

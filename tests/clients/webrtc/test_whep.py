@@ -124,6 +124,33 @@ def test_whep_on_a_full_gateway_is_a_503(server: ServerHarness) -> None:
         full.close()
 
 
+def test_viewers_beyond_the_servers_limit_get_a_503_on_offer_and_whep(one_session_server: ServerHarness) -> None:
+    async def offer() -> str:
+        player = WhepPlayer()
+        try:
+            return await player.offer()
+        finally:
+            await player.pc.close()
+
+    gateway = GatewayHarness(one_session_server.address)
+    try:
+        watching = urllib.request.urlopen(gateway.url + "/live.ts", timeout=20)  # the server's one session
+        try:
+            assert watching.read(188)[0] == 0x47
+            sdp = asyncio.run(offer())
+            status, _, text = http("POST", gateway.url + "/whep", sdp.encode())
+            assert status == 503 and "RESOURCE_EXHAUSTED: server busy" in text
+            status, _, text = http("POST", gateway.url + "/offer", json.dumps({"sdp": sdp, "type": "offer"}).encode(),
+                                   "application/json")
+            assert status == 503 and "RESOURCE_EXHAUSTED: server busy" in json.loads(text)["error"]
+            assert gateway.num_viewers() == 1
+        finally:
+            watching.close()
+        wait_idle(one_session_server, gateway)
+    finally:
+        gateway.close()
+
+
 def test_whep_with_the_server_down_is_a_502() -> None:
     async def offer() -> str:
         player = WhepPlayer()
