@@ -19,11 +19,11 @@ Printed: one JSON document, then a short table.
 * ``ttff_s``: StartRequest -> first chunk received, p50 / p95 over streams.
 * ``inter_chunk_p95_s``: gap between consecutive chunks of a stream, p95 over all gaps.
 * ``errors``: streams that did not end with REASON_STOPPED / COMPLETED / LIMIT (target: 0).
-* ``per_replica_streams``: streams per replica, as the balancer names it in its
+* ``per_replica_streams``: streams that ran, per replica, as the balancer names it in its
   ``x-streamgen-upstream`` header (deploy/local/nginx.conf.template); ``unknown`` without one.
 * ``start_refusals``: starts a replica refused (UNAVAILABLE draining, RESOURCE_EXHAUSTED full);
   ``start_retries``: those the client retried (``clients.stream.RetryPolicy``); ``streams_refused``:
-  streams still refused after every retry (they count in ``errors`` too).
+  streams still refused after every retry (they count in ``errors`` too, not in ``fps``).
 * ``server_ms_per_chunk``: the server's own timing of a chunk (transformer forwards, VAE decode,
   H.264 encode), means over all chunks: where the time goes when streams fall behind.
 * ``rss_mib``: the server's resident memory idle after start, idle after a short warm-up load
@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         proc.send_signal(signal.SIGTERM)
         exit_code = proc.wait(timeout=60)
 
-    fps = [s.fps for s in streams]
+    ran = [s for s in streams if not s.refused] or streams  # fps per stream: of the streams that ran
+    fps = [s.fps for s in ran]
     ttff = [s.first_chunk_s - s.start_s for s in streams if s.first_chunk_s is not None]
     gaps = [b - a for s in streams for a, b in zip(s.chunk_s, s.chunk_s[1:], strict=False)]
     playback_fps = max((s.playback_fps for s in streams), default=0) or math.nan
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "inter_chunk_p95_s": round(percentile(gaps, 0.95), 3),
         "frames": sum(s.frames for s in streams),
         "errors": [s.error for s in streams if s.error or not s.reason],
-        "per_replica_streams": dict(sorted(collections.Counter(s.upstream or "unknown" for s in streams).items())),
+        "per_replica_streams": dict(sorted(collections.Counter(s.upstream or "unknown" for s in ran).items())),
         "start_refusals": sum(s.retries + s.refused for s in streams),
         "start_retries": sum(s.retries for s in streams),
         "streams_refused": sum(s.refused for s in streams),
