@@ -165,6 +165,15 @@ class Attention(nn.Module):
         return self.to_out[0](x.flatten(2))  # [B, L, H, D] -> [B, L, dim]
 
 
+@torch.compiler.disable
+def cache_attention(cache: SelfAttentionCache, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> torch.Tensor:
+    """Self-attention through a cache, always run eagerly: a cache reads and writes its own state (block
+    tables, window bookkeeping) in Python, so ``torch.compile`` of the blocks (``--compile``) breaks its
+    graph here instead of tracing into it and re-compiling whenever the cache's state changes."""
+    return cache.attend(layer_idx, q, k, v)
+
+
 @dataclass
 class _ForwardState:
     """What every block needs besides hidden states, built once per forward."""
@@ -204,7 +213,7 @@ class TransformerBlock(nn.Module):
         k, v = self.attn1.project_kv(h)
         k = apply_rope(k, state.rope)
         if state.kv_cache is not None:
-            attn = state.kv_cache.attend(self.layer_idx, q, k, v)
+            attn = cache_attention(state.kv_cache, self.layer_idx, q, k, v)
         else:
             attn = self.backend.attention(q, k, v, state.mask)
         attn = self.attn1.out(attn)
