@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,7 +261,12 @@ async def serve_until_signal(server: StreamGenServer) -> None:
 
 def run(source: ModelSource, engine_config: EngineConfig, server_config: ServerConfig, *, log_format: str = "json",
         log_level: str = "info") -> int:
-    """``streamgen serve``: returns the process exit code (0 after a clean drain)."""
+    """``streamgen serve``: serves until SIGTERM/SIGINT, drains, then ends the process with exit code 0.
+
+    After a clean drain everything is stopped and flushed, so the process exits at once instead of
+    returning: the interpreter's teardown of torch and grpc takes ~0.5 s of CPU (seconds on a busy
+    machine), and it would count against the orchestrator's grace period for nothing.
+    """
     logs.configure(log_format, log_level)
     t0 = time.monotonic()
     engine, weights = build_engine(source, engine_config)
@@ -267,4 +274,7 @@ def run(source: ModelSource, engine_config: EngineConfig, server_config: ServerC
     async_engine = AsyncEngine(engine, max_buffered_chunks=server_config.max_buffered_chunks)
     server = StreamGenServer(async_engine, server_config, weights)
     asyncio.run(serve_until_signal(server))
-    return 0
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

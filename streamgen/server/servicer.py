@@ -46,6 +46,13 @@ _OUTCOME_OF_REASON = {FinishReason.COMPLETED: "completed", FinishReason.STOPPED:
                       FinishReason.LIMIT: "limit", FinishReason.SHUTDOWN: "shutdown", FinishReason.ERROR: "error"}
 
 
+try:  # grpc's error for an operation on a call its peer already cancelled (a private name, so looked up)
+    from grpc._cython.cygrpc import ExecuteBatchError as _CallGone
+except ImportError:  # pragma: no cover - another grpc layout: such writes are then logged as errors
+    class _CallGone(Exception):  # type: ignore[no-redef]
+        pass
+
+
 # A write held by flow control this long means the client reads nothing now (a reading client takes a
 # chunk within milliseconds); the drain does not wait for such a call.
 _BLOCKED_S = 0.25
@@ -144,6 +151,10 @@ class StreamGenServicer(pb_grpc.StreamGenServicer):
             raise
         except grpc.aio.AbortError:
             raise
+        except _CallGone:
+            # The client cancelled or went away while a write was in flight: grpc fails that write
+            # before it cancels this handler. Not a server error; nothing can be sent any more.
+            outcome = "cancelled"
         except Exception:
             log.exception("Generate failed")
             raise

@@ -47,7 +47,7 @@ class _Errors(logging.Handler):
 def server() -> Iterator[tuple[ServerHarness, _Errors]]:
     errors = _Errors()
     logging.getLogger().addHandler(errors)
-    engine = make_engine(max_frames=48, unbounded_max_frames=48, max_prompt_chars=60, max_sessions=2,
+    engine = make_engine(max_frames=24, unbounded_max_frames=24, max_prompt_chars=60, max_sessions=2,
                          max_queue_wait_s=2.0)
     try:
         with ServerHarness(engine, with_config(max_message_bytes=64 * 1024, max_waiting=2, linger_s=0.2)) as harness:

@@ -73,8 +73,11 @@ def paced() -> Iterator[ServerHarness]:
 # ------------------------------------------------------------------------------------------ defect 1
 
 
-def test_streams_cancelled_within_ms_of_start_leave_no_session(paced: ServerHarness) -> None:
-    """A cancel during the engine's start used to leave a session generating with no call (a zombie)."""
+def test_streams_cancelled_within_ms_of_start_leave_no_session(paced: ServerHarness,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A cancel during the engine's start used to leave a session generating with no call (a zombie).
+    A cancel that lands while StreamStarted is being written is a cancel too, not a server error."""
+    errors = paced.metric("streamgen:request_outcome_total", 'reason="error"')
 
     async def scenario() -> None:
         async with grpc.aio.insecure_channel(paced.address) as channel:
@@ -92,6 +95,8 @@ def test_streams_cancelled_within_ms_of_start_leave_no_session(paced: ServerHarn
     paced.wait_metric(KV_USED, lambda v: v == 0, timeout_s=1.0)
     time.sleep(0.3)  # and it stays so (a zombie admitted late would show up now)
     assert paced.metric("streamgen:num_sessions_running") == 0 and paced.metric(KV_USED) == 0
+    assert paced.metric("streamgen:request_outcome_total", 'reason="error"') == errors
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
 # ------------------------------------------------------------------------------------------ defects 2, 3
