@@ -214,9 +214,15 @@ def load_training_checkpoint(path: Path, weights: str) -> dict[str, Any]:
         raise ValueError(f"--weights must be one of {', '.join(CHECKPOINT_KEYS)}, got {weights!r}")
     if not path.is_file():
         raise ValueError(f"{path}: missing")
+    errors = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError)
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+        try:  # memory-mapped: a multi-GB checkpoint is not read twice into memory
+            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            data = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except errors as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{path}: not a loadable state-dict checkpoint ({first})") from None
     if not isinstance(data, Mapping):

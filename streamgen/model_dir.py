@@ -205,5 +205,7 @@ def load_model_dir(root: str | os.PathLike[str] | ModelDir, *, device: Any = "cp
                                    dtype=dtype or torch.float32).eval().to(device)
     vae = load_vae(md).to(device)
     text = load_text_encoder(md, device=device, text_dtype=text_dtype, token_encoder=token_encoder)
-    description = f"model={md.root.name} preset={md.preset.name} vae={md.vae_kind} text={md.text_kind}"
+    sha = str(md.source.get("sha256", ""))[:12]  # tells apart two directories of the same name
+    description = (f"model={md.root.name} preset={md.preset.name} vae={md.vae_kind} text={md.text_kind}"
+                   + (f" source_sha256={sha}" if sha else ""))
     return Components(md.preset, transformer, vae, text, description)

@@ -320,6 +320,7 @@ class _NotAStateDict:
     pass
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the raw pickle below
 def test_pickle_that_is_not_a_state_dict(wan_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "object.pt"
     with open(path, "wb") as f:
