@@ -240,12 +240,15 @@ def _build_pipeline(args: argparse.Namespace, dtype: object) -> object:
 
     if args.model is not None:
         return Pipeline.from_pretrained(args.model, dtype=dtype, attention=args.attention)  # type: ignore[arg-type]
-    from streamgen.model.text import TextEncoder
+    from streamgen.model.text import MINILM_DIM, TextEncoder
     from streamgen.model.transformer import CausalWanTransformer
     from streamgen.model.vae import CausalVideoVAE
     from streamgen.model.weights import load_transformer, load_vae
 
     preset = get_preset(args.preset)
+    if preset.model.text_dim != MINILM_DIM:  # checked before any weights load (Pipeline checks it too)
+        raise ValueError(f"the minilm prompt encoder gives {MINILM_DIM}-d embeddings but preset {preset.name} "
+                         f"expects text_dim {preset.model.text_dim}; use --model DIR (from `streamgen convert`)")
     if args.random_init:
         torch.manual_seed(args.seed)
         model = CausalWanTransformer(preset.model, args.attention)

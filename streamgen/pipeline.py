@@ -89,6 +89,11 @@ class Pipeline:
 
     def __init__(self, preset: Preset, transformer: Any, vae: Any, text: Any, *,
                  dtype: torch.dtype | str = torch.float32, description: str = "") -> None:
+        if text.dim != preset.model.text_dim:
+            raise ValueError(f"the prompt encoder gives {text.dim}-d embeddings but preset {preset.name} expects "
+                             f"text_dim {preset.model.text_dim}"
+                             + (" (a UMT5 model: use a model directory from `streamgen convert`)"
+                                if preset.model.text_dim == 4096 else ""))
         self.preset = preset
         self.dtype = _dtype(dtype)
         self.transformer = transformer.eval().to(self.dtype)

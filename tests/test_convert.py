@@ -363,3 +363,19 @@ def test_committed_default_model_is_a_model_directory() -> None:
     parts = load_model_dir(md, token_encoder=HashTokenEncoder())
     committed = load_transformer(student).state_dict()
     assert all(torch.equal(v, committed[k]) for k, v in parts.transformer.state_dict().items())
+
+
+def test_preset_text_width_without_its_encoder_is_refused() -> None:
+    # wan-1.3b conditions on 4096-d UMT5 states; MiniLM's 384-d ones must not reach it (refused before loading).
+    with pytest.raises(ValueError, match="384-d embeddings but preset wan-1.3b expects text_dim 4096"):
+        build_engine(ModelSource(preset="wan-1.3b", random_init=True, text_encoder="hash"), EngineConfig())
+    from streamgen.config import get_preset
+    from streamgen.model.text import HashTokenEncoder, TextEncoder
+
+    preset = get_preset("test")
+    text = TextEncoder(preset.model.text_max_tokens, token_encoder=HashTokenEncoder(8))
+    assert cli.main(["generate", "--preset", "wan-1.3b", "--random-init", "--prompt", "x", "--num-frames", "1",
+                     "--out", "x.npy"]) == 2
+    with pytest.raises(ValueError, match="8-d embeddings but preset test expects text_dim 384"):
+        Pipeline(preset, torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), text)
+

@@ -192,7 +192,7 @@ def build_engine(source: ModelSource, config: EngineConfig) -> tuple[Engine, str
     import torch
 
     from streamgen.config import get_preset
-    from streamgen.model.text import HashTokenEncoder, TextEncoder
+    from streamgen.model.text import MINILM_DIM, HashTokenEncoder, TextEncoder
     from streamgen.model.transformer import CausalWanTransformer
     from streamgen.model.vae import CausalVideoVAE
     from streamgen.model.weights import load_transformer, load_vae
@@ -202,6 +202,10 @@ def build_engine(source: ModelSource, config: EngineConfig) -> tuple[Engine, str
     if source.model_dir is not None:
         return _build_engine_from_dir(source, config)
     preset = get_preset(source.preset)
+    if preset.model.text_dim != MINILM_DIM:  # e.g. wan-1.3b (UMT5, 4096); checked before any weights load
+        raise ValueError(f"the {source.text_encoder or 'minilm'} prompt encoder gives {MINILM_DIM}-d embeddings but "
+                         f"preset {preset.name} expects text_dim {preset.model.text_dim}; serve a model directory "
+                         "(--model, from `streamgen convert`) that holds its text encoder")
     if source.random_init:
         torch.manual_seed(0)
         model: Any = CausalWanTransformer(preset.model, source.attention)
