@@ -195,6 +195,13 @@ def markdown(rows: dict[str, dict[str, Any]], verdicts: list[dict[str, str]], me
                 cells = [f"{per[k]['of_rendered']:.2f}" if per[k]["measured"] and per[k]["of_rendered"] is not None
                          and math.isfinite(per[k]["of_rendered"]) else "-" for k in ATTRIBUTE_KEYS]
                 lines.append(f"| {r['model']} / rendered | " + " | ".join(cells) + " | |")
+                if window == "last":
+                    first = r["adherence"]["first"]
+                    ratios = [per[k]["generated"]["value"] / first[k]["generated"]["value"]
+                              if per[k]["measured"] and first[k]["measured"] and first[k]["generated"]["value"]
+                              else math.nan for k in ATTRIBUTE_KEYS]
+                    lines.append(f"| {r['model']} last / first | "
+                                 + " | ".join("-" if not math.isfinite(x) else f"{x:.2f}" for x in ratios) + " | |")
         if length != "1x":
             lines += ["", f"## Stability per clip: {split}, {length} (last window / first window)", "",
                       "Each clip's ratio beside the rendered clip of its caption. p10 / p50 / p90 of the ratios; "

@@ -161,7 +161,9 @@ def markdown(name: str, sets: Mapping[str, SetEvaluation], frechet: Mapping[int,
                          + " | ".join(_fmt(sets[n].adherence_per_head.get(head), 3) for n in names)
                          + " |" + (f" {_fmt(acc.get(head), 3)} |" if acc else ""))
     if frechet:
-        lines += ["", "## Frechet distance (classifier features) to the reference", "",
+        dims = next(iter(frechet.values())).feature_dim
+        lines += ["", f"## Frechet distance to the reference (top {dims} principal components of the reference's "
+                  "classifier features)", "",
                   "| window start (s) | distance | clips (gen / ref) | note |", "|---|---|---|---|"]
         for start, r in sorted(frechet.items()):
             note = "fewer clips than feature dims: biased upwards" if r.rank_deficient else ""

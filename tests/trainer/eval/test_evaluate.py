@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from streamgen.model.weights import save_checkpoint
 from streamgen.video_io import write_mp4
 from trainer.eval.classifier import CHECKPOINT_KIND, AttributeClassifier
-from trainer.eval.inputs import find_videos, load_prompts, render_reference
+from trainer.eval.inputs import find_videos, load_clips, load_prompts, render_reference, save_clips
 from trainer.evaluate import build_parser, main
 
 from .conftest import FPS
@@ -117,3 +118,14 @@ def test_rendered_reference_adds_kid_adherence_and_stability(tmp_path: Path, tin
     assert "KID x 1000, first window (95 % interval)" in meta and "stability of luma vs the rendered clips" in meta
     details = json.loads((out / "against_reference.json").read_text())
     assert details["num_clips"] == 8 and set(details["adherence"]) == {"first", "last"}
+
+
+def test_clip_store_round_trip_and_mismatch(tmp_path: Path) -> None:
+    videos = render_reference([None, None], num_frames=6, size=16, fps=FPS, seed=1)
+    meta = {"checkpoint_sha256": "ab", "seed": 0, "num_frames": 6}
+    save_clips(tmp_path / "set", videos, meta)
+    back = load_clips(tmp_path / "set", meta)
+    assert back is not None and [v.prompt for v in back] == [v.prompt for v in videos]
+    assert all(np.array_equal(a.frames, b.frames) for a, b in zip(back, videos, strict=True))  # lossless
+    assert load_clips(tmp_path / "set", {**meta, "checkpoint_sha256": "cd"}) is None  # another checkpoint
+    assert load_clips(tmp_path / "other", meta) is None
