@@ -5,7 +5,10 @@ taken *on the engine thread* (``AsyncEngine.call``) every ``poll_interval_s``, s
 reads the pool while a step mutates it. Stream-level series (time to first frame, inter-chunk
 latency, frames, bytes, outcomes) are recorded by the servicer as chunks are sent.
 
-Each :class:`Metrics` has its own registry (several servers can live in one test process).
+Each :class:`Metrics` has its own registry (several servers can live in one test process), so the
+standard collectors prometheus_client puts in its global registry are added to it by hand:
+``process_*`` (resident memory, CPU seconds, open file descriptors, start time), ``python_info``
+and ``python_gc_*``, which dashboards and alerts expect from any Python exporter.
 This module never changes engine state and never records prompts, tokens or peers.
 """
 
@@ -15,7 +18,16 @@ import threading
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 # Outcome label values of streamgen:request_outcome_total (a fixed set: bounded cardinality).
 OUTCOMES = ("completed", "stopped", "limit", "shutdown", "error", "cancelled", "stalled", "invalid_argument",
@@ -37,6 +49,9 @@ class EngineSnapshot:
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # reads /proc/self; exports nothing where there is no /proc
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.sessions_running = Gauge("streamgen:num_sessions_running", "Sessions generating in the engine",
                                       registry=r)
         self.sessions_waiting = Gauge("streamgen:num_sessions_waiting", "Sessions queued for KV-pool admission",
