@@ -29,14 +29,17 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --upgrade pip setuptools wheel packaging ninja \
  && pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py MANIFEST.in README.md ./
 COPY protos ./protos
 COPY streamgen ./streamgen
 COPY clients ./clients
-# The gRPC stubs are build output (git-ignored): generate them into streamgen/api/v1/ before packaging.
-RUN pip install "grpcio-tools>=1.66" && python streamgen/api/build.py --force
+# The package build (setup.py) generates the gRPC stubs into the wheel with grpcio-tools. Without build
+# isolation (flash-attn compiles against the torch installed above) that build requirement is installed
+# first, at the pin of pyproject.toml's [build-system]. The check runs outside /src, so it imports the
+# installed package, not the source tree.
+RUN pip install "grpcio-tools==1.85.4"
 RUN MAX_JOBS=${MAX_JOBS} pip install --no-build-isolation ".[gpu]" \
- && python -c "import streamgen.api.v1, streamgen.server.app, clients.stream"
+ && cd / && python -c "import streamgen.api.v1, streamgen.server.app, clients.stream" && streamgen --version
 
 FROM nvidia/cuda:${CUDA_VERSION}-cudnn-runtime-ubuntu${UBUNTU_VERSION}
 ENV DEBIAN_FRONTEND=noninteractive

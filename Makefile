@@ -41,7 +41,7 @@ help:
 	echo "make test       ruff + pytest (skips tests marked slow)"
 	echo "make test-all   ruff + pytest including slow tests"
 	echo "make lint       ruff check"
-	echo "make venv       create/refresh .venv (torch $(TORCH_VERSION)+cpu, then -e '.[dev,webrtc]', then gRPC stubs)"
+	echo "make venv       create/refresh .venv (torch $(TORCH_VERSION)+cpu, then -e '.[dev,webrtc,train]', then gRPC stubs)"
 	echo "make browser-deps  install Debian's chromium + chromium-driver for the browser tests (part of make test)"
 	echo "make obs-deps   install Debian's obs-studio + xvfb for the OBS test (part of make test)"
 	echo "make nginx-deps install Debian's nginx for the load-balancer tests, deploy/local/run.sh (part of make test)"
@@ -58,7 +58,7 @@ venv:
 	[[ -x $(BIN)/python ]] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip $(PIP_QUIET)
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) $(PIP_QUIET)
-	$(BIN)/python -m pip install --quiet -e '.[dev,webrtc]' $(PIP_QUIET)
+	$(BIN)/python -m pip install --quiet -e '.[dev,webrtc,train]' $(PIP_QUIET)
 	$(MAKE) --no-print-directory check-venv
 	$(BIN)/python -m streamgen.api.build
 	echo "$$key" > $(STAMP)

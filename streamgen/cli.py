@@ -158,8 +158,19 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help=f"preset giving video size, cache window and sampler: {', '.join(PRESETS)}")
 
 
+def _package_version() -> str:
+    """The installed distribution's version (from its metadata, i.e. pyproject.toml at build time)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("streamgen")
+    except PackageNotFoundError:  # a checkout on sys.path that was never installed
+        return "0+unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamgen", description="Real-time autoregressive video generation.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     _add_generate(sub)

@@ -4,7 +4,8 @@ Usage (any of these; all are the same code)::
 
     make proto
     python -m streamgen.api.build [--check] [--force]
-    python streamgen/api/build.py          # before streamgen's own dependencies are installed (Docker)
+    python streamgen/api/build.py          # before streamgen's own dependencies are installed
+    pip install . / pip wheel .            # setup.py's build step: stubs + proto into the wheel
 
 protoc (from ``grpcio-tools``) writes ``streamgen/v1/streamgen_pb2*.py`` for the proto's import
 path ``streamgen/v1/streamgen.proto``. That path stays the descriptor's file name (reflection and
@@ -13,9 +14,15 @@ not a module here, so the files are written to ``streamgen/api/v1/`` and that on
 rewritten to ``streamgen.api.v1``. The first line of each generated file records the proto's
 SHA-256, so stale stubs are detected and rebuilt.
 
+A wheel is built by ``setup.py``, which loads this file by path and calls :func:`build_into` on
+the build directory: the stubs and a copy of ``protos/`` (under ``streamgen/api/protos/``, for
+tools that want the .proto; see :func:`proto_root`) ship inside the package, and an installed
+streamgen never needs ``protos/`` or grpcio-tools.
+
 This module must stay importable and runnable with only the standard library and grpcio-tools
-(no streamgen, torch or numpy imports): the Docker build runs it before installing streamgen.
-It never writes anywhere but ``streamgen/api/<version>/``.
+(no streamgen, torch or numpy imports): the build step runs it before streamgen's own dependencies
+are installed. It never writes anywhere but ``streamgen/api/`` (of the source tree or of a build
+directory).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from pathlib import Path
 API_DIR = Path(__file__).resolve().parent
 REPO_ROOT = API_DIR.parent.parent
 PROTO_ROOT = REPO_ROOT / "protos"
+# Where a built package keeps its copy of protos/ (relative to streamgen/api/).
+PACKAGED_PROTOS = "protos"
 # (proto path under protos/, package directory under streamgen/api/)
 PROTOS: tuple[tuple[str, str], ...] = (("streamgen/v1/streamgen.proto", "v1"),)
 SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
@@ -42,9 +51,9 @@ def _proto_digest(proto: str) -> str:
     return hashlib.sha256((PROTO_ROOT / proto).read_bytes()).hexdigest()
 
 
-def _outputs(proto: str, package: str) -> list[Path]:
+def _outputs(proto: str, package: str, api_dir: Path = API_DIR) -> list[Path]:
     stem = Path(proto).stem
-    return [API_DIR / package / f"{stem}{suffix}" for suffix in SUFFIXES]
+    return [api_dir / package / f"{stem}{suffix}" for suffix in SUFFIXES]
 
 
 def _recorded_digest(path: Path) -> str | None:
@@ -67,6 +76,12 @@ def have_sources() -> bool:
     return all((PROTO_ROOT / proto).is_file() for proto, _ in PROTOS)
 
 
+def proto_root() -> Path:
+    """The directory to pass to ``protoc -I`` / ``grpcurl -import-path``: ``protos/`` of a source
+    checkout, else the copy an installed wheel ships under ``streamgen/api/protos/``."""
+    return PROTO_ROOT if have_sources() else API_DIR / PACKAGED_PROTOS
+
+
 @contextlib.contextmanager
 def _lock() -> Iterator[None]:
     """Serialise concurrent generators (e.g. several test subprocesses importing at once)."""
@@ -82,7 +97,7 @@ def _lock() -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _generate_one(proto: str, package: str) -> None:
+def _generate_one(proto: str, package: str, api_dir: Path = API_DIR) -> None:
     try:
         from grpc_tools import protoc
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -98,9 +113,9 @@ def _generate_one(proto: str, package: str) -> None:
                             f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", str(PROTO_ROOT / proto)])
         if code != 0:
             raise RuntimeError(f"protoc failed on {proto} (exit {code})")
-        out_dir = API_DIR / package
+        out_dir = api_dir / package
         out_dir.mkdir(parents=True, exist_ok=True)
-        for target in _outputs(proto, package):
+        for target in _outputs(proto, package, api_dir):
             text = (Path(tmp) / Path(proto).parent / target.name).read_text(encoding="utf-8")
             text = text.replace(f"from {src_pkg} import ", f"from {dst_pkg} import ")
             staged = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -129,6 +144,26 @@ def ensure(force: bool = False) -> list[str]:
                 _generate_one(proto, pkg)
                 done.append(proto)
         return done
+
+
+def build_into(api_dir: Path) -> list[Path]:
+    """Write fresh stubs of every proto and a copy of each .proto into ``api_dir``, the
+    ``streamgen/api/`` of a build directory (setup.py's build step); returns the files written.
+
+    Always regenerates: a build must not trust stubs lying in the source tree, which may come from
+    another grpcio-tools than the one this build runs with.
+    """
+    if not have_sources():
+        raise RuntimeError(f"{PROTO_ROOT} is missing: a wheel is built from a source checkout or an sdist")
+    written: list[Path] = []
+    for proto, pkg in PROTOS:
+        _generate_one(proto, pkg, api_dir)
+        written += _outputs(proto, pkg, api_dir)
+        copy = api_dir / PACKAGED_PROTOS / proto
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes((PROTO_ROOT / proto).read_bytes())
+        written.append(copy)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
