@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_short_soak_reports_samples_and_no_anomaly() -> None:
-    res = subprocess.run([sys.executable, "benchmarks/soak.py", "--minutes", "0.15", "--clients", "3",
+    res = subprocess.run([sys.executable, "benchmarks/soak.py", "--minutes", "0.1", "--clients", "3",
                           "--sample-s", "3", "--warmup-s", "0"],
                          cwd=REPO, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
