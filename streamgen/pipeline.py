@@ -126,6 +126,7 @@ class Pipeline:
     def iter_frames(self, prompt: str, *, num_frames: int, seed: int = 0,
                     progress: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
         """Decoded frame chunks (uint8 ``[N, H, W, 3]``) of a ``num_frames`` video, chunk by chunk."""
+        from streamgen.engine.request import generator_seed
         from streamgen.generate import generate_latents
         from streamgen.video_io import frames_to_uint8
 
@@ -135,7 +136,7 @@ class Pipeline:
             raise ValueError(f"num_frames must be an int > 0, got {num_frames!r}")
         emb, _ = self.text.encode([prompt])
         context = self.transformer.encode_text(emb.to(self.dtype))
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(generator_seed(seed))  # as the engine does: equal frames
         decoder = self.vae.init_decoder_state(batch_size=1)
         vae_dtype = next(self.vae.parameters()).dtype
         written = 0
