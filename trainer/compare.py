@@ -44,6 +44,7 @@ from trainer.eval.reference import STABILITY_CURVES, WINDOWS
 from trainer.eval.stats import MIN_KID_SAMPLES, NOT_SEPARABLE, Interval, order
 
 RENDERED = "rendered"
+MIN_STABILITY_CLIPS = 2
 STUDENT_STAGES = ("ode_init", "self_forcing")
 
 
@@ -239,9 +240,13 @@ def markdown(rows: dict[str, dict[str, Any]], verdicts: list[dict[str, str]], me
 
 
 def _validate(args: argparse.Namespace) -> None:
-    if args.num_clips < MIN_KID_SAMPLES or args.long_clips is not None and args.long_clips < MIN_KID_SAMPLES:
-        raise ValueError(f"--num-clips and --long-clips must be >= {MIN_KID_SAMPLES}: KID and its interval need "
+    if args.num_clips < MIN_KID_SAMPLES:
+        raise ValueError(f"--num-clips must be >= {MIN_KID_SAMPLES}: KID and its interval need "
                          f"{MIN_KID_SAMPLES} clips per set")
+    if args.long_clips is not None and args.long_clips < MIN_STABILITY_CLIPS:
+        # Long clips are what a CPU can least afford; below 8 their KID is reported as n/a with the reason.
+        raise ValueError(f"--long-clips must be >= {MIN_STABILITY_CLIPS}: per-clip stability needs "
+                         f"{MIN_STABILITY_CLIPS} clips per set")
     if any(k < 1 for k in args.multiples):
         raise ValueError("--multiples must be >= 1")
     for split in list(args.splits) + list(args.long_splits or []):
@@ -357,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiples", type=int, nargs="+", default=[1, 10], help="lengths, in teacher horizons")
     p.add_argument("--splits", nargs="+", default=list(PROMPT_SPLITS), help=f"prompt splits, of {PROMPT_SPLITS}")
     p.add_argument("--num-clips", type=int, default=64, help="clips per split and model at 1x")
-    p.add_argument("--long-clips", type=int, help="clips per split and model at multiples > 1 (default --num-clips)")
+    p.add_argument("--long-clips", type=int, help="clips per split and model at multiples > 1 (default --num-clips; "
+                   f"below {MIN_KID_SAMPLES} their KID is n/a)")
     p.add_argument("--long-splits", nargs="+", help="prompt splits at multiples > 1 (default --splits)")
     p.add_argument("--seed", type=int, default=0, help="prompt, noise, render and bootstrap seed")
     p.add_argument("--teacher-steps", type=int, default=50, help="teacher Euler steps")

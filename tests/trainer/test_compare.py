@@ -62,7 +62,7 @@ def test_compare_teacher_and_student_against_the_rendered_reference(tiny_checkpo
     out = tmp_path / "cmp"
     argv = _args(ckpt, out, "--teacher", str(ckpt / "teacher.safetensors"),
                  "--student", f"s1={ckpt / 'student.safetensors'}", "--multiples", "1", "3", "--num-clips", "8",
-                 "--splits", "heldout")
+                 "--long-clips", "3", "--splits", "heldout")
     assert main(argv) == 0
     report = json.loads((out / "compare.json").read_text())
     rows = report["rows"]
@@ -80,7 +80,10 @@ def test_compare_teacher_and_student_against_the_rendered_reference(tiny_checkpo
     assert {v["verdict"] for v in report["orderings"]} <= {"not separable", "teacher better than s1",
                                                            "s1 better than teacher"}
     text = (out / "compare.md").read_text()
-    assert "| s1 | heldout | 3x | 8 |" in text and "## Stability per clip: heldout, 3x" in text
+    # Three long clips: stability is judged, KID is n/a with its reason, never a number from too few clips.
+    long_kid = rows["s1@heldout@3x"]["distances"]["last"]
+    assert long_kid["kid"] is None and "KID needs 8 clips" in long_kid["note"]
+    assert "| s1 | heldout | 3x | 3 |" in text and "## Stability per clip: heldout, 3x" in text
     assert "## Adherence per attribute: heldout, 3x, last window" in text
     assert (out / "s1_heldout_3x" / "report.md").is_file() and (out / "s1_heldout_3x" / "clips.npz").is_file()
     stored = json.loads((out / "s1_heldout_3x" / "clips.json").read_text())
@@ -96,6 +99,9 @@ def test_bad_input_is_a_clear_error(tiny_checkpoints: Path, tmp_path: Path, caps
     assert main(_args(ckpt, out, "--student", f"s={ckpt / 'student.safetensors'}", "--horizon", "2",
                       "--num-clips", "4")) == 2
     assert "must be >= 8" in capsys.readouterr().err
+    assert main(_args(ckpt, out, "--student", f"s={ckpt / 'student.safetensors'}", "--horizon", "2",
+                      "--long-clips", "1")) == 2
+    assert "--long-clips must be >= 2" in capsys.readouterr().err
     assert main(_args(ckpt, out, "--teacher", str(ckpt / "student.safetensors"))) == 2
     assert "not the bidirectional teacher" in capsys.readouterr().err
     assert main(_args(ckpt, out, "--student", f"s={ckpt / 'teacher.safetensors'}", "--horizon", "2")) == 2
