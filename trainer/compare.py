@@ -64,6 +64,17 @@ def parse_student(text: str) -> ModelSpec:
     return ModelSpec(name, "student", Path(path))
 
 
+def parse_split_clips(items: list[str]) -> dict[str, int]:
+    """``["heldout=16", ...]`` -> ``{"heldout": 16}``: per-split clip counts at 1x."""
+    out = {}
+    for text in items:
+        split, sep, count = text.partition("=")
+        if not sep or split not in PROMPT_SPLITS or not count.isdigit():
+            raise ValueError(f"--split-clips takes SPLIT=N with SPLIT one of {list(PROMPT_SPLITS)}, got {text!r}")
+        out[split] = int(count)
+    return out
+
+
 def teacher_horizon(path: Path) -> int:
     """The teacher's horizon in latent frames, from its checkpoint metadata."""
     from streamgen.model.weights import read_metadata
@@ -240,8 +251,8 @@ def markdown(rows: dict[str, dict[str, Any]], verdicts: list[dict[str, str]], me
 
 
 def _validate(args: argparse.Namespace) -> None:
-    if args.num_clips < MIN_KID_SAMPLES:
-        raise ValueError(f"--num-clips must be >= {MIN_KID_SAMPLES}: KID and its interval need "
+    if min([args.num_clips, *parse_split_clips(args.split_clips).values()]) < MIN_KID_SAMPLES:
+        raise ValueError(f"--num-clips and --split-clips must be >= {MIN_KID_SAMPLES}: KID and its interval need "
                          f"{MIN_KID_SAMPLES} clips per set")
     if args.long_clips is not None and args.long_clips < MIN_STABILITY_CLIPS:
         # Long clips are what a CPU can least afford; below 8 their KID is reported as n/a with the reason.
@@ -289,15 +300,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = SuiteConfig()
     rcfg = ReferenceConfig(num_resamples=args.resamples, seed=args.seed)
     rows: dict[str, dict[str, Any]] = {}
+    split_clips = parse_split_clips(args.split_clips)
 
     def log(text: str) -> None:
         print(f"[{time.time() - t0:6.0f} s] {text}", flush=True)
 
     for k in args.multiples:
         num_frames = preset.pixel_frames(horizon * k)
-        n = args.num_clips if k == 1 else (args.long_clips or args.num_clips)
         splits = args.splits if k == 1 else (args.long_splits or args.splits)
         for split in splits:
+            n = split_clips.get(split, args.num_clips) if k == 1 else (args.long_clips or args.num_clips)
             prompts = inputs.split_prompts(split, n, args.seed)
             log(f"rendered reference: {split}, {k}x ({num_frames} frames, {n} clips)")
             reference = evaluate_set(inputs.render_reference(prompts, num_frames, preset.video.height, fps,
@@ -362,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiples", type=int, nargs="+", default=[1, 10], help="lengths, in teacher horizons")
     p.add_argument("--splits", nargs="+", default=list(PROMPT_SPLITS), help=f"prompt splits, of {PROMPT_SPLITS}")
     p.add_argument("--num-clips", type=int, default=64, help="clips per split and model at 1x")
+    p.add_argument("--split-clips", nargs="+", default=[], metavar="SPLIT=N",
+                   help="clips per model at 1x for one split (default --num-clips)")
     p.add_argument("--long-clips", type=int, help="clips per split and model at multiples > 1 (default --num-clips; "
                    f"below {MIN_KID_SAMPLES} their KID is n/a)")
     p.add_argument("--long-splits", nargs="+", help="prompt splits at multiples > 1 (default --splits)")

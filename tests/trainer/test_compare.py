@@ -13,8 +13,14 @@ from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.vae import CausalVideoVAE
 from streamgen.model.weights import save_checkpoint
 from trainer.common.latents import LatentStats
-from trainer.compare import main, parse_student
+from trainer.compare import main, parse_split_clips, parse_student
 from trainer.eval.classifier import CHECKPOINT_KIND, AttributeClassifier, ClassifierConfig
+
+
+def test_split_clips_argument() -> None:
+    assert parse_split_clips(["heldout=16", "in_distribution=64"]) == {"heldout": 16, "in_distribution": 64}
+    with pytest.raises(ValueError, match="SPLIT=N"):
+        parse_split_clips(["train=3"])
 
 
 def test_student_argument_is_name_equals_path() -> None:
@@ -102,6 +108,9 @@ def test_bad_input_is_a_clear_error(tiny_checkpoints: Path, tmp_path: Path, caps
     assert main(_args(ckpt, out, "--student", f"s={ckpt / 'student.safetensors'}", "--horizon", "2",
                       "--long-clips", "1")) == 2
     assert "--long-clips must be >= 2" in capsys.readouterr().err
+    assert main(_args(ckpt, out, "--student", f"s={ckpt / 'student.safetensors'}", "--horizon", "2",
+                      "--split-clips", "heldout=4")) == 2
+    assert "--split-clips must be >= 8" in capsys.readouterr().err
     assert main(_args(ckpt, out, "--teacher", str(ckpt / "student.safetensors"))) == 2
     assert "not the bidirectional teacher" in capsys.readouterr().err
     assert main(_args(ckpt, out, "--student", f"s={ckpt / 'teacher.safetensors'}", "--horizon", "2")) == 2
