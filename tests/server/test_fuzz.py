@@ -39,7 +39,9 @@ class _Errors(logging.Handler):
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.ERROR or record.exc_info:
+        # Less one artefact of this process's clients: grpc.aio's poller calling back into an event
+        # loop an earlier test's asyncio.run already closed.
+        if (record.levelno >= logging.ERROR or record.exc_info) and "PollerCompletionQueue" not in record.getMessage():
             self.records.append(record)
 
 
