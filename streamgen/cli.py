@@ -54,6 +54,11 @@ def _add_model(p: argparse._ActionsContainer, random_init_help: str) -> None:
                         "it natively (AVX512-BF16/AMX) or on CUDA, else float32")
     p.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flex, xformers, flash")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: INT8 linear layers in the transformer blocks (CPU, float32); see docs/speed.md")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks (faster chunks, but the first chunk waits for "
+                        "compilation, ~100 s on 2 CPU cores); see docs/speed.md")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -192,6 +197,16 @@ def _check_model_flags(args: argparse.Namespace) -> None:
                          f"{', '.join(given)}")
 
 
+def _check_speedups(args: argparse.Namespace) -> None:
+    """``--quantize`` / ``--dtype`` combinations that cannot run fail here, before any weights load."""
+    if args.quantize == "none":
+        return
+    from streamgen.model.quantize import check_quantize
+    from streamgen.precision import resolve_dtype
+
+    check_quantize(args.quantize, "cpu", resolve_dtype(args.dtype).dtype)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from streamgen.config import get_preset, to_dict
 
@@ -275,6 +290,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from streamgen.config import get_preset
 
     _check_model_flags(args)
+    _check_speedups(args)
     if args.model is None:
         get_preset(args.preset)
     if args.num_frames <= 0:
@@ -304,6 +320,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if choice.warning:
         print(f"warning: {choice.warning}", file=sys.stderr)
     pipe = _build_pipeline(args, choice.dtype)
+    if args.quantize != "none" or args.compile:
+        from streamgen.model.compile import prepare_for_inference
+
+        pipe.transformer = prepare_for_inference(  # type: ignore[attr-defined]
+            pipe.transformer, quantize=args.quantize, compile=args.compile)  # type: ignore[attr-defined]
     video = pipe.preset.video  # type: ignore[attr-defined]
     written = 0
     kept: list[np.ndarray] = []
@@ -349,6 +370,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from streamgen.config import get_preset
 
     _check_model_flags(args)
+    _check_speedups(args)
     get_preset(args.preset)  # unknown names fail before anything loads
     for flag in ("tls_cert", "tls_key", "transformer", "vae"):
         path = getattr(args, flag)
@@ -373,7 +395,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     source = ModelSource(preset=args.preset, transformer=args.transformer, vae=args.vae, random_init=args.random_init,
                          dtype=args.dtype, attention=args.attention, text_encoder=args.text_encoder,
-                         threads=args.threads, model_dir=args.model)
+                         threads=args.threads, model_dir=args.model, quantize=args.quantize, compile=args.compile)
     engine_config = EngineConfig(max_sessions=args.max_sessions, kv_memory_bytes=int(args.kv_memory_mb * 2**20),
                                  max_queue_wait_s=args.max_queue_wait_s,
                                  max_lead_s=args.max_lead_s if args.pace else math.inf,

@@ -93,3 +93,28 @@ def test_info_prints_derived_sizes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--preset", "default"]) == 0
     out = capsys.readouterr().out
     assert '"tokens_per_frame": 64' in out and '"pixel_frames_per_chunk": 12' in out
+
+
+def test_generate_int8_tracks_float32(tmp_path: Path) -> None:
+    """--quantize int8 runs end to end and stays close to the float32 frames of the same seed (the per-forward
+    error compounds over chunks, so the bound is loose: a broken INT8 path gives noise, ~10 dB)."""
+    import numpy as np
+
+    outs = {}
+    for mode in ("none", "int8"):
+        outs[mode] = tmp_path / f"{mode}.npy"
+        assert main(["generate", "--preset", "test", "--random-init", "--prompt", "a red mug", "--num-frames", "8",
+                     "--seed", "2", "--out", str(outs[mode]), "--no-progress", "--dtype", "float32",
+                     "--quantize", mode]) == 0
+    ref, q = (np.load(outs[m]).astype(np.float64) for m in ("none", "int8"))
+    assert ref.shape == q.shape == (8, 32, 32, 3)
+    psnr = 10 * np.log10(255.0**2 / max(np.mean((ref - q) ** 2), 1e-12))
+    assert psnr > 25, psnr
+
+
+def test_int8_with_bf16_is_refused_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["generate", "--preset", "test", "--random-init", "--prompt", "a can", "--num-frames", "4",
+                 "--out", str(tmp_path / "o.mp4"), "--dtype", "bfloat16", "--quantize", "int8"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--dtype float32" in err and "dtype:" not in err  # refused before the model was set up

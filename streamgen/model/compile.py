@@ -51,3 +51,14 @@ def compile_blocks(model: nn.Module, cache_dir: Path | None = None) -> nn.Module
     for block in model.blocks:
         block.compile(dynamic=True)
     return model
+
+
+def prepare_for_inference(model: nn.Module, *, quantize: str = "none", compile: bool = False) -> nn.Module:
+    """The serving speed-ups a user asked for, in their only valid order: INT8 first, then compile.
+
+    ``model`` must already be in its serving dtype and device (INT8 needs float32 on a CPU and says so).
+    """
+    from streamgen.model.quantize import quantize_transformer
+
+    model = quantize_transformer(model, quantize)
+    return compile_blocks(model) if compile else model

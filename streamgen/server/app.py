@@ -171,6 +171,8 @@ class ModelSource:
     text_encoder: str | None = None  # None: the model directory's, else minilm; "hash": tests and benchmarks only
     threads: int = 0
     model_dir: Path | None = None  # a streamgen model directory: replaces preset, checkpoints and encoder
+    quantize: str = "none"  # streamgen.model.quantize.QUANTIZE_MODES
+    compile: bool = False  # torch.compile the transformer blocks
 
     def __post_init__(self) -> None:
         if self.model_dir is not None:
@@ -180,6 +182,8 @@ class ModelSource:
             raise ValueError("give --transformer and --vae checkpoints, or --random-init for random weights")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.quantize not in ("none", "int8"):
+            raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
         if self.text_encoder not in (None, "minilm", "hash"):
             raise ValueError(f"text encoder must be minilm or hash, got {self.text_encoder!r}")
 
@@ -225,6 +229,7 @@ def build_engine(source: ModelSource, config: EngineConfig) -> tuple[Engine, str
     event(log, "dtype", dtype=choice.name, reason=choice.reason)
     if choice.warning:
         log.warning(choice.warning)
+    model = _prepare(model.eval().to(choice.dtype), source)
     return Engine(preset, model, vae, text, config, dtype=choice.dtype), weights
 
 
@@ -247,7 +252,17 @@ def _build_engine_from_dir(source: ModelSource, config: EngineConfig) -> tuple[E
     parts = load_model_dir(md, attention=source.attention, token_encoder=token_encoder, text_dtype=choice.dtype)
     weights = parts.description + (" text=hash (not a language model)" if token_encoder is not None else "")
     parts.text.encode(["warm-up"])  # load the prompt encoder now, not on the first client's clock
-    return Engine(parts.preset, parts.transformer, parts.vae, parts.text, config, dtype=choice.dtype), weights
+    model = _prepare(parts.transformer.eval().to(choice.dtype), source)
+    return Engine(parts.preset, model, parts.vae, parts.text, config, dtype=choice.dtype), weights
+
+
+def _prepare(model: Any, source: ModelSource) -> Any:
+    """INT8 and compilation as asked (after the dtype cast); a combination that cannot run is a ValueError."""
+    from streamgen.model.compile import prepare_for_inference
+
+    if source.quantize != "none" or source.compile:
+        event(log, "speedups", quantize=source.quantize, compile=source.compile)
+    return prepare_for_inference(model, quantize=source.quantize, compile=source.compile)
 
 
 async def serve_until_signal(server: StreamGenServer) -> None:

@@ -23,11 +23,24 @@ from streamgen.config import Preset, to_dict
 MODEL_ID_HEX_CHARS = 16  # 64 bits: collisions between a handful of deployed versions are not a concern
 
 
-def _hash_module(digest: hashlib._Hash, module: torch.nn.Module) -> None:
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
+def _hash_value(digest: hashlib._Hash, name: str, value: object) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        if t.is_quantized:  # INT8 weights (--quantize int8): their integers and scales decide the frames
+            digest.update(f"{name}:scale={t.q_scale()},zero={t.q_zero_point()};".encode())
+            t = t.int_repr()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # bf16 has no numpy dtype; bytes do
+    elif isinstance(value, tuple | list):  # packed INT8 linear parameters: (weight, bias)
+        for i, item in enumerate(value):
+            _hash_value(digest, f"{name}.{i}", item)
+    else:
+        digest.update(f"{name}={value!r};".encode())
+
+
+def _hash_module(digest: hashlib._Hash, module: torch.nn.Module) -> None:
+    for name, value in sorted(module.state_dict().items()):
+        _hash_value(digest, name, value)
 
 
 def model_id(preset: Preset, transformer: torch.nn.Module, vae: torch.nn.Module, text_encoder_kind: str) -> str:

@@ -7,6 +7,7 @@ import torch
 
 from streamgen.api.v1 import pb, pb_grpc
 from streamgen.engine.engine import Engine
+from streamgen.model.quantize import quantize_transformer
 from streamgen.server.identity import model_id
 from tests.server.harness import PRESET, ServerHarness, make_engine
 
@@ -25,6 +26,14 @@ def test_model_id_covers_weights_and_dtype_not_limits() -> None:
     c.model.to(torch.bfloat16)
     assert _id(a) != _id(c)
     assert model_id(PRESET, a.model, a.vae, "MiniLMTokenEncoder") != _id(a)  # another prompt encoder
+
+
+def test_model_id_covers_int8_weights() -> None:
+    """--quantize int8 changes the frames, so it changes the id; the same INT8 model hashes the same."""
+    a, b, c = make_engine(), make_engine(), make_engine()
+    quantize_transformer(b.model, "int8")
+    quantize_transformer(c.model, "int8")
+    assert _id(a) != _id(b) == _id(c)
 
 
 def test_get_model_info_reports_the_model_id() -> None:
