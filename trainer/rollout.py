@@ -2,11 +2,11 @@
 
 Self-Forcing (Huang et al. 2025, arXiv 2506.08009, Algorithm 1) trains the causal student on
 videos it generated itself, chunk by chunk, with the KV cache it uses at inference. This module
-runs exactly that loop, through the same primitives as the offline generator and the engine
-(:func:`~streamgen.generate.plan_chunks`, :func:`~streamgen.generate.draw_noise`,
-:func:`~streamgen.generate.context_input`, :class:`~streamgen.cache.contiguous.ContiguousKVCache`
-with its rolling window + sinks) and in the same noise-draw order, so a no-grad rollout that
-exits at the last step *is* inference (``tests/trainer/test_rollout.py`` holds it to the engine).
+runs exactly that loop: the chunk step is :class:`~streamgen.engine.step.ChunkStep`, the one the
+offline generator and the engine call, over :func:`~streamgen.generate.plan_chunks` and
+:class:`~streamgen.cache.contiguous.ContiguousKVCache` with its rolling window + sinks, so a
+no-grad rollout that exits at the last step *is* inference by construction
+(``tests/trainer/test_rollout.py`` still holds it to the engine).
 
 Per chunk (Self-Forcing's stochastic gradient truncation, section 3.2):
 
@@ -24,19 +24,16 @@ Teacher-/Diffusion-Forcing baselines replace what is written into the cache by g
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from streamgen.cache.contiguous import ContiguousKVCache
-from streamgen.config import CacheConfig, Preset, SamplerConfig
-from streamgen.generate import ChunkPlan, context_input, draw_noise, plan_chunks
-from streamgen.model.sampler import add_noise, student_timesteps, x0_from_velocity
+from streamgen.config import CacheConfig, Preset
+from streamgen.engine.step import ChunkStep, Generators
+from streamgen.generate import ChunkPlan, cache_forward, plan_chunks
 from streamgen.model.transformer import CausalWanTransformer, TextContext
 from trainer.common.runtime import sample_generator
-
-Generators = torch.Generator | Sequence[torch.Generator]
 
 
 @dataclass(frozen=True)
@@ -100,26 +97,6 @@ def last_frames_span(num_frames: int, grad_frames: int | None) -> tuple[int, int
     return (max(0, num_frames - grad_frames), num_frames)
 
 
-def _draw(shape: tuple[int, ...], generators: Generators, dtype: torch.dtype) -> torch.Tensor:
-    """Noise ``shape = [B, ...]``: one generator draws the whole batch (as :func:`generate_latents`),
-    a sequence of ``B`` generators draws one row each (as the engine's per-session generators)."""
-    if isinstance(generators, torch.Generator):
-        return draw_noise(shape, generators, dtype)
-    if len(generators) != shape[0]:
-        raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
-    return torch.cat([draw_noise((1, *shape[1:]), g, dtype) for g in generators])
-
-
-def _context_input(x0: torch.Tensor, cfg: SamplerConfig, generators: Generators) -> torch.Tensor:
-    """:func:`streamgen.generate.context_input` with per-row generators (same draw, same formula)."""
-    if isinstance(generators, torch.Generator):
-        return context_input(x0, cfg, generators)
-    if cfg.context_timestep <= 0:
-        return x0
-    noise = _draw(tuple(x0.shape), generators, x0.dtype)
-    return add_noise(x0, noise, cfg.context_timestep, cfg.num_train_timesteps)
-
-
 def rollout(
     model: CausalWanTransformer,
     context: TextContext,
@@ -139,7 +116,7 @@ def rollout(
         context: its text context for the ``B`` prompts (``model.encode_text``; may carry a graph).
         preset: sizes, sampler (timesteps, ``chunk_frames``, ``context_timestep``) and cache policy.
         num_frames: rollout length ``N`` in latent frames.
-        generators: one generator for the batch or one per row (see :func:`_draw`).
+        generators: one generator for the batch or one per row (see :func:`~streamgen.engine.step.draw_noise`).
         exit_step: index into the student's timesteps at which every chunk stops; ``None`` = the
             last step (plain inference).
         grad_span: frames ``[lo, hi)`` whose chunks take gradient at their exit step; ``None`` = all.
@@ -151,48 +128,35 @@ def rollout(
     Returns:
         :class:`RolloutResult` with ``latents [B, C, N, h, w]``.
     """
-    cfg = preset.sampler
-    timesteps = student_timesteps(cfg)
-    exit_step = len(timesteps) - 1 if exit_step is None else exit_step
-    if not 0 <= exit_step < len(timesteps):
-        raise ValueError(f"exit_step must lie in [0, {len(timesteps)}), got {exit_step}")
+    step = ChunkStep(preset.sampler, model.proj_out.weight.dtype)
+    exit_step = step.check_exit_step(exit_step)
     lo, hi = (0, num_frames) if grad_span is None else grad_span
     if context_source is not None and context_source.latents.shape[2] < num_frames:
         raise ValueError(f"context source has {context_source.latents.shape[2]} frames, rollout needs {num_frames}")
     batch = context.batch_size
-    dtype = model.proj_out.weight.dtype
     cache = ContiguousKVCache(model.cfg.num_layers, preset.tokens_per_frame, preset.cache, model.backend)
     grad_on = torch.is_grad_enabled()
-    chunks = plan_chunks(num_frames, cfg.chunk_frames)
+    chunks = plan_chunks(num_frames, preset.sampler.chunk_frames)
     outputs: list[torch.Tensor] = []
     grad_chunks: list[ChunkPlan] = []
     for n, chunk in enumerate(chunks):
         shape = (batch, model.cfg.latent_channels, chunk.num_frames, preset.latent_height, preset.latent_width)
         with_grad = grad_on and chunk.start < hi and chunk.start + chunk.num_frames > lo
-        x = _draw(shape, generators, dtype)
-        x0 = x
-        for i in range(exit_step + 1):
-            t = timesteps[i]
-            with torch.set_grad_enabled(with_grad and i == exit_step):
-                view = cache.view(chunk.start, chunk.num_frames)  # attends; never committed
-                v = model(x, torch.full((batch, chunk.num_frames), t), context, frame_offsets=chunk.start,
-                          kv_cache=view)
-                x0 = x0_from_velocity(x, v, t, cfg.num_train_timesteps)
-            if i < exit_step:
-                x = add_noise(x0, _draw(shape, generators, dtype), timesteps[i + 1], cfg.num_train_timesteps)
+
+        def velocity(x_t: torch.Tensor, t: float, _chunk: ChunkPlan = chunk) -> torch.Tensor:
+            return cache_forward(model, cache, context, _chunk, x_t, t)  # attends; never committed
+
+        x0 = step.sample(velocity, shape, generators, exit_step=exit_step, grad_at_exit=with_grad)
         outputs.append(x0)
         if with_grad:
             grad_chunks.append(chunk)
         if n + 1 < len(chunks) or refresh_last:
             with torch.no_grad():
-                end = chunk.start + chunk.num_frames
                 if context_source is None:
-                    inp = _context_input(x0.detach(), cfg, generators)
-                    ts = torch.full((batch, chunk.num_frames), cfg.context_timestep)
+                    inp, ts = step.commit_input(x0.detach(), generators), step.commit_timestep
                 else:
-                    inp = context_source.latents[:, :, chunk.start:end].to(dtype)
+                    end = chunk.start + chunk.num_frames
+                    inp = context_source.latents[:, :, chunk.start:end].to(step.dtype)
                     ts = context_source.timesteps[:, chunk.start:end].float()
-                view = cache.view(chunk.start, chunk.num_frames)
-                model(inp, ts, context, frame_offsets=chunk.start, kv_cache=view)
-                cache.commit(view)
+                cache_forward(model, cache, context, chunk, inp, ts, commit=True)
     return RolloutResult(torch.cat(outputs, dim=2), outputs, chunks, grad_chunks, exit_step)

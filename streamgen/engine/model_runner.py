@@ -7,9 +7,9 @@ and lets the paged cache view run attention per session. Per-session state (nois
 generator, current chunk, prompt context, streaming VAE decoder, clean latents of the
 frames still in the window) lives here, never in the scheduler.
 
-Noise is drawn from each session's own generator in the same order as
-:func:`streamgen.generate.denoise_chunk`, so a session batched with others produces the
-frames it would produce alone.
+Between forwards every session goes through :class:`~streamgen.engine.step.ChunkStep` with
+its own generator, the step the offline generator and the trainer's rollout call, so a
+session batched with others produces the frames it would produce alone.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from streamgen.cache.paged import PagedKVCacheManager
 from streamgen.cache.window import is_resident
 from streamgen.config import Preset
 from streamgen.engine.scheduler import ForwardBatch, WorkItem, WorkKind
-from streamgen.generate import context_input, draw_noise
-from streamgen.model.sampler import add_noise, student_timesteps, x0_from_velocity
+from streamgen.engine.step import ChunkStep
 from streamgen.model.text import TextEncoder
 from streamgen.model.transformer import CausalWanTransformer, TextContext
 from streamgen.model.vae import CausalVideoVAE, StreamState
@@ -65,7 +64,7 @@ class ModelRunner:
         self.kv = kv
         self.dtype = dtype
         self.vae_dtype = next(vae.parameters()).dtype
-        self.timesteps = student_timesteps(preset.sampler)
+        self.step = ChunkStep(preset.sampler, dtype)
         self.states: dict[str, SessionTensors] = {}
 
     # ------------------------------------------------------------------ sessions
@@ -124,28 +123,23 @@ class ModelRunner:
         for it in batch.items:
             st = self.states[it.session_id]
             if it.step == 0:
-                st.x = draw_noise(self._latent_shape(it.num_frames), st.generator, self.dtype)
+                st.x = self.step.initial_noise(self._latent_shape(it.num_frames), st.generator)
             xs.append(st.x)
-            ts.append(self.timesteps[it.step])
+            ts.append(self.step.timesteps[it.step])
         t = torch.tensor(ts)[:, None].expand(len(ts), batch.num_frames)
         start = time.perf_counter()
         velocity = self._forward(batch, torch.cat(xs), t, commit=False)
         share_ms = (time.perf_counter() - start) * 1000 / len(batch.items)
         for b, it in enumerate(batch.items):
             st = self.states[it.session_id]
-            x0 = x0_from_velocity(xs[b], velocity[b:b + 1], ts[b], self.preset.sampler.num_train_timesteps)
-            st.x0 = x0
-            if it.step + 1 < len(self.timesteps):
-                noise = draw_noise(tuple(x0.shape), st.generator, self.dtype)
-                st.x = add_noise(x0, noise, self.timesteps[it.step + 1], self.preset.sampler.num_train_timesteps)
+            st.x0, st.x = self.step.advance(xs[b], velocity[b:b + 1], it.step, st.generator)
         return [StepResult(it, None, share_ms) for it in batch.items]
 
     def _commit(self, batch: ForwardBatch) -> list[StepResult]:
-        cfg = self.preset.sampler
         clean = [self.states[it.session_id].x0 for it in batch.items]
-        inputs = [context_input(x0, cfg, self.states[it.session_id].generator)  # type: ignore[arg-type]
+        inputs = [self.step.commit_input(x0, self.states[it.session_id].generator)  # type: ignore[arg-type]
                   for x0, it in zip(clean, batch.items, strict=True)]
-        t = torch.full((len(inputs), batch.num_frames), cfg.context_timestep)
+        t = torch.full((len(inputs), batch.num_frames), self.step.commit_timestep)
         start = time.perf_counter()
         self._forward(batch, torch.cat(inputs), t, commit=True)
         share_ms = (time.perf_counter() - start) * 1000 / len(batch.items)
