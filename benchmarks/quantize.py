@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from streamgen.config import get_preset
 from streamgen.default_model import resolve
@@ -91,7 +92,7 @@ def main() -> None:
     psnr_by_second: list[list[float]] = []
     hits: dict[str, dict[str, int]] = {"float32": {}, "int8": {}}
     changed: dict[str, int] = {}
-    for i in range(args.num_prompts):
+    for i in tqdm(range(args.num_prompts), desc="prompts", unit="prompt"):
         prompt = caption(sample_clip_spec(10_000 + i, "train"))
         target = caption_attributes(prompt)
         emb, _ = text.encode([prompt])
