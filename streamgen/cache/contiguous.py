@@ -1,10 +1,11 @@
 """Contiguous rolling KV cache: the simple reference the paged cache must match.
 
 One tensor per layer holds the keys/values of the cached frames of ``B`` sequences that
-advance in lockstep (same frame positions). The policy is :class:`~streamgen.config.CacheConfig`'s:
-the first ``sink_frames`` frames stay pinned, and after each commit only the most recent
-``window_frames - sink_frames`` non-sink frames are kept. A chunk covering ``[start, end)``
-sees the cached frames ``j < sink`` or ``j >= end - (window - sink)``, plus itself.
+advance in lockstep (same frame positions). The policy is :class:`~streamgen.config.CacheConfig`'s
+and the rule is :mod:`streamgen.cache.window`'s (the one the paged cache follows): the first
+``sink_frames`` frames stay pinned, and after each commit only the most recent
+``window_frames - sink_frames`` frames are kept. A chunk covering ``[start, end)`` sees the
+cached frames in the window ending at ``end``, plus itself.
 
 It favours obviousness over speed (eviction is a ``torch.cat``); serving uses the paged
 cache. It never decides *when* to commit: its owner (sampler, engine, trainer) does.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from streamgen.attention import AttentionBackend
+from streamgen.cache.window import in_window, is_resident
 from streamgen.config import CacheConfig
 
 
@@ -69,11 +71,7 @@ class ContiguousKVCache:
 
     def visible_frame_ids(self, end_frame: int) -> list[int]:
         """Cached frames visible to a chunk ending (exclusive) at ``end_frame``."""
-        recent = self.policy.recent_frames
-        if recent is None:
-            return list(self.frame_ids)
-        sink = self.policy.sink_frames
-        return [j for j in self.frame_ids if j < sink or j >= end_frame - recent]
+        return [j for j in self.frame_ids if in_window(self.policy, j, end_frame)]
 
     def visible_token_index(self, end_frame: int) -> torch.Tensor | None:
         """Token positions of the visible frames, or ``None`` when every cached frame is visible."""
@@ -110,12 +108,7 @@ class ContiguousKVCache:
         self._evict()
 
     def _evict(self) -> None:
-        recent = self.policy.recent_frames
-        if recent is None:
-            return
-        sink = self.policy.sink_frames
-        non_sink = [j for j in self.frame_ids if j >= sink]
-        drop = set(non_sink[: max(0, len(non_sink) - recent)])
+        drop = {j for j in self.frame_ids if not is_resident(self.policy, j, self.next_frame)}
         if not drop:
             return
         keep_rows = [i for i, j in enumerate(self.frame_ids) if j not in drop]

@@ -13,12 +13,35 @@ Rule (absolute latent-frame indices 0, 1, 2, ...). With ``S = sink_frames`` and
 * after a chunk ending at ``end`` is committed, non-sink frames ``j < end - R`` are evicted,
   so the resident frames are exactly ``{j < end : j < S or j >= end - R}``.
 
-This module must never import torch or hold state.
+:func:`in_window` is the rule itself; everything else here, the contiguous cache, the offline
+attention masks (:mod:`streamgen.model.masks`) and the engine's clean-latent window derive
+from it. This module must never import torch at run time or hold state.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, TypeVar
+
 from streamgen.config import CacheConfig
+
+if TYPE_CHECKING:
+    import torch
+
+Frames = TypeVar("Frames", int, "torch.Tensor")
+
+
+def in_window(cfg: CacheConfig, frame: Frames, end: Frames) -> Frames | bool:
+    """The window rule: whether past frame ``frame`` lies in the window of a chunk ending at ``end``.
+
+    True for a sink (``frame < S``) or a recent frame (``frame >= end - R``); always true with an
+    unbounded window. The same test says what a chunk ``[start, end)`` sees (``frame < start``)
+    and what survives the commit of a chunk ending at ``end`` (``frame < end``). Works
+    elementwise on integer tensors (``|``, not ``or``), which is how the offline masks use it.
+    """
+    recent = cfg.recent_frames
+    if recent is None:
+        return True
+    return (frame < cfg.sink_frames) | (frame >= end - recent)
 
 
 def _check_span(start: int, end: int) -> None:
@@ -28,17 +51,15 @@ def _check_span(start: int, end: int) -> None:
 
 def is_resident(cfg: CacheConfig, frame: int, num_committed: int) -> bool:
     """Whether ``frame`` is still stored after ``num_committed`` frames were committed."""
-    if frame < 0 or frame >= num_committed:
-        return False
-    recent = cfg.recent_frames
-    return recent is None or frame < cfg.sink_frames or frame >= num_committed - recent
+    return 0 <= frame < num_committed and bool(in_window(cfg, frame, num_committed))
 
 
 def resident_frames(cfg: CacheConfig, num_committed: int) -> list[int]:
     """Ascending frame indices stored once ``num_committed`` frames were committed.
 
     Because eviction happens at every commit, the resident set depends only on the count:
-    sinks ``[0, min(S, n))`` plus the most recent ``R`` frames.
+    sinks ``[0, min(S, n))`` plus the most recent ``R`` frames (:func:`in_window` at ``end = n``,
+    in closed form so a long stream costs O(window), not O(length)).
     """
     if num_committed < 0:
         raise ValueError(f"num_committed must be >= 0, got {num_committed}")
@@ -57,9 +78,7 @@ def visible_cached_frames(cfg: CacheConfig, num_committed: int, start: int, end:
     (e.g. a re-cache); frames at or after ``start`` are then the chunk's own, not cached ones.
     """
     _check_span(start, end)
-    recent = cfg.recent_frames
-    return [j for j in resident_frames(cfg, num_committed)
-            if j < start and (recent is None or j < cfg.sink_frames or j >= end - recent)]
+    return [j for j in resident_frames(cfg, num_committed) if j < start and in_window(cfg, j, end)]
 
 
 def frames_evicted_by_commit(cfg: CacheConfig, num_committed_before: int, end: int) -> list[int]:

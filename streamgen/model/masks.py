@@ -1,14 +1,17 @@
 """Attention masks for the offline (full-sequence) reference of chunked generation.
 
 Streaming generation with a KV cache must equal one forward over the whole sequence under
-the mask built here; tests hold the two against each other. The rule is the one the
-caches implement: a query frame in the chunk ending at frame ``end`` sees key frame ``j``
-iff ``j < end`` and (no window, or ``j < sink_frames``, or ``j >= end - (window - sink)``).
+the mask built here; tests hold the two against each other. The rule is the caches' own
+(:func:`streamgen.cache.window.in_window`): a query frame in the chunk ending at frame ``end``
+sees key frame ``j`` iff ``j < end`` and ``j`` is in the window ending at ``end``.
 """
 
 from __future__ import annotations
 
 import torch
+
+from streamgen.cache.window import in_window
+from streamgen.config import CacheConfig
 
 
 def chunk_ends(num_frames: int, chunk_sizes: list[int] | int) -> torch.Tensor:
@@ -42,11 +45,7 @@ def frame_visibility(
     """Bool ``[F, F]``: query frame ``i`` may attend to key frame ``j``."""
     ends = chunk_ends(num_frames, chunk_sizes)[:, None]  # [F, 1]
     j = torch.arange(num_frames)[None, :]  # [1, F]
-    visible = j < ends
-    if window_frames is not None:
-        recent = window_frames - sink_frames
-        visible &= (j < sink_frames) | (j >= ends - recent)
-    return visible
+    return (j < ends) & in_window(CacheConfig(window_frames, sink_frames), j, ends)
 
 
 def block_causal_mask(
