@@ -148,9 +148,9 @@ async def _one_call(channel: grpc.aio.Channel, rng: random.Random, tally: Tally)
             elif kind == "ended":
                 ended = response.ended
                 await call.done_writing()
-        code = await call.code()
+        code, details = await call.code(), await call.details()
     except grpc.aio.AioRpcError as exc:
-        code = exc.code()
+        code, details = exc.code(), exc.details()
     except TimeoutError:
         call.cancel()
         tally.anomaly(f"{scenario}: no message for 30 s")
@@ -164,7 +164,7 @@ async def _one_call(channel: grpc.aio.Channel, rng: random.Random, tally: Tally)
     tally.calls[f"{scenario} {code.name} {reason}"] += 1
     want = "REASON_STOPPED" if scenario == "stop" else "REASON_COMPLETED"
     if code != Code.OK or ended is None or pb.StreamEnded.Reason.Name(ended.reason) != want:
-        tally.anomaly(f"{scenario} ended {code.name} {reason}")
+        tally.anomaly(f"{scenario} ended {code.name} {reason} after {frames} frames: {details!r}"[:300])
     elif scenario != "stop" and (frames != num_frames or ended.frames_sent != num_frames):
         tally.anomaly(f"{scenario}: {frames} frames received, {ended.frames_sent} sent, {num_frames} asked")
 
