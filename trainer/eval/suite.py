@@ -61,6 +61,9 @@ class SuiteConfig:
     # features (its 256 dimensions would need 512+ clips per set): 16 need 32 clips per window position.
     frechet_dims: int = 16
     classifier_batch: int = 32
+    # False: classifier only. The oracle metrics (segmentation) are most of the cost of a short clip
+    # and, with a single window, say nothing about drift.
+    oracle_metrics: bool = True
 
     def __post_init__(self) -> None:
         if not self.hop_seconds > 0:
@@ -146,7 +149,7 @@ def evaluate_clip(video: Video, model: AttributeClassifier | None = None, cfg: S
     """Oracle metrics, drift curves and (with ``model``) classifier adherence of one clip."""
     cfg = cfg or SuiteConfig()
     attributes = prompt_attributes(video.prompt)
-    metrics, _ = oracle_metrics(video.frames, video.fps, attributes, cfg.oracle)
+    metrics = oracle_metrics(video.frames, video.fps, attributes, cfg.oracle)[0] if cfg.oracle_metrics else {}
     window_frames = frames_for(cfg.oracle.window_seconds, video.fps, video.frames.shape[0])
     curves = {f"{name}/{series}": window_means(values, window_frames)
               for name, m in metrics.items() for series, values in m.per_frame.items()
