@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
 
-from streamgen.config import Preset, get_preset
+from streamgen.config import ModelConfig, Preset, get_preset
+from streamgen.engine.engine import Engine, EngineConfig
+from streamgen.model.text import HashTokenEncoder, TextEncoder
+from streamgen.model.transformer import CausalWanTransformer
+from streamgen.model.vae import CausalVideoVAE
+
+
+def seeded_tiny_model(model_cfg: ModelConfig | None = None, *, seed: int | None = 0,
+                      scale: float = 0.1) -> CausalWanTransformer:
+    """The test preset's transformer (or ``model_cfg``'s) with seeded random weights, every parameter
+    perturbed by ``scale * N(0, 1)``: the zero-initialised head would otherwise make every output pure
+    noise and every comparison trivially pass. ``seed=None`` draws from the global generator as it
+    stands (``_deterministic`` seeds it with 0 at each test's start)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = CausalWanTransformer(model_cfg or get_preset("test").model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+def make_tiny_engine(preset: Preset | None = None, model: CausalWanTransformer | None = None,
+                     **config: Any) -> Engine:
+    """An fp32 engine over :func:`seeded_tiny_model` (seed 0), the random-init VAE and the hash text
+    encoder, so two engines built alike produce identical frames; ``config`` overrides
+    :class:`EngineConfig` fields (a 4 MiB KV pool unless given)."""
+    preset = preset or get_preset("test")
+    model = model if model is not None else seeded_tiny_model(preset.model)
+    vae = CausalVideoVAE(preset.vae)  # after the model: its init draws from the same global generator
+    text = TextEncoder(preset.model.text_max_tokens, token_encoder=HashTokenEncoder())
+    engine_cfg = EngineConfig(**{"kv_memory_bytes": 2**22, **config})
+    return Engine(preset, model, vae, text, engine_cfg, dtype=torch.float32)
 
 
 @pytest.fixture(autouse=True)
@@ -18,6 +51,18 @@ def _deterministic() -> None:
 @pytest.fixture
 def test_preset() -> Preset:
     return get_preset("test")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[..., CausalWanTransformer]:
+    """:func:`seeded_tiny_model`, the one "seeded tiny model with a perturbed head" of the suite."""
+    return seeded_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_engine() -> Callable[..., Engine]:
+    """:func:`make_tiny_engine`: an engine over the seeded tiny model."""
+    return make_tiny_engine
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,19 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.max_frames must be > 0 or None, got {self.max_frames}")
 
 
+def kv_admit(kv: PagedKVCacheManager, session_id: str, worst_case_frames: int) -> Admission:
+    """Admission over ``kv`` for the scheduler: reserve a session's worst case, or say why not.
+
+    NEVER when the session needs more blocks than the whole pool holds (refused at once), WAIT
+    when the pool is only short right now, decided from the block counts, never from the message.
+    """
+    result = kv.admit(session_id, worst_case_frames)
+    if result.admitted:
+        return Admission(AdmissionDecision.ADMIT)
+    never = result.blocks_needed > kv.pool.num_usable_blocks
+    return Admission(AdmissionDecision.NEVER if never else AdmissionDecision.WAIT, result.reason)
+
+
 class Engine:
     def __init__(self, preset: Preset, model: CausalWanTransformer, vae: CausalVideoVAE, text: TextEncoder,
                  config: EngineConfig = EngineConfig(), *, dtype: torch.dtype = torch.bfloat16,
@@ -92,11 +105,7 @@ class Engine:
 
     # ------------------------------------------------------------------ API
     def _admit(self, session_id: str, worst_case_frames: int) -> Admission:
-        result = self.kv.admit(session_id, worst_case_frames)
-        if result.admitted:
-            return Admission(AdmissionDecision.ADMIT)
-        never = result.blocks_needed > self.kv.pool.num_usable_blocks
-        return Admission(AdmissionDecision.NEVER if never else AdmissionDecision.WAIT, result.reason)
+        return kv_admit(self.kv, session_id, worst_case_frames)
 
     def validate(self, request: GenerationRequest) -> None:
         request.validate(self.config.max_prompt_chars, self.config.max_frames)

@@ -15,6 +15,7 @@ session batched with others produces the frames it would produce alone.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,6 +67,10 @@ class ModelRunner:
         self.vae_dtype = next(vae.parameters()).dtype
         self.step = ChunkStep(preset.sampler, dtype)
         self.states: dict[str, SessionTensors] = {}
+        # Called with each committed chunk's item and clean latents [1, C, F, h, w] (an image start's
+        # latent included), after the runner stored them: a seam for recording a session's latents
+        # (equivalence tests, latent capture) that needs no patching of private methods.
+        self.commit_listeners: list[Callable[[WorkItem, torch.Tensor], None]] = []
 
     # ------------------------------------------------------------------ sessions
     @torch.no_grad()
@@ -182,6 +187,8 @@ class ModelRunner:
         """
         for item, x0 in zip(items, latents, strict=True):
             self._remember(item, x0)
+            for listener in self.commit_listeners:
+                listener(item, x0)
         states = [self.states[it.session_id].decoder for it in items]
         start = time.perf_counter()
         z = self.vae.from_diffusion(torch.cat(latents).to(self.vae_dtype))  # [B, C, F, h, w]

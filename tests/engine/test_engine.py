@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
 
 from streamgen.config import Preset, get_preset
-from streamgen.engine.engine import Engine, EngineConfig
+from streamgen.engine.engine import Engine
 from streamgen.engine.request import FinishReason, GenerationRequest
 from streamgen.generate import generate_latents
 from streamgen.model.masks import frame_visibility
-from streamgen.model.text import HashTokenEncoder, TextEncoder
-from streamgen.model.transformer import CausalWanTransformer
-from streamgen.model.vae import CausalVideoVAE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,41 +26,27 @@ def _preset() -> Preset:
     return dataclasses.replace(base, cache=CacheConfig(window_frames=6, sink_frames=3))
 
 
-def _engine(preset: Preset, **config: object) -> Engine:
-    torch.manual_seed(0)
-    model = CausalWanTransformer(preset.model)
-    with torch.no_grad():  # the zero-initialised head would make every session output pure noise
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    vae = CausalVideoVAE(preset.vae)
-    text = TextEncoder(preset.model.text_max_tokens, token_encoder=HashTokenEncoder())
-    cfg = EngineConfig(kv_memory_bytes=2**22, **config)  # type: ignore[arg-type]
-    return Engine(preset, model, vae, text, cfg, dtype=torch.float32)
+MakeEngine = Callable[..., Engine]  # the tiny_engine fixture (tests/conftest.py)
 
 
 def _capture_latents(engine: Engine) -> dict[str, list[torch.Tensor]]:
-    """Record every committed clean chunk per session (wraps the runner's commit hook)."""
+    """Record every committed clean chunk per session (through the runner's commit listeners)."""
     seen: dict[str, list[torch.Tensor]] = {}
-    original = engine.runner._remember
-
-    def hook(item, x0):  # type: ignore[no-untyped-def]
-        seen.setdefault(item.session_id, []).append(x0.clone())
-        return original(item, x0)
-
-    engine.runner._remember = hook  # type: ignore[method-assign]
+    engine.runner.commit_listeners.append(
+        lambda item, x0: seen.setdefault(item.session_id, []).append(x0.clone()))
     return seen
 
 
-def test_batched_equals_alone_equals_offline() -> None:
+def test_batched_equals_alone_equals_offline(tiny_engine: MakeEngine) -> None:
     preset = _preset()
     target = GenerationRequest("a glossy red bottle", seed=7, num_frames=8 * 4)
 
-    alone = _engine(preset)
+    alone = tiny_engine(preset)
     alone_latents = _capture_latents(alone)
     sid = alone.add_request(target, "target")
     alone_frames = np.concatenate([c.frames for c in alone.run_until_done()[sid]])
 
-    batched = _engine(preset)
+    batched = tiny_engine(preset)
     batched_latents = _capture_latents(batched)
     batched.add_request(GenerationRequest("a blue mug", seed=1, num_frames=60), "early")
     for _ in range(7):  # the others start earlier: different steps and context lengths
@@ -110,9 +95,9 @@ def _stored_keys(engine: Engine, sid: str, frame: int, layer: int) -> torch.Tens
     return k_pool[block, offset:offset + engine.preset.tokens_per_frame]
 
 
-def test_prompt_switch_recaches_resident_frames_and_continues() -> None:
+def test_prompt_switch_recaches_resident_frames_and_continues(tiny_engine: MakeEngine) -> None:
     preset = _preset()
-    engine = _engine(preset)
+    engine = tiny_engine(preset)
     latents = _capture_latents(engine)
     sid = engine.add_request(GenerationRequest("a red bottle", seed=4, num_frames=4 * 18), "s")
     while sum(x.shape[2] for x in latents.get(sid, [])) < 12:  # four chunks committed
@@ -142,9 +127,9 @@ def test_prompt_switch_recaches_resident_frames_and_continues() -> None:
     assert sum(len(c.frames) for c in outputs[sid]) == 4 * 18 - 48
 
 
-def test_image_start_writes_image_latent_as_clean_frame_zero() -> None:
+def test_image_start_writes_image_latent_as_clean_frame_zero(tiny_engine: MakeEngine) -> None:
     preset = _preset()
-    engine = _engine(preset)
+    engine = tiny_engine(preset)
     channels = preset.vae.latent_channels
     # Non-trivial latent normalisation: the cache must hold the *normalised* image latent and the
     # decoder must see it mapped back, as with a trained VAE.
@@ -171,9 +156,9 @@ def test_image_start_writes_image_latent_as_clean_frame_zero() -> None:
     assert rest[-1].finish_reason is FinishReason.COMPLETED
 
 
-def test_bad_input_is_rejected_and_others_keep_streaming() -> None:
+def test_bad_input_is_rejected_and_others_keep_streaming(tiny_engine: MakeEngine) -> None:
     preset = _preset()
-    engine = _engine(preset, max_prompt_chars=40, max_frames=100)
+    engine = tiny_engine(preset, max_prompt_chars=40, max_frames=100)
     good = engine.add_request(GenerationRequest("a can", seed=1, num_frames=24), "good")
     bad = [
         (GenerationRequest(""), "non-empty"),
@@ -196,10 +181,10 @@ def test_bad_input_is_rejected_and_others_keep_streaming() -> None:
     assert sum(len(c.frames) for c in out[good]) == 24
 
 
-def test_pool_exhausted_queues_then_rejects_with_reason() -> None:
+def test_pool_exhausted_queues_then_rejects_with_reason(tiny_engine: MakeEngine) -> None:
     preset = _preset()
     now = [0.0]
-    engine = _engine(preset, max_queue_wait_s=5.0)
+    engine = tiny_engine(preset, max_queue_wait_s=5.0)
     engine.clock = lambda: now[0]
     engine.scheduler.sessions.clear()
     # Shrink the pool so exactly one session fits.

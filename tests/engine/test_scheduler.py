@@ -1,12 +1,23 @@
-"""Scheduler alone (no tensors): pacing by a chunk's last frame, the queue deadline whatever the slot
-state, typed admission decisions."""
+"""Scheduler alone (no model): pacing by a chunk's last frame, the queue deadline whatever the slot
+state, typed admission decisions; over a block manager, admission, window eviction and prompt re-cache
+with exact block ids."""
 
 from __future__ import annotations
 
+from functools import partial
+
+import torch
+
+from streamgen.attention import get_backend
+from streamgen.cache.block_pool import BlockPool, KVPageSpec
+from streamgen.cache.paged import PagedKVCacheManager
+from streamgen.config import CacheConfig
+from streamgen.engine.engine import kv_admit
 from streamgen.engine.request import FinishReason
 from streamgen.engine.scheduler import (
     Admission,
     AdmissionDecision,
+    ForwardBatch,
     Scheduler,
     SchedulerConfig,
     SessionProgress,
@@ -94,3 +105,116 @@ def test_admission_decisions_are_typed_never_is_refused_at_once() -> None:
     assert scheduler.schedule(4.9).rejected == ()
     assert scheduler.schedule(5.0).rejected == ("short",)
     assert scheduler.get("short").error == "not admitted within 5 s: pool exhausted: 3 of 8 blocks unreserved"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The scheduler over a real block manager: admission, window eviction and prompt re-cache, asserting
+# exact block ids. No model runs: a 1-layer pool of 1-token pages stands in for the KV cache, and a
+# committing forward "writes" its one layer with zeros (the manager refuses to commit an unwritten
+# layer). Window 6 incl. 3 sinks, chunks of 3, one frame per page, so a running session holds at most
+# 9 pages (3 sinks + 3 recent + the chunk being generated).
+
+WINDOW = CacheConfig(window_frames=6, sink_frames=3)
+
+
+def _kv(num_usable_blocks: int) -> PagedKVCacheManager:
+    spec = KVPageSpec(num_layers=1, num_heads=1, head_dim=1, block_size_tokens=1)
+    return PagedKVCacheManager(BlockPool(spec, num_usable_blocks + 1), WINDOW, tokens_per_frame=1,
+                               backend=get_backend("sdpa"))
+
+
+def _progress(sid: str, num_frames: int | None, worst_case_frames: int = 9) -> SessionProgress:
+    return SessionProgress(sid, num_frames, worst_case_frames=worst_case_frames, fps=16.0,
+                           pixel_frames_per_latent=PIXELS_PER_LATENT, arrival_s=0.0)
+
+
+def _execute(kv: PagedKVCacheManager, batch: ForwardBatch) -> None:
+    """What the runner does to the cache for one batch, without the model."""
+    ids = [it.session_id for it in batch.items]
+    if batch.kind is WorkKind.RECACHE:
+        frames = kv.resident_frames(ids[0])
+        view = kv.begin_rewrite(ids[0], frames, torch.ones(len(frames), len(frames), dtype=torch.bool))
+        view.finish()
+        return
+    commit = batch.kind is not WorkKind.DENOISE
+    with kv.begin_forward(ids, batch.num_frames, commit=commit) as view:
+        if commit:
+            kv_new = torch.zeros(len(ids), batch.num_frames, 1, 1)  # [B, L, H, D]
+            view.attend(0, kv_new, kv_new, kv_new)
+
+
+def _round(scheduler: Scheduler, kv: PagedKVCacheManager, now_s: float = 0.0) -> list[tuple[str, str, int]]:
+    """One scheduling round run to completion: (kind, session, start frame) of every item, in order.
+    A finished session's pages go back to the pool, as the engine's release does."""
+    ran = []
+    for batch in scheduler.schedule(now_s).batches:
+        _execute(kv, batch)
+        for item in batch.items:
+            ran.append((item.kind.value, item.session_id, item.start_frame))
+            if scheduler.update(item):
+                kv.free(item.session_id)
+    return ran
+
+
+def _run_chunk(scheduler: Scheduler, kv: PagedKVCacheManager) -> list[tuple[str, str, int]]:
+    """Rounds until every running session committed one chunk (2 denoise steps + 1 commit)."""
+    return [entry for _ in range(3) for entry in _round(scheduler, kv)]
+
+
+def test_admission_reserves_worst_case_blocks_and_never_fits_is_refused_at_once() -> None:
+    kv = _kv(num_usable_blocks=12)
+    scheduler = Scheduler(SchedulerConfig(num_steps=2, chunk_frames=3, max_running=4), partial(kv_admit, kv))
+    assert kv.worst_case_frames(3) == 9
+    scheduler.add(_progress("a", 12))
+    scheduler.add(_progress("b", 3))             # 9 more blocks: only 3 unreserved while "a" runs
+    scheduler.add(_progress("huge", None, worst_case_frames=13))  # more than the whole pool
+    out = scheduler.schedule(0.0)
+    assert out.admitted == ("a",) and out.rejected == ()
+    assert scheduler.get("b").status is Status.WAITING and kv.num_available_blocks == 3
+    # FIFO: "huge" is behind "b", so it is only looked at once "b" is admitted.
+    for _ in range(4):
+        _run_chunk(scheduler, kv)
+    assert scheduler.get("a").status is Status.FINISHED and kv.session_ids == []
+    out = scheduler.schedule(0.0)
+    assert out.admitted == ("b",) and out.rejected == ("huge",)
+    assert scheduler.get("huge").error is not None and "more than the whole pool" in scheduler.get("huge").error
+    assert kv.num_available_blocks == 3
+
+
+def test_window_eviction_frees_exact_blocks_and_reuses_them() -> None:
+    kv = _kv(num_usable_blocks=18)
+    scheduler = Scheduler(SchedulerConfig(num_steps=2, chunk_frames=3, max_running=4), partial(kv_admit, kv))
+    scheduler.add(_progress("a", 12))
+    scheduler.add(_progress("b", None))
+    # Both sessions' chunk 0 is one batched forward: pages are handed out session by session.
+    assert _run_chunk(scheduler, kv) == [("denoise", "a", 0), ("denoise", "b", 0)] * 2 + [
+        ("commit", "a", 0), ("commit", "b", 0)]
+    assert kv.block_ids("a") == [1, 2, 3] and kv.block_ids("b") == [4, 5, 6]
+    _run_chunk(scheduler, kv)  # frames 3-5: the denoising scratch pages 7-12 came back first
+    assert kv.block_ids("a") == [1, 2, 3, 7, 8, 9] and kv.block_ids("b") == [4, 5, 6, 10, 11, 12]
+    _run_chunk(scheduler, kv)  # frames 6-8: frames 3-5 leave the window, their pages are freed
+    assert kv.resident_frames("a") == [0, 1, 2, 6, 7, 8]
+    assert kv.block_ids("a") == [1, 2, 3, 13, 14, 15] and kv.block_ids("b") == [4, 5, 6, 16, 17, 18]
+    assert kv.pool.num_free_blocks == 6
+    _run_chunk(scheduler, kv)  # frames 9-11 reuse the evicted pages, in the order they were freed
+    assert kv.resident_frames("b") == [0, 1, 2, 9, 10, 11]
+    assert kv.block_ids("b") == [4, 5, 6, 10, 11, 12]
+    # "a" completed its 12 frames with that chunk and gave back all of its pages.
+    assert scheduler.get("a").status is Status.FINISHED and kv.session_ids == ["b"]
+    assert kv.pool.num_free_blocks == 18 - 6
+
+
+def test_prompt_recache_rewrites_resident_frames_in_place_then_continues() -> None:
+    kv = _kv(num_usable_blocks=9)
+    scheduler = Scheduler(SchedulerConfig(num_steps=2, chunk_frames=3, max_running=1), partial(kv_admit, kv))
+    scheduler.add(_progress("a", None))
+    for _ in range(3):
+        _run_chunk(scheduler, kv)
+    before = kv.block_ids("a")
+    scheduler.request_recache("a")
+    # At the chunk boundary the re-cache runs first (over the committed frames, its own forward),
+    # then the next chunk starts where the stream left off.
+    assert _round(scheduler, kv) == [("recache", "a", 0)]
+    assert kv.block_ids("a") == before and kv.pool.num_free_blocks == 3
+    assert _run_chunk(scheduler, kv) == [("denoise", "a", 9), ("denoise", "a", 9), ("commit", "a", 9)]
+    assert kv.resident_frames("a") == [0, 1, 2, 9, 10, 11]

@@ -4,6 +4,7 @@ are errors naming what to use."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -13,17 +14,11 @@ from streamgen.config import Preset
 from streamgen.model.quantize import check_quantize, quantize_transformer
 from streamgen.model.transformer import CausalWanTransformer
 
-
-def _seeded_model(preset: Preset) -> CausalWanTransformer:
-    model = CausalWanTransformer(preset.model).eval()
-    with torch.no_grad():  # a non-zero head, so the output is not identically zero
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+MakeModel = Callable[..., CausalWanTransformer]  # the tiny_model fixture (tests/conftest.py)
 
 
-def test_int8_blocks_track_the_float_model(test_preset: Preset) -> None:
-    model = _seeded_model(test_preset)
+def test_int8_blocks_track_the_float_model(test_preset: Preset, tiny_model: MakeModel) -> None:
+    model = tiny_model(test_preset.model, seed=None, scale=0.05)
     quantized = quantize_transformer(copy.deepcopy(model), "int8")
     block_linears = [m for m in quantized.blocks.modules() if type(m) is nn.Linear]
     assert block_linears == []  # every block linear converted
@@ -40,8 +35,8 @@ def test_int8_blocks_track_the_float_model(test_preset: Preset) -> None:
     assert 0 < rel < 0.05, rel
 
 
-def test_none_is_the_identity(test_preset: Preset) -> None:
-    model = _seeded_model(test_preset)
+def test_none_is_the_identity(test_preset: Preset, tiny_model: MakeModel) -> None:
+    model = tiny_model(test_preset.model, seed=None, scale=0.05)
     assert quantize_transformer(model, "none") is model
     assert any(type(m) is nn.Linear for m in model.blocks.modules())
 

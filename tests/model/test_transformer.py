@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from streamgen.cache.contiguous import ContiguousKVCache
 from streamgen.config import CacheConfig, ModelConfig, get_preset
 from streamgen.model.masks import block_causal_mask, frame_visibility
 from streamgen.model.transformer import CausalWanTransformer
+
+MakeModel = Callable[..., CausalWanTransformer]  # the tiny_model fixture (tests/conftest.py)
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (dev extra) is needed for the parity test")
 
@@ -35,14 +38,6 @@ def _random_diffusers(cfg: ModelConfig) -> torch.nn.Module:
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     return ref
-
-
-def _model(cfg: ModelConfig) -> CausalWanTransformer:
-    model = CausalWanTransformer(cfg).eval()
-    with torch.no_grad():  # the zero-initialised head would make every comparison trivially pass
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -75,9 +70,9 @@ def test_per_frame_timesteps_match_diffusers_per_token() -> None:
     assert (expected - got).abs().max() <= 1e-4
 
 
-def _chunked_vs_masked(cfg: ModelConfig, num_frames: int, chunk: int, policy: CacheConfig) -> float:
-    torch.manual_seed(1)
-    model = _model(cfg)
+def _chunked_vs_masked(tiny_model: MakeModel, cfg: ModelConfig, num_frames: int, chunk: int,
+                       policy: CacheConfig) -> float:
+    model = tiny_model(cfg, seed=1)
     batch, h, w = 2, 4, 4
     tokens_per_frame = (h // 2) * (w // 2)
     x = torch.randn(batch, cfg.latent_channels, num_frames, h, w)
@@ -100,23 +95,24 @@ def _chunked_vs_masked(cfg: ModelConfig, num_frames: int, chunk: int, policy: Ca
 
 
 @pytest.mark.parametrize("num_frames,chunk", [(3, 3), (6, 3), (12, 3), (7, 3), (8, 2)])
-def test_chunked_cache_equals_block_causal_mask(num_frames: int, chunk: int) -> None:
-    assert _chunked_vs_masked(CONFIGS["test"], num_frames, chunk, CacheConfig()) <= 1e-4
+def test_chunked_cache_equals_block_causal_mask(tiny_model: MakeModel, num_frames: int, chunk: int) -> None:
+    assert _chunked_vs_masked(tiny_model, CONFIGS["test"], num_frames, chunk, CacheConfig()) <= 1e-4
 
 
 @pytest.mark.parametrize("window,sink,chunk,num_frames", [(6, 0, 3, 30), (6, 3, 3, 60), (7, 2, 2, 41), (4, 1, 3, 25)])
-def test_rolling_window_with_sinks_equals_window_mask(window: int, sink: int, chunk: int, num_frames: int) -> None:
+def test_rolling_window_with_sinks_equals_window_mask(tiny_model: MakeModel, window: int, sink: int, chunk: int,
+                                                     num_frames: int) -> None:
     policy = CacheConfig(window_frames=window, sink_frames=sink)
-    assert _chunked_vs_masked(CONFIGS["test"], num_frames, chunk, policy) <= 1e-4
+    assert _chunked_vs_masked(tiny_model, CONFIGS["test"], num_frames, chunk, policy) <= 1e-4
 
 
-def test_window_mask_really_limits_attention() -> None:
+def test_window_mask_really_limits_attention(tiny_model: MakeModel) -> None:
     """Guard against a vacuous window: exact visibility, and a different output than no window."""
     vis = frame_visibility(12, 3, window_frames=6, sink_frames=3)
     assert vis[11].tolist() == [True] * 3 + [False] * 6 + [True] * 3
     assert vis[4].tolist() == [True] * 6 + [False] * 6
     cfg = CONFIGS["test"]
-    model = _model(cfg)
+    model = tiny_model(cfg, seed=None)
     x = torch.randn(1, cfg.latent_channels, 12, 4, 4)
     ctx = model.encode_text(torch.randn(1, cfg.text_max_tokens, cfg.text_dim))
     with torch.no_grad():
@@ -126,10 +122,10 @@ def test_window_mask_really_limits_attention() -> None:
     assert (full[:, :, 9:] - windowed[:, :, 9:]).abs().max() > 1e-3
 
 
-def test_block_causal_is_causal() -> None:
+def test_block_causal_is_causal(tiny_model: MakeModel) -> None:
     """Changing a later chunk never changes earlier chunks' outputs; it does change its own."""
     cfg = CONFIGS["test"]
-    model = _model(cfg)
+    model = tiny_model(cfg, seed=None)
     x = torch.randn(1, cfg.latent_channels, 6, 4, 4)
     ctx = model.encode_text(torch.randn(1, cfg.text_max_tokens, cfg.text_dim))
     mask = block_causal_mask(6, 4, 3)
@@ -142,10 +138,10 @@ def test_block_causal_is_causal() -> None:
     assert (a[:, :, 3:] - b[:, :, 3:]).abs().max() > 1e-3
 
 
-def test_rope_has_no_maximum_position() -> None:
+def test_rope_has_no_maximum_position(tiny_model: MakeModel) -> None:
     """Absolute frame positions far beyond any table still work and change the output."""
     cfg = CONFIGS["test"]
-    model = _model(cfg)
+    model = tiny_model(cfg, seed=None)
     x = torch.randn(1, cfg.latent_channels, 3, 4, 4)
     ctx = model.encode_text(torch.randn(1, cfg.text_max_tokens, cfg.text_dim))
     policy = CacheConfig()

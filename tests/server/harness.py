@@ -21,16 +21,13 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import numpy as np
-import torch
 
 from streamgen.config import Preset, get_preset
-from streamgen.engine.engine import AsyncEngine, Engine, EngineConfig
+from streamgen.engine.engine import AsyncEngine, Engine
 from streamgen.engine.request import GenerationRequest
-from streamgen.model.text import HashTokenEncoder, TextEncoder
-from streamgen.model.transformer import CausalWanTransformer
-from streamgen.model.vae import CausalVideoVAE
 from streamgen.server.app import StreamGenServer
 from streamgen.server.config import ServerConfig
+from tests.conftest import make_tiny_engine
 
 T = TypeVar("T")
 PRESET: Preset = get_preset("test")
@@ -39,16 +36,8 @@ PRESET: Preset = get_preset("test")
 def make_engine(**config: Any) -> Engine:
     """The test preset with seeded random weights (the zero-initialised head perturbed, so frames carry
     texture instead of flat grey); float32 so two engines built alike produce identical frames."""
-    torch.manual_seed(0)
-    model = CausalWanTransformer(PRESET.model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    vae = CausalVideoVAE(PRESET.vae)
-    text = TextEncoder(PRESET.model.text_max_tokens, token_encoder=HashTokenEncoder())
-    defaults: dict[str, Any] = {"kv_memory_bytes": 2**22, "max_frames": 96, "unbounded_max_frames": 96}
-    defaults.update(config)
-    return Engine(PRESET, model, vae, text, EngineConfig(**defaults), dtype=torch.float32)
+    defaults: dict[str, Any] = {"max_frames": 96, "unbounded_max_frames": 96}
+    return make_tiny_engine(PRESET, **{**defaults, **config})
 
 
 def reference_frames(prompt: str, seed: int, num_frames: int) -> np.ndarray:

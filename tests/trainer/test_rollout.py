@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -10,13 +11,11 @@ import torch
 from torch import nn
 
 from streamgen.config import CacheConfig, Preset, get_preset
-from streamgen.engine.engine import Engine, EngineConfig
+from streamgen.engine.engine import Engine
 from streamgen.engine.request import GenerationRequest
 from streamgen.generate import generate_latents
 from streamgen.model.sampler import x0_from_velocity
-from streamgen.model.text import HashTokenEncoder, TextEncoder
 from streamgen.model.transformer import CausalWanTransformer
-from streamgen.model.vae import CausalVideoVAE
 from trainer.rollout import ContextSource, last_frames_span, rollout, sample_exit_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -28,42 +27,29 @@ def _preset(context_timestep: float = 0.0) -> Preset:
                                sampler=dataclasses.replace(base.sampler, context_timestep=context_timestep))
 
 
-def _model(preset: Preset) -> CausalWanTransformer:
-    torch.manual_seed(0)
-    model = CausalWanTransformer(preset.model)
-    with torch.no_grad():  # the zero-initialised head would make every output pure noise
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+MakeModel = Callable[..., CausalWanTransformer]  # the tiny_model / tiny_engine fixtures (tests/conftest.py)
+MakeEngine = Callable[..., Engine]
 
 
 def _capture_committed(engine: Engine) -> list[torch.Tensor]:
-    """Record every clean chunk the engine commits (the same seam as tests/engine/test_engine.py)."""
+    """Record every clean chunk the engine commits (the runner's commit listeners, as in tests/engine)."""
     seen: list[torch.Tensor] = []
-    runner = engine.runner
-    name = "_remember" if hasattr(runner, "_remember") else "_after_commit"
-    original = getattr(runner, name)
-
-    def hook(item: Any, x0: torch.Tensor, *rest: Any) -> Any:
-        seen.append(x0.clone())
-        return original(item, x0, *rest)
-
-    setattr(runner, name, hook)
+    engine.runner.commit_listeners.append(lambda item, x0: seen.append(x0.clone()))
     return seen
 
 
 @pytest.mark.parametrize("context_timestep", [0.0, 40.0])
-def test_no_grad_rollout_equals_engine_and_generate_latents(context_timestep: float) -> None:
+def test_no_grad_rollout_equals_engine_and_generate_latents(tiny_model: MakeModel, tiny_engine: MakeEngine,
+                                                            context_timestep: float) -> None:
     """Exit at the last step under no_grad = inference: same latents as the paged-cache engine (batched
     serving path, its per-session generator) and as ``generate_latents``, for 10 latent frames through a
     rolling window of 6 incl. 3 sinks (so eviction happens), fp32, tolerance 1e-5."""
     preset = _preset(context_timestep)
-    model = _model(preset)
-    text = TextEncoder(preset.model.text_max_tokens, token_encoder=HashTokenEncoder())
+    model = tiny_model(preset.model)
     prompt, seed, num_latent = "a glossy red bottle turning", 7, 10
 
-    engine = Engine(preset, model, CausalVideoVAE(preset.vae), text, EngineConfig(kv_memory_bytes=2**22),
-                    dtype=torch.float32)
+    engine = tiny_engine(preset, model)
+    text = engine.runner.text
     seen = _capture_committed(engine)
     engine.add_request(GenerationRequest(prompt, seed=seed, num_frames=num_latent * 4), "s")
     engine.run_until_done()
@@ -118,13 +104,13 @@ def _replay_exit_forward(model: CausalWanTransformer, preset: Preset, call: dict
 
 
 @pytest.mark.parametrize("exit_step", [1, 3])
-def test_gradient_flows_only_through_exit_forwards(exit_step: int) -> None:
+def test_gradient_flows_only_through_exit_forwards(tiny_model: MakeModel, exit_step: int) -> None:
     """Per chunk: 4 denoise forwards up to the exit step, one cache refresh. Only the exit forward of a chunk
     inside ``grad_span`` builds a graph; the loss's parameter gradient equals the sum of gradients of those
     exit forwards recomputed alone against the detached cache (so nothing leaks through the cache, the
     earlier steps or the refresh)."""
     preset = _preset(context_timestep=40.0)
-    model = _model(preset)
+    model = tiny_model(preset.model)
     recorder = _Recorder(model)
     emb = torch.randn(2, preset.model.text_max_tokens, preset.model.text_dim)
     with torch.no_grad():
@@ -159,11 +145,11 @@ def test_gradient_flows_only_through_exit_forwards(exit_step: int) -> None:
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_context_source_replaces_what_the_cache_holds() -> None:
+def test_context_source_replaces_what_the_cache_holds(tiny_model: MakeModel) -> None:
     """Teacher forcing: with the ground truth written into the cache, chunk k depends on the ground truth of
     chunks < k, not on the student's own earlier chunks; the first chunk is unaffected."""
     preset = _preset()
-    model = _model(preset)
+    model = tiny_model(preset.model)
     emb = torch.randn(1, preset.model.text_max_tokens, preset.model.text_dim)
     gt = torch.randn(1, 4, 6, 4, 4)
     with torch.no_grad():
