@@ -35,11 +35,9 @@ def test_latent_dataset_is_normalised_and_complete(tiny_latents: Path, tiny_vae_
                                                                            "num_clips": 13}))
 
 
-def test_resume_is_bit_exact(tmp_path: Path, tiny_vae_checkpoint: Path, tiny_latents: Path,
-                             monkeypatch: pytest.MonkeyPatch) -> None:
-    full = teacher_stage.train(tiny_teacher_config(tmp_path / "full", tiny_vae_checkpoint, tiny_latents),
-                               export=False)
-    cfg = tiny_teacher_config(tmp_path / "killed", tiny_vae_checkpoint, tiny_latents)
+def assert_kill_and_resume_is_bit_exact(cfg: teacher_stage.TeacherTrainConfig, full: teacher_stage.TeacherResult,
+                                        full_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kill ``cfg``'s run at step 4 (an interrupt inside the 5th loss), resume it, and compare with ``full``."""
     real, calls = teacher_stage.F.mse_loss, [0]
 
     def killed_at_step_4(*args: object, **kwargs: object) -> torch.Tensor:
@@ -54,8 +52,16 @@ def test_resume_is_bit_exact(tmp_path: Path, tiny_vae_checkpoint: Path, tiny_lat
     monkeypatch.setattr(teacher_stage.F, "mse_loss", real)
     resumed = teacher_stage.train(cfg, resume=True, export=False)
     assert resumed.losses == full.losses[3:]
-    a, b = final_weights(cfg.run.run_dir), final_weights(tmp_path / "full" / "runs" / "teacher")
+    a, b = final_weights(cfg.run.run_dir), final_weights(full_root / "runs" / "teacher")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_bit_exact(tmp_path: Path, tiny_vae_checkpoint: Path, tiny_latents: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    full = teacher_stage.train(tiny_teacher_config(tmp_path / "full", tiny_vae_checkpoint, tiny_latents),
+                               export=False)
+    cfg = tiny_teacher_config(tmp_path / "killed", tiny_vae_checkpoint, tiny_latents)
+    assert_kill_and_resume_is_bit_exact(cfg, full, tmp_path / "full", monkeypatch)
 
 
 def test_teacher_timesteps_and_sampler() -> None:
@@ -178,22 +184,7 @@ def test_crop_training_resumes_bit_exactly(tmp_path: Path, tiny_vae_checkpoint: 
 
     full = teacher_stage.train(cfg_at(tmp_path / "full"), export=False)
     cfg = cfg_at(tmp_path / "killed")
-    real, calls = teacher_stage.F.mse_loss, [0]
-
-    def killed_at_step_4(*args: object, **kwargs: object) -> torch.Tensor:
-        calls[0] += 1
-        if calls[0] == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(teacher_stage.F, "mse_loss", killed_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        teacher_stage.train(cfg, export=False)
-    monkeypatch.setattr(teacher_stage.F, "mse_loss", real)
-    resumed = teacher_stage.train(cfg, resume=True, export=False)
-    assert resumed.losses == full.losses[3:]
-    a, b = final_weights(cfg.run.run_dir), final_weights(tmp_path / "full" / "runs" / "teacher")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_kill_and_resume_is_bit_exact(cfg, full, tmp_path / "full", monkeypatch)
 
 
 def test_precision_auto_is_resolved_printed_and_recorded(tmp_path: Path, tiny_vae_checkpoint: Path,
