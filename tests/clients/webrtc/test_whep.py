@@ -102,20 +102,22 @@ def test_whep_refuses_bad_offers_with_a_readable_body(gateway: GatewayHarness, b
     assert gateway.num_viewers() == 0
 
 
-def test_whep_on_a_full_gateway_is_a_503(server: ServerHarness) -> None:
-    async def offer() -> str:
-        player = WhepPlayer()
-        try:
-            return await player.offer()
-        finally:
-            await player.pc.close()
+async def _offer_sdp() -> str:
+    """An SDP offer from a throw-away player, for requests answered before any media flows."""
+    player = WhepPlayer()
+    try:
+        return await player.offer()
+    finally:
+        await player.pc.close()
 
+
+def test_whep_on_a_full_gateway_is_a_503(server: ServerHarness) -> None:
     full = GatewayHarness(server.address, max_viewers=1)
     try:
         watching = urllib.request.urlopen(full.url + "/live.ts", timeout=20)  # the one viewer allowed
         try:
             assert watching.read(188)[0] == 0x47
-            status, _, text = http("POST", full.url + "/whep", asyncio.run(offer()).encode())
+            status, _, text = http("POST", full.url + "/whep", asyncio.run(_offer_sdp()).encode())
             assert status == 503 and "the gateway is full (1 viewers)" in text
         finally:
             watching.close()
@@ -125,19 +127,12 @@ def test_whep_on_a_full_gateway_is_a_503(server: ServerHarness) -> None:
 
 
 def test_viewers_beyond_the_servers_limit_get_a_503_on_offer_and_whep(one_session_server: ServerHarness) -> None:
-    async def offer() -> str:
-        player = WhepPlayer()
-        try:
-            return await player.offer()
-        finally:
-            await player.pc.close()
-
     gateway = GatewayHarness(one_session_server.address)
     try:
         watching = urllib.request.urlopen(gateway.url + "/live.ts", timeout=20)  # the server's one session
         try:
             assert watching.read(188)[0] == 0x47
-            sdp = asyncio.run(offer())
+            sdp = asyncio.run(_offer_sdp())
             status, _, text = http("POST", gateway.url + "/whep", sdp.encode())
             assert status == 503 and "RESOURCE_EXHAUSTED: server busy" in text
             status, _, text = http("POST", gateway.url + "/offer", json.dumps({"sdp": sdp, "type": "offer"}).encode(),
@@ -152,16 +147,9 @@ def test_viewers_beyond_the_servers_limit_get_a_503_on_offer_and_whep(one_sessio
 
 
 def test_whep_with_the_server_down_is_a_502() -> None:
-    async def offer() -> str:
-        player = WhepPlayer()
-        try:
-            return await player.offer()
-        finally:
-            await player.pc.close()
-
     down = GatewayHarness(DOWN)
     try:
-        status, _, text = http("POST", down.url + "/whep", asyncio.run(offer()).encode())
+        status, _, text = http("POST", down.url + "/whep", asyncio.run(_offer_sdp()).encode())
         assert status == 502 and f"the streamgen server at {DOWN} is unreachable" in text
     finally:
         down.close()
@@ -200,14 +188,7 @@ def test_ice_server_flag_reaches_both_peers(server: ServerHarness, monkeypatch: 
     fields = {k: getattr(config, k) for k in ("ice_servers", "max_lag_ms", "peer_timeout_s")}
     gateway = GatewayHarness(server.address, **fields)
     try:
-        async def offer() -> str:
-            player = WhepPlayer()
-            try:
-                return await player.offer()
-            finally:
-                await player.pc.close()
-
-        status, headers, _ = http("POST", gateway.url + "/whep", asyncio.run(offer()).encode())
+        status, headers, _ = http("POST", gateway.url + "/whep", asyncio.run(_offer_sdp()).encode())
         assert status == 201
         servers = [{"urls": s.urls, **({"username": s.username, "credential": s.credential} if s.username else {})}
                    for s in given[0].iceServers]
