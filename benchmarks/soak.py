@@ -142,7 +142,9 @@ async def _one_call(channel: grpc.aio.Channel, rng: random.Random, tally: Tally)
             kind = response.WhichOneof("response")
             if kind == "chunk":
                 frames += response.chunk.frame_count
-                if switch:
+                # Not after the last frame: the server closes then, and a write racing the close makes
+                # grpc.aio replace the call's status with INTERNAL (clients/stream.py, _LOST_STATUS_DETAILS).
+                if switch and frames < num_frames:
                     await call.write(pb.GenerateRequest(prompt_update=pb.PromptUpdate(prompt=rng.choice(PROMPTS))))
                     switch = False
             elif kind == "ended":

@@ -319,36 +319,49 @@ class StreamClient:
         call = self._stub.Generate(metadata=self._metadata)
         trace.upstream = ""
         # Responses are read by their own task, as fast as they arrive, so the end of the stream is
-        # seen (and our side half-closed) even while the caller is still busy with earlier chunks;
-        # a write racing the end then fails locally instead of failing the whole call.
+        # seen (and our side half-closed) even while the caller is still busy with earlier chunks.
+        # A write (prompt switch, stop) can still race the server's close: grpc.aio then replaces the
+        # call's status with INTERNAL (_LOST_STATUS_DETAILS) and drops what was not read yet. So
+        # nothing is written once a bounded stream's last frame has arrived (the server closes right
+        # after it), and once StreamEnded, the server's last message, has been read a lost status says
+        # nothing about the stream, so it is not an error.
         inbox: asyncio.Queue[pb.GenerateResponse | StreamError | None] = asyncio.Queue()
         tasks: list[asyncio.Task[None]] = []
         pending = sorted(request.switches)
         fps = request.fps
         received = 0
+        ended = False
+        read = _Read(request.num_frames)
         try:
-            await call.write(request.to_proto())
-            tasks.append(asyncio.create_task(_read_all(call, inbox, trace)))
+            await _write_start(call, request.to_proto())
+            tasks.append(asyncio.create_task(_read_all(call, inbox, trace, read)))
             if stop is not None:
-                tasks.append(asyncio.create_task(_send_stop_when(stop, call)))
+                tasks.append(asyncio.create_task(_send_stop_when(stop, call, read)))
             while (response := await inbox.get()) is not None:
                 if isinstance(response, StreamError):
+                    if ended and _lost_status(response.code, response.message):
+                        return
                     raise response
                 kind = response.WhichOneof("response")
-                if kind == "started":
+                if kind == "ended":
+                    ended = True
+                elif kind == "started":
                     fps = response.started.fps
                 elif kind == "chunk":
                     received += response.chunk.frame_count
-                    while pending and fps and received >= pending[0].at_s * fps:
+                    while pending and fps and received >= pending[0].at_s * fps and not read.all_frames:
                         switch = pending.pop(0)
                         await _write_quietly(call, pb.GenerateRequest(
                             prompt_update=pb.PromptUpdate(prompt=switch.prompt)))
                 yield response
             code = await call.code()
             if code != grpc.StatusCode.OK:
-                raise StreamError(code, await call.details() or "")
+                details = await call.details() or ""
+                if not (ended and _lost_status(code, details)):
+                    raise StreamError(code, details)
         except grpc.aio.AioRpcError as exc:
-            raise StreamError(exc.code(), exc.details() or "") from None
+            if not (ended and _lost_status(exc.code(), exc.details() or "")):
+                raise StreamError(exc.code(), exc.details() or "") from None
         finally:
             for task in tasks:
                 task.cancel()
@@ -371,14 +384,29 @@ class StreamClient:
                 raise StreamEndedEarly(response.ended)
 
 
+@dataclass
+class _Read:
+    """What the reader task has received of one call (it runs ahead of the caller)."""
+
+    num_frames: int
+    frames: int = 0
+
+    @property
+    def all_frames(self) -> bool:
+        """A bounded stream's last frame arrived: the server closes the call now."""
+        return self.num_frames > 0 and self.frames >= self.num_frames
+
+
 async def _read_all(call: Any, inbox: asyncio.Queue[pb.GenerateResponse | StreamError | None],
-                    trace: StreamTrace) -> None:
+                    trace: StreamTrace, read: _Read) -> None:
     """Move every response into ``inbox``; half-close on StreamEnded; then None (or the error)."""
     try:
         # The balancer's header arrives with the response headers; a refusal sent as trailers only
         # carries it in the trailers.
         trace.upstream = _upstream_of(await call.initial_metadata())
         while (response := await call.read()) is not grpc.aio.EOF:
+            if response.WhichOneof("response") == "chunk":
+                read.frames += response.chunk.frame_count
             inbox.put_nowait(response)
             if response.WhichOneof("response") == "ended":
                 with contextlib.suppress(Exception):
@@ -398,14 +426,43 @@ def _upstream_of(metadata: Any) -> str:
     return ""
 
 
+# What grpc.aio reports for a write that found the call already closed by the peer; the peer's own
+# status is replaced by it (grpc/aio/_call.py: set_internal_error), so the real answer is lost.
+_LOST_STATUS_DETAILS = "Internal error from Core"
+
+
+def _lost_status(code: grpc.StatusCode, details: str) -> bool:
+    return code == grpc.StatusCode.INTERNAL and details == _LOST_STATUS_DETAILS
+
+
+async def _write_start(call: Any, message: pb.GenerateRequest) -> None:
+    """Send the start request. A balancer or server that answers before reading it (nginx with no
+    replica reachable answers in well under a millisecond, then resets the stream) can close the call
+    before the message is handed to the transport; grpc.aio then reports INTERNAL and loses the
+    status the peer sent. The request was never read, so nothing started: report it as UNAVAILABLE,
+    which :meth:`StreamClient.stream` retries like any refused start."""
+    try:
+        await call.write(message)
+    except asyncio.InvalidStateError:
+        return  # the call already ended with a status of its own: the reader reports it
+    except grpc.aio.AioRpcError as exc:
+        if _lost_status(exc.code(), exc.details() or ""):
+            raise StreamError(grpc.StatusCode.UNAVAILABLE,
+                              "the server closed the call before the start request could be sent "
+                              "(nothing started; its own status was lost in the client library)") from None
+        raise
+
+
 async def _write_quietly(call: Any, message: pb.GenerateRequest) -> None:
     # After our half-close (the stream ended) a write fails locally; the final status tells the rest.
     with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
         await call.write(message)
 
 
-async def _send_stop_when(stop: asyncio.Event, call: Any) -> None:
+async def _send_stop_when(stop: asyncio.Event, call: Any, read: _Read) -> None:
     await stop.wait()
+    if read.all_frames:
+        return  # the stream is ending by itself; a write now could only race its close
     await _write_quietly(call, pb.GenerateRequest(stop=pb.StopRequest()))
     with contextlib.suppress(Exception):  # the call may have ended meanwhile
         await call.done_writing()

@@ -11,6 +11,7 @@ import pytest
 
 from clients.stream import (
     NO_RETRY,
+    PromptSwitch,
     RetryPolicy,
     StreamClient,
     StreamError,
@@ -119,3 +120,151 @@ def test_a_stream_that_delivered_frames_is_not_retried() -> None:
             assert f"the stream was cut after {frames} frames" in error.message
     finally:
         harness.loop.call_soon_threadsafe(harness.loop.stop)
+
+
+# --- grpc.aio's lost status ---------------------------------------------------------------------------
+# When the peer closes a bidi call while a write is being handed to the transport, grpc.aio replaces the
+# peer's status with INTERNAL "Internal error from Core". The race is timing-bound (nginx answers a start
+# in well under a millisecond: tests/deploy/test_local_pool.py hits it about every other run), so these
+# tests script the call to behave exactly as grpc.aio does when it happens.
+
+_LOST = "Internal error from Core"
+
+
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+class _ScriptedCall:
+    """A Generate call: ``responses`` are read in order; writes after ``close_after_reads`` reads fail
+    the way grpc.aio fails them, and then the status is INTERNAL/_LOST."""
+
+    def __init__(self, responses: list[pb.GenerateResponse], *, fail_first_write: bool = False,
+                 close_after_reads: int | None = None) -> None:
+        self.responses = list(responses)
+        self.fail_first_write = fail_first_write
+        self.close_after_reads = close_after_reads
+        self.reads = 0
+        self.writes: list[pb.GenerateRequest] = []
+        self.lost = False
+
+    async def write(self, message: pb.GenerateRequest) -> None:
+        if self.fail_first_write or (self.close_after_reads is not None and self.reads >= self.close_after_reads):
+            self.lost = True
+            raise _rpc_error(grpc.StatusCode.INTERNAL, _LOST)
+        self.writes.append(message)
+
+    async def initial_metadata(self) -> grpc.aio.Metadata:
+        if self.lost:
+            raise _rpc_error(grpc.StatusCode.INTERNAL, _LOST)
+        return grpc.aio.Metadata()
+
+    async def read(self) -> object:
+        await asyncio.sleep(0)
+        if self.lost:
+            raise _rpc_error(grpc.StatusCode.INTERNAL, _LOST)
+        if not self.responses:
+            return grpc.aio.EOF
+        self.reads += 1
+        return self.responses.pop(0)
+
+    async def done_writing(self) -> None:
+        pass
+
+    async def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.INTERNAL if self.lost else grpc.StatusCode.OK
+
+    async def details(self) -> str:
+        return _LOST if self.lost else ""
+
+    def done(self) -> bool:
+        return self.lost or not self.responses
+
+    def cancel(self) -> bool:
+        return True
+
+
+class _ScriptedStub:
+    def __init__(self, calls: list[_ScriptedCall]) -> None:
+        self.calls = calls
+        self.made = 0
+
+    def Generate(self, **_: object) -> _ScriptedCall:  # noqa: N802 - the gRPC method's name
+        call = self.calls[self.made]
+        self.made += 1
+        return call
+
+
+def _ok_stream(frames: int) -> list[pb.GenerateResponse]:
+    return [pb.GenerateResponse(started=pb.StreamStarted(fps=16)),
+            pb.GenerateResponse(chunk=pb.FrameChunk(frame_count=frames)),
+            pb.GenerateResponse(ended=pb.StreamEnded(reason=pb.StreamEnded.REASON_COMPLETED, frames_sent=frames))]
+
+
+def _run_scripted(calls: list[_ScriptedCall], request: StreamRequest,
+                  retry: RetryPolicy) -> tuple[list[str], StreamTrace, StreamError | None, _ScriptedStub]:
+    async def go() -> tuple[list[str], StreamTrace, StreamError | None, _ScriptedStub]:
+        kinds: list[str] = []
+        trace = StreamTrace()
+        async with StreamClient("127.0.0.1:1", retry=retry) as client:
+            stub = _ScriptedStub(calls)
+            client._stub = stub  # type: ignore[assignment]
+            try:
+                async for response in client.stream(request, trace=trace):
+                    kinds.append(str(response.WhichOneof("response")))
+            except StreamError as exc:
+                return kinds, trace, exc, stub
+        return kinds, trace, None, stub
+    return asyncio.run(go())
+
+
+def test_a_start_closed_before_the_request_went_out_is_retried_and_reported_unavailable() -> None:
+    retry = RetryPolicy(max_attempts=3, initial_backoff_s=0.001, max_backoff_s=0.002)
+    # Lost once, then the stream runs: retried like a refusal, nothing of the first attempt delivered.
+    kinds, trace, error, stub = _run_scripted([_ScriptedCall([], fail_first_write=True), _ScriptedCall(_ok_stream(12))],
+                                              StreamRequest("a red mug", num_frames=12), retry)
+    assert error is None and kinds == ["started", "chunk", "ended"] and stub.made == 2
+    assert [r.code for r in trace.refusals] == [grpc.StatusCode.UNAVAILABLE]
+    assert "closed the call before the start request could be sent" in trace.refusals[0].message
+    # Lost every time: UNAVAILABLE after max_attempts calls, never INTERNAL.
+    kinds, trace, error, stub = _run_scripted([_ScriptedCall([], fail_first_write=True) for _ in range(3)],
+                                              StreamRequest("a red mug", num_frames=12), retry)
+    assert kinds == [] and stub.made == 3 and len(trace.refusals) == 2
+    assert error is not None and error.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_writes_that_could_race_the_end_are_not_sent_and_a_lost_status_after_the_end_is_not_an_error() -> None:
+    # Bounded stream, the switch falls due with its last chunk: the server is closing, nothing is written.
+    request = StreamRequest("a red mug", num_frames=12, switches=(PromptSwitch(0.5, "a blue mug"),))
+    call = _ScriptedCall(_ok_stream(12), close_after_reads=2)
+    kinds, _, error, _ = _run_scripted([call], request, NO_RETRY)
+    assert error is None and kinds == ["started", "chunk", "ended"]
+    assert not call.lost and [w.WhichOneof("request") for w in call.writes] == ["start"]
+    # Unbounded stream: the reader has already read StreamEnded when the switch is written (the caller
+    # is slow), the write loses the status: the stream still ended as the server said.
+    request = StreamRequest("a red mug", num_frames=0, switches=(PromptSwitch(1.0, "a blue mug"),))
+    responses = _ok_stream(12)[:2] + [
+        pb.GenerateResponse(chunk=pb.FrameChunk(frame_count=12)),  # the switch falls due with this one
+        pb.GenerateResponse(ended=pb.StreamEnded(reason=pb.StreamEnded.REASON_STOPPED, frames_sent=24))]
+    call = _ScriptedCall(responses, close_after_reads=4)
+
+    async def slow() -> tuple[list[str], StreamError | None]:
+        kinds: list[str] = []
+        async with StreamClient("127.0.0.1:1", retry=NO_RETRY) as client:
+            client._stub = _ScriptedStub([call])  # type: ignore[assignment]
+            try:
+                async for response in client.stream(request):
+                    kinds.append(str(response.WhichOneof("response")))
+                    await asyncio.sleep(0.05)  # the reader runs ahead
+            except StreamError as exc:
+                return kinds, exc
+        return kinds, None
+
+    kinds, error = asyncio.run(slow())
+    assert call.lost and error is None and kinds == ["started", "chunk", "chunk", "ended"]
+    # The same lost status before StreamEnded was read is a real failure, reported as one.
+    call = _ScriptedCall(_ok_stream(12)[:2] + [pb.GenerateResponse(chunk=pb.FrameChunk(frame_count=12))],
+                         close_after_reads=2)
+    kinds, _, error, _ = _run_scripted([call], request, NO_RETRY)
+    assert call.lost and error is not None and error.code == grpc.StatusCode.INTERNAL
+    assert "the stream was cut after 24 frames" in error.message

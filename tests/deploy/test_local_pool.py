@@ -201,6 +201,9 @@ def test_kill_9_ends_its_streams_quickly_the_balancer_skips_it_and_capacity_retu
     exited = pool.wait_event("replica_exited", 5, index=0)
     assert exited["exit_code"] == -signal.SIGKILL and exited["restarting"] is True
     pool.wait_event("replica_serving", READY_TIMEOUT_S, index=0)  # run.sh restarted it on its port
+    # nginx may have tried the port while the replica was still starting; such a failure keeps it out
+    # for fail_timeout (2 s in this pool) before the next request probes it again.
+    time.sleep(2.5)
 
     async def after() -> list[Result]:
         return list(await asyncio.gather(*(run_stream(pool.balancer, Result(20 + i), 24) for i in range(6))))
