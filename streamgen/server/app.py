@@ -34,9 +34,9 @@ from streamgen.server.auth import BearerTokenInterceptor
 from streamgen.server.config import ServerConfig
 from streamgen.server.logs import event
 from streamgen.server.metrics import EngineSnapshot, Metrics
-from streamgen.server.reflection import enable_server_reflection
+from streamgen.server.reflection import enable_server_reflection, reflection_services
 from streamgen.server.servicer import StreamGenServicer
-from streamgen.server.wire import TolerantDeserializers
+from streamgen.server.wire import TolerantDeserializers, request_type_names
 
 log = logging.getLogger("streamgen.server")
 
@@ -85,10 +85,14 @@ class StreamGenServer:
             interceptors.append(BearerTokenInterceptor(cfg.token, on_refused=lambda: self.metrics.outcome(
                 "unauthenticated")))
         # A request that does not parse reaches the servicer as a value (INVALID_ARGUMENT there), not
-        # as an exception inside grpc (UNKNOWN, "Unexpected <class ...>", two ERROR tracebacks).
-        service = pb.DESCRIPTOR.services_by_name["StreamGen"]
-        interceptors.append(TolerantDeserializers(
-            (f"/{SERVICE_NAME}/",), {f"/{SERVICE_NAME}/{m.name}": m.input_type.name for m in service.methods}))
+        # as an exception inside grpc (UNKNOWN, "Unexpected <class ...>", ERROR tracebacks); health
+        # and reflection, which are not ours, are refused with INVALID_ARGUMENT before they see it.
+        foreign = (health_pb2.DESCRIPTOR.services_by_name["Health"], *reflection_services())
+        type_names = request_type_names(pb.DESCRIPTOR.services_by_name["StreamGen"])
+        for service in foreign:
+            type_names.update(request_type_names(service))
+        interceptors.append(TolerantDeserializers((f"/{SERVICE_NAME}/",), type_names,
+                                                  guarded=tuple(f"/{s.full_name}/" for s in foreign)))
         server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_StreamGenServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from google.protobuf.descriptor import FileDescriptor
+from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 V1ALPHA_SERVICE_NAME = reflection.SERVICE_NAME  # grpc.reflection.v1alpha.ServerReflection
@@ -46,6 +46,12 @@ def v1_file_descriptor(pool: descriptor_pool.DescriptorPool | None = None) -> Fi
             method.input_type = new_prefix + method.input_type[len(old_prefix):]
             method.output_type = new_prefix + method.output_type[len(old_prefix):]
     return pool.AddSerializedFile(proto.SerializeToString())
+
+
+def reflection_services() -> tuple[ServiceDescriptor, ServiceDescriptor]:
+    """The descriptors of ``grpc.reflection.v1.ServerReflection`` and its v1alpha twin."""
+    return (v1_file_descriptor().services_by_name["ServerReflection"],
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
 
 
 def enable_server_reflection(service_names: Iterable[str], server: grpc.aio.Server) -> None:

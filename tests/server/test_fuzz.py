@@ -1,9 +1,11 @@
 """Property test against a live server: random well-formed and malformed Generate request sequences
 (valid and invalid StartRequests, prompt updates, stops, empty messages, corrupt bytes, bad UTF-8,
 cancels at random moments) each end with a documented status, and the server stays healthy: no
-`error` outcome, no ERROR log line, SERVING, and an idle KV pool once the calls are gone.
+`error` outcome, no ERROR log line, SERVING, and an idle KV pool once the calls are gone. The same
+for the services grpc brings (health Check/Watch, reflection v1 and v1alpha): OK, NOT_FOUND (an
+unknown health service) or INVALID_ARGUMENT (a malformed message), never UNKNOWN.
 
-Bounded: 25 examples (derandomised, so CI runs the same ones), each call under a 10 s deadline.
+Bounded: 25 examples each (derandomised, so CI runs the same ones), each call under a 10 s deadline.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -130,6 +133,50 @@ def test_random_request_sequences_end_documented_and_server_stays_healthy(
     if code is Code.OK:  # the protocol: started, chunks, ended - exactly once each end
         assert kinds[0] == "started" and kinds[-1] == "ended" and kinds.count("ended") == 1, kinds
     assert "ended" not in kinds[:-1]
+    assert not errors.records, [r.getMessage() for r in errors.records]
+
+
+junk = st.one_of(st.binary(min_size=1, max_size=32), st.just(b"\x0a\x02\xff\xfe"), st.just(b"\x3a\x02\xff\xfe"))
+health_requests = st.one_of(
+    st.sampled_from(["", SERVICE_NAME, "no.such.Service"]).map(
+        lambda name: health_pb2.HealthCheckRequest(service=name).SerializeToString()),
+    texts.map(lambda name: health_pb2.HealthCheckRequest(service=name).SerializeToString()), junk)
+reflection_requests = st.one_of(
+    st.builds(reflection_pb2.ServerReflectionRequest, list_services=st.just("")),
+    st.builds(reflection_pb2.ServerReflectionRequest, file_containing_symbol=st.one_of(st.just(SERVICE_NAME), texts)),
+    st.builds(reflection_pb2.ServerReflectionRequest, file_by_filename=texts),
+    st.just(reflection_pb2.ServerReflectionRequest()),
+).map(lambda r: r.SerializeToString()) | junk
+grpc_service_calls = st.one_of(
+    st.tuples(st.sampled_from(["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]),
+              health_requests.map(lambda r: [r])),
+    st.tuples(st.sampled_from([f"/grpc.reflection.{v}.ServerReflection/ServerReflectionInfo"
+                               for v in ("v1", "v1alpha")]),
+              st.lists(reflection_requests, min_size=1, max_size=4)),
+)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(call=grpc_service_calls)
+def test_random_health_and_reflection_requests_end_documented(
+        server: tuple[ServerHarness, _Errors], call: tuple[str, list[bytes]]) -> None:
+    harness, errors = server
+    method, requests = call
+    with grpc.insecure_channel(harness.address) as channel:
+        try:
+            if method.endswith("/Check"):
+                channel.unary_unary(method, request_serializer=None)(requests[0], timeout=10)
+            elif method.endswith("/Watch"):  # never ends by itself: the first status is the answer
+                watch = channel.unary_stream(method, request_serializer=None)(requests[0], timeout=10)
+                next(watch)
+                watch.cancel()
+            else:
+                list(channel.stream_stream(method, request_serializer=None)(iter(requests), timeout=10))
+            code = Code.OK
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+    assert code in {Code.OK, Code.NOT_FOUND, Code.INVALID_ARGUMENT}, (method, code)
     assert not errors.records, [r.getMessage() for r in errors.records]
 
 
