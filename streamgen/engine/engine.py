@@ -27,14 +27,8 @@ from streamgen.cache.paged import PagedKVCacheManager
 from streamgen.config import Preset
 from streamgen.engine.model_runner import ModelRunner, StepResult
 from streamgen.engine.request import ChunkOutput, ChunkTiming, FinishReason, GenerationRequest, generator_seed
-from streamgen.engine.scheduler import (
-    Admission,
-    AdmissionDecision,
-    Scheduler,
-    SchedulerConfig,
-    SessionProgress,
-    Status,
-)
+from streamgen.engine.scheduler import Admission, AdmissionDecision, Scheduler, SchedulerConfig
+from streamgen.engine.session import Session, Status
 from streamgen.model.text import TextEncoder
 from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.vae import CausalVideoVAE
@@ -66,17 +60,25 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.max_frames must be > 0 or None, got {self.max_frames}")
 
 
-def kv_admit(kv: PagedKVCacheManager, session_id: str, worst_case_frames: int) -> Admission:
-    """Admission over ``kv`` for the scheduler: reserve a session's worst case, or say why not.
+@dataclass(frozen=True)
+class PagedKVSpace:
+    """The paged KV cache as the scheduler's :class:`~streamgen.engine.scheduler.KVSpace`."""
 
-    NEVER when the session needs more blocks than the whole pool holds (refused at once), WAIT
-    when the pool is only short right now, decided from the block counts, never from the message.
-    """
-    result = kv.admit(session_id, worst_case_frames)
-    if result.admitted:
-        return Admission(AdmissionDecision.ADMIT)
-    never = result.blocks_needed > kv.pool.num_usable_blocks
-    return Admission(AdmissionDecision.NEVER if never else AdmissionDecision.WAIT, result.reason)
+    kv: PagedKVCacheManager
+
+    def reserve(self, session_id: str, worst_case_frames: int) -> Admission:
+        """Reserve a session's worst case, or say why not: NEVER when it needs more blocks than the
+        whole pool holds (refused at once), WAIT when the pool is only short right now, decided from
+        the block counts, never from the message."""
+        result = self.kv.admit(session_id, worst_case_frames)
+        if result.admitted:
+            return Admission(AdmissionDecision.ADMIT)
+        never = result.blocks_needed > self.kv.pool.num_usable_blocks
+        return Admission(AdmissionDecision.NEVER if never else AdmissionDecision.WAIT, result.reason)
+
+    def release(self, session_id: str) -> None:
+        if session_id in self.kv.session_ids:
+            self.kv.free(session_id)
 
 
 class Engine:
@@ -96,16 +98,21 @@ class Engine:
         sched_cfg = SchedulerConfig(num_steps=len(preset.sampler.denoising_steps),
                                     chunk_frames=preset.sampler.chunk_frames, max_running=config.max_sessions,
                                     max_queue_wait_s=config.max_queue_wait_s, max_lead_s=config.max_lead_s)
-        self.scheduler = Scheduler(sched_cfg, self._admit)
-        self._requests: dict[str, GenerationRequest] = {}
-        self._emitted: dict[str, int] = {}
-        self._gen_ms: dict[str, float] = {}
-        self._queue_ms: dict[str, float] = {}
+        self.scheduler = Scheduler(sched_cfg, PagedKVSpace(self.kv))
         self.last_step_ran = False
 
+    @property
+    def sessions(self) -> dict[str, Session]:
+        """Every session not yet released, by id (the scheduler's registry; read-only use)."""
+        return self.scheduler.sessions
+
+    def _session(self, session_id: str) -> Session:
+        try:
+            return self.scheduler.sessions[session_id]
+        except KeyError:
+            raise KeyError(f"unknown session {session_id!r}") from None
+
     # ------------------------------------------------------------------ API
-    def _admit(self, session_id: str, worst_case_frames: int) -> Admission:
-        return kv_admit(self.kv, session_id, worst_case_frames)
 
     def validate(self, request: GenerationRequest) -> None:
         request.validate(self.config.max_prompt_chars, self.config.max_frames)
@@ -117,11 +124,15 @@ class Engine:
                 raise ValueError(f"start image must be uint8 RGB of shape ({h}, {w}, 3), got "
                                  f"{getattr(img, 'dtype', type(img))} {shape}")
 
-    def add_request(self, request: GenerationRequest, session_id: str | None = None) -> str:
-        """Queue a stream; raises ``ValueError`` on a malformed request (nothing is allocated)."""
+    def add_request(self, request: GenerationRequest, session_id: str | None = None, *,
+                    outbox: object | None = None) -> str:
+        """Queue a stream; raises ``ValueError`` on a malformed request (nothing is allocated).
+
+        ``outbox`` is stored on the session for the caller that delivers its chunks (AsyncEngine).
+        """
         self.validate(request)
         sid = session_id or uuid.uuid4().hex[:12]
-        if sid in self._requests:
+        if sid in self.scheduler.sessions:
             raise ValueError(f"session {sid!r} already exists")
         tf = self.preset.vae.temporal_factor
         num_frames = request.num_frames if request.num_frames is not None else self.config.unbounded_max_frames
@@ -130,25 +141,22 @@ class Engine:
         if request.start_image is not None and total_latent is not None:
             total_latent = max(total_latent, 2)  # the image frame plus at least one generated chunk
         worst = self.kv.worst_case_frames(self.preset.sampler.chunk_frames, total_latent)
-        self.runner.add_session(sid, request.prompt, generator_seed(request.seed), request.start_image)
-        fps = request.fps or float(self.preset.video.fps)
-        self.scheduler.add(SessionProgress(sid, total_latent, worst, fps, tf, self.clock(),
-                                           has_image=request.start_image is not None))
-        self._requests[sid] = request
-        self._emitted[sid] = 0
-        self._gen_ms[sid] = 0.0
+        session = Session(sid, total_latent, worst, request.fps or float(self.preset.video.fps), tf, self.clock(),
+                          has_image=request.start_image is not None, request=request, max_pixel_frames=num_frames,
+                          outbox=outbox)
+        self.runner.attach(session, request.prompt, generator_seed(request.seed), request.start_image)
+        self.scheduler.add(session)
         return sid
 
     def update_prompt(self, session_id: str, prompt: str) -> None:
         """Switch a session's prompt at its next chunk boundary (KV re-cache)."""
-        if session_id not in self._requests:
-            raise KeyError(f"unknown session {session_id!r}")
+        session = self._session(session_id)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt must be a non-empty string")
         if len(prompt) > self.config.max_prompt_chars:
             raise ValueError(f"prompt has {len(prompt)} characters; the limit is {self.config.max_prompt_chars}")
-        self.runner.set_prompt(session_id, prompt)
         self.scheduler.request_recache(session_id)
+        session.state.pending_prompt = prompt
 
     def set_paused(self, session_id: str, paused: bool) -> None:
         """Hold (or release) a session between work items: backpressure from a slow consumer.
@@ -156,35 +164,29 @@ class Engine:
         A paused session keeps its pages and its place; only its compute waits. A session that
         has already ended is ignored (its consumer may still be draining the last chunks).
         """
-        progress = self.scheduler.sessions.get(session_id)
-        if progress is not None:
-            progress.paused = paused
+        session = self.scheduler.sessions.get(session_id)
+        if session is not None:
+            session.paused = paused
 
     def abort(self, session_id: str, reason: FinishReason = FinishReason.STOPPED) -> ChunkOutput | None:
         """End a session now and free its pages; returns its final message (None if already gone)."""
-        if session_id not in self._requests:
+        session = self.scheduler.sessions.get(session_id)
+        if session is None:
             return None
-        progress = self.scheduler.get(session_id)
-        if progress.status is not Status.FINISHED:
+        if session.status is not Status.FINISHED:
             self.scheduler.finish(session_id, reason)
-        return self._release(session_id)
+        return self._release(session)
 
-    def _release(self, session_id: str) -> ChunkOutput:
-        progress = self.scheduler.get(session_id)
-        if session_id in self.kv.session_ids:
-            self.kv.free(session_id)
-        self.runner.remove_session(session_id)
-        self.scheduler.remove(session_id)
-        self._requests.pop(session_id)
-        self._gen_ms.pop(session_id, None)
-        self._queue_ms.pop(session_id, None)
-        emitted = self._emitted.pop(session_id)
-        return ChunkOutput(session_id, emitted, np.zeros((0, self.preset.video.height, self.preset.video.width, 3),
-                                                         np.uint8),
-                           finished=True, finish_reason=progress.finish_reason, error=progress.error)
+    def _release(self, session: Session) -> ChunkOutput:
+        """Drop a finished session (the scheduler freed its pages when it finished); its final message."""
+        self.scheduler.remove(session.session_id)
+        session.tensors = None
+        empty = np.zeros((0, self.preset.video.height, self.preset.video.width, 3), np.uint8)
+        return ChunkOutput(session.session_id, session.emitted_pixel_frames, empty, finished=True,
+                           finish_reason=session.finish_reason, error=session.error, session=session)
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests)
+        return bool(self.scheduler.sessions)
 
     @property
     def num_running(self) -> int:
@@ -202,49 +204,47 @@ class Engine:
         self.last_step_ran = bool(out.batches)
         outputs: list[ChunkOutput] = []
         for sid in out.admitted:
-            self._queue_ms[sid] = (now - self.scheduler.get(sid).arrival_s) * 1000
+            admitted = self.scheduler.get(sid)
+            admitted.queue_ms = (now - admitted.arrival_s) * 1000
         for sid in out.rejected:
-            outputs.append(self._release(sid))
+            outputs.append(self._release(self.scheduler.get(sid)))
         for batch in out.batches:
             try:
                 results = self.runner.execute(batch)
             except Exception as exc:  # one bad batch must not take the server down
                 log.exception("forward batch %s failed", batch.kind.value)
                 for item in batch.items:
-                    if item.session_id in self._requests:
+                    if item.session.status is not Status.FINISHED:
                         self.scheduler.finish(item.session_id, FinishReason.ERROR, f"internal error: {exc}")
-                        outputs.append(self._release(item.session_id))
+                    if item.session_id in self.scheduler.sessions:
+                        outputs.append(self._release(item.session))
                 continue
             for result in results:
                 outputs.extend(self._absorb(result))
         return outputs
 
     def _absorb(self, result: StepResult) -> list[ChunkOutput]:
-        sid = result.item.session_id
-        if sid not in self._requests:
-            return []
-        self._gen_ms[sid] += result.forward_ms
+        session = result.item.session
+        if session.status is not Status.RUNNING:
+            return []  # ended (aborted) while its forward ran
+        session.generate_ms += result.forward_ms
         outputs: list[ChunkOutput] = []
         frames = result.frames
         emitted = 0
         if frames is not None:
-            request = self._requests[sid]
-            limit = request.num_frames if request.num_frames is not None else self.config.unbounded_max_frames
-            if limit is not None:
-                frames = frames[: max(0, limit - self._emitted[sid])]
-            progress = self.scheduler.get(sid)
-            timing = ChunkTiming(generate_ms=self._gen_ms[sid], decode_ms=result.decode_ms,
-                                 queue_ms=self._queue_ms.pop(sid, 0.0),
-                                 since_start_ms=(self.clock() - progress.arrival_s) * 1000)
-            outputs.append(ChunkOutput(sid, self._emitted[sid], frames, timing))
+            first = session.emitted_pixel_frames
+            if session.max_pixel_frames is not None:
+                frames = frames[: max(0, session.max_pixel_frames - first)]
+            timing = ChunkTiming(generate_ms=session.generate_ms, decode_ms=result.decode_ms,
+                                 queue_ms=session.queue_ms,
+                                 since_start_ms=(self.clock() - session.arrival_s) * 1000)
+            outputs.append(ChunkOutput(session.session_id, first, frames, timing, session=session))
             emitted = len(frames)
-            self._emitted[sid] += emitted
-            self._gen_ms[sid] = 0.0
-        done = self.scheduler.update(result.item, emitted)
-        if done:
-            if self._requests[sid].num_frames is None:
-                self.scheduler.get(sid).finish_reason = FinishReason.LIMIT
-            outputs.append(self._release(sid))
+            session.generate_ms = session.queue_ms = 0.0
+        if self.scheduler.update(result.item, emitted):
+            if session.request is not None and session.request.num_frames is None:
+                session.finish_reason = FinishReason.LIMIT
+            outputs.append(self._release(session))
         return outputs
 
     def run_until_done(self, max_steps: int = 1_000_000) -> dict[str, list[ChunkOutput]]:
@@ -262,7 +262,7 @@ class AsyncEngine:
     """Runs :class:`Engine` on a worker thread; each stream is an async iterator of chunks.
 
     All engine calls happen on the worker thread (commands are queued), so the engine
-    itself needs no locks.
+    itself needs no locks. A stream's asyncio queue is its session's ``outbox``.
 
     ``max_buffered_chunks`` bounds each session's undelivered chunks: a session whose queue
     holds that many is paused until its consumer catches up (backpressure instead of an
@@ -279,7 +279,6 @@ class AsyncEngine:
         self._commands: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[ChunkOutput]]] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="streamgen-engine", daemon=True)
         self._thread.start()
@@ -317,15 +316,10 @@ class AsyncEngine:
         cancelled during this await can still abort the session, because commands run in order on
         the engine thread, so an ``abort`` sent after ``start`` always finds the session added.
         """
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[ChunkOutput] = asyncio.Queue()
         sid = session_id or self.new_session_id()
-        self._queues[sid] = (loop, queue)
-        try:
-            await self._call(lambda: self.engine.add_request(request, sid))
-        except BaseException:
-            self._queues.pop(sid, None)
-            raise
+        outbox = (asyncio.get_running_loop(), queue)
+        await self._call(lambda: self.engine.add_request(request, sid, outbox=outbox))
         return sid, queue
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[ChunkOutput]:
@@ -349,13 +343,12 @@ class AsyncEngine:
                 self._deliver(final)
         await self._call(run)
 
-    def _deliver(self, chunk: ChunkOutput) -> None:
-        target = self._queues.get(chunk.session_id)
-        if target is None:
+    @staticmethod
+    def _deliver(chunk: ChunkOutput) -> None:
+        outbox = getattr(chunk.session, "outbox", None)
+        if outbox is None:
             return
-        loop, queue = target
-        if chunk.finished:
-            self._queues.pop(chunk.session_id, None)
+        loop, queue = outbox
         loop.call_soon_threadsafe(queue.put_nowait, chunk)
 
     def _loop(self) -> None:
@@ -385,15 +378,17 @@ class AsyncEngine:
             return
         # qsize() of a queue owned by another thread's loop: a GIL-atomic len(); a stale value
         # only delays the pause/resume by one loop iteration.
-        for sid, (_, queue) in list(self._queues.items()):
-            self.engine.set_paused(sid, queue.qsize() >= self.max_buffered_chunks)
+        for session in self.engine.sessions.values():
+            if session.outbox is not None:
+                _, queue = session.outbox  # type: ignore[misc]
+                session.paused = queue.qsize() >= self.max_buffered_chunks
 
     def shutdown(self, reason: FinishReason = FinishReason.SHUTDOWN) -> None:
         """End every session with ``reason`` and stop the worker thread."""
         done = threading.Event()
 
         def run() -> None:
-            for sid in list(self.engine._requests):
+            for sid in list(self.engine.sessions):
                 final = self.engine.abort(sid, reason)
                 if final is not None:
                     self._deliver(final)

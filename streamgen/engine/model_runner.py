@@ -3,9 +3,10 @@
 For each :class:`~streamgen.engine.scheduler.ForwardBatch` the runner stacks the chunks of
 all its sessions into one ``[B, C, F, h, w]`` tensor (linear layers run over every
 session's tokens at once), gives each session its own timestep row and text context row,
-and lets the paged cache view run attention per session. Per-session state (noise
+and lets the paged cache view run attention per session. A session's tensors (noise
 generator, current chunk, prompt context, streaming VAE decoder, clean latents of the
-frames still in the window) lives here, never in the scheduler.
+frames still in the window) are its :class:`~streamgen.engine.session.SessionTensors`,
+which the runner attaches to the session and reads through each work item's session.
 
 Between forwards every session goes through :class:`~streamgen.engine.step.ChunkStep` with
 its own generator, the step the offline generator and the trainer's rollout call, so a
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,26 +26,12 @@ from streamgen.cache.paged import PagedKVCacheManager
 from streamgen.cache.window import is_resident
 from streamgen.config import Preset
 from streamgen.engine.scheduler import ForwardBatch, WorkItem, WorkKind
+from streamgen.engine.session import Session, SessionTensors
 from streamgen.engine.step import ChunkStep
 from streamgen.model.text import TextEncoder
 from streamgen.model.transformer import CausalWanTransformer, TextContext
 from streamgen.model.vae import CausalVideoVAE, StreamState
 from streamgen.video_io import frames_to_uint8
-
-
-@dataclass
-class SessionTensors:
-    generator: torch.Generator
-    prompt: str
-    context: TextContext                 # batch of 1
-    decoder: object                      # the VAE's streaming decoder state
-    image_latent: torch.Tensor | None = None  # [1, C, 1, h, w]
-    pending_prompt: str | None = None
-    x: torch.Tensor | None = None        # current noisy chunk [1, C, F, h, w]
-    x0: torch.Tensor | None = None       # latest clean prediction
-    resident: dict[int, torch.Tensor] = field(default_factory=dict)  # frame -> clean latent [C, h, w]
-    chunk_of: dict[int, int] = field(default_factory=dict)          # frame -> index of its chunk
-    num_chunks: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,7 +53,6 @@ class ModelRunner:
         self.dtype = dtype
         self.vae_dtype = next(vae.parameters()).dtype
         self.step = ChunkStep(preset.sampler, dtype)
-        self.states: dict[str, SessionTensors] = {}
         # Called with each committed chunk's item and clean latents [1, C, F, h, w] (an image start's
         # latent included), after the runner stored them: a seam for recording a session's latents
         # (equivalence tests, latent capture) that needs no patching of private methods.
@@ -79,22 +65,17 @@ class ModelRunner:
         return self.model.encode_text(emb.to(self.dtype))
 
     @torch.no_grad()
-    def add_session(self, session_id: str, prompt: str, seed: int, image: np.ndarray | None) -> None:
+    def attach(self, session: Session, prompt: str, seed: int, image: np.ndarray | None) -> None:
+        """Give ``session`` its tensors: generator, prompt context, decoder state, image latent."""
         image_latent = None
         if image is not None:
             pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # [1, 3, H, W]
             image_latent = self.vae.to_diffusion(self.vae.encode_image(pixels.to(self.vae_dtype))).to(self.dtype)
-        self.states[session_id] = SessionTensors(
+        session.tensors = SessionTensors(
             generator=torch.Generator().manual_seed(seed), prompt=prompt, context=self.encode_prompt(prompt),
             decoder=self.vae.init_decoder_state(1, self.preset.latent_height, self.preset.latent_width,
                                                 dtype=self.vae_dtype),
             image_latent=image_latent)
-
-    def set_prompt(self, session_id: str, prompt: str) -> None:
-        self.states[session_id].pending_prompt = prompt
-
-    def remove_session(self, session_id: str) -> None:
-        self.states.pop(session_id, None)
 
     # ------------------------------------------------------------------ execution
     def _latent_shape(self, num_frames: int) -> tuple[int, ...]:
@@ -113,8 +94,8 @@ class ModelRunner:
 
     def _forward(self, batch: ForwardBatch, x: torch.Tensor, t: torch.Tensor, commit: bool) -> torch.Tensor:
         ids = [it.session_id for it in batch.items]
-        context = TextContext.cat([self.states[i].context for i in ids]) if len(ids) > 1 \
-            else self.states[ids[0]].context
+        context = TextContext.cat([it.session.state.context for it in batch.items]) if len(ids) > 1 \
+            else batch.items[0].session.state.context
         with self.kv.begin_forward(ids, batch.num_frames, commit=commit) as view:
             starts = view.plan.start_frames
             expected = tuple(it.start_frame for it in batch.items)
@@ -126,7 +107,7 @@ class ModelRunner:
     def _denoise(self, batch: ForwardBatch) -> list[StepResult]:
         xs, ts = [], []
         for it in batch.items:
-            st = self.states[it.session_id]
+            st = it.session.state
             if it.step == 0:
                 st.x = self.step.initial_noise(self._latent_shape(it.num_frames), st.generator)
             xs.append(st.x)
@@ -136,13 +117,13 @@ class ModelRunner:
         velocity = self._forward(batch, torch.cat(xs), t, commit=False)
         share_ms = (time.perf_counter() - start) * 1000 / len(batch.items)
         for b, it in enumerate(batch.items):
-            st = self.states[it.session_id]
+            st = it.session.state
             st.x0, st.x = self.step.advance(xs[b], velocity[b:b + 1], it.step, st.generator)
         return [StepResult(it, None, share_ms) for it in batch.items]
 
     def _commit(self, batch: ForwardBatch) -> list[StepResult]:
-        clean = [self.states[it.session_id].x0 for it in batch.items]
-        inputs = [self.step.commit_input(x0, self.states[it.session_id].generator)  # type: ignore[arg-type]
+        clean = [it.session.state.x0 for it in batch.items]
+        inputs = [self.step.commit_input(x0, it.session.state.generator)  # type: ignore[arg-type]
                   for x0, it in zip(clean, batch.items, strict=True)]
         t = torch.full((len(inputs), batch.num_frames), self.step.commit_timestep)
         start = time.perf_counter()
@@ -153,7 +134,7 @@ class ModelRunner:
     def _image(self, batch: ForwardBatch) -> list[StepResult]:
         latents = []
         for it in batch.items:
-            latent = self.states[it.session_id].image_latent
+            latent = it.session.state.image_latent
             if latent is None:
                 raise RuntimeError(f"session {it.session_id!r} scheduled an image prefill without an image")
             latents.append(latent)
@@ -165,7 +146,7 @@ class ModelRunner:
 
     def _remember(self, item: WorkItem, x0: torch.Tensor) -> None:
         """Keep the clean latents of the frames still in the window (a prompt switch re-caches them)."""
-        st = self.states[item.session_id]
+        st = item.session.state
         for f in range(item.num_frames):
             st.resident[item.start_frame + f] = x0[0, :, f]
             st.chunk_of[item.start_frame + f] = st.num_chunks
@@ -189,7 +170,7 @@ class ModelRunner:
             self._remember(item, x0)
             for listener in self.commit_listeners:
                 listener(item, x0)
-        states = [self.states[it.session_id].decoder for it in items]
+        states = [it.session.state.decoder for it in items]
         start = time.perf_counter()
         z = self.vae.from_diffusion(torch.cat(latents).to(self.vae_dtype))  # [B, C, F, h, w]
         if len(items) == 1:
@@ -206,14 +187,14 @@ class ModelRunner:
         decode_ms = (time.perf_counter() - start) * 1000 / len(items)
         results = []
         for b, item in enumerate(items):
-            self.states[item.session_id].decoder = parts[b]
+            item.session.state.decoder = parts[b]
             results.append(StepResult(item, frames_to_uint8(videos[b].float()), forward_ms, decode_ms))
         return results
 
     def _recache(self, batch: ForwardBatch) -> list[StepResult]:
         """LongLive KV re-cache: swap the prompt, rewrite the resident frames' K/V under it."""
         (item,) = batch.items
-        st = self.states[item.session_id]
+        st = item.session.state
         if st.pending_prompt is not None:
             st.prompt, st.pending_prompt = st.pending_prompt, None
             st.context = self.encode_prompt(st.prompt)

@@ -87,3 +87,5 @@ class ChunkOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     error: str | None = None
+    # The engine's session it came from (delivery looks up the session's outbox); not compared.
+    session: object | None = field(default=None, compare=False, repr=False)

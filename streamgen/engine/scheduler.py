@@ -15,9 +15,14 @@ Pacing: a live stream's next chunk is generated once the chunk's *last* frame is
 once its first frame is due), so no frame is delivered more than ``max_lead_s`` ahead and
 sessions that are behind get the compute.
 
-Admission: the waiting queue is FIFO; a session that waited ``max_queue_wait_s`` is refused
-whatever the reason it waits (KV memory short or every slot busy), so a client always gets
-its signal to retry elsewhere within the deadline.
+Admission: the scheduler owns the KV cache's space (:class:`KVSpace`): it reserves a session's
+worst case when it admits it and frees its pages when it finishes, whatever ends it. The waiting
+queue is FIFO; a session that waited ``max_queue_wait_s`` is refused whatever the reason it waits
+(KV memory short or every slot busy), so a client always gets its signal to retry elsewhere within
+the deadline.
+
+Sessions are :class:`~streamgen.engine.session.Session` objects; ``Scheduler.sessions`` is the
+engine's one registry of them, and every work item carries a reference to its session.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from streamgen.engine.request import FinishReason
+from streamgen.engine.session import Session, Status
 
 
 class WorkKind(enum.StrEnum):
@@ -38,64 +44,17 @@ class WorkKind(enum.StrEnum):
     COMMIT = "commit"
 
 
-class Status(enum.StrEnum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclass
-class SessionProgress:
-    """The scheduler's bookkeeping for one session (counts and clocks only)."""
-
-    session_id: str
-    total_latent_frames: int | None  # None = unbounded
-    worst_case_frames: int           # KV frames to reserve at admission
-    fps: float
-    pixel_frames_per_latent: int
-    arrival_s: float
-    has_image: bool = False
-    status: Status = Status.WAITING
-    start_s: float | None = None
-    next_frame: int = 0              # first latent frame of the chunk being generated
-    chunk_frames: int = 0            # its length
-    step: int = 0                    # denoise step within the chunk; == num_steps -> commit
-    needs_image: bool = False
-    needs_recache: bool = False
-    emitted_pixel_frames: int = 0
-    paused: bool = False             # backpressure: the consumer's buffer is full (see Engine.set_paused)
-    finish_reason: FinishReason | None = None
-    error: str | None = None
-
-    def lead_s(self, now_s: float) -> float:
-        """How far the generated video runs ahead of real-time playback."""
-        if self.start_s is None:
-            return 0.0
-        return self.emitted_pixel_frames / self.fps - (now_s - self.start_s)
-
-    def wait_for_pacing_s(self, now_s: float, chunk_pixel_frames: int, max_lead_s: float) -> float:
-        """Seconds until the next chunk may be generated (<= 0: now).
-
-        A chunk may run once its last frame is at most ``max_lead_s`` ahead of playback, or once its
-        first frame is due (a chunk longer than ``max_lead_s`` could otherwise never start on time).
-        Frame ``i`` plays at ``start_s + i / fps``.
-        """
-        if self.start_s is None or math.isinf(max_lead_s):
-            return 0.0
-        elapsed = now_s - self.start_s
-        first = self.emitted_pixel_frames
-        last_due = (first + chunk_pixel_frames - 1) / self.fps - elapsed - max_lead_s
-        first_due = first / self.fps - elapsed
-        return min(last_due, first_due)
-
-
 @dataclass(frozen=True)
 class WorkItem:
-    session_id: str
+    session: Session = field(repr=False)
     kind: WorkKind
     start_frame: int
     num_frames: int
     step: int  # denoise step index (DENOISE), else -1
+
+    @property
+    def session_id(self) -> str:
+        return self.session.session_id
 
 
 @dataclass(frozen=True)
@@ -111,7 +70,7 @@ class ForwardBatch:
 class SchedulerOutput:
     batches: tuple[ForwardBatch, ...]
     admitted: tuple[str, ...] = ()
-    rejected: tuple[str, ...] = ()       # gave up waiting for the pool (see SessionProgress.error)
+    rejected: tuple[str, ...] = ()       # gave up waiting for the pool (see Session.error)
     throttled: tuple[str, ...] = ()      # ahead of their playback clock, skipped this step
     next_wakeup_s: float | None = None   # when a throttled session becomes runnable again
 
@@ -149,32 +108,44 @@ class Admission:
     reason: str = ""
 
 
-# Admission callback: (session_id, worst_case_frames) -> the decision (the callback reserves on ADMIT).
-AdmitFn = Callable[[str, int], Admission]
+class KVSpace(Protocol):
+    """The KV cache's space as the scheduler sees it (no tensors)."""
+
+    def reserve(self, session_id: str, worst_case_frames: int) -> Admission:
+        """Reserve a session's worst case (ADMIT), or say why not (WAIT: short now; NEVER: never fits)."""
+        ...
+
+    def release(self, session_id: str) -> None:
+        """Give back everything the session holds (nothing if it holds nothing)."""
+        ...
 
 
 @dataclass
 class Scheduler:
     config: SchedulerConfig
-    admit: AdmitFn
-    sessions: dict[str, SessionProgress] = field(default_factory=dict)
+    kv: KVSpace
+    sessions: dict[str, Session] = field(default_factory=dict)
     waiting: deque[str] = field(default_factory=deque)
 
     # ------------------------------------------------------------------ lifecycle
-    def add(self, progress: SessionProgress) -> None:
-        if progress.session_id in self.sessions:
-            raise ValueError(f"session {progress.session_id!r} already exists")
-        progress.needs_image = progress.has_image
-        self.sessions[progress.session_id] = progress
-        self.waiting.append(progress.session_id)
+    def add(self, session: Session) -> None:
+        if session.session_id in self.sessions:
+            raise ValueError(f"session {session.session_id!r} already exists")
+        session.needs_image = session.has_image
+        self.sessions[session.session_id] = session
+        self.waiting.append(session.session_id)
 
-    def finish(self, session_id: str, reason: FinishReason, error: str | None = None) -> SessionProgress:
+    def finish(self, session_id: str, reason: FinishReason, error: str | None = None) -> Session:
+        """End a session (it stays registered until :meth:`remove`); its KV space is freed now."""
         s = self.get(session_id)
         if s.status is Status.WAITING:
             self.waiting.remove(session_id)
+        was_running = s.status is Status.RUNNING
         s.status = Status.FINISHED
         s.finish_reason = reason
         s.error = error
+        if was_running:
+            self.kv.release(session_id)
         return s
 
     def remove(self, session_id: str) -> None:
@@ -191,7 +162,7 @@ class Scheduler:
         # cached, rewrites their keys/values under it (LongLive's KV re-cache).
         s.needs_recache = True
 
-    def get(self, session_id: str) -> SessionProgress:
+    def get(self, session_id: str) -> Session:
         try:
             return self.sessions[session_id]
         except KeyError:
@@ -211,7 +182,7 @@ class Scheduler:
         while self.waiting and self.num_running < self.config.max_running:
             sid = self.waiting[0]
             s = self.sessions[sid]
-            result = self.admit(sid, s.worst_case_frames)
+            result = self.kv.reserve(sid, s.worst_case_frames)
             if result.decision is AdmissionDecision.ADMIT:
                 self.waiting.popleft()
                 s.status = Status.RUNNING
@@ -242,18 +213,18 @@ class Scheduler:
         self.finish(session_id, FinishReason.REJECTED,
                     f"not admitted within {self.config.max_queue_wait_s:g} s: {reason}")
 
-    def _next_item(self, s: SessionProgress) -> WorkItem:
+    def _next_item(self, s: Session) -> WorkItem:
         if s.needs_image:
-            return WorkItem(s.session_id, WorkKind.IMAGE, 0, 1, -1)
+            return WorkItem(s, WorkKind.IMAGE, 0, 1, -1)
         if s.needs_recache and s.step == 0:  # only at a chunk boundary
-            return WorkItem(s.session_id, WorkKind.RECACHE, 0, s.next_frame, -1)
+            return WorkItem(s, WorkKind.RECACHE, 0, s.next_frame, -1)
         if s.chunk_frames == 0:
             s.chunk_frames = self._chunk_len(s)
         if s.step < self.config.num_steps:
-            return WorkItem(s.session_id, WorkKind.DENOISE, s.next_frame, s.chunk_frames, s.step)
-        return WorkItem(s.session_id, WorkKind.COMMIT, s.next_frame, s.chunk_frames, -1)
+            return WorkItem(s, WorkKind.DENOISE, s.next_frame, s.chunk_frames, s.step)
+        return WorkItem(s, WorkKind.COMMIT, s.next_frame, s.chunk_frames, -1)
 
-    def _chunk_len(self, s: SessionProgress) -> int:
+    def _chunk_len(self, s: Session) -> int:
         if s.total_latent_frames is None:
             return self.config.chunk_frames
         return min(self.config.chunk_frames, s.total_latent_frames - s.next_frame)
@@ -286,8 +257,8 @@ class Scheduler:
 
     def update(self, item: WorkItem, pixel_frames_emitted: int = 0) -> bool:
         """Advance a session after its work item ran. Returns True when the session completed."""
-        s = self.sessions.get(item.session_id)
-        if s is None or s.status is not Status.RUNNING:
+        s = item.session
+        if s.status is not Status.RUNNING:
             return False  # finished (stopped) while its forward ran
         if item.kind is WorkKind.IMAGE:
             s.needs_image = False

@@ -148,7 +148,7 @@ def test_image_start_writes_image_latent_as_clean_frame_zero(tiny_engine: MakeEn
     assert np.abs(first[0].frames.astype(int) - expected_frames.astype(int)).max() <= 1
     capture = _Capture(engine.model.backend, None)
     with torch.no_grad():
-        engine.model(latent, torch.zeros(1, 1), engine.runner.states[sid].context, frame_offsets=0,
+        engine.model(latent, torch.zeros(1, 1), engine.sessions[sid].state.context, frame_offsets=0,
                      kv_cache=capture)
     assert (_stored_keys(engine, sid, 0, 1) - capture.keys[1][0]).abs().max() <= 1e-5
     rest = engine.run_until_done()[sid]
@@ -189,11 +189,13 @@ def test_pool_exhausted_queues_then_rejects_with_reason(tiny_engine: MakeEngine)
     engine.scheduler.sessions.clear()
     # Shrink the pool so exactly one session fits.
     from streamgen.cache.paged import PagedKVCacheManager
+    from streamgen.engine.engine import PagedKVSpace
 
     per_session = engine.kv.blocks_for_frames(engine.kv.worst_case_frames(3, None))
     engine.kv = PagedKVCacheManager.from_preset(preset, engine.model.backend, num_blocks=per_session + 1,
                                                 dtype=torch.float32)
     engine.runner.kv = engine.kv
+    engine.scheduler.kv = PagedKVSpace(engine.kv)
     first = engine.add_request(GenerationRequest("a can", seed=1), "first")  # unbounded
     second = engine.add_request(GenerationRequest("a mug", seed=2, num_frames=12), "second")
     engine.step()

@@ -4,7 +4,7 @@ with exact block ids."""
 
 from __future__ import annotations
 
-from functools import partial
+from collections.abc import Callable
 
 import torch
 
@@ -12,7 +12,7 @@ from streamgen.attention import get_backend
 from streamgen.cache.block_pool import BlockPool, KVPageSpec
 from streamgen.cache.paged import PagedKVCacheManager
 from streamgen.config import CacheConfig
-from streamgen.engine.engine import kv_admit
+from streamgen.engine.engine import PagedKVSpace
 from streamgen.engine.request import FinishReason
 from streamgen.engine.scheduler import (
     Admission,
@@ -20,17 +20,30 @@ from streamgen.engine.scheduler import (
     ForwardBatch,
     Scheduler,
     SchedulerConfig,
-    SessionProgress,
-    Status,
     WorkKind,
 )
+from streamgen.engine.session import Session, Status
 
 ADMIT = Admission(AdmissionDecision.ADMIT)
 PIXELS_PER_LATENT = 4  # the test preset's VAE: a 3-latent-frame chunk is 12 pixel frames
 
 
-def _session(sid: str, fps: float = 16.0, arrival_s: float = 0.0) -> SessionProgress:
-    return SessionProgress(sid, None, worst_case_frames=6, fps=fps, pixel_frames_per_latent=PIXELS_PER_LATENT,
+class _Decide:
+    """A KV space that decides by a function of the session id and counts what it released."""
+
+    def __init__(self, decide: Callable[[str], Admission]) -> None:
+        self.decide = decide
+        self.released: list[str] = []
+
+    def reserve(self, session_id: str, worst_case_frames: int) -> Admission:
+        return self.decide(session_id)
+
+    def release(self, session_id: str) -> None:
+        self.released.append(session_id)
+
+
+def _session(sid: str, fps: float = 16.0, arrival_s: float = 0.0) -> Session:
+    return Session(sid, None, worst_case_frames=6, fps=fps, pixel_frames_per_latent=PIXELS_PER_LATENT,
                            arrival_s=arrival_s)
 
 
@@ -49,7 +62,7 @@ def _run(scheduler: Scheduler, now_s: float) -> list[tuple[str, int]]:
 
 def _paced(max_lead_s: float) -> Scheduler:
     return Scheduler(SchedulerConfig(num_steps=2, chunk_frames=3, max_running=4, max_lead_s=max_lead_s),
-                     lambda sid, frames: ADMIT)
+                     _Decide(lambda sid: ADMIT))
 
 
 def test_no_frame_is_generated_more_than_max_lead_ahead_and_playback_keeps_up() -> None:
@@ -79,7 +92,7 @@ def test_chunk_longer_than_max_lead_starts_when_its_first_frame_is_due() -> None
 
 
 def test_queue_deadline_holds_while_every_slot_is_busy() -> None:
-    scheduler = Scheduler(SchedulerConfig(max_running=1, max_queue_wait_s=1.0), lambda sid, frames: ADMIT)
+    scheduler = Scheduler(SchedulerConfig(max_running=1, max_queue_wait_s=1.0), _Decide(lambda sid: ADMIT))
     scheduler.add(_session("running"))
     scheduler.schedule(0.0)
     scheduler.add(_session("queued", arrival_s=0.0))
@@ -97,7 +110,7 @@ def test_admission_decisions_are_typed_never_is_refused_at_once() -> None:
     decisions = {"huge": Admission(AdmissionDecision.NEVER, "pool exhausted: more than the whole pool"),
                  "short": Admission(AdmissionDecision.WAIT, "pool exhausted: 3 of 8 blocks unreserved")}
     scheduler = Scheduler(SchedulerConfig(max_running=4, max_queue_wait_s=5.0),
-                          lambda sid, frames: decisions.get(sid, ADMIT))
+                          _Decide(lambda sid: decisions.get(sid, ADMIT)))
     scheduler.add(_session("huge"))
     out = scheduler.schedule(0.0)
     assert out.rejected == ("huge",) and scheduler.get("huge").error == "pool exhausted: more than the whole pool"
@@ -123,8 +136,8 @@ def _kv(num_usable_blocks: int) -> PagedKVCacheManager:
                                backend=get_backend("sdpa"))
 
 
-def _progress(sid: str, num_frames: int | None, worst_case_frames: int = 9) -> SessionProgress:
-    return SessionProgress(sid, num_frames, worst_case_frames=worst_case_frames, fps=16.0,
+def _progress(sid: str, num_frames: int | None, worst_case_frames: int = 9) -> Session:
+    return Session(sid, num_frames, worst_case_frames=worst_case_frames, fps=16.0,
                            pixel_frames_per_latent=PIXELS_PER_LATENT, arrival_s=0.0)
 
 
@@ -145,14 +158,13 @@ def _execute(kv: PagedKVCacheManager, batch: ForwardBatch) -> None:
 
 def _round(scheduler: Scheduler, kv: PagedKVCacheManager, now_s: float = 0.0) -> list[tuple[str, str, int]]:
     """One scheduling round run to completion: (kind, session, start frame) of every item, in order.
-    A finished session's pages go back to the pool, as the engine's release does."""
+    A finished session's pages go back to the pool: the scheduler frees them when it finishes it."""
     ran = []
     for batch in scheduler.schedule(now_s).batches:
         _execute(kv, batch)
         for item in batch.items:
             ran.append((item.kind.value, item.session_id, item.start_frame))
-            if scheduler.update(item):
-                kv.free(item.session_id)
+            scheduler.update(item)
     return ran
 
 
@@ -163,7 +175,7 @@ def _run_chunk(scheduler: Scheduler, kv: PagedKVCacheManager) -> list[tuple[str,
 
 def test_admission_reserves_worst_case_blocks_and_never_fits_is_refused_at_once() -> None:
     kv = _kv(num_usable_blocks=12)
-    scheduler = Scheduler(SchedulerConfig(num_steps=2, chunk_frames=3, max_running=4), partial(kv_admit, kv))
+    scheduler = Scheduler(SchedulerConfig(num_steps=2, chunk_frames=3, max_running=4), PagedKVSpace(kv))
     assert kv.worst_case_frames(3) == 9
     scheduler.add(_progress("a", 12))
     scheduler.add(_progress("b", 3))             # 9 more blocks: only 3 unreserved while "a" runs
@@ -183,7 +195,7 @@ def test_admission_reserves_worst_case_blocks_and_never_fits_is_refused_at_once(
 
 def test_window_eviction_frees_exact_blocks_and_reuses_them() -> None:
     kv = _kv(num_usable_blocks=18)
-    scheduler = Scheduler(SchedulerConfig(num_steps=2, chunk_frames=3, max_running=4), partial(kv_admit, kv))
+    scheduler = Scheduler(SchedulerConfig(num_steps=2, chunk_frames=3, max_running=4), PagedKVSpace(kv))
     scheduler.add(_progress("a", 12))
     scheduler.add(_progress("b", None))
     # Both sessions' chunk 0 is one batched forward: pages are handed out session by session.
@@ -206,7 +218,7 @@ def test_window_eviction_frees_exact_blocks_and_reuses_them() -> None:
 
 def test_prompt_recache_rewrites_resident_frames_in_place_then_continues() -> None:
     kv = _kv(num_usable_blocks=9)
-    scheduler = Scheduler(SchedulerConfig(num_steps=2, chunk_frames=3, max_running=1), partial(kv_admit, kv))
+    scheduler = Scheduler(SchedulerConfig(num_steps=2, chunk_frames=3, max_running=1), PagedKVSpace(kv))
     scheduler.add(_progress("a", None))
     for _ in range(3):
         _run_chunk(scheduler, kv)
@@ -218,3 +230,22 @@ def test_prompt_recache_rewrites_resident_frames_in_place_then_continues() -> No
     assert kv.block_ids("a") == before and kv.pool.num_free_blocks == 3
     assert _run_chunk(scheduler, kv) == [("denoise", "a", 9), ("denoise", "a", 9), ("commit", "a", 9)]
     assert kv.resident_frames("a") == [0, 1, 2, 9, 10, 11]
+
+
+def test_the_scheduler_releases_a_sessions_kv_space_whatever_ends_it() -> None:
+    space = _Decide(lambda sid: ADMIT)
+    scheduler = Scheduler(SchedulerConfig(num_steps=2, chunk_frames=3, max_running=2, max_queue_wait_s=5.0), space)
+    for sid in ("done", "stopped", "queued"):
+        scheduler.add(Session(sid, 3 if sid == "done" else None, worst_case_frames=6, fps=16.0,
+                              pixel_frames_per_latent=PIXELS_PER_LATENT, arrival_s=0.0))
+    assert scheduler.schedule(0.0).admitted == ("done", "stopped")
+    for _ in range(2):
+        _run(scheduler, 0.0)
+    assert space.released == []
+    _run(scheduler, 0.0)  # the commit completes "done" (3 latent frames)
+    assert scheduler.get("done").finish_reason is FinishReason.COMPLETED and space.released == ["done"]
+    scheduler.finish("stopped", FinishReason.STOPPED)
+    scheduler.finish("queued", FinishReason.STOPPED)  # never admitted: it holds nothing to release
+    assert space.released == ["done", "stopped"]
+    scheduler.remove("done")
+    assert "done" not in scheduler.sessions and scheduler.get("stopped").status is Status.FINISHED
