@@ -1,7 +1,7 @@
 """One distillation iteration's pieces: the scored window of each mode's rollout, the generator loss, the critic loss.
 
-:mod:`trainer.self_forcing` owns configs, optimizers, checkpoints and the loop; this module turns a
-step index and global sample ids into tensors and losses (DMD, Yin et al. 2024, arXiv 2311.18828,
+:mod:`trainer.distill_train` owns the optimizers and plugs the iteration into the shared loop; this module
+turns a step index and global sample ids into tensors and losses (DMD, Yin et al. 2024, arXiv 2311.18828,
 eq. 7-8, via :mod:`trainer.losses`). Every random draw is keyed on ``(seed, step, sample id)`` or on
 ``(seed, step, turn)`` (exit step, Self-Forcing++ window), never on the rank or on global RNG state,
 so 1 and N processes draw the same numbers and a resumed run replays them. It never steps an optimizer.
@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,22 +22,10 @@ from streamgen.model.sampler import add_noise, x0_from_velocity
 from streamgen.model.transformer import CausalWanTransformer, TextContext
 from trainer import latent_data
 from trainer.common.runtime import EpochOrder, sample_generator
+from trainer.distill_config import DMDConfig, Geometry, SelfForcingConfig
 from trainer.losses import dmd as dmd_losses
 from trainer.ode_init import ODEPairs, load_pairs, regression_batch
 from trainer.rollout import ContextSource, last_frames_span, rollout, sample_exit_step
-
-if TYPE_CHECKING:
-    from trainer.self_forcing import DMDConfig, SelfForcingConfig
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Rollout length ``N`` and scored window ``T`` once the teacher's horizon is known."""
-
-    num_frames: int
-    window_frames: int
-    teacher_horizon: int
-    min_window_start: int = 0  # sfpp: earliest start of the scored window (rollout.window_min_start)
 
 
 @dataclass

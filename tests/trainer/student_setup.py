@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from trainer.common.config import build_config, merge
+from trainer.distill_config import SelfForcingConfig
 from trainer.ode_init import OdeInitConfig
-from trainer.self_forcing import SelfForcingConfig, bootstrap_tiny
+from trainer.self_forcing import bootstrap_tiny
 
 HORIZON = 6
 NUM_CLIPS = 8

@@ -11,9 +11,9 @@ import pytest
 
 from streamgen.config import get_preset
 from trainer.common.config import load_config
+from trainer.distill_config import SelfForcingConfig, resolve_geometry
 from trainer.ode_init import OdeInitConfig
 from trainer.rollout import first_evicting_chunk
-from trainer.self_forcing import SelfForcingConfig, resolve_geometry
 from trainer.teacher import TeacherTrainConfig
 from trainer.vae import VAETrainConfig
 

@@ -16,7 +16,7 @@ from streamgen.cache.contiguous import ContiguousKVCache
 from streamgen.config import get_preset
 from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.weights import load_transformer, read_metadata, save_checkpoint
-from trainer import distill_step, latent_data, self_forcing
+from trainer import distill_config, distill_step, distill_train, latent_data, self_forcing
 from trainer.common import checkpoint as ckpt
 from trainer.common.runtime import NonFiniteLossError
 from trainer.losses import dmd as dmd_losses
@@ -44,7 +44,7 @@ def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 @pytest.mark.parametrize("mode", ["sf", "sfpp", "tf", "df"])
 def test_each_mode_trains_exports_and_resumes(tmp_path: Path, root: Path, mode: str) -> None:
     cfg = sf_config(tmp_path, root, mode)
-    first = self_forcing.train(cfg)
+    first = distill_train.train(cfg)
     assert first.steps == 4 and first.generator_steps == 2  # generator every 2nd iteration here
     assert all(torch.isfinite(torch.tensor(first.losses + first.generator_losses)))
     init = _weights(root / "teacher.safetensors")
@@ -61,11 +61,11 @@ def test_each_mode_trains_exports_and_resumes(tmp_path: Path, root: Path, mode: 
     assert meta["rollout_frames"] == str(12 if mode == "sfpp" else HORIZON)
 
     more = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_steps=6))
-    resumed = self_forcing.train(more, resume=True, export=False)
+    resumed = distill_train.train(more, resume=True, export=False)
     assert resumed.steps == 6 and len(resumed.losses) == 2 and resumed.generator_steps == 3
     if mode == "sf":  # the continued run replays exactly what an uninterrupted one does
-        straight = self_forcing.train(sf_config(tmp_path / "straight", root, mode, run={"max_steps": 6}),
-                                      export=False)
+        straight = distill_train.train(sf_config(tmp_path / "straight", root, mode, run={"max_steps": 6}),
+                                       export=False)
         assert straight.losses[4:] == resumed.losses
         assert straight.generator_losses[2:] == resumed.generator_losses
 
@@ -81,7 +81,7 @@ def test_options_and_evaluation_run(tmp_path: Path, root: Path) -> None:
                             "background": 0.1, "identity": 0.1},
                     critic={"steps": 2, "lr_mult": 2.0}, eval={"every": 4, "num_prompts": 2},
                     run={"max_steps": 4, "save_every": 4})
-    result = self_forcing.train(cfg)
+    result = distill_train.train(cfg)
     assert result.steps == 4 and all(torch.isfinite(torch.tensor(result.losses)))
     (evaluation,) = result.eval_history
     assert evaluation["step"] == 4 and "flag_rate/motion" in evaluation
@@ -162,7 +162,7 @@ def test_nan_stops_with_last_good_checkpoint_intact(tmp_path: Path, root: Path,
 
     monkeypatch.setattr(dmd_losses, "dmd_loss", nan_on_second_generator_step)
     with pytest.raises(NonFiniteLossError, match="generator loss is nan at step 2.*step_00000002"):
-        self_forcing.train(cfg)
+        distill_train.train(cfg)
     latest = ckpt.latest_checkpoint(cfg.run.run_dir)
     assert latest is not None and latest.name == "step_00000002"
     state = ckpt.load(latest)
@@ -177,7 +177,7 @@ def test_two_processes_equal_one(tmp_path: Path, root: Path) -> None:
     full ``lr``-sized step on near-zero gradients, so the bound is 1e-5 at lr 1e-4 after 3 fp32 iterations."""
     changes = {"run": {"max_steps": 3, "save_every": 3}, "optim": {"lr": 1e-4}}
     one = sf_config(tmp_path / "one", root, "sfpp", **changes)
-    self_forcing.train(one, export=False)
+    distill_train.train(one, export=False)
     two = sf_config(tmp_path / "two", root, "sfpp", **changes)
     launch_two_processes("self_forcing", two, tmp_path / "two.yaml", timeout_s=180)
     a, b = final_weights(one.run.run_dir), final_weights(two.run.run_dir)
@@ -209,7 +209,7 @@ def test_rollout_lengths_and_windows_come_out_as_configured(tmp_path: Path, root
     cfg = sf_config(tmp_path, root, mode, **changes)
     preset = get_preset(cfg.preset)
     chunk = preset.sampler.chunk_frames
-    geom = self_forcing.resolve_geometry(cfg, HORIZON, chunk)
+    geom = distill_config.resolve_geometry(cfg, HORIZON, chunk)
     calls: list[tuple[int, tuple[int, int]]] = []
 
     def recording_rollout(model: object, context: object, preset: object, length: int, gens: list[object],
@@ -219,7 +219,7 @@ def test_rollout_lengths_and_windows_come_out_as_configured(tmp_path: Path, root
 
     monkeypatch.setattr(distill_step, "rollout", recording_rollout)
     data = latent_data.load(Path(cfg.data.latents_dir), cfg.data.spec(preset, HORIZON))
-    step = distill_step.DistillStep(cfg, preset, geom, self_forcing.load_models(cfg, preset),
+    step = distill_step.DistillStep(cfg, preset, geom, distill_train.load_models(cfg, preset),
                                     distill_step.Batches(data, cfg.run.seed))
     text = torch.zeros(2, preset.model.text_max_tokens, preset.model.text_dim)
     for s in range(40):
@@ -236,10 +236,10 @@ def test_rollout_lengths_and_windows_come_out_as_configured(tmp_path: Path, root
     assert set(starts) <= allowed and len(set(starts)) >= len(allowed) // 2  # uniform over the allowed starts
     for bad, message in ((13, "multiple of the chunk"), (10 * HORIZON - HORIZON + chunk, "leaves no window")):
         with pytest.raises(ValueError, match=message):
-            self_forcing.resolve_geometry(sf_config(tmp_path, root, "sfpp", rollout={
+            distill_config.resolve_geometry(sf_config(tmp_path, root, "sfpp", rollout={
                 "num_frames": 10 * HORIZON, "window_min_start": bad}), HORIZON, chunk)
     with pytest.raises(ValueError, match="window_min_start is for mode sfpp"):
-        self_forcing.resolve_geometry(sf_config(tmp_path, root, "sf", rollout={"window_min_start": 3}),
+        distill_config.resolve_geometry(sf_config(tmp_path, root, "sf", rollout={"window_min_start": 3}),
                                       HORIZON, chunk)
 
 
@@ -247,10 +247,10 @@ def test_report_after_a_resume_holds_the_whole_runs_evaluations(tmp_path: Path, 
     """The evaluation history rides in the checkpoint, so report.json lists step 2's evaluation (before the
     resume) beside step 4's, not only what the resumed call evaluated."""
     changes = {"eval": {"every": 2, "num_prompts": 1}, "run": {"max_steps": 2, "save_every": 2}}
-    first = self_forcing.train(sf_config(tmp_path, root, "sf", **changes), export=False)
+    first = distill_train.train(sf_config(tmp_path, root, "sf", **changes), export=False)
     assert [e["step"] for e in first.eval_history] == [2]
     cfg = sf_config(tmp_path, root, "sf", **{**changes, "run": {"max_steps": 4, "save_every": 2}})
-    resumed = self_forcing.train(cfg, resume=True)
+    resumed = distill_train.train(cfg, resume=True)
     assert [e["step"] for e in resumed.eval_history] == [2, 4]
     report = json.loads((cfg.run.run_dir / "report.json").read_text())
     assert [e["step"] for e in report["eval"]] == [2, 4]

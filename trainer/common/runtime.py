@@ -7,17 +7,19 @@
   prompt dropout) comes from a generator seeded on ``(seed, s, i, stream)``, never from
   global RNG state. Hence a resumed run replays exactly, and 1 or N processes see the same
   samples and noise; only the order of floating-point reductions differs.
-* **Loop.** :func:`run_loop` does warmup/cosine LR, backward, clipping, AdamW, EMA, the NaN
-  guard (a non-finite loss or gradient stops the run *before* the optimizer step; the last
-  checkpoint stays the latest), periodic atomic checkpoints, a wall-clock budget, a tqdm bar
-  with loss and clips/s, and TensorBoard scalars.
+* **Loop.** :func:`run_steps` is every stage's loop: warmup/cosine LR, resume, periodic atomic
+  checkpoints, a wall-clock budget, a tqdm bar with loss and clips/s, and TensorBoard scalars.
+  The stage plugs in a :class:`TrainStep`: :func:`run_loop`'s :class:`ModelStep` (one model:
+  backward, clipping, AdamW, EMA) or the Self-Forcing generator/critic step. Both update through
+  :func:`optimizer_update`, the one NaN guard (a non-finite loss or gradient stops the run *before*
+  the optimizer step; the last checkpoint stays the latest).
 * **Command line.** :func:`stage_parser` and :func:`run_stage`: the flags (``--config``,
   ``--set``, ``--resume``, ``--check``, ``--no-export``) and exit codes (0 done, 1 training failed,
   2 bad config, arguments, launch or missing inputs) that every ``python -m trainer.<stage>`` shares.
 * **Launch.** A launcher asked for N processes that started another number is refused
   (:func:`launch_mismatch`) instead of training silently on fewer.
 
-This module never builds models or data; stages hand it a ``step_fn``.
+This module never builds models or data; stages hand it a ``step_fn`` or a :class:`TrainStep`.
 """
 
 from __future__ import annotations
@@ -199,6 +201,107 @@ StepFn = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
 
 
 @dataclass
+class StepState:
+    """What a checkpoint keeps of a :class:`TrainStep`: trainable weights (fp32), EMA, optimizer state, extras."""
+
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainStep:
+    """What :func:`run_steps` trains: one iteration's work and what a checkpoint holds of it.
+
+    :class:`ModelStep` (one model, one optimizer) serves the VAE, teacher and ODE-init stages;
+    :class:`trainer.distill_train.DistillTrainStep` (generator and critic, two optimizers) the
+    Self-Forcing stage. The loop owns everything else: schedule, resume, checkpoints, logging, budget.
+    """
+
+    def __call__(self, step: int, lr: float, last: Path | None) -> dict[str, float]:
+        """Run iteration ``step`` at scheduled learning rate ``lr``; return the scalars to log, ``"loss"``
+        (the global mean the run reports) among them. ``last`` is the latest checkpoint, for the NaN guard."""
+        raise NotImplementedError
+
+    def state(self) -> StepState:
+        raise NotImplementedError
+
+    def restore(self, state: ckpt.RunState, path: Path) -> None:
+        """Load ``state`` (read from checkpoint ``path``); a mismatch raises :class:`CheckpointError`."""
+        raise NotImplementedError
+
+    def after_step(self, done: int) -> dict[str, float]:
+        """Scalars to log under their own tags at step ``done`` (e.g. a periodic evaluation); none by default."""
+        return {}
+
+
+def allreduce_grads(params: list[nn.Parameter], rt: Runtime) -> None:
+    """Average gradients over ranks (what DDP would do); a missing gradient counts as zero."""
+    if rt.world_size == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= rt.world_size
+
+
+def optimizer_update(rt: Runtime, loss: torch.Tensor, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+                     clip: float | None, step: int, last: Path | None, what: str = "",
+                     sync_grads: bool = False) -> tuple[float, float]:
+    """Backward, clip, NaN guard, optimizer step; returns (global mean loss, gradient norm).
+
+    A non-finite loss or gradient norm on any rank raises :class:`NonFiniteLossError` before the
+    optimizer steps, naming ``last`` (the latest checkpoint, left intact). ``sync_grads`` averages the
+    gradients over ranks by hand, for models that no DDP wrapper synchronises; ``what`` names the loss.
+    """
+    name = f"{what} " if what else ""
+    mean_loss = rt.all_mean(loss)
+    if rt.any_true(not bool(torch.isfinite(mean_loss))):
+        raise NonFiniteLossError(_nan_message(f"{name}loss", step, mean_loss.item(), last))
+    loss.backward()
+    if sync_grads:
+        allreduce_grads(params, rt)
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+    if rt.any_true(not bool(torch.isfinite(norm))):
+        raise NonFiniteLossError(_nan_message(f"{name}gradient norm", step, norm.item(), last))
+    optimizer.step()
+    return mean_loss.item(), float(norm)
+
+
+def _nan_message(what: str, step: int, value: float, last: Path | None) -> str:
+    where = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was written yet"
+    return (f"{what} is {value} at step {step}: stopped before the optimizer step; {where} "
+            f"(resume from it with --resume, e.g. after lowering optim.lr)")
+
+
+class ModelStep(TrainStep):
+    """One model, one optimizer: ``step_fn(step)``'s loss (gradients synchronised by the forward it runs), EMA."""
+
+    def __init__(self, rt: Runtime, optim: OptimConfig, model: nn.Module, ema: nn.Module,
+                 optimizer: torch.optim.Optimizer, step_fn: StepFn) -> None:
+        self.rt, self.optim, self.model, self.ema = rt, optim, model, ema
+        self.optimizer, self.step_fn = optimizer, step_fn
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __call__(self, step: int, lr: float, last: Path | None) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, scalars = self.step_fn(step)
+        value, norm = optimizer_update(self.rt, loss, self.params, self.optimizer, self.optim.grad_clip, step, last)
+        ema_update(self.ema, self.model, self.optim.ema_decay, step)
+        return {"loss": value, "grad_norm": norm, **{k: float(v) for k, v in scalars.items()}}
+
+    def state(self) -> StepState:
+        return StepState(fp32_state(self.model), fp32_state(self.ema), self.optimizer.state_dict())
+
+    def restore(self, state: ckpt.RunState, path: Path) -> None:
+        ckpt.restore_modules(state, self.model, self.ema, path)
+        self.optimizer.load_state_dict(state.optimizer)
+
+
+@dataclass
 class LoopResult:
     step: int  # steps completed
     losses: list[float] = field(default_factory=list)  # global mean loss of every step run in this call
@@ -209,20 +312,30 @@ class LoopResult:
 def run_loop(rt: Runtime, run: RunConfig, optim: OptimConfig, model: nn.Module, ema: nn.Module,
              optimizer: torch.optim.Optimizer, step_fn: StepFn, config: dict[str, Any], resume: bool,
              clips_per_step: int) -> LoopResult:
-    """Train ``model`` (its gradients synchronised by whatever ``step_fn`` forwards through) to ``run.max_steps``.
+    """Train ``model`` to ``run.max_steps``: :func:`run_steps` over a :class:`ModelStep`.
 
-    ``step_fn(step)`` returns this rank's mean loss over its slice of the global batch (with
-    a graph) and scalars to log. ``resume`` continues from the run's ``latest`` checkpoint (none
-    there is an error naming the run directory searched); without it an existing checkpoint is an
-    error, so a run is never silently overwritten.
+    ``step_fn(step)`` returns this rank's mean loss over its slice of the global batch (with a
+    graph) and scalars to log.
+    """
+    return run_steps(rt, run, optim, ModelStep(rt, optim, model, ema, optimizer, step_fn), config, resume,
+                     clips_per_step)
+
+
+def run_steps(rt: Runtime, run: RunConfig, optim: OptimConfig, train_step: TrainStep, config: dict[str, Any],
+              resume: bool, clips_per_step: int) -> LoopResult:
+    """The training loop of every stage: ``train_step`` at ``optim``'s scheduled LR up to ``run.max_steps``.
+
+    ``resume`` continues from the run's ``latest`` checkpoint (none there is an error naming the run
+    directory searched); without it an existing checkpoint is an error, so a run is never silently
+    overwritten. Checkpoints every ``run.save_every`` steps, at the end and when the wall-clock
+    budget ``run.max_minutes`` runs out (then the loop stops early); ``config`` is stored in each.
     """
     run_dir = run.run_dir
     start = 0
     latest = ckpt.latest_checkpoint(run_dir)
     if resume and latest is not None:
         state = ckpt.load(latest)
-        ckpt.restore_modules(state, model, ema, latest)
-        optimizer.load_state_dict(state.optimizer)
+        train_step.restore(state, latest)
         if rt.rank in state.rng and len(state.rng) == rt.world_size:
             ckpt.set_rng_state(state.rng[rt.rank])
         start = state.step
@@ -239,36 +352,24 @@ def run_loop(rt: Runtime, run: RunConfig, optim: OptimConfig, model: nn.Module, 
     def save(step: int) -> None:
         rngs = rt.gather_objects(ckpt.rng_state())
         if rt.is_main:
-            state = ckpt.RunState(step=step, model=fp32_state(model), ema=fp32_state(ema),
-                                  optimizer=optimizer.state_dict(), config=config, rng=dict(enumerate(rngs)))
+            parts = train_step.state()
+            state = ckpt.RunState(step=step, model=parts.model, ema=parts.ema, optimizer=parts.optimizer,
+                                  config=config, rng=dict(enumerate(rngs)), extra=parts.extra)
             result.checkpoint = ckpt.save(run_dir, state, run.keep_checkpoints)
         rt.barrier()
 
     logger = TrainLogger(rt, run_dir, run.max_steps, start, clips_per_step)
     t_start = time.perf_counter()
-    params = [p for p in model.parameters() if p.requires_grad]
     try:
         for step in range(start, run.max_steps):
             lr = lr_at(step, optim, run.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss, scalars = step_fn(step)
-            mean_loss = rt.all_mean(loss)
-            if rt.any_true(not bool(torch.isfinite(mean_loss))):
-                raise NonFiniteLossError(_nan_message("loss", step, mean_loss.item(), result.checkpoint))
-            loss.backward()
-            clip = optim.grad_clip if optim.grad_clip is not None else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            if rt.any_true(not bool(torch.isfinite(grad_norm))):
-                raise NonFiniteLossError(_nan_message("gradient norm", step, grad_norm.item(), result.checkpoint))
-            optimizer.step()
-            ema_update(ema, model, optim.ema_decay, step)
+            scalars = train_step(step, lr, result.checkpoint)
             result.step = step + 1
-            result.losses.append(mean_loss.item())
+            result.losses.append(scalars["loss"])
             log = (step + 1) % run.log_every == 0 or step == start
-            logger.step(step, {"loss": mean_loss.item(), "lr": lr, "grad_norm": float(grad_norm),
-                               **{k: float(v) for k, v in scalars.items()}}, log)
+            logger.step(step, {**scalars, "lr": lr}, log)
+            for tag, value in train_step.after_step(step + 1).items():
+                logger.scalar(tag, value, step + 1)
             over_budget = run.max_minutes is not None and (time.perf_counter() - t_start) > 60 * run.max_minutes
             over_budget = rt.any_true(over_budget)
             if (step + 1) % run.save_every == 0 or step + 1 == run.max_steps or over_budget:
@@ -282,12 +383,6 @@ def run_loop(rt: Runtime, run: RunConfig, optim: OptimConfig, model: nn.Module, 
     finally:
         logger.close()
     return result
-
-
-def _nan_message(what: str, step: int, value: float, last: Path | None) -> str:
-    where = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was written yet"
-    return (f"{what} is {value} at step {step}: stopped before the optimizer step; {where} "
-            f"(resume from it with --resume, e.g. after lowering optim.lr)")
 
 
 class LaunchError(ValueError):

@@ -6,8 +6,8 @@ import pytest
 
 from streamgen.precision import resolve_precision
 from trainer.common.precision import resolve_config_precision
+from trainer.distill_config import SelfForcingConfig
 from trainer.ode_init import OdeInitConfig
-from trainer.self_forcing import SelfForcingConfig
 from trainer.teacher import TeacherTrainConfig
 from trainer.vae import VAETrainConfig
 
