@@ -7,7 +7,7 @@ refuse new streams (UNAVAILABLE), let running ones go on for ``drain_timeout_s``
 with REASON_SERVER_SHUTDOWN, stop, exit 0.
 
 This module wires components together; it must never hold per-stream logic (servicer) or
-generation behaviour (engine).
+generation behaviour (engine), and it never loads a model: :mod:`streamgen.engine.factory` does.
 """
 
 from __future__ import annotations
@@ -19,16 +19,13 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from streamgen.api.v1 import SERVICE_NAME, pb, pb_grpc
-from streamgen.engine.engine import AsyncEngine, Engine, EngineConfig
-from streamgen.precision import DTYPE_NAMES, resolve_dtype
+from streamgen.engine.engine import AsyncEngine, EngineConfig
+from streamgen.engine.factory import ModelSource, build_engine
 from streamgen.server import logs
 from streamgen.server.auth import BearerTokenInterceptor
 from streamgen.server.config import ServerConfig
@@ -162,113 +159,6 @@ class StreamGenServer:
 # ---------------------------------------------------------------------------------------- streamgen serve
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the served weights come from (the ``streamgen serve`` model flags)."""
-
-    preset: str
-    transformer: Path | None = None
-    vae: Path | None = None
-    random_init: bool = False
-    dtype: str = "auto"  # streamgen.precision.DTYPE_NAMES
-    attention: str = "sdpa"
-    text_encoder: str | None = None  # None: the model directory's, else minilm; "hash": tests and benchmarks only
-    threads: int = 0
-    model_dir: Path | None = None  # a streamgen model directory: replaces preset, checkpoints and encoder
-    quantize: str = "none"  # streamgen.model.quantize.QUANTIZE_MODES
-    compile: bool = False  # torch.compile the transformer blocks
-
-    def __post_init__(self) -> None:
-        if self.model_dir is not None:
-            if self.transformer is not None or self.vae is not None or self.random_init:
-                raise ValueError("a model directory takes no --transformer / --vae / --random-init")
-        elif not self.random_init and (self.transformer is None or self.vae is None):
-            raise ValueError("give --transformer and --vae checkpoints, or --random-init for random weights")
-        if self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
-        if self.quantize not in ("none", "int8"):
-            raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
-        if self.text_encoder not in (None, "minilm", "hash"):
-            raise ValueError(f"text encoder must be minilm or hash, got {self.text_encoder!r}")
-
-
-def build_engine(source: ModelSource, config: EngineConfig) -> tuple[Engine, str]:
-    """Load (or randomly initialise) the model, warm the prompt encoder, build the engine.
-
-    Returns the engine and a description of its weights for ModelInfo.weights.
-    """
-    import torch
-
-    from streamgen.config import get_preset
-    from streamgen.model.text import MINILM_DIM, HashTokenEncoder, TextEncoder
-    from streamgen.model.transformer import CausalWanTransformer
-    from streamgen.model.vae import CausalVideoVAE
-    from streamgen.model.weights import load_transformer, load_vae
-
-    if source.threads > 0:
-        torch.set_num_threads(source.threads)
-    if source.model_dir is not None:
-        return _build_engine_from_dir(source, config)
-    preset = get_preset(source.preset)
-    if preset.model.text_dim != MINILM_DIM:  # e.g. wan-1.3b (UMT5, 4096); checked before any weights load
-        raise ValueError(f"the {source.text_encoder or 'minilm'} prompt encoder gives {MINILM_DIM}-d embeddings but "
-                         f"preset {preset.name} expects text_dim {preset.model.text_dim}; serve a model directory "
-                         "(--model, from `streamgen convert`) that holds its text encoder")
-    if source.random_init:
-        torch.manual_seed(0)
-        model: Any = CausalWanTransformer(preset.model, source.attention)
-        vae: Any = CausalVideoVAE(preset.vae)
-        weights = "random-init (seed 0)"
-    else:
-        assert source.transformer is not None and source.vae is not None
-        model = load_transformer(source.transformer, expected=preset.model, attention_backend=source.attention)
-        vae = load_vae(source.vae, expected=preset.vae)
-        weights = f"transformer={source.transformer.name} vae={source.vae.name}"
-    token_encoder = HashTokenEncoder() if source.text_encoder == "hash" else None
-    if token_encoder is not None:
-        weights += " text=hash (not a language model)"
-    text = TextEncoder(preset.model.text_max_tokens, token_encoder=token_encoder)
-    text.encode(["warm-up"])  # load MiniLM now, not on the first client's clock
-    choice = resolve_dtype(source.dtype)
-    event(log, "dtype", dtype=choice.name, reason=choice.reason)
-    if choice.warning:
-        log.warning(choice.warning)
-    model = _prepare(model.eval().to(choice.dtype), source)
-    return Engine(preset, model, vae, text, config, dtype=choice.dtype), weights
-
-
-def _build_engine_from_dir(source: ModelSource, config: EngineConfig) -> tuple[Engine, str]:
-    """``streamgen serve --model DIR``: everything (preset, weights, prompt encoder) from the directory."""
-    from streamgen.model.text import HashTokenEncoder
-    from streamgen.model_dir import load_model_dir, read_model_dir
-
-    assert source.model_dir is not None
-    md = read_model_dir(source.model_dir)
-    if source.text_encoder == "minilm" and md.text_kind != "minilm":
-        raise ValueError(f"--text-encoder minilm, but {md.root} uses a {md.text_kind} text encoder "
-                         f"(width {md.text_dim}); drop --text-encoder")
-    token_encoder = HashTokenEncoder(md.preset.model.text_dim) if source.text_encoder == "hash" else None
-    choice = resolve_dtype(source.dtype)
-    event(log, "dtype", dtype=choice.name, reason=choice.reason)
-    if choice.warning:
-        log.warning(choice.warning)
-    # A UMT5 encoder runs in the serving dtype, as Wan runs its T5 in bf16 (MiniLM ignores it).
-    parts = load_model_dir(md, attention=source.attention, token_encoder=token_encoder, text_dtype=choice.dtype)
-    weights = parts.description + (" text=hash (not a language model)" if token_encoder is not None else "")
-    parts.text.encode(["warm-up"])  # load the prompt encoder now, not on the first client's clock
-    model = _prepare(parts.transformer.eval().to(choice.dtype), source)
-    return Engine(parts.preset, model, parts.vae, parts.text, config, dtype=choice.dtype), weights
-
-
-def _prepare(model: Any, source: ModelSource) -> Any:
-    """INT8 and compilation as asked (after the dtype cast); a combination that cannot run is a ValueError."""
-    from streamgen.model.compile import prepare_for_inference
-
-    if source.quantize != "none" or source.compile:
-        event(log, "speedups", quantize=source.quantize, compile=source.compile)
-    return prepare_for_inference(model, quantize=source.quantize, compile=source.compile)
-
-
 async def serve_until_signal(server: StreamGenServer) -> None:
     """Start, wait for SIGTERM or SIGINT, drain. A second signal during the drain kills the process."""
     loop = asyncio.get_running_loop()
@@ -292,7 +182,7 @@ def run(source: ModelSource, engine_config: EngineConfig, server_config: ServerC
     """
     logs.configure(log_format, log_level)
     t0 = time.monotonic()
-    engine, weights = build_engine(source, engine_config)
+    engine, weights = build_engine(source, engine_config, lambda name, **fields: event(log, name, **fields))
     event(log, "engine_ready", preset=engine.preset.name, weights=weights, load_s=round(time.monotonic() - t0, 2))
     async_engine = AsyncEngine(engine, max_buffered_chunks=server_config.max_buffered_chunks)
     server = StreamGenServer(async_engine, server_config, weights)
