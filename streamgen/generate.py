@@ -62,7 +62,7 @@ def generate_latents(
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield clean latent chunks ``[B, C, F_chunk, h, w]`` of a new stream, chunk by chunk."""
-    step = ChunkStep(preset.sampler, model.proj_out.weight.dtype)
+    step = ChunkStep(preset.sampler, model.proj_out.weight.dtype, model.proj_out.weight.device)
     batch = context.batch_size
     cache = ContiguousKVCache(model.cfg.num_layers, preset.tokens_per_frame, preset.cache, model.backend)
     for chunk in plan_chunks(num_latent_frames, preset.sampler.chunk_frames):

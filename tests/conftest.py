@@ -31,21 +31,49 @@ def seeded_tiny_model(model_cfg: ModelConfig | None = None, *, seed: int | None 
 
 
 def make_tiny_engine(preset: Preset | None = None, model: CausalWanTransformer | None = None,
-                     **config: Any) -> Engine:
-    """An fp32 engine over :func:`seeded_tiny_model` (seed 0), the random-init VAE and the hash text
-    encoder, so two engines built alike produce identical frames; ``config`` overrides
+                     device: torch.device | str = "cpu", **config: Any) -> Engine:
+    """An fp32 engine on ``device`` over :func:`seeded_tiny_model` (seed 0), the random-init VAE and
+    the hash text encoder, so two engines built alike produce identical frames; ``config`` overrides
     :class:`EngineConfig` fields (a 4 MiB KV pool unless given)."""
     preset = preset or get_preset("test")
     model = model if model is not None else seeded_tiny_model(preset.model)
     vae = CausalVideoVAE(preset.vae)  # after the model: its init draws from the same global generator
     text = TextEncoder(preset.model.text_max_tokens, token_encoder=HashTokenEncoder())
     engine_cfg = EngineConfig(**{"kv_memory_bytes": 2**22, **config})
-    return Engine(preset, model, vae, text, engine_cfg, dtype=torch.float32)
+    return Engine(preset, model, vae, text, engine_cfg, dtype=torch.float32, device=device)
 
 
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+def _cuda_skip_reason() -> str | None:
+    """Why ``gpu`` tests cannot run here, or ``None`` where PyTorch sees a CUDA device."""
+    if torch.cuda.is_available():
+        return None
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+    return f"needs a CUDA device: torch {torch.__version__} ({build}) sees none"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` skip, saying why, where there is no CUDA device (run them with ``-m gpu``)."""
+    reason = _cuda_skip_reason()
+    if reason is None:
+        return
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# cpu always; cuda:0 where available, marked ``gpu`` so `pytest -m gpu` selects the CUDA half.
+_DEVICE_PARAMS = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=_DEVICE_PARAMS)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The device a device-parametrised test runs on: ``cpu``, plus ``cuda:0`` where CUDA is available."""
+    return torch.device("cuda", 0) if request.param == "cuda" else torch.device("cpu")
 
 
 @pytest.fixture

@@ -128,7 +128,7 @@ def rollout(
     Returns:
         :class:`RolloutResult` with ``latents [B, C, N, h, w]``.
     """
-    step = ChunkStep(preset.sampler, model.proj_out.weight.dtype)
+    step = ChunkStep(preset.sampler, model.proj_out.weight.dtype, model.proj_out.weight.device)
     exit_step = step.check_exit_step(exit_step)
     lo, hi = (0, num_frames) if grad_span is None else grad_span
     if context_source is not None and context_source.latents.shape[2] < num_frames:

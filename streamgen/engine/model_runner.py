@@ -44,15 +44,16 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, preset: Preset, model: CausalWanTransformer, vae: CausalVideoVAE, text: TextEncoder,
-                 kv: PagedKVCacheManager, dtype: torch.dtype) -> None:
+                 kv: PagedKVCacheManager, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         self.preset = preset
+        self.device = torch.device(device)
         self.model = model
         self.vae = vae
         self.text = text
         self.kv = kv
         self.dtype = dtype
         self.vae_dtype = next(vae.parameters()).dtype
-        self.step = ChunkStep(preset.sampler, dtype)
+        self.step = ChunkStep(preset.sampler, dtype, self.device)
         # Called with each committed chunk's item and clean latents [1, C, F, h, w] (an image start's
         # latent included), after the runner stored them: a seam for recording a session's latents
         # (equivalence tests, latent capture) that needs no patching of private methods.
@@ -62,19 +63,19 @@ class ModelRunner:
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> TextContext:
         emb, _ = self.text.encode([prompt])
-        return self.model.encode_text(emb.to(self.dtype))
+        return self.model.encode_text(emb.to(device=self.device, dtype=self.dtype))
 
     @torch.no_grad()
     def attach(self, session: Session, prompt: str, seed: int, image: np.ndarray | None) -> None:
         """Give ``session`` its tensors: generator, prompt context, decoder state, image latent."""
         image_latent = None
         if image is not None:
-            pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # [1, 3, H, W]
+            pixels = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1.0
             image_latent = self.vae.to_diffusion(self.vae.encode_image(pixels.to(self.vae_dtype))).to(self.dtype)
         session.tensors = SessionTensors(
             generator=torch.Generator().manual_seed(seed), prompt=prompt, context=self.encode_prompt(prompt),
             decoder=self.vae.init_decoder_state(1, self.preset.latent_height, self.preset.latent_width,
-                                                dtype=self.vae_dtype),
+                                                device=self.device, dtype=self.vae_dtype),
             image_latent=image_latent)
 
     # ------------------------------------------------------------------ execution
@@ -101,7 +102,7 @@ class ModelRunner:
             expected = tuple(it.start_frame for it in batch.items)
             if starts != expected:
                 raise RuntimeError(f"cache and scheduler disagree on chunk starts: {starts} vs {expected}")
-            offsets = torch.tensor(starts, dtype=torch.long)
+            offsets = torch.tensor(starts, dtype=torch.long, device=self.device)
             return self.model(x, t, context, frame_offsets=offsets, kv_cache=view)
 
     def _denoise(self, batch: ForwardBatch) -> list[StepResult]:
@@ -112,7 +113,7 @@ class ModelRunner:
                 st.x = self.step.initial_noise(self._latent_shape(it.num_frames), st.generator)
             xs.append(st.x)
             ts.append(self.step.timesteps[it.step])
-        t = torch.tensor(ts)[:, None].expand(len(ts), batch.num_frames)
+        t = torch.tensor(ts, device=self.device)[:, None].expand(len(ts), batch.num_frames)
         start = time.perf_counter()
         velocity = self._forward(batch, torch.cat(xs), t, commit=False)
         share_ms = (time.perf_counter() - start) * 1000 / len(batch.items)
@@ -125,7 +126,7 @@ class ModelRunner:
         clean = [it.session.state.x0 for it in batch.items]
         inputs = [self.step.commit_input(x0, it.session.state.generator)  # type: ignore[arg-type]
                   for x0, it in zip(clean, batch.items, strict=True)]
-        t = torch.full((len(inputs), batch.num_frames), self.step.commit_timestep)
+        t = torch.full((len(inputs), batch.num_frames), self.step.commit_timestep, device=self.device)
         start = time.perf_counter()
         self._forward(batch, torch.cat(inputs), t, commit=True)
         share_ms = (time.perf_counter() - start) * 1000 / len(batch.items)
@@ -138,7 +139,7 @@ class ModelRunner:
             if latent is None:
                 raise RuntimeError(f"session {it.session_id!r} scheduled an image prefill without an image")
             latents.append(latent)
-        t = torch.zeros(len(latents), 1)
+        t = torch.zeros(len(latents), 1, device=self.device)
         start = time.perf_counter()
         self._forward(batch, torch.cat(latents), t, commit=True)
         share_ms = (time.perf_counter() - start) * 1000 / len(batch.items)
@@ -206,7 +207,7 @@ class ModelRunner:
         visible = chunk_ids[None, :] <= chunk_ids[:, None]  # block-causal among the resident frames
         start = time.perf_counter()
         with self.kv.begin_rewrite(item.session_id, frames, visible) as view:
-            positions = torch.tensor(frames, dtype=torch.long)[None]
-            t = torch.full((1, len(frames)), self.preset.sampler.context_timestep)
+            positions = torch.tensor(frames, dtype=torch.long, device=self.device)[None]
+            t = torch.full((1, len(frames)), self.preset.sampler.context_timestep, device=self.device)
             self.model(x.to(self.dtype), t, st.context, frame_offsets=positions, kv_cache=view)
         return [StepResult(item, None, (time.perf_counter() - start) * 1000)]

@@ -32,26 +32,32 @@ from streamgen.model.sampler import add_noise, student_timesteps, x0_from_veloci
 Generators = torch.Generator | Sequence[torch.Generator]
 
 
-def draw_noise(shape: tuple[int, ...], generators: Generators, dtype: torch.dtype) -> torch.Tensor:
-    """Standard normal noise ``shape = [B, ...]``, drawn on the CPU so results match across devices.
+def draw_noise(shape: tuple[int, ...], generators: Generators, dtype: torch.dtype,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normal noise ``shape = [B, ...]``, drawn in fp32 by CPU generators and then moved to
+    ``device`` in ``dtype``: a seed gives the same noise, hence the same video up to the device's
+    arithmetic, on every device (CUDA generators draw other numbers than CPU ones).
 
     A sequence of ``B`` generators draws one row each, so a row's values do not depend on the
     rows beside it.
     """
     if isinstance(generators, torch.Generator):
-        return torch.randn(shape, generator=generators, dtype=torch.float32).to(dtype)
-    if len(generators) != shape[0]:
-        raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
-    return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generators]
-                     ).to(dtype)
+        noise = torch.randn(shape, generator=generators, dtype=torch.float32)
+    else:
+        if len(generators) != shape[0]:
+            raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
+        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generators])
+    return noise.to(device=device, dtype=dtype, non_blocking=True)
 
 
 @dataclass(frozen=True)
 class ChunkStep:
-    """The sampler of one chunk between its forwards; ``dtype`` is the model's (noise is cast to it)."""
+    """The sampler of one chunk between its forwards; ``dtype`` and ``device`` are the model's (noise is
+    drawn on the CPU, see :func:`draw_noise`, and moved there)."""
 
     sampler: SamplerConfig
     dtype: torch.dtype
+    device: torch.device | str = "cpu"
     timesteps: tuple[float, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -75,7 +81,7 @@ class ChunkStep:
 
     def initial_noise(self, shape: tuple[int, ...], generators: Generators) -> torch.Tensor:
         """The chunk's input to step 0, ``shape = [B, C, F, h, w]``."""
-        return draw_noise(shape, generators, self.dtype)
+        return draw_noise(shape, generators, self.dtype, self.device)
 
     def advance(self, x: torch.Tensor, velocity: torch.Tensor, step: int, generators: Generators,
                 exit_step: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -88,14 +94,14 @@ class ChunkStep:
         x0 = x0_from_velocity(x, velocity, t, self.sampler.num_train_timesteps)
         if step >= self.check_exit_step(exit_step):
             return x0, None
-        noise = draw_noise(tuple(x0.shape), generators, self.dtype)
+        noise = draw_noise(tuple(x0.shape), generators, self.dtype, x0.device)
         return x0, add_noise(x0, noise, self.timesteps[step + 1], self.sampler.num_train_timesteps)
 
     def commit_input(self, x0: torch.Tensor, generators: Generators) -> torch.Tensor:
         """What the cache-writing forward sees: ``x_0``, re-noised to ``context_timestep`` if that is > 0."""
         if self.sampler.context_timestep <= 0:
             return x0
-        noise = draw_noise(tuple(x0.shape), generators, x0.dtype)
+        noise = draw_noise(tuple(x0.shape), generators, x0.dtype, x0.device)
         return add_noise(x0, noise, self.sampler.context_timestep, self.sampler.num_train_timesteps)
 
     def sample(self, velocity: Callable[[torch.Tensor, float], torch.Tensor], shape: tuple[int, ...],
