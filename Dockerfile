@@ -65,6 +65,8 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
   CMD ["python", "-m", "streamgen.server.health", "--address", "127.0.0.1:50051", "--quiet"]
 # SIGTERM drains (health NOT_SERVING, running streams end with REASON_SERVER_SHUTDOWN after
 # --drain-timeout-s, exit 0): give the container a stop timeout above it, e.g. `docker stop -t 30`.
-ENTRYPOINT ["streamgen", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090"]
+# --device auto: cuda:0 when the container sees a GPU (docker run --gpus ...), with dtype auto = bf16 there;
+# the device and dtype chosen are logged at start. Without a GPU it serves on the CPU, saying so.
+ENTRYPOINT ["streamgen", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090", "--device", "auto"]
 # The committed default model (baked in above); pass --transformer/--vae (e.g. from a mounted volume) to serve another.
 CMD ["--preset", "default"]

@@ -3,6 +3,7 @@
     python benchmarks/engine.py                  # default preset, --dtype auto, random weights
     python benchmarks/engine.py --quick          # fewer chunks (smoke run)
     python benchmarks/engine.py --dtype float32  # force a dtype (auto: bf16 only with native CPU bf16)
+    python benchmarks/engine.py --device cuda --preset wan-1.3b --hash-text --quick  # on a GPU (bf16)
 
 Everything is measured side by side in one run (these machines are noisy), and printed
 as one JSON document followed by a short table:
@@ -34,12 +35,14 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from typing import Any
 
 import torch
 
 from streamgen.config import CacheConfig, Preset, get_preset
+from streamgen.device import DEVICE_HELP, device_info, resolve_device, synchronize
 from streamgen.engine.engine import Engine, EngineConfig
 from streamgen.engine.request import GenerationRequest
 from streamgen.model.masks import block_causal_mask
@@ -54,15 +57,18 @@ PROMPTS = ["a glossy red bottle turning slowly on a white table", "a matte blue 
            "a green can on a kitchen counter, camera zooming in", "a white box in a dark studio"]
 
 
-def build(preset: Preset, text: TextEncoder, dtype: torch.dtype, quantize: str = "none", **engine_kw: Any) -> Engine:
+def build(preset: Preset, text: TextEncoder, dtype: torch.dtype, quantize: str = "none",
+          device: torch.device | None = None, kv_memory_bytes: int = 256 * 2**20, **engine_kw: Any) -> Engine:
+    device = device or torch.device("cpu")
     torch.manual_seed(0)
-    model = CausalWanTransformer(preset.model)
+    model = CausalWanTransformer(preset.model)  # drawn on the CPU: the same random weights on every device
     with torch.no_grad():  # random weights with a non-zero head, so the math is not degenerate
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    model = quantize_transformer(model.to(dtype), quantize)
+    model = quantize_transformer(model.to(device, dtype), quantize)
     return Engine(preset, model, CausalVideoVAE(preset.vae), text,
-                  EngineConfig(kv_memory_bytes=256 * 2**20, max_frames=None, **engine_kw), dtype=dtype)
+                  EngineConfig(kv_memory_bytes=kv_memory_bytes, max_frames=None, **engine_kw), dtype=dtype,
+                  device=device)
 
 
 def run_streams(engine: Engine, num_streams: int, num_chunks: int) -> dict[str, Any]:
@@ -94,17 +100,21 @@ def run_streams(engine: Engine, num_streams: int, num_chunks: int) -> dict[str, 
 
 def time_forward(model: CausalWanTransformer, preset: Preset, num_frames: int, repeats: int,
                  mask: torch.Tensor | None = None) -> float:
-    dtype = model.proj_out.weight.dtype
-    ctx = model.encode_text(torch.zeros(1, preset.model.text_max_tokens, preset.model.text_dim, dtype=dtype))
+    dtype, device = model.proj_out.weight.dtype, model.proj_out.weight.device
+    ctx = model.encode_text(torch.zeros(1, preset.model.text_max_tokens, preset.model.text_dim, dtype=dtype,
+                                        device=device))
     x = torch.randn(1, preset.model.latent_channels, num_frames, preset.latent_height, preset.latent_width,
-                    dtype=dtype)
-    t = torch.full((1,), 500.0)
+                    dtype=dtype).to(device)
+    t = torch.full((1,), 500.0, device=device)
+    mask = None if mask is None else mask.to(device)
     times = []
     with torch.no_grad():
         model(x, t, ctx, attn_mask=mask)
         for _ in range(repeats):
+            synchronize(device)
             t0 = time.perf_counter()
             model(x, t, ctx, attn_mask=mask)
+            synchronize(device)  # CUDA launches return at once: time the finished forward
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -114,17 +124,29 @@ def main() -> None:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--quick", action="store_true", help="fewer chunks (smoke run, noisier)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto", help="as `streamgen serve --dtype`")
     parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
                         help="INT8 linear layers (CPU, float32); the other-dtype run stays unquantised")
-    parser.add_argument("--hash-text", action="store_true", help="skip MiniLM (hash embeddings)")
+    parser.add_argument("--hash-text", action="store_true",
+                        help="skip MiniLM (hash embeddings of the preset's text width; needed for wan-1.3b's 4096)")
+    parser.add_argument("--kv-memory-mb", type=float, default=256,
+                        help="KV pool per engine (wan-1.3b in bf16: ~288 MiB a latent frame)")
     args = parser.parse_args()
+    try:  # before anything loads: a bad --device is one line and exit 2
+        device = resolve_device(args.device)
+        choice = resolve_dtype(args.dtype, device)
+    except ValueError as exc:
+        print(f"benchmarks/engine.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
-    choice = resolve_dtype(args.dtype)
     dtype = choice.dtype
+    print(f"device: {device_info(device).describe()}; dtype: {choice.name} ({choice.reason})", file=sys.stderr)
     other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
-    text = TextEncoder(preset.model.text_max_tokens, token_encoder=HashTokenEncoder() if args.hash_text else None)
+    engine_kw: dict[str, Any] = {"device": device, "kv_memory_bytes": int(args.kv_memory_mb * 2**20)}
+    hashed = HashTokenEncoder(preset.model.text_dim) if args.hash_text else None
+    text = TextEncoder(preset.model.text_max_tokens, token_encoder=hashed)
     if not args.hash_text:
         text.encode(["warm up the text model"])
     long_chunks = 40 if args.quick else 210
@@ -133,15 +155,15 @@ def main() -> None:
     tokens = preset.tokens_per_frame
     window_frames = preset.cache.window_frames or 12
 
-    peak = matmul_peak_flops(dtype, quantize=args.quantize)
-    other_peak = matmul_peak_flops(other)
+    peak = matmul_peak_flops(dtype, quantize=args.quantize, device=device)
+    other_peak = matmul_peak_flops(other, device=device)
     # A lower bound on the transformer work per pixel frame (4 denoising forwards + 1 cache write, each
     # attending at least to the chunk itself): the real-time factor's guard against impossible timings.
     chunk_flops = 5 * transformer_forward_flops(preset.model, tokens, chunk, chunk).total
     flops_per_frame = chunk_flops / preset.pixel_frames(chunk)
 
     # 1. One stream, long, rolling window (the preset's): RTF, TTFF, chunk 10 vs chunk 200.
-    single = run_streams(build(preset, text, dtype, args.quantize), 1, long_chunks)
+    single = run_streams(build(preset, text, dtype, args.quantize, **engine_kw), 1, long_chunks)
     chunk_s = single["chunk_s"]
     # Medians over 11 chunks centred on chunk 10 (the window is full from chunk 4 on) and on chunk 200:
     # single chunk times on a shared 2-core machine jitter by 10 % and more.
@@ -151,26 +173,27 @@ def main() -> None:
     rtf = realtime_factor(single["frames"], single["wall_s"], fps, flops_per_frame, peak)
 
     # 1b. The same stream for a few chunks in the other dtype, side by side.
-    other_run = run_streams(build(preset, text, other), 1, 6)
-    other_peak = max(other_peak, matmul_peak_flops(other))  # measured again: load drifts on a shared machine
+    other_run = run_streams(build(preset, text, other, **engine_kw), 1, 6)
+    # Measured again: load drifts on a shared machine.
+    other_peak = max(other_peak, matmul_peak_flops(other, device=device))
     other_rtf = realtime_factor(other_run["frames"], other_run["wall_s"], fps, flops_per_frame, other_peak)
 
     # 2. Four streams batched vs one stream, same length, same engine settings.
     n_batch_chunks = 8 if args.quick else 20
-    one = run_streams(build(preset, text, dtype, args.quantize), 1, n_batch_chunks)
-    four = run_streams(build(preset, text, dtype, args.quantize), 4, n_batch_chunks)
+    one = run_streams(build(preset, text, dtype, args.quantize, **engine_kw), 1, n_batch_chunks)
+    four = run_streams(build(preset, text, dtype, args.quantize, **engine_kw), 4, n_batch_chunks)
     batch_ratio = (four["frames"] / four["wall_s"]) / (one["frames"] / one["wall_s"])
 
     # 3. Cached chunk vs recomputing a 21-frame visible context (Self-Forcing's comparison).
     window = 21
     p21 = dataclasses.replace(preset, cache=CacheConfig(window_frames=window, sink_frames=0))
     torch.manual_seed(0)
-    model = quantize_transformer(CausalWanTransformer(preset.model).to(dtype).eval(), args.quantize)
+    model = quantize_transformer(CausalWanTransformer(preset.model).to(device, dtype).eval(), args.quantize)
     repeats = 3 if args.quick else 7
     # No cache: every denoising forward runs over context + chunk under the block-causal mask.
     mask = block_causal_mask(window, tokens, [window - chunk, chunk])
     recompute_chunk = 4 * time_forward(model, preset, window, repeats, mask)
-    cached = run_streams(build(p21, text, dtype, args.quantize), 1, 14 if args.quick else 20)
+    cached = run_streams(build(p21, text, dtype, args.quantize, **engine_kw), 1, 14 if args.quick else 20)
     cached_chunk = statistics.median(cached["chunk_s"][8:])  # window full from chunk 7 on
     cached_transformer = statistics.median(cached["generate_ms"][8:]) / 1000
     decode = statistics.median(cached["decode_ms"][8:]) / 1000
@@ -178,7 +201,8 @@ def main() -> None:
     pipeline_speedup = (recompute_chunk + decode) / cached_chunk
 
     # 4. MFU of the transformer forward: 12 frames under full attention, and one 3-frame chunk.
-    peak = max(peak, matmul_peak_flops(dtype, quantize=args.quantize))  # again, just before the timed forwards
+    # Again, just before the timed forwards.
+    peak = max(peak, matmul_peak_flops(dtype, quantize=args.quantize, device=device))
     fwd = time_forward(model, preset, window_frames, repeats)
     flops = transformer_forward_flops(preset.model, tokens, window_frames, window_frames).total
     mfu = utilisation(flops, fwd, peak)
@@ -187,7 +211,8 @@ def main() -> None:
 
     name = str(dtype).removeprefix("torch.")
     result = {
-        "preset": preset.name, "threads": args.threads, "dtype": name, "dtype_reason": choice.reason,
+        "preset": preset.name, "device": device_info(device).describe(), "threads": args.threads, "dtype": name,
+        "dtype_reason": choice.reason,
         "quantize": args.quantize,
         "matmul_peak_gflops": peak / 1e9,
         "rtf": rtf, "generated_fps": rtf * fps, "ttff_s": single["ttff_s"],

@@ -3,6 +3,9 @@
     python benchmarks/quantize.py                       # 16 prompts x 4 s, 2 threads
     python benchmarks/quantize.py --num-prompts 4 --seconds 2   # smoke run
 
+INT8 here is PyTorch's dynamic INT8 linear, a CPU kernel: ``--device`` exists for symmetry with the
+other benchmarks, and anything but a CPU is refused in one line (exit 2) before any weights load.
+
 For each prompt (drawn, seeded, from the training caption template: train combinations) both models
 generate the same clip from the same seed, chunk by chunk through the rolling KV cache, and the same
 float32 VAE decodes both. Printed as one JSON document and a short table:
@@ -22,6 +25,7 @@ import copy
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,8 +36,9 @@ from tqdm import tqdm
 
 from streamgen.config import get_preset
 from streamgen.default_model import resolve
+from streamgen.device import DEVICE_HELP, resolve_device
 from streamgen.generate import generate_latents
-from streamgen.model.quantize import quantize_transformer
+from streamgen.model.quantize import check_quantize, quantize_transformer
 from streamgen.model.text import TextEncoder
 from streamgen.model.weights import load_transformer, load_vae
 from streamgen.video_io import frames_to_uint8
@@ -72,9 +77,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--classifier", type=Path, default=REPO / "checkpoints" / "attr_classifier.safetensors")
+    parser.add_argument("--device", default="cpu", help=f"{DEVICE_HELP}; INT8 runs on cpu only")
     args = parser.parse_args()
     if args.num_prompts <= 0 or args.seconds <= 0:
         parser.error("--num-prompts and --seconds must be > 0")
+    try:
+        check_quantize("int8", resolve_device(args.device), torch.float32)
+    except ValueError as exc:
+        print(f"benchmarks/quantize.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     torch.set_num_threads(args.threads)
     preset = get_preset("default")
     transformer_path, vae_path = resolve("default", None, None, False)

@@ -51,6 +51,7 @@ from typing import Any
 
 from clients.stream import OK_REASONS, RETRYABLE_CODES, StreamClient, StreamError, StreamRequest, StreamTrace
 from streamgen.api.v1 import pb
+from streamgen.device import DEVICE_HELP, resolve_device
 from streamgen.server.health import check
 
 RSS_GROWTH_BOUND_MIB = 100.0
@@ -129,7 +130,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
     cmd = [sys.executable, "-m", "streamgen.cli", "serve", "--preset", args.preset, "--random-init",
            "--text-encoder", args.text_encoder, "--port", "0", "--metrics-port", "-1",
            "--max-sessions", str(args.clients), "--kv-memory-mb", str(args.kv_memory_mb),
-           "--drain-timeout-s", "5", "--dtype", args.dtype]
+           "--drain-timeout-s", "5", "--dtype", args.dtype, "--device", args.device]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if not args.pace:
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--text-encoder", default="hash", choices=["hash", "minilm"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=0, help="server torch threads (0 = default)")
+    parser.add_argument("--device", default="auto", help="server device when the script starts it: " + DEVICE_HELP)
     parser.add_argument("--kv-memory-mb", type=float, default=256)
     parser.add_argument("--warmup-s", type=float, default=3.0, help="warm-up load before measuring (default: 3)")
     parser.add_argument("--server", "--target", dest="server",
@@ -189,6 +191,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     proc = None
     address = args.server
     if address is None:
+        try:  # one line and exit 2 now, rather than "did not start" after the server's own exit 2
+            resolve_device(args.device)
+        except ValueError as exc:
+            print(f"benchmarks/serve_load.py: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         proc, address = start_server(args)
     if check(address) != "SERVING":
         raise RuntimeError(f"{address} is not SERVING")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from streamgen import default_model
 from streamgen.config import PRESETS  # plain dataclasses: --help stays instant
+from streamgen.device import DEVICE_HELP
 from streamgen.precision import DTYPE_NAMES
 
 
@@ -49,6 +50,7 @@ def _add_model(p: argparse._ActionsContainer, random_init_help: str) -> None:
     p.add_argument("--vae", type=Path,
                    help=f"VAE checkpoint (.safetensors); default: checkpoints/{default_model.VAE_FILE}")
     p.add_argument("--random-init", action="store_true", help=random_init_help)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="auto",
                    help="transformer precision (and KV-cache dtype); auto = bfloat16 only where the CPU multiplies "
                         "it natively (AVX512-BF16/AMX) or on CUDA, else float32")
@@ -197,14 +199,26 @@ def _check_model_flags(args: argparse.Namespace) -> None:
                          f"{', '.join(given)}")
 
 
+def _resolve_device(args: argparse.Namespace) -> None:
+    """``--device`` text -> ``args.device`` (a ``torch.device``), first thing in a command: CUDA asked for on a
+    machine without it (or a bad index) is a ``ValueError`` -> exit 2 with one line, before anything loads."""
+    from streamgen.device import resolve_device
+
+    args.device = resolve_device(args.device)
+
+
 def _check_speedups(args: argparse.Namespace) -> None:
     """``--quantize`` / ``--dtype`` combinations that cannot run fail here, before any weights load."""
+    if args.quantize == "none" and args.device.type == "cpu":
+        return  # every --dtype runs on a CPU (forced bf16 warns later, when it is resolved)
+    from streamgen.precision import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, args.device).dtype  # e.g. bfloat16 on a GPU without it: fail now
     if args.quantize == "none":
         return
     from streamgen.model.quantize import check_quantize
-    from streamgen.precision import resolve_dtype
 
-    check_quantize(args.quantize, "cpu", resolve_dtype(args.dtype).dtype)
+    check_quantize(args.quantize, args.device, dtype)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -289,6 +303,7 @@ def _build_pipeline(args: argparse.Namespace, dtype: object) -> object:
 def cmd_generate(args: argparse.Namespace) -> int:
     from streamgen.config import get_preset
 
+    _resolve_device(args)
     _check_model_flags(args)
     _check_speedups(args)
     if args.model is None:
@@ -315,7 +330,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    choice = resolve_dtype(args.dtype)
+    from streamgen.device import device_info
+
+    choice = resolve_dtype(args.dtype, args.device)
+    print(f"device: {device_info(args.device).describe()}", file=sys.stderr)
     print(f"dtype: {choice.name} ({choice.reason})", file=sys.stderr)
     if choice.warning:
         print(f"warning: {choice.warning}", file=sys.stderr)
@@ -369,6 +387,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from streamgen.config import get_preset
 
+    _resolve_device(args)  # args.device: a torch.device from here on (ModelSource does not take it yet)
     _check_model_flags(args)
     _check_speedups(args)
     get_preset(args.preset)  # unknown names fail before anything loads

@@ -58,21 +58,29 @@ def transformer_forward_flops(model: ModelConfig, tokens_per_frame: int, query_f
                         attention=model.num_layers * attention_per_layer)
 
 
-def matmul_peak_flops(dtype: torch.dtype, size: int = 512, seconds: float = 1.0, quantize: str = "none",
-                      windows: int = 3) -> float:
-    """Sustained FLOP/s of the model's own GEMM (``F.linear`` with a bias) in ``dtype`` here: MFU's denominator.
+def matmul_peak_flops(dtype: torch.dtype, size: int | None = None, seconds: float = 1.0, quantize: str = "none",
+                      windows: int = 3, device: torch.device | str = "cpu") -> float:
+    """Sustained FLOP/s of the model's GEMM (``F.linear`` with a bias) in ``dtype`` on ``device``: MFU's denominator.
 
     ``F.linear``, not ``a @ b``: on a CPU without native bf16 the two take different kernels (measured
     on an AVX2 EPYC: bf16 ``mm`` ~1 GFLOP/s, bf16 ``linear`` ~5), and the model runs ``linear``.
     ``quantize="int8"`` times the INT8 dynamic linear a quantised model runs instead. The best of
     ``windows`` timing windows is kept, so a burst of load from other processes lowers the peak less
     (a peak measured too low makes a true figure look impossible). At least two GEMMs per window even
-    where the dtype is emulated.
+    where the dtype is emulated. ``size`` defaults to 512 on a CPU and 4096 on CUDA (a small GEMM
+    leaves a GPU idle between launches); on CUDA each window ends with a synchronize.
     """
     import torch
 
-    a = torch.randn(size, size).to(dtype)
-    linear = torch.nn.Linear(size, size).to(dtype)
+    device = torch.device(device)
+    size = size or (4096 if device.type == "cuda" else 512)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    a = torch.randn(size, size, device=device).to(dtype)
+    linear = torch.nn.Linear(size, size, device=device).to(dtype)
     if quantize != "none":
         from streamgen.model.quantize import quantize_transformer
 
@@ -81,12 +89,16 @@ def matmul_peak_flops(dtype: torch.dtype, size: int = 512, seconds: float = 1.0,
         linear = quantize_transformer(holder, quantize).blocks
     best = 0.0
     with torch.no_grad():
-        linear(a)  # warm-up: dispatch, packing, thread pool start
+        linear(a)  # warm-up: dispatch, packing, thread pool start (on CUDA: the cuBLAS handle)
+        sync()
         for _ in range(windows):
             n, t0 = 0, time.perf_counter()
             while n < 2 or time.perf_counter() - t0 < seconds / windows:
                 linear(a)
                 n += 1
+                if device.type == "cuda" and n % 8 == 0:
+                    sync()  # queued kernels are not done work: check the clock against finished GEMMs
+            sync()
             best = max(best, n * 2 * size**3 / (time.perf_counter() - t0))
     return best
 

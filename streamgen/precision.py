@@ -92,25 +92,29 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> DtypeChoice:
 
     ``auto``: bf16 on CUDA devices that support it, else fp32 there; on a CPU, bf16 only with native
     bf16 units (see :func:`cpu_bf16_is_native`). A forced ``bfloat16`` on a CPU without them is
-    allowed, with a warning giving the measured slowdown. Unknown names raise ``ValueError``.
+    allowed, with a warning giving the measured slowdown. A dtype the device cannot run (bfloat16 on a
+    CUDA device without bf16) raises ``ValueError`` naming what to use instead
+    (:func:`streamgen.device.check_dtype`, which also refuses float16 on a CPU), as do unknown names
+    and devices. float16 is not offered: the model's fp32-sensitive ops are checked in bf16 only.
     """
     import torch
+
+    from streamgen.device import check_dtype
 
     by_name = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if name not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}")
     device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {str(device)!r}: use cpu or cuda[:N]")
+    if name != "auto":
+        check_dtype(by_name[name], device)
     if device.type == "cuda":
-        bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if name == "auto":
-            if bf16_ok:
+            if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
                 return DtypeChoice(torch.bfloat16, "auto: CUDA device with bf16 support")
             return DtypeChoice(torch.float32, "auto: this CUDA device has no bf16 support")
-        if name == "bfloat16" and not bf16_ok:
-            raise ValueError(f"dtype bfloat16 is not supported on {device}; use --dtype float32 (or auto)")
         return DtypeChoice(by_name[name], "forced")
-    if device.type != "cpu":
-        raise ValueError(f"unsupported device {str(device)!r}: use cpu or cuda[:N]")
     native, why = cpu_bf16_is_native()
     if name == "auto":
         return DtypeChoice(torch.bfloat16 if native else torch.float32, f"auto: {why}")
@@ -122,13 +126,28 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> DtypeChoice:
     return DtypeChoice(by_name[name], "forced")
 
 
-def resolve_precision(name: str) -> tuple[str, str]:
-    """The trainer's ``precision`` setting (``auto`` / ``bf16`` / ``fp32``) resolved for this CPU.
+def resolve_precision(name: str, device: torch.device | str = "cpu") -> tuple[str, str]:
+    """The trainer's ``precision`` setting (``auto`` / ``bf16`` / ``fp32``) resolved for ``device``.
 
-    Returns (``"bf16"`` or ``"fp32"``, reason). ``bf16`` means CPU bf16 autocast over fp32 master weights.
+    Returns (``"bf16"`` or ``"fp32"``, reason). ``bf16`` means bf16 autocast over fp32 master weights
+    (on CUDA: accelerate's ``mixed_precision="bf16"``). ``auto`` on CUDA is bf16 where the device
+    supports it; ``bf16`` on a CUDA device without it raises ``ValueError``.
     """
+    import torch
+
+    from streamgen.device import check_dtype
+
     if name not in ("auto", "bf16", "fp32"):
         raise ValueError(f"unknown precision {name!r}; choose one of auto, bf16, fp32")
+    device = torch.device(device)
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if name == "bf16":
+            check_dtype(torch.bfloat16, device)
+        if name != "auto":
+            return name, "forced"
+        return ("bf16", "auto: CUDA device with bf16 support") if bf16_ok else (
+            "fp32", "auto: this CUDA device has no bf16 support")
     if name != "auto":
         return name, "forced"
     native, why = cpu_bf16_is_native()

@@ -16,10 +16,13 @@ from __future__ import annotations
 import os
 from fractions import Fraction
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import av
 
 __all__ = ["Mp4Writer", "frames_to_uint8", "read_video", "uint8_to_frames", "write_mp4"]
 
@@ -76,6 +79,8 @@ class Mp4Writer:
         self.preset = preset
         self.num_frames = 0
         self._size: tuple[int, int] | None = None  # (height, width)
+        import av  # here, not at import: the engine needs frames_to_uint8 only, and GPU images may lack PyAV
+
         self._container = av.open(self.path, mode="w", format="mp4")
         self._stream: av.VideoStream | None = None
         self._closed = False
@@ -112,6 +117,8 @@ class Mp4Writer:
         if (h, w) != self._size:
             raise ValueError(f"frame size {w}x{h} differs from the stream's {self._size[1]}x{self._size[0]}")
         assert self._stream is not None
+        import av
+
         for rgb in frames:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
             frame.pts = self.num_frames
@@ -153,6 +160,8 @@ def read_video(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode the first video stream of a file to ``np.uint8`` RGB frames ``[N, H, W, 3]``."""
     if not os.path.exists(path):
         raise ValueError(f"video file {os.fspath(path)} does not exist")
+    import av
+
     with av.open(os.fspath(path)) as container:
         if not container.streams.video:
             raise ValueError(f"{os.fspath(path)} has no video stream")

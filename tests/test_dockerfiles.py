@@ -132,3 +132,11 @@ def test_gpu_image_installs_the_gpu_extra_and_cpu_image_the_cpu_torch() -> None:
     assert 'pip install --no-build-isolation ".[gpu]"' in gpu_runs
     cpu_runs = " ".join(args for op, args in _instructions("Dockerfile.cpu") if op == "RUN")
     assert "download.pytorch.org/whl/cpu" in cpu_runs and "[gpu]" not in cpu_runs
+
+
+def test_gpu_image_serves_on_the_gpu_it_is_given() -> None:
+    """``--device auto`` in the CUDA image's entry point: cuda:0 under ``docker run --gpus``."""
+    stage = _final_stage("Dockerfile")
+    entrypoint = _exec_form(next(args for op, args in stage if op == "ENTRYPOINT"))
+    cmd = _exec_form(next(args for op, args in stage if op == "CMD"))
+    assert build_parser().parse_args(entrypoint[1:] + cmd).device == "auto"

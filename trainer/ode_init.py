@@ -434,27 +434,30 @@ def prepare_pairs(cfg: OdeInitConfig, rt: Runtime) -> tuple[int, dict[str, str]]
 def train(cfg: OdeInitConfig, resume: bool = False, export: bool = True) -> OdeInitResult:
     """Build (or reuse) the ODE pairs, regress the student to ``run.max_steps``, export its EMA on rank 0."""
     preset = get_preset(cfg.preset)
-    rt = make_runtime(cfg.run)
-    cfg = resolve_config_precision(cfg, "ode_init", log=rt.is_main)  # recorded resolved in checkpoints
+    rt = make_runtime(cfg.run, cfg.precision)
+    cfg = resolve_config_precision(cfg, "ode_init", log=rt.is_main, device=rt.device)  # recorded in checkpoints
     horizon, teacher_meta = prepare_pairs(cfg, rt)
     pairs = load_pairs(Path(cfg.pairs.dir))
     bf16 = cfg.precision == "bf16"
     teacher_model, _ = load_for_preset(cfg.teacher, preset, "teacher")
-    model = CausalWanTransformer(cfg.model)
+    model = CausalWanTransformer(cfg.model).set_gradient_checkpointing(cfg.run.gradient_checkpointing)
     model.load_state_dict(teacher_model.state_dict())  # same architecture: start from the teacher
     del teacher_model
+    model.to(rt.device)
     ema = CausalWanTransformer(cfg.model).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
+    ema.to(rt.device)
     mask = block_causal_mask(horizon, preset.tokens_per_frame, preset.sampler.chunk_frames,
                              preset.cache.window_frames, preset.cache.sink_frames)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
     wrapped, optimizer = rt.accelerator.prepare(MaskedForward(model, mask), optimizer)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        x_t, t, emb, x0 = regression_batch(pairs, local_indices(step, cfg.global_batch, rt), cfg.run.seed, step,
-                                           preset.sampler.chunk_frames)
+        batch = regression_batch(pairs, local_indices(step, cfg.global_batch, rt), cfg.run.seed, step,
+                                 preset.sampler.chunk_frames)
+        x_t, t, emb, x0 = (x.to(rt.device, non_blocking=True) for x in batch)  # drawn on the CPU, then moved
         with autocast:
             v = wrapped(x_t, t, emb)
         pred = x0_from_velocity(x_t, v.float(), t, preset.sampler.num_train_timesteps)

@@ -40,29 +40,31 @@ def sample_teacher(model: nn.Module, noise: torch.Tensor, cond_emb: torch.Tensor
         cond_emb / uncond_emb: ``[B, L, text_dim]`` prompt embeddings (``uncond`` = the empty prompt's zeros).
         num_steps: Euler steps over :func:`teacher_timesteps`.
         cfg_scale: guidance scale; ``1.0`` skips the unconditional pass.
-        bf16: run the model under CPU bf16 autocast (the sample and update stay fp32).
+        bf16: run the model under bf16 autocast on its device (the sample and update stay fp32).
         return_trajectory: also return ``x_t`` before every step (``num_steps`` tensors, the first is ``noise``).
 
     Returns:
         ``x_0`` ``[B, C, F, h, w]`` float32 (and the trajectory).
     """
     guided = cfg_scale != 1.0
-    emb = torch.cat([cond_emb, uncond_emb]) if guided else cond_emb
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    device = next(model.parameters()).device  # inputs follow the model; the result returns to noise's device
+    emb = (torch.cat([cond_emb, uncond_emb]) if guided else cond_emb).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with autocast:
         context = model.encode_text(emb)
-    x = noise.float()
+    x = noise.float().to(device)
     trajectory: list[torch.Tensor] = []
     steps = teacher_timesteps(num_steps, shift)
     for t, t_next in zip(steps[:-1], steps[1:], strict=True):
         if return_trajectory:
             trajectory.append(x.clone())
         x_in = torch.cat([x, x]) if guided else x
-        timesteps = torch.full((x_in.shape[0],), t)
+        timesteps = torch.full((x_in.shape[0],), t, device=device)
         with autocast:
             v = model(x_in, timesteps, context).float()
         if guided:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + cfg_scale * (v_cond - v_uncond)
         x = euler_step(x, v, t, t_next)
-    return (x, trajectory) if return_trajectory else x
+    x = x.to(noise.device)
+    return (x, [step.to(noise.device) for step in trajectory]) if return_trajectory else x

@@ -244,26 +244,31 @@ class TeacherResult:
 
 def train(cfg: TeacherTrainConfig, resume: bool = False, export: bool = True) -> TeacherResult:
     """Build the latent dataset if needed (rank 0), train or resume to ``run.max_steps``, export on rank 0."""
-    rt = make_runtime(cfg.run)
-    cfg = resolve_config_precision(cfg, "teacher", log=rt.is_main)  # recorded resolved in checkpoints
+    rt = make_runtime(cfg.run, cfg.precision)
+    cfg = resolve_config_precision(cfg, "teacher", log=rt.is_main, device=rt.device)  # recorded in checkpoints
     if rt.is_main:
         latent_data.build(Path(cfg.data.latents_dir), cfg.dataset_spec(), batch=cfg.data.encode_batch)
     rt.barrier()
     data = latent_data.load(Path(cfg.data.latents_dir), cfg.dataset_spec())
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = CausalWanTransformer(cfg.model)
+    model = CausalWanTransformer(cfg.model).set_gradient_checkpointing(cfg.run.gradient_checkpointing)
     if cfg.init_checkpoint is not None:
         model.load_state_dict(load_transformer(cfg.init_checkpoint, expected=cfg.model).state_dict())
+    model.to(rt.device)  # before the optimizer is built over its parameters
     ema = CausalWanTransformer(cfg.model).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
+    ema.to(rt.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
     wrapped, optimizer = rt.accelerator.prepare(TeacherForward(model), optimizer)
     batcher = Batcher(data, cfg)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    # Batches and noise are drawn on the CPU from per-sample generators (same samples on any device or
+    # number of processes), then moved; on CUDA accelerate's mixed precision also wraps the forward.
+    autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        x_t, t, emb, target = batcher(step, local_indices(step, cfg.data.global_batch, rt))
+        batch = batcher(step, local_indices(step, cfg.data.global_batch, rt))
+        x_t, t, emb, target = (x.to(rt.device, non_blocking=True) for x in batch)
         with autocast:
             v = wrapped(x_t, t, emb)
         loss = F.mse_loss(v.float(), target)

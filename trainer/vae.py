@@ -202,9 +202,10 @@ def heldout_psnr(vae: CausalVideoVAE, cfg: VAETrainConfig, num_clips: int, batch
     clip_cfg = cfg.clip_config(cfg.data.heldout_frames)
     items = [render_item(cfg.data.seed, "heldout", i, clip_cfg) for i in range(num_clips)]
     scores, pairs = [], []
+    device = next(vae.parameters()).device  # clips render on the CPU; PSNR is measured back there
     for start in range(0, num_clips, batch):
         video = torch.stack([v for v, _, _ in items[start:start + batch]])
-        recon = vae.decode(vae.encode(video))
+        recon = vae.decode(vae.encode(video.to(device))).cpu()
         for j in range(video.shape[0]):
             scores.append(psnr_db(recon[j], video[j]))
             pairs.append((video[j], recon[j], items[start + j][1]))
@@ -218,9 +219,11 @@ def measure_latent_stats(vae: CausalVideoVAE, cfg: VAETrainConfig, batch: int = 
     # Index far past anything a run trains on, so the stats clips are fresh samples of the train split.
     first = 10_000_000
     latents = []
+    device = next(vae.parameters()).device
     for start in range(0, cfg.data.stats_clips, batch):
         ids = range(first + start, first + min(cfg.data.stats_clips, start + batch))
-        latents.append(vae.encode(torch.stack([render_item(cfg.data.seed, "train", i, clip_cfg)[0] for i in ids])))
+        clips = torch.stack([render_item(cfg.data.seed, "train", i, clip_cfg)[0] for i in ids])
+        latents.append(vae.encode(clips.to(device)).cpu())
     return LatentStats.measure(latents)
 
 
@@ -246,24 +249,28 @@ class VAEResult:
 
 def train(cfg: VAETrainConfig, resume: bool = False, export: bool = True) -> VAEResult:
     """Train (or resume) to ``run.max_steps``, then evaluate and export on rank 0."""
-    rt = make_runtime(cfg.run)
-    cfg = resolve_config_precision(cfg, "vae", log=rt.is_main)  # recorded resolved in checkpoints
+    if cfg.run.gradient_checkpointing:
+        raise ValueError("run.gradient_checkpointing applies to the DiT stages (teacher, ode_init, self_forcing); "
+                         "the VAE stage has no checkpointed blocks: set it to false")
+    rt = make_runtime(cfg.run, cfg.precision)
+    cfg = resolve_config_precision(cfg, "vae", log=rt.is_main, device=rt.device)  # recorded in checkpoints
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    vae = CausalVideoVAE(cfg.vae)
+    vae = CausalVideoVAE(cfg.vae).to(rt.device)
     ema = CausalVideoVAE(cfg.vae).requires_grad_(False)
     ema.load_state_dict(vae.state_dict())
+    ema.to(rt.device)
     wrapped = VAEWithLatents(vae, cfg.loss.latent_noise)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
     wrapped, optimizer = rt.accelerator.prepare(wrapped, optimizer)
     shape = latent_shape(cfg)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     eval_logger: list[tuple[int, float]] = []
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         ids = local_indices(step, cfg.data.global_batch, rt)
-        video = training_batch(cfg, ids, step)
-        noise = latent_noise_like(shape, ids, cfg.run.seed, step)
+        video = training_batch(cfg, ids, step).to(rt.device)  # drawn on the CPU (seeded per sample), then moved
+        noise = latent_noise_like(shape, ids, cfg.run.seed, step).to(rt.device)
         with autocast:
             recon, latents = wrapped(video, noise)
         loss, parts = reconstruction_loss(video, recon, latents, cfg.loss)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from streamgen.attention import AttentionBackend, get_backend
@@ -249,7 +250,20 @@ class CausalWanTransformer(nn.Module):
         self.norm_out = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(cfg.dim, cfg.latent_channels * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.empty(1, 2, cfg.dim))
+        # Training only: recompute each block's activations in backward instead of keeping them
+        # (see set_gradient_checkpointing). Not a config field: it changes memory, never the math.
+        self.gradient_checkpointing = False
         self.initialize_weights()
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> CausalWanTransformer:
+        """Keep only each block's input in a grad-enabled forward and recompute the block in backward.
+
+        Same loss and gradients (up to float reassociation), roughly one extra forward of compute,
+        and activation memory of one block instead of ``num_layers``. Forwards through a KV cache
+        never checkpoint: a block writes the cache, and a recomputation would write it twice.
+        """
+        self.gradient_checkpointing = enabled
+        return self
 
     def initialize_weights(self) -> None:
         """All initialisation in one place (Wan / DiT recipe)."""
@@ -358,8 +372,13 @@ class CausalWanTransformer(nn.Module):
         h = self.patch_embedding(x.to(dtype))  # [B, dim, F, gh, gw]
         h = h.flatten(2).transpose(1, 2).contiguous()  # [B, F*gh*gw, dim]
         temb, temb_proj = self.condition_embedder.time(timesteps, dtype)  # [B, F, dim], [B, F, 6, dim]
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for i, block in enumerate(self.blocks):
-            h = block(h, temb_proj, (context.keys[i], context.values[i]), state)
+            text = (context.keys[i], context.values[i])
+            if checkpointing:
+                h = torch.utils.checkpoint.checkpoint(block, h, temb_proj, text, state, use_reentrant=False)
+            else:
+                h = block(h, temb_proj, text, state)
 
         shift, scale = (self.scale_shift_table[None] + temb[:, :, None].float()).unsqueeze(3).unbind(2)
         tokens = h.shape[1] // num_frames

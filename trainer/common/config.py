@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import yaml
 
 from streamgen.config import override
+from streamgen.device import parse_device
 
 T = TypeVar("T")
 
@@ -46,6 +47,12 @@ class RunConfig:
     log_every: int = 10
     keep_checkpoints: int = 2
     num_threads: int | None = None  # torch intra-op threads per process; None = torch's default
+    # auto: the GPU accelerate gives this process where CUDA is available, else cpu; cpu; cuda; cuda:N
+    # (one process only: several processes take one GPU each from `accelerate launch`).
+    device: str = "auto"
+    # Recompute each DiT block in backward instead of storing its activations (less memory, ~1 more
+    # forward of compute; same loss and gradients). The DiT stages honour it; the VAE stage refuses it.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name, f"run.name must be a non-empty name, got {self.name!r}")
@@ -55,6 +62,10 @@ class RunConfig:
         check(self.log_every > 0, f"run.log_every must be > 0, got {self.log_every}")
         check(self.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         check(self.num_threads is None or self.num_threads > 0, "run.num_threads must be > 0 or null")
+        try:
+            parse_device(self.device)  # syntax only: whether this machine has the device is decided at launch
+        except ValueError as exc:
+            raise ValueError(f"run.device: {exc}") from None
 
     @property
     def run_dir(self) -> Path:

@@ -1,8 +1,12 @@
 """The training runtime shared by all stages: processes, randomness, the step loop, logging.
 
-* **Processes.** :func:`make_runtime` builds an ``accelerate.Accelerator`` (one process, or
-  several under ``accelerate launch``; gloo on CPU). The *global* batch is fixed by config;
-  each rank takes a contiguous ``global / world_size`` slice of the step's sample indices.
+* **Processes and device.** :func:`make_runtime` builds an ``accelerate.Accelerator`` (one process,
+  or several under ``accelerate launch``: gloo on CPU, NCCL on GPUs, one GPU per process) on
+  ``run.device`` (``auto``: CUDA where available). On CUDA a ``bf16`` precision becomes accelerate's
+  ``mixed_precision="bf16"`` (autocast over fp32 master weights). Gradients are synchronised by
+  DDP; an FSDP launch (``configs/accelerate/fsdp_wan1.3b.yaml``) is refused until the EMA update and
+  checkpoints handle sharded parameters. The *global* batch is fixed by config; each rank takes a
+  contiguous ``global / world_size`` slice of the step's sample indices.
 * **Randomness.** Everything random about sample ``i`` of step ``s`` (crop, noise, timestep,
   prompt dropout) comes from a generator seeded on ``(seed, s, i, stream)``, never from
   global RNG state. Hence a resumed run replays exactly, and 1 or N processes see the same
@@ -40,10 +44,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from streamgen.device import device_info, resolve_device
+from streamgen.precision import resolve_precision
 from trainer.common import checkpoint as ckpt
 from trainer.common.config import OptimConfig, RunConfig, describe_config, load_config
 from trainer.common.preflight import existing_run, nothing_to_resume
@@ -60,6 +67,8 @@ class Runtime:
     accelerator: Accelerator
     rank: int
     world_size: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where this rank's model runs
+    precision: str = "fp32"  # "bf16" or "fp32", resolved for ``device``
 
     @property
     def is_main(self) -> bool:
@@ -81,7 +90,7 @@ class Runtime:
         """Whether ``flag`` holds on any rank (so every rank takes the same branch)."""
         if self.world_size == 1:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(t)
         return bool(t.item() > 0)
 
@@ -93,17 +102,41 @@ class Runtime:
         return out
 
 
-def make_runtime(cfg: RunConfig) -> Runtime:
-    """One ``Accelerator`` on CPU; threads per process from config, else the cores split between processes."""
+def make_runtime(cfg: RunConfig, precision: str = "fp32") -> Runtime:
+    """One ``Accelerator`` per process on ``cfg.device``, with ``precision`` (``auto``/``bf16``/``fp32``)
+    resolved for that device; threads per process from config, else the cores split between processes.
+
+    Single process: the configured device (``cuda:N`` included). Several processes: accelerate gives
+    each rank its GPU (``LOCAL_RANK``), so a fixed ``cuda:N`` is refused there.
+    """
     torch.set_num_threads(cfg.num_threads or default_threads())
-    accelerator = Accelerator(cpu=True)
+    device = resolve_device(cfg.device)
+    resolved, reason = resolve_precision(precision, device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cuda" and world > 1 and cfg.device.startswith("cuda:"):
+        raise ValueError(f"run.device {cfg.device} names one GPU but this launch has {world} processes; use "
+                         "run.device auto or cuda (each process takes its own GPU; choose them with "
+                         "CUDA_VISIBLE_DEVICES or accelerate's --gpu_ids)")
+    if device.type == "cuda" and world == 1:
+        torch.cuda.set_device(device)  # accelerate's single-process device is "cuda", the current one
+    # Never cpu=True off the CPU: on CUDA accelerate places prepared models on this rank's GPU (NCCL).
+    accelerator = Accelerator(cpu=device.type == "cpu",
+                              mixed_precision="bf16" if device.type == "cuda" and resolved == "bf16" else "no")
     mismatch = launch_mismatch(accelerator.num_processes)
     if mismatch is not None:
         raise LaunchError(mismatch)
-    rt = Runtime(accelerator, accelerator.process_index, accelerator.num_processes)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # Refused rather than left to fail later: EMA and checkpoints would meet sharded (DTensor)
+        # parameters at the first step and the first save.
+        raise LaunchError("this launch asks for FSDP, but the training loop's EMA update and checkpoints assume "
+                          "unsharded parameters (not yet done); launch with configs/accelerate/ddp.yaml")
+    if device.type == "cuda" and accelerator.num_processes > 1:
+        device = accelerator.device
+    rt = Runtime(accelerator, accelerator.process_index, accelerator.num_processes, device, resolved)
     if rt.is_main:
         print(f"runtime: {rt.world_size} process(es) x {torch.get_num_threads()} thread(s), "
-              f"backend {accelerator.distributed_type}", flush=True)
+              f"backend {accelerator.distributed_type}, device {device_info(device).describe()}, "
+              f"precision {resolved} ({reason})", flush=True)
     return rt
 
 
@@ -160,7 +193,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
 
 
 def fp32_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+    """A float32 CPU copy of ``module``'s state (checkpoints are written from the CPU, whatever the device)."""
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
 class TrainLogger:
@@ -479,6 +513,9 @@ def stage_parser(config_cls: type, *, prog: str, description: str, no_export_hel
                         "without doing any work: list each one, say what the run would build first, and name the "
                         "command that makes each missing input; exit 0 when the run could start, else 2")
     p.add_argument("--no-export", action="store_true", help=no_export_help)
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="shorthand for --set run.device=DEVICE: auto (CUDA where available, else cpu), cpu, cuda or "
+                        "cuda:N; CUDA asked for on a machine without it exits 2 before any work")
     return p
 
 
@@ -491,7 +528,9 @@ def run_stage(config_cls: type[T], args: argparse.Namespace, body: Callable[[T],
     reported before any training starts where the config, the launch and the files decide it.
     """
     try:
-        cfg = load_config(config_cls, args.config, args.overrides)
+        overrides = [*args.overrides, *([f"run.device={args.device}"] if args.device is not None else [])]
+        cfg = load_config(config_cls, args.config, overrides)
+        resolve_device(cfg.run.device)  # type: ignore[attr-defined]  # CUDA without CUDA: exit 2 now
         # Before any work: a single-process launch asked for several processes is refused here already
         # (make_runtime checks the process group it actually gets).
         mismatch = launch_mismatch(int(os.environ.get("WORLD_SIZE", "1")))

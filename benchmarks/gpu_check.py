@@ -1,0 +1,259 @@
+"""One command for a CUDA machine: device tests, paged-attention parity on the GPU, the engine benchmark; one JSON.
+
+    python benchmarks/gpu_check.py                 # on a CUDA machine, from the source tree (no pip install)
+    python benchmarks/gpu_check.py --allow-cpu     # plumbing dry run on a CPU: same steps, tiny preset
+    python benchmarks/gpu_check.py --block-modules av,diffusers,grpc_tools,flash_attn,xformers --allow-cpu
+                                                   # ... as if those packages were missing (the lent GPU image)
+
+Steps, each in its own subprocess with its own time limit, all within ``--budget-s`` (default 480 s,
+the 8 minutes one H100 gets):
+
+1. ``pytest -m gpu`` over ``tests/``: every test marked ``gpu`` (they skip, saying why, without CUDA).
+   Test modules that cannot be imported here (a package the image lacks) are listed, not fatal.
+2. ``pytest tests/attention``: every paged backend against the SDPA reference on the same pages
+   (backends not installed skip with the reason their ``create()`` gives).
+3. ``benchmarks/engine.py --quick --hash-text`` at the ``default`` and ``wan-1.3b`` presets with
+   random weights on ``cuda:0`` (the ``test`` preset on a CPU dry run).
+
+It needs only what the lent GPU machines have (torch with CUDA, Triton, pytest, numpy, safetensors):
+it runs from the source tree (``PYTHONPATH`` set to the checkout), imports no PyAV, diffusers or
+gRPC stub generator on these paths, and installs nothing. The summary is printed as one JSON
+document on stdout (``--out`` also writes it to a file). Exit codes: 0 every step passed, 1 a step
+failed, 2 no CUDA device (without ``--allow-cpu``) or bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.abc
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+# What the lent GPU image lacks; --block-modules with these simulates it on any machine.
+GPU_IMAGE_MISSING = ("av", "diffusers", "grpc_tools", "flash_attn", "xformers")
+OPTIONAL_PACKAGES = ("triton", "flash_attn", "xformers", "av", "diffusers", "grpc_tools", "accelerate")
+# Result fields of benchmarks/engine.py carried into the summary.
+ENGINE_FIELDS = ("preset", "device", "dtype", "rtf", "generated_fps", "ttff_s", "latency_ratio_200_10",
+                 "batch1_fps", "batch4_fps", "batch4_over_1", "cache_speedup_21", "pipeline_speedup_21",
+                 "mfu", "mfu_3_frames", "matmul_peak_gflops", "forward_s_3_frames", "forward_s_12_frames")
+
+
+class _Blocker(importlib.abc.MetaPathFinder):
+    """Makes ``import name`` fail as if the package were not installed."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = frozenset(names)
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if fullname.split(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {fullname!r} (blocked by gpu_check --block-modules)",
+                                      name=fullname)
+        return None
+
+
+def block_modules(names: Sequence[str]) -> None:
+    """Refuse imports of ``names`` (top-level packages) in this process from now on."""
+    if names:
+        sys.meta_path.insert(0, _Blocker(names))
+
+
+def _python(argv: Sequence[str], blocked: Sequence[str], *, module: bool) -> list[str]:
+    """A command running ``python -m argv[0] argv[1:]`` (or the script ``argv[0]``) with ``blocked`` refused."""
+    if not blocked:
+        return [sys.executable, *(["-m"] if module else []), *argv]
+    run = (f"runpy.run_module({argv[0]!r}, run_name='__main__', alter_sys=True)" if module
+           else f"runpy.run_path({argv[0]!r}, run_name='__main__')")
+    boot = (f"import runpy, sys\nsys.path.insert(0, {str(HERE)!r})\nfrom gpu_check import block_modules\n"
+            f"block_modules({list(blocked)!r})\nsys.argv = {list(argv)!r}\n{run}\n")
+    return [sys.executable, "-c", boot]
+
+
+@dataclass
+class Budget:
+    """Seconds left of the whole check; each step gets at most its own limit and what is left."""
+
+    total_s: float
+    t0: float
+
+    def left(self) -> float:
+        return self.total_s - (time.perf_counter() - self.t0)
+
+    def limit(self, step_s: float) -> float:
+        return max(1.0, min(step_s, self.left()))
+
+
+def _run(cmd: list[str], timeout_s: float) -> tuple[int | None, str, float]:
+    """(return code, or None on timeout; stdout+stderr tail; seconds)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+           "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return None, out, time.perf_counter() - t0
+    return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - t0
+
+
+def _junit(path: Path) -> list[dict[str, str]]:
+    """Every test case of a pytest JUnit XML report: name, outcome, message.
+
+    Outcomes: passed, failed, error, skipped, and ``not_collected`` for a test module that could not be
+    imported (its message is the import error, e.g. a package the GPU image lacks).
+    """
+    cases = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            child = case.find(tag)
+            if child is None:
+                continue
+            outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+            message = child.get("message") or ""
+            if message == "collection failure":
+                outcome = "not_collected"
+                errors = [line[1:].strip() for line in (child.text or "").splitlines() if line.startswith("E ")]
+                message = errors[-1] if errors else message
+            message = (message.strip().splitlines() or [""])[0][:300]
+            break
+        name = f"{case.get('classname', '')}::{case.get('name', '')}".strip(":")
+        cases.append({"name": name, "outcome": outcome, "message": message})
+    return cases
+
+
+def run_pytest(args: Sequence[str], blocked: Sequence[str], timeout_s: float) -> dict[str, Any]:
+    """``pytest args`` in a subprocess; counts by outcome, the failures, and the modules that would not import."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "junit.xml"
+        argv = ["pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors", "-rs",
+                f"--junitxml={report}", *args]
+        code, output, seconds = _run(_python(argv, blocked, module=True), timeout_s)
+        cases = _junit(report) if report.is_file() else []
+    counts = {k: sum(c["outcome"] == k for c in cases)
+              for k in ("passed", "failed", "error", "skipped", "not_collected")}
+    # A module that cannot be imported here is listed, not a failure (pytest then exits 1 even with every
+    # collected test passing); "no tests ran" (5) is not one either: on a CPU the gpu tests all skip.
+    ok = code in (0, 1, 5) and counts["failed"] == 0 and counts["error"] == 0 and counts["passed"] + \
+        counts["skipped"] > 0
+    result: dict[str, Any] = {"ok": ok, "returncode": code, "elapsed_s": round(seconds, 1), **counts,
+                              "failures": [c for c in cases if c["outcome"] in ("failed", "error")][:20],
+                              "not_collected": {c["name"]: c["message"] for c in cases
+                                                if c["outcome"] == "not_collected"}}
+    if code is None:
+        result["timed_out_after_s"] = round(timeout_s, 1)
+    if not cases or code not in (0, 1, 5):
+        result["output_tail"] = output[-2000:]
+    return result
+
+
+def run_engine_benchmark(preset: str, device: str, blocked: Sequence[str], timeout_s: float,
+                         kv_memory_mb: float) -> dict[str, Any]:
+    """``benchmarks/engine.py --quick --hash-text`` at ``preset``; its headline figures."""
+    argv = [str(HERE / "engine.py"), "--preset", preset, "--device", device, "--quick", "--hash-text",
+            "--threads", str(max(1, (os.cpu_count() or 2) // 2)), "--kv-memory-mb", str(kv_memory_mb)]
+    code, output, seconds = _run(_python(argv, blocked, module=False), timeout_s)
+    result: dict[str, Any] = {"ok": False, "returncode": code, "elapsed_s": round(seconds, 1)}
+    start = output.find("{\n")
+    if code == 0 and start >= 0:
+        figures, _ = json.JSONDecoder().raw_decode(output[start:])
+        result.update(ok=True, figures={k: figures[k] for k in ENGINE_FIELDS if k in figures})
+    else:
+        if code is None:
+            result["timed_out_after_s"] = round(timeout_s, 1)
+        result["output_tail"] = output[-2000:]
+    return result
+
+
+def environment(blocked: Sequence[str]) -> dict[str, Any]:
+    """What this machine has: Python, torch and its CUDA, the device, optional packages (found, not imported)."""
+    import torch
+
+    from streamgen.device import device_info
+
+    def version(package: str) -> str | None:
+        if package in blocked or importlib.util.find_spec(package) is None:
+            return None
+        try:
+            return importlib.metadata.version(package.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            return "present"
+
+    cuda = torch.cuda.is_available()
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "torch_cuda": torch.version.cuda, "cuda_available": cuda,
+                           "packages": {p: version(p) for p in OPTIONAL_PACKAGES}, "blocked_modules": list(blocked)}
+    if cuda:
+        device = torch.device("cuda", 0)
+        env.update(device=device_info(device).describe(), bf16_supported=torch.cuda.is_bf16_supported(),
+                   capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+                   num_devices=torch.cuda.device_count())
+    return env
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="run without CUDA as a dry run of the plumbing (tiny preset; figures mean nothing)")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="seconds for all steps together")
+    parser.add_argument("--block-modules", default="",
+                        help=f"comma-separated packages to treat as missing, e.g. {','.join(GPU_IMAGE_MISSING)}")
+    parser.add_argument("--skip", default="", help="comma-separated steps to leave out: gpu_tests, attention, engine")
+    parser.add_argument("--presets", default=None,
+                        help="engine benchmark presets (default: default,wan-1.3b on CUDA; test with --allow-cpu)")
+    parser.add_argument("--out", type=Path, help="also write the JSON summary here")
+    args = parser.parse_args(argv)
+    blocked = tuple(m.strip() for m in args.block_modules.split(",") if m.strip())
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = skip - {"gpu_tests", "attention", "engine"}
+    if unknown:
+        print(f"gpu_check: error: unknown --skip step(s) {', '.join(sorted(unknown))}; "
+              "use gpu_tests, attention, engine", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(REPO))
+    block_modules(blocked)
+    import torch
+
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print(f"gpu_check: no CUDA device: torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'}) "
+              "sees none; run it on a CUDA machine, or pass --allow-cpu for a dry run", file=sys.stderr)
+        return 2
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    presets = [p for p in (args.presets or ("default,wan-1.3b" if device == "cuda" else "test")).split(",") if p]
+    budget = Budget(args.budget_s, time.perf_counter())
+    summary: dict[str, Any] = {"check": "gpu_check", "mode": "cuda" if device == "cuda" else "cpu dry run",
+                               "environment": environment(blocked), "budget_s": args.budget_s, "steps": {}}
+    steps = summary["steps"]
+    if "gpu_tests" not in skip:
+        steps["gpu_tests"] = run_pytest(["-m", "gpu", "tests"], blocked, budget.limit(150))
+    if "attention" not in skip:
+        steps["attention_parity"] = run_pytest(["tests/attention"], blocked, budget.limit(150))
+    if "engine" not in skip:
+        for preset in presets:
+            # wan-1.3b's KV is ~288 MiB per latent frame in bf16: room for 4 streams' windows and the 21-frame run.
+            kv_mb = 24576 if preset == "wan-1.3b" else 256
+            steps[f"engine_{preset}"] = run_engine_benchmark(preset, device, blocked, budget.limit(240), kv_mb)
+    summary["elapsed_s"] = round(time.perf_counter() - budget.t0, 1)
+    summary["ok"] = all(step["ok"] for step in steps.values())
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
