@@ -15,6 +15,12 @@ Prints one JSON document, then a short table. What it measures:
 * **pool utilisation**: 8 sessions of mixed lengths; the fraction of handed-out pool bytes
   that hold live (resident) tokens. Target >= 95 %. For contrast, the same fraction for a
   cache preallocated per session at its full window (the Self-Forcing layout).
+* **page layouts** for the ``wan-1.3b`` geometry (1560-token frames, window 12 incl. 3 sinks,
+  chunks of 3, bf16 K/V of 30 layers x 1536), whatever ``--preset`` times: one stream run
+  to steady state with whole-frame pages (1560 tokens, the old layout), token-granular pages
+  (64 / 256 / 512 tokens, dead tokens masked) and frames padded to 256-token pages; bytes per
+  stream held after a commit and at the peak of a forward, the admission reservation, the
+  bytes of dead tokens or padding, and which backends read the pages in place.
 """
 
 from __future__ import annotations
@@ -29,6 +35,10 @@ from typing import Any
 import torch
 
 from streamgen.attention import get_backend
+from streamgen.attention.flash import FlashBackend
+from streamgen.attention.flex import FlexBackend
+from streamgen.attention.xformers import XFormersBackend
+from streamgen.cache.block_pool import BlockPool, KVPageSpec
 from streamgen.cache.contiguous import ContiguousKVCache
 from streamgen.cache.paged import PagedKVCacheManager
 from streamgen.cache.window import worst_case_resident_frames
@@ -172,6 +182,52 @@ def pool_utilisation(preset: Preset, dtype: torch.dtype, lengths: list[int], blo
     }
 
 
+@torch.no_grad()
+def page_layout(preset: Preset, dtype: torch.dtype, block_size_tokens: int, pad_frames_to: int | None = None
+                ) -> dict[str, Any]:
+    """One stream of ``preset``'s geometry run past its window with pages of ``block_size_tokens``.
+
+    Bookkeeping at full size, tensors at 1 layer x 1 head x 1 dim (bytes are scaled by the real
+    ``bytes_per_token``). ``pad_frames_to``: each frame's tokens padded to a multiple of this (the
+    frame-aligned alternative), padding counted as waste.
+    """
+    m, cfg, chunk = preset.model, preset.cache, preset.sampler.chunk_frames
+    real = KVPageSpec(m.num_layers, m.num_heads, m.head_dim, block_size_tokens, dtype)
+    live_tpf = preset.tokens_per_frame
+    tpf = live_tpf if pad_frames_to is None else -(-live_tpf // pad_frames_to) * pad_frames_to
+    spec = KVPageSpec(1, 1, 1, block_size_tokens)
+    worst = worst_case_resident_frames(cfg, chunk)
+    probe = PagedKVCacheManager(BlockPool(spec, 2), cfg, tpf, get_backend("sdpa"))
+    manager = PagedKVCacheManager(BlockPool(spec, 1 + probe.blocks_for_frames(worst)), cfg, tpf, get_backend("sdpa"))
+    assert manager.admit("s", worst)
+    peak_pages, masked = 0, False
+    for _ in range(2 * -(-(cfg.window_frames or 12) // chunk) + 2):
+        with manager.begin_forward(["s"], chunk, commit=True) as view:
+            peak_pages = max(peak_pages, len(manager.block_ids("s")))
+            masked = view.plan.kv_valid is not None  # steady state: the last forward's plan
+            x = torch.zeros(1, chunk * tpf, 1, 1)
+            view.attend(0, x, x, x)
+    masked = masked or tpf != live_tpf  # padding is a hole inside every frame's pages
+    held_pages = len(manager.block_ids("s"))
+    live_bytes = len(manager.resident_frames("s")) * live_tpf * real.bytes_per_token
+    held_bytes = held_pages * real.bytes_per_block
+    cuda = torch.device("cuda")
+    paths = {"flash": FlashBackend.paged_layout(block_size_tokens, masked=masked),
+             "xformers": XFormersBackend.paged_layout(block_size_tokens, masked=masked),
+             "flex (CUDA, compiled)": FlexBackend(compile=True).paged_layout(block_size_tokens, masked=masked,
+                                                                            device=cuda)}
+    layout = f"{block_size_tokens}-token pages" + ("" if pad_frames_to is None else f", frames padded to {tpf}")
+    return {
+        "layout": layout, "block_size_tokens": block_size_tokens, "tokens_per_frame": live_tpf,
+        "padded_tokens_per_frame": tpf, "bytes_per_page": real.bytes_per_block,
+        "steady_state_pages": held_pages, "steady_state_bytes": held_bytes, "live_bytes": live_bytes,
+        "waste_bytes": held_bytes - live_bytes, "waste_pct": round(100 * (held_bytes - live_bytes) / held_bytes, 2),
+        "peak_bytes": peak_pages * real.bytes_per_block,
+        "reserved_bytes": manager.blocks_for_frames(worst) * real.bytes_per_block,
+        "steady_state_needs_token_mask": masked, "paged_paths": paths,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="default")
@@ -204,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "chunk_time": rows,
         "bytes_per_session": session_bytes(preset, dtype),
         "pool_utilisation": [pool_utilisation(preset, dtype, lengths, bsf) for bsf in (1, 2)],
+        "wan_1_3b_page_layouts": wan_page_layouts(dtype),
     }
     print(json.dumps(report, indent=2))
     print()
@@ -217,7 +274,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for u in report["pool_utilisation"]:
         print(f"pool utilisation, 8 sessions, {u['block_size_frames']} frame(s)/page: {u['utilisation_pct']:.1f}% of "
               f"allocated bytes live (preallocated windows: {u['preallocated_window_utilisation_pct']:.1f}%)")
+    print()
+    print(f"wan-1.3b geometry ({args.dtype} K/V), one stream in steady state:")
+    print(f"{'layout':<40} {'held MiB':>9} {'live MiB':>9} {'waste MiB':>9} {'waste':>6} {'peak MiB':>9} "
+          f"{'resv MiB':>9}  read in place by")
+    for r in report["wan_1_3b_page_layouts"]:
+        direct = [name for name, path in r["paged_paths"].items() if path == "direct"] or ["none (all gather)"]
+        print(f"{r['layout']:<40} {r['steady_state_bytes'] / 2**20:>9.1f} {r['live_bytes'] / 2**20:>9.1f} "
+              f"{r['waste_bytes'] / 2**20:>9.1f} {r['waste_pct']:>5.1f}% {r['peak_bytes'] / 2**20:>9.1f} "
+              f"{r['reserved_bytes'] / 2**20:>9.1f}  {', '.join(direct)}")
     return report
+
+
+def wan_page_layouts(dtype: torch.dtype) -> list[dict[str, Any]]:
+    """:func:`page_layout` for the wan-1.3b geometry: the old frame pages, token pages, padded frames."""
+    wan = get_preset("wan-1.3b")
+    return [page_layout(wan, dtype, wan.tokens_per_frame), page_layout(wan, dtype, 64),
+            page_layout(wan, dtype, 256), page_layout(wan, dtype, 512),
+            page_layout(wan, dtype, 256, pad_frames_to=256)]
 
 
 if __name__ == "__main__":

@@ -43,14 +43,24 @@ class AttentionBackend(Protocol):
         ...
 
     def paged_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                        block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        """Every query of sequence ``b`` attends (no mask) to its first ``seq_lens[b]`` keys.
+                        block_table: torch.Tensor, seq_lens: torch.Tensor,
+                        kv_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Every query of sequence ``b`` attends (no mask) to the visible keys of its pages.
 
         ``q: [B, Lq, H, D]``; ``k_pool, v_pool: [num_blocks, page, H, D]`` (one layer);
         ``block_table``: int32 ``[B, max_blocks]``, row ``b`` lists the pages holding key
         positions ``0, page, 2 * page, ...`` (padded with the null block 0); ``seq_lens``:
-        int32 ``[B]``. Returns ``[B, Lq, H, D]``.
+        int32 ``[B]``. Visible keys: the first ``seq_lens[b]`` positions when ``kv_valid`` is
+        ``None``; otherwise the positions where ``kv_valid`` (bool ``[B, max_blocks * page]``)
+        is True -- a page may then hold dead tokens anywhere (a frame evicted by the window
+        next to a live one) -- all of them below ``seq_lens[b]``. Returns ``[B, Lq, H, D]``.
         """
+        ...
+
+    def paged_layout(self, block_size_tokens: int, *, masked: bool, device: torch.device) -> str:
+        """``"direct"`` if :meth:`paged_attention` reads pages in place for a call with this page
+        size (``masked``: a ``kv_valid`` mask is passed) on ``device``; otherwise ``"gather (why)"``:
+        the pages are copied into dense K/V first. Counted by the cache, shown in ``/metrics``."""
         ...
 
 

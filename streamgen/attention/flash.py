@@ -8,9 +8,12 @@ Written against ``flash_attn``'s documented API:
   ``block_table`` int32 ``(batch, max_num_blocks_per_seq)``, ``cache_seqlens`` int32
   ``(batch,)``; ``causal=False`` because a chunk attends bidirectionally to everything visible.
 
-The paged kernel needs ``page_block_size % 256 == 0``. A page is one or a few latent frames
-(Wan 1.3B: 1560 tokens per frame), so for other page sizes this backend gathers the pages
-into ``(batch, max_len, H, D)`` and calls the *same* kernel without a block table, using
+The paged kernel needs ``page_block_size % 256 == 0`` (choose the cache's page size in
+tokens accordingly: 256 for Wan 1.3B, whose 1560-token frames are a multiple of neither 256
+nor 64) and reads the first ``cache_seqlens[b]`` tokens of a row's pages. When the cache
+passes a ``kv_valid`` mask (a window edge or an evicted frame left dead tokens inside a page)
+or the page size does not fit, this backend gathers the visible tokens into
+``(batch, max_len, H, D)`` and calls the *same* kernel without a block table, using
 ``cache_seqlens`` to ignore the padding. :meth:`paged_layout` reports which path applies.
 
 ``create()`` raises :class:`BackendUnavailableError` when the package or CUDA is missing;
@@ -25,7 +28,7 @@ from typing import Any
 import torch
 
 from streamgen.attention import BackendUnavailableError
-from streamgen.attention.paged_common import check_paged_inputs, gather_padded
+from streamgen.attention.paged_common import check_paged_inputs, gather_visible
 
 PAGE_MULTIPLE = 256  # flash_attn_with_kvcache: page_block_size must be a multiple of 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -42,11 +45,13 @@ class FlashBackend:
         self._flash_attn_with_kvcache = flash_attn_with_kvcache
 
     @staticmethod
-    def paged_layout(block_size_tokens: int) -> str:
-        """``"paged"`` if the kernel reads pages in place, else ``"gather"`` (with the reason)."""
-        if block_size_tokens % PAGE_MULTIPLE == 0:
-            return "paged"
-        return f"gather (page of {block_size_tokens} tokens is not a multiple of {PAGE_MULTIPLE})"
+    def paged_layout(block_size_tokens: int, *, masked: bool = False, device: torch.device | None = None) -> str:
+        """``"direct"`` if the kernel reads pages in place, else ``"gather (why)"``."""
+        if block_size_tokens % PAGE_MULTIPLE:
+            return f"gather (page of {block_size_tokens} tokens is not a multiple of {PAGE_MULTIPLE})"
+        if masked:
+            return "gather (dead tokens inside a page: the kernel reads only a prefix of each row's pages)"
+        return "direct"
 
     @staticmethod
     def _check(q: torch.Tensor) -> None:
@@ -65,14 +70,17 @@ class FlashBackend:
         return self._flash_attn_func(q, k, v, causal=False)
 
     def paged_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                        block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens)
+                        block_table: torch.Tensor, seq_lens: torch.Tensor,
+                        kv_valid: torch.Tensor | None = None) -> torch.Tensor:
+        lens = check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens, kv_valid)
         self._check(q)
-        if k_pool.shape[1] % PAGE_MULTIPLE == 0:
+        if self.paged_layout(k_pool.shape[1], masked=kv_valid is not None) == "direct":
             return self._flash_attn_with_kvcache(q, k_pool, v_pool, cache_seqlens=seq_lens,
                                                  block_table=block_table, causal=False)
-        k, v = gather_padded(k_pool, v_pool, block_table)  # [B, max_blocks * page, H, D]
-        return self._flash_attn_with_kvcache(q, k, v, cache_seqlens=seq_lens, causal=False)
+        k, v, counts = gather_visible(k_pool, v_pool, block_table, lens, kv_valid)  # [B, max_n, H, D]
+        cache_seqlens = torch.tensor(counts, dtype=torch.int32, device=q.device)
+        return self._flash_attn_with_kvcache(q, k.contiguous(), v.contiguous(), cache_seqlens=cache_seqlens,
+                                             causal=False)
 
 
 def create() -> FlashBackend:

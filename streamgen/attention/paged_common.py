@@ -1,9 +1,11 @@
 """Shared checks and page gathers for backends' ``paged_attention`` entry points.
 
 A backend without a paged kernel (SDPA, flex on CPU) turns a block table back into dense
-K/V here; a backend with one (flash, xformers) uses the same input checks, so every backend
-rejects a malformed block table with the same ``ValueError`` instead of reading garbage.
-This module never decides *which* pages a sequence sees: that is the cache's job.
+K/V here; a backend with one (flash, xformers, flex on CUDA) uses the same input checks, so
+every backend rejects a malformed block table with the same ``ValueError`` instead of reading
+garbage. This module never decides *which* tokens a sequence sees: that is the cache's job,
+handed over as ``seq_lens`` and, when a window edge leaves dead tokens inside a page, a
+``kv_valid`` mask over the row's token positions.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import torch
 
 
 def check_paged_inputs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                       block_table: torch.Tensor, seq_lens: torch.Tensor) -> list[int]:
+                       block_table: torch.Tensor, seq_lens: torch.Tensor,
+                       kv_valid: torch.Tensor | None = None) -> list[int]:
     """Validate the paged-attention arguments; return ``seq_lens`` as Python ints.
 
     ``q: [B, Lq, H, D]``, ``k_pool, v_pool: [num_blocks, page, H, D]``,
-    ``block_table: int32 [B, max_blocks]``, ``seq_lens: int32 [B]``.
+    ``block_table: int32 [B, max_blocks]``, ``seq_lens: int32 [B]``,
+    ``kv_valid: bool [B, max_blocks * page]`` or ``None``.
     """
     if q.dim() != 4:
         raise ValueError(f"q must be [B, Lq, H, D], got shape {tuple(q.shape)}")
@@ -33,8 +37,11 @@ def check_paged_inputs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
                          f"{tuple(block_table.shape)}")
     if seq_lens.dtype != torch.int32 or tuple(seq_lens.shape) != (batch,):
         raise ValueError(f"seq_lens must be int32 [B={batch}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
-    lens = [int(n) for n in seq_lens.tolist()]
     capacity = block_table.shape[1] * k_pool.shape[1]
+    if kv_valid is not None and (kv_valid.dtype != torch.bool or tuple(kv_valid.shape) != (batch, capacity)):
+        raise ValueError(f"kv_valid must be bool [B={batch}, max_blocks * page = {capacity}], got "
+                         f"{kv_valid.dtype} {tuple(kv_valid.shape)}")
+    lens = [int(n) for n in seq_lens.tolist()]
     for b, n in enumerate(lens):
         if not 0 < n <= capacity:
             raise ValueError(f"seq_lens[{b}]={n} must lie in [1, max_blocks * page = {capacity}]")
@@ -53,6 +60,31 @@ def gather_padded(k_pool: torch.Tensor, v_pool: torch.Tensor,
     k = k_pool.index_select(0, flat_ids).view(batch, max_blocks * page, heads, head_dim)
     v = v_pool.index_select(0, flat_ids).view(batch, max_blocks * page, heads, head_dim)
     return k, v
+
+
+def gather_visible(k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor, lens: list[int],
+                   kv_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Each row's visible keys packed to the front: ``k, v: [B, max_n, H, D]`` and the counts ``n_b``.
+
+    Without ``kv_valid`` the visible keys are the first ``lens[b]`` (no copy beyond the page
+    gather); with it, the positions it marks, in row order. Rows shorter than ``max_n`` are
+    padded with zeros, which callers must exclude (by length or a key mask).
+    """
+    k, v = gather_padded(k_pool, v_pool, block_table)  # [B, max_blocks * page, H, D]
+    if kv_valid is None:
+        return k[:, :max(lens)], v[:, :max(lens)], lens
+    counts = [int(n) for n in kv_valid.sum(dim=1).tolist()]
+    if all(n == counts[0] for n in counts):  # steady state: one boolean gather for the whole batch
+        batch, _, heads, head_dim = k.shape
+        return (k[kv_valid].view(batch, counts[0], heads, head_dim),
+                v[kv_valid].view(batch, counts[0], heads, head_dim), counts)
+    width = max(counts)
+    k_out = k.new_zeros(k.shape[0], width, *k.shape[2:])
+    v_out = v.new_zeros(v.shape[0], width, *v.shape[2:])
+    for b, n in enumerate(counts):
+        k_out[b, :n] = k[b, kv_valid[b]]
+        v_out[b, :n] = v[b, kv_valid[b]]
+    return k_out, v_out, counts
 
 
 def key_padding_mask(seq_lens: list[int], max_len: int, device: torch.device) -> torch.Tensor:

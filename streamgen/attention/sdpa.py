@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from streamgen.attention.paged_common import check_paged_inputs, gather_padded
+from streamgen.attention.paged_common import check_paged_inputs, gather_visible
 
 
 class SDPABackend:
@@ -25,19 +25,24 @@ class SDPABackend:
                                              attn_mask=mask)
         return out.transpose(1, 2)
 
+    @staticmethod
+    def paged_layout(block_size_tokens: int, *, masked: bool, device: torch.device) -> str:
+        return "gather (sdpa has no paged kernel: the reference reads a contiguous copy of the pages)"
+
     def paged_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                        block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        """Gather each row's pages, cut to its length, run SDPA. Shapes as in the protocol."""
-        lens = check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens)
-        k, v = gather_padded(k_pool, v_pool, block_table)  # [B, max_blocks * page, H, D]
-        if all(n == lens[0] for n in lens):
+                        block_table: torch.Tensor, seq_lens: torch.Tensor,
+                        kv_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Gather each row's visible keys, run SDPA. Shapes as in the protocol."""
+        lens = check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens, kv_valid)
+        k, v, counts = gather_visible(k_pool, v_pool, block_table, lens, kv_valid)  # [B, max_n, H, D]
+        if all(n == counts[0] for n in counts):
             # Steady state of a rolling window: every session sees the same number of keys,
             # so one unmasked batched call (SDPA's fast path) does the whole batch.
-            return self.attention(q, k[:, :lens[0]], v[:, :lens[0]])
+            return self.attention(q, k[:, :counts[0]], v[:, :counts[0]])
         # Ragged lengths: one unmasked call per session. A padded batch with a key mask would
         # push SDPA onto its slower masked path and waste work on padding.
         return torch.cat([self.attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n])
-                          for b, n in enumerate(lens)], dim=0)
+                          for b, n in enumerate(counts)], dim=0)
 
 
 def create() -> SDPABackend:

@@ -9,10 +9,13 @@ Written against xformers' documented API:
   as ``[1, num_blocks * page, H, D]``; ``memory_efficient_attention_forward`` reads pages
   through the block table, no copy.
 
-The paged kernel (Triton split-K) needs ``page % 64 == 0``. Latent frames rarely have a
-multiple of 64 tokens (Wan 1.3B: 1560), so for other page sizes this backend gathers the
-pages and uses ``BlockDiagonalPaddedKeysMask`` on the gathered keys; :meth:`paged_layout`
-says which path a page size takes, so the choice is inspectable rather than silent.
+The paged kernel (Triton split-K) needs ``page % 64 == 0`` and reads the first
+``kv_seqlen[b]`` tokens of a row's pages. Latent frames rarely have a multiple of 64 tokens
+(Wan 1.3B: 1560), so the cache's page size is chosen in tokens (256 for Wan 1.3B). For other
+page sizes, or when the cache passes a ``kv_valid`` mask (dead tokens inside a page), this
+backend gathers the visible tokens and uses ``BlockDiagonalPaddedKeysMask`` on them;
+:meth:`paged_layout` says which path a call takes, so the choice is inspectable rather than
+silent.
 
 ``create()`` raises :class:`BackendUnavailableError` when the package or CUDA is missing;
 the package is never imported at module import time.
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 
 from streamgen.attention import BackendUnavailableError
-from streamgen.attention.paged_common import check_paged_inputs, gather_padded
+from streamgen.attention.paged_common import check_paged_inputs, gather_visible
 
 PAGE_MULTIPLE = 64  # Triton split-K paged kernel constraint (tokens per page)
 
@@ -41,11 +44,13 @@ class XFormersBackend:
         self._attn_bias = attn_bias
 
     @staticmethod
-    def paged_layout(block_size_tokens: int) -> str:
-        """``"paged"`` if the kernel reads pages in place, else ``"gather"`` (with the reason)."""
-        if block_size_tokens % PAGE_MULTIPLE == 0:
-            return "paged"
-        return f"gather (page of {block_size_tokens} tokens is not a multiple of {PAGE_MULTIPLE})"
+    def paged_layout(block_size_tokens: int, *, masked: bool = False, device: torch.device | None = None) -> str:
+        """``"direct"`` if the kernel reads pages in place, else ``"gather (why)"``."""
+        if block_size_tokens % PAGE_MULTIPLE:
+            return f"gather (page of {block_size_tokens} tokens is not a multiple of {PAGE_MULTIPLE})"
+        if masked:
+            return "gather (dead tokens inside a page: the kernel reads only a prefix of each row's pages)"
+        return "direct"
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,21 +66,22 @@ class XFormersBackend:
         return self._xops.memory_efficient_attention(q, k, v, attn_bias=bias)
 
     def paged_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                        block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        lens = check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens)
+                        block_table: torch.Tensor, seq_lens: torch.Tensor,
+                        kv_valid: torch.Tensor | None = None) -> torch.Tensor:
+        lens = check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens, kv_valid)
         batch, q_len, heads, head_dim = q.shape
         num_blocks, page = k_pool.shape[:2]
         q_packed = q.reshape(1, batch * q_len, heads, head_dim)  # [1, B * Lq, H, D]
-        if page % PAGE_MULTIPLE == 0:
+        if self.paged_layout(page, masked=kv_valid is not None) == "direct":
             bias = self._attn_bias.PagedBlockDiagonalPaddedKeysMask.from_seqlens(
                 q_seqlen=[q_len] * batch, kv_seqlen=lens, block_tables=block_table, page_size=page)
             k = k_pool.view(1, num_blocks * page, heads, head_dim)
             v = v_pool.view(1, num_blocks * page, heads, head_dim)
         else:
-            k_dense, v_dense = gather_padded(k_pool, v_pool, block_table)  # [B, max_blocks * page, H, D]
+            k_dense, v_dense, counts = gather_visible(k_pool, v_pool, block_table, lens, kv_valid)  # [B, n, H, D]
             padding = k_dense.shape[1]
             bias = self._attn_bias.BlockDiagonalPaddedKeysMask.from_seqlens(
-                q_seqlen=[q_len] * batch, kv_padding=padding, kv_seqlen=lens)
+                q_seqlen=[q_len] * batch, kv_padding=padding, kv_seqlen=counts)
             k = k_dense.reshape(1, batch * padding, heads, head_dim)
             v = v_dense.reshape(1, batch * padding, heads, head_dim)
         out = self._xops.memory_efficient_attention_forward(q_packed, k, v, attn_bias=bias)

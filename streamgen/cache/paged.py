@@ -1,12 +1,18 @@
 """Per-session block tables over a shared :class:`BlockPool`: admission, rolling window, eviction.
 
 vLLM's ``KVCacheManager`` for a streaming video model. Each session's cache is a table
-*logical page -> block id*; a page holds ``block_size_frames`` whole latent frames
-(``block_size_tokens = block_size_frames * tokens_per_frame``), so evicting frames frees
-pages exactly and never splits a frame. Which frames are stored and visible follows the
-rolling-window + sink rule of :mod:`streamgen.cache.window`; because eviction happens at
-every commit, a session's stored frames are a function of one integer, its committed frame
-count, and the manager keeps no per-frame state.
+*logical page -> block id* over one token stream: frame ``j``'s ``T = tokens_per_frame``
+tokens sit at stream positions ``[j * T, (j + 1) * T)`` and logical page ``p`` holds positions
+``[p * P, (p + 1) * P)``, ``P = block_size_tokens``. The page size is a number of *tokens*
+(the pool's), so it can be what a paged kernel needs (flash-attn: a multiple of 256) even
+when a frame is not (Wan 1.3B: 1560 tokens); a page may then hold parts of two frames. With
+``P`` a multiple of ``T`` (the default: ``P = block_size_frames * T``) pages hold whole frames
+as before. No padding: a page is freed when no resident frame overlaps it, and a page that
+still holds a live frame beside an evicted one (the window's oldest page, the last sink page)
+keeps its dead tokens, which the forward plan masks out (``kv_valid``). Which frames are
+stored and visible follows the rolling-window + sink rule of :mod:`streamgen.cache.window`;
+because eviction happens at every commit, a session's stored frames are a function of one
+integer, its committed frame count, and the manager keeps no per-frame state.
 
 Admission reserves a session's worst case: the sum of admitted sessions' worst-case block
 counts never exceeds the pool, so an admitted session can always get its pages and a forward
@@ -21,6 +27,7 @@ out (:class:`~streamgen.cache.paged_view.PagedCacheView`) does the tensor work.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -49,8 +56,10 @@ class Admission:
 
 @dataclass(frozen=True)
 class PoolUsage:
-    """Byte-exact snapshot of the pool. ``live_token_bytes`` counts committed, resident frames once
-    per physical page even when the page is shared."""
+    """Byte-exact snapshot of the pool. ``live_token_bytes`` counts committed, resident tokens once
+    per physical page even when the page is shared. ``paged_*_calls`` count attention calls since
+    the manager was built: ``direct`` when the backend read the pages in place, ``gathered`` when
+    they were copied into dense K/V first (see :meth:`AttentionBackend.paged_layout`)."""
 
     num_usable_blocks: int
     num_used_blocks: int
@@ -61,6 +70,8 @@ class PoolUsage:
     used_bytes: int
     free_bytes: int
     live_token_bytes: int
+    paged_direct_calls: int = 0
+    paged_gathered_calls: int = 0
 
     @property
     def usage(self) -> float:
@@ -85,20 +96,26 @@ class _Session:
 
 
 class PagedKVCacheManager:
-    """Owns the sessions' block tables over one pool and hands out per-forward cache views."""
+    """Owns the sessions' block tables over one pool and hands out per-forward cache views.
+
+    The page size is the pool's ``block_size_tokens``. ``cache_config.block_size_frames > 1``
+    pins it to that many whole frames (the pool must agree); with the default ``1`` any page
+    size in tokens is accepted.
+    """
 
     def __init__(self, pool: BlockPool, cache_config: CacheConfig, tokens_per_frame: int,
                  backend: AttentionBackend) -> None:
         if tokens_per_frame <= 0:
             raise ValueError(f"tokens_per_frame must be > 0, got {tokens_per_frame}")
         expected = cache_config.block_size_frames * tokens_per_frame
-        if pool.spec.block_size_tokens != expected:
+        if cache_config.block_size_frames > 1 and pool.spec.block_size_tokens != expected:
             raise ValueError(f"pool pages hold {pool.spec.block_size_tokens} tokens but block_size_frames="
                              f"{cache_config.block_size_frames} x tokens_per_frame={tokens_per_frame} = {expected}")
         self.pool = pool
         self.cache_config = cache_config
         self.tokens_per_frame = tokens_per_frame
         self.backend = backend
+        self.paged_calls: Counter[str] = Counter()  # "direct" / "gathered" attention calls, bumped by views
         self._sessions: dict[str, _Session] = {}
         self._num_reserved_blocks = 0
 
@@ -106,23 +123,28 @@ class PagedKVCacheManager:
     def from_preset(cls, preset: Preset, backend: AttentionBackend, *, num_blocks: int | None = None,
                     memory_budget_bytes: int | None = None, dtype: torch.dtype = torch.float32,
                     cache_config: CacheConfig | None = None, device: torch.device | str = "cpu",
-                    ) -> PagedKVCacheManager:
-        """Pool sized by ``num_blocks`` or ``memory_budget_bytes`` (exactly one) for ``preset``'s model."""
+                    block_size_tokens: int | None = None) -> PagedKVCacheManager:
+        """Pool sized by ``num_blocks`` or ``memory_budget_bytes`` (exactly one) for ``preset``'s model.
+
+        ``block_size_tokens``: tokens per page; ``None`` keeps whole-frame pages
+        (``cache_config.block_size_frames * tokens_per_frame``). For Wan 1.3B (1560-token frames)
+        256 lets flash-attn / xformers / flex read pages in place (docs/serving.md, "KV pages").
+        """
         if (num_blocks is None) == (memory_budget_bytes is None):
             raise ValueError("pass exactly one of num_blocks or memory_budget_bytes")
         cfg = cache_config or preset.cache
+        if block_size_tokens is None:
+            block_size_tokens = cfg.block_size_frames * preset.tokens_per_frame
+        elif cfg.block_size_frames > 1:
+            raise ValueError(f"pass block_size_tokens or CacheConfig.block_size_frames > 1, not both "
+                             f"(got {block_size_tokens} tokens and {cfg.block_size_frames} frames)")
         spec = KVPageSpec(num_layers=preset.model.num_layers, num_heads=preset.model.num_heads,
-                          head_dim=preset.model.head_dim,
-                          block_size_tokens=cfg.block_size_frames * preset.tokens_per_frame, dtype=dtype)
+                          head_dim=preset.model.head_dim, block_size_tokens=block_size_tokens, dtype=dtype)
         pool = (BlockPool(spec, num_blocks, device) if num_blocks is not None
                 else BlockPool.from_memory_budget(spec, memory_budget_bytes, device))  # type: ignore[arg-type]
         return cls(pool, cfg, preset.tokens_per_frame, backend)
 
     # ------------------------------------------------------------------ sizes
-
-    @property
-    def block_size_frames(self) -> int:
-        return self.cache_config.block_size_frames
 
     @property
     def block_size_tokens(self) -> int:
@@ -136,19 +158,39 @@ class PagedKVCacheManager:
         """Most frames a session stores at once (see :func:`window.worst_case_resident_frames`)."""
         return worst_case_resident_frames(self.cache_config, chunk_frames, total_frames)
 
+    def _pages_of_tokens(self, lo: int, hi: int) -> range:
+        """Logical pages holding stream positions ``[lo, hi)``."""
+        page = self.block_size_tokens
+        return range(lo // page, (hi - 1) // page + 1) if hi > lo else range(0)
+
+    def _pages_of_frames(self, frames: Sequence[int]) -> list[int]:
+        """Ascending logical pages holding any token of ``frames``."""
+        t = self.tokens_per_frame
+        return sorted({lp for j in frames for lp in self._pages_of_tokens(j * t, (j + 1) * t)})
+
+    def _run_pages(self, num_frames: int) -> int:
+        """Most pages ``num_frames`` consecutive frames can touch, wherever the run starts.
+
+        A run starts at a frame boundary, i.e. at a page offset that is a multiple of
+        ``g = gcd(T, P)``, at worst ``P - g``; ``m * T`` tokens from there span
+        ``ceil((P - g + m * T) / P)`` pages (``ceil((m - 1) / bsf) + 1`` for ``bsf``-frame pages).
+        """
+        if num_frames == 0:
+            return 0
+        t, page = self.tokens_per_frame, self.block_size_tokens
+        return -(-(page - math.gcd(t, page) + num_frames * t) // page)
+
     def blocks_for_frames(self, num_frames: int) -> int:
         """Upper bound on the pages ``num_frames`` stored frames can occupy under this policy.
 
-        Stored frames are the sinks ``[0, S)`` plus one contiguous run; ``m`` consecutive frames
-        touch at most ``ceil((m - 1) / bsf) + 1`` pages wherever they start. With one frame
-        per page this is exactly ``num_frames``.
+        Stored frames are the sinks ``[0, S)`` (page-aligned at token 0) plus one contiguous run
+        (see :meth:`_run_pages`). With one frame per page this is exactly ``num_frames``.
         """
         if num_frames < 0:
             raise ValueError(f"num_frames must be >= 0, got {num_frames}")
-        bsf = self.block_size_frames
         num_sinks = min(self.cache_config.sink_frames, num_frames)
-        run = num_frames - num_sinks
-        return math.ceil(num_sinks / bsf) + (0 if run == 0 else math.ceil((run - 1) / bsf) + 1)
+        sink_pages = -(-num_sinks * self.tokens_per_frame // self.block_size_tokens)
+        return sink_pages + self._run_pages(num_frames - num_sinks)
 
     # ------------------------------------------------------------------ admission
 
@@ -200,9 +242,10 @@ class PagedKVCacheManager:
     def share_prefix(self, src_session_id: str, dst_session_id: str, num_frames: int) -> None:
         """Give a fresh session the first ``num_frames`` frames of another (e.g. a shared image frame).
 
-        Full pages are shared by refcount; a page that also holds later frames of the source
-        is copied, because the source will keep writing into it. Keys are RoPE'd at the same
-        absolute positions in both sessions, so shared pages need no rewrite.
+        Pages lying wholly inside the prefix's tokens are shared by refcount; a page that also
+        has room for later tokens is copied, because the source will keep writing into it.
+        Keys are RoPE'd at the same absolute positions in both sessions, so shared pages need
+        no rewrite.
         """
         src, dst = self._session(src_session_id), self._session(dst_session_id)
         if src is dst:
@@ -217,13 +260,13 @@ class PagedKVCacheManager:
         missing = [j for j in frames if not is_resident(self.cache_config, j, src.num_frames)]
         if missing:
             raise ValueError(f"frames {missing} of the prefix were already evicted from {src_session_id!r}")
-        bsf = self.block_size_frames
-        logical_pages = sorted({j // bsf for j in frames})
+        logical_pages = self._pages_of_frames(frames)
         if len(logical_pages) > dst.max_blocks:
             raise ValueError(f"prefix needs {len(logical_pages)} blocks, more than the {dst.max_blocks} "
                              f"{dst_session_id!r} was admitted with")
-        shared = [lp for lp in logical_pages if (lp + 1) * bsf <= num_frames]
-        copied = [lp for lp in logical_pages if (lp + 1) * bsf > num_frames]
+        prefix_end = num_frames * self.tokens_per_frame
+        shared = [lp for lp in logical_pages if (lp + 1) * self.block_size_tokens <= prefix_end]
+        copied = [lp for lp in logical_pages if (lp + 1) * self.block_size_tokens > prefix_end]
         self.pool.incref([src.pages[lp] for lp in shared])
         new_ids = self.pool.allocate(len(copied))
         for lp, block_id in zip(copied, new_ids, strict=True):
@@ -245,11 +288,11 @@ class PagedKVCacheManager:
         return resident_frames(self.cache_config, self._session(session_id).num_frames)
 
     def block_ids(self, session_id: str) -> list[int]:
-        """The session's block ids in logical (frame) order."""
+        """The session's block ids in logical (stream) order."""
         return list(self._session(session_id).pages.values())
 
     def block_table(self, session_id: str) -> torch.Tensor:
-        """int32 ``[num_pages]``: the session's block ids in frame order."""
+        """int32 ``[num_pages]``: the session's block ids in stream order."""
         return torch.tensor(self.block_ids(session_id), dtype=torch.int32)
 
     def block_tables(self, session_ids: Sequence[str]) -> torch.Tensor:
@@ -260,28 +303,45 @@ class PagedKVCacheManager:
                             ).reshape(len(rows), width)
 
     def frame_location(self, session_id: str, frame: int) -> tuple[int, int]:
-        """``(block id, token offset in the block)`` where a stored frame's first token lives."""
+        """``(block id, token offset in the block)`` where a stored frame's first token lives.
+
+        With pages smaller than a frame, or not a multiple of it, the frame continues on the
+        next logical page(s); :meth:`frame_slots` lists every token.
+        """
         s = self._session(session_id)
-        bsf = self.block_size_frames
-        if frame // bsf not in s.pages:
+        pos = frame * self.tokens_per_frame
+        if not is_resident(self.cache_config, frame, s.num_frames) or pos // self.block_size_tokens not in s.pages:
             raise KeyError(f"frame {frame} of session {session_id!r} is not stored")
-        return s.pages[frame // bsf], (frame % bsf) * self.tokens_per_frame
+        return s.pages[pos // self.block_size_tokens], pos % self.block_size_tokens
+
+    def frame_slots(self, session_id: str, frame: int) -> torch.Tensor:
+        """int64 ``[T]``: flat indices (into a layer's ``[num_blocks * P]`` token axis) of a stored frame."""
+        self.frame_location(session_id, frame)  # raises if not stored
+        return self._slots(self._session(session_id), [frame])
 
     def session_bytes(self, session_id: str) -> int:
         """Bytes of the pages this session holds (a shared page counts fully for each holder)."""
         return len(self._session(session_id).pages) * self.pool.bytes_per_block
 
     def usage(self) -> PoolUsage:
-        bsf = self.block_size_frames
-        live_slots: set[tuple[int, int]] = set()  # (block id, frame slot) of committed resident frames
+        # Live token spans per physical block; a shared block's spans are unioned, so it counts once.
+        spans: dict[int, list[tuple[int, int]]] = {}
         for s in self._sessions.values():
-            for j in resident_frames(self.cache_config, s.num_frames):
-                live_slots.add((s.pages[j // bsf], j % bsf))
+            for lp, page_spans in self._visible_pages(resident_frames(self.cache_config, s.num_frames)).items():
+                spans.setdefault(s.pages[lp], []).extend(page_spans)
+        num_live_tokens = 0
+        for block_spans in spans.values():
+            end = 0
+            for lo, hi in sorted(block_spans):
+                num_live_tokens += max(0, hi - max(lo, end))
+                end = max(end, hi)
         pool = self.pool
         return PoolUsage(num_usable_blocks=pool.num_usable_blocks, num_used_blocks=pool.num_used_blocks,
                          num_free_blocks=pool.num_free_blocks, num_reserved_blocks=self._num_reserved_blocks,
                          num_sessions=len(self._sessions), total_bytes=pool.total_bytes, used_bytes=pool.used_bytes,
-                         free_bytes=pool.free_bytes, live_token_bytes=len(live_slots) * self.bytes_per_frame)
+                         free_bytes=pool.free_bytes, live_token_bytes=num_live_tokens * pool.spec.bytes_per_token,
+                         paged_direct_calls=self.paged_calls["direct"],
+                         paged_gathered_calls=self.paged_calls["gathered"])
 
     def _session(self, session_id: str) -> _Session:
         try:
@@ -297,8 +357,8 @@ class PagedKVCacheManager:
 
         ``commit=True`` for the forward that stores clean K/V (the chunk becomes part of the
         context when the view finishes); ``commit=False`` for denoising forwards, whose K/V
-        are written to scratch pages that are released when the view finishes.
-        ``prefer_gather`` forces the gather layout (parity tests, backends without paging).
+        are written to scratch tokens (fresh pages are released when the view finishes).
+        ``prefer_gather`` forces the gather layout (parity tests).
         """
         if num_frames <= 0:
             raise ValueError(f"num_frames must be > 0, got {num_frames}")
@@ -310,11 +370,10 @@ class PagedKVCacheManager:
         for s in sessions:
             if s.view is not None:
                 raise RuntimeError(f"session {s.session_id!r} already has an open forward")
-        bsf = self.block_size_frames
+        t = self.tokens_per_frame
         new_pages: list[list[int]] = []
         for s in sessions:
-            start, end = s.num_frames, s.num_frames + num_frames
-            touched = range(start // bsf, (end - 1) // bsf + 1)
+            touched = self._pages_of_tokens(s.num_frames * t, (s.num_frames + num_frames) * t)
             fresh = [lp for lp in touched if lp not in s.pages]
             for lp in touched:
                 if lp in s.pages and self.pool.ref_count(s.pages[lp]) != 1:
@@ -341,7 +400,8 @@ class PagedKVCacheManager:
         Used for LongLive's KV re-cache on a prompt switch: the model runs over exactly the
         session's resident frames (at their absolute positions); attention is among them
         under ``visible`` (bool ``[n, n]`` over ``frames``, True = may attend), and each
-        layer's new keys/values overwrite the frames' slots. No page is allocated or freed.
+        layer's new keys/values overwrite the frames' token slots (wherever a page boundary
+        cuts them). No page is allocated or freed; dead tokens sharing a page are untouched.
         """
         s = self._session(session_id)
         if s.view is not None:
@@ -353,8 +413,7 @@ class PagedKVCacheManager:
         if tuple(visible.shape) != (len(frames), len(frames)) or visible.dtype != torch.bool:
             raise ValueError(f"visible must be bool [{len(frames)}, {len(frames)}], got {visible.dtype} "
                              f"{tuple(visible.shape)}")
-        bsf = self.block_size_frames
-        for lp in {j // bsf for j in frames}:
+        for lp in self._pages_of_frames(frames):
             if self.pool.ref_count(s.pages[lp]) != 1:
                 raise BlockStateError(f"session {session_id!r} would rewrite shared block {s.pages[lp]}")
         mask = visible.repeat_interleave(self.tokens_per_frame, 0).repeat_interleave(self.tokens_per_frame, 1)
@@ -367,53 +426,84 @@ class PagedKVCacheManager:
         if s is not None and s.view is view:
             s.view = None
 
-    def _frame_base(self, s: _Session, frame: int) -> int:
-        """Flat token index (into ``[N * P]``) of ``frame``'s first token."""
-        bsf = self.block_size_frames
-        return s.pages[frame // bsf] * self.block_size_tokens + (frame % bsf) * self.tokens_per_frame
-
     def _slots(self, s: _Session, frames: Sequence[int]) -> torch.Tensor:
-        """int64 ``[len(frames) * T]``: flat token indices of ``frames``' tokens, in order."""
-        bases = torch.tensor([self._frame_base(s, j) for j in frames], dtype=torch.int64)
-        return (bases[:, None] + torch.arange(self.tokens_per_frame)[None, :]).reshape(-1)
+        """int64 ``[len(frames) * T]``: flat token indices (into ``[N * P]``) of ``frames``' tokens, in order."""
+        t, page = self.tokens_per_frame, self.block_size_tokens
+        if not frames:
+            return torch.zeros(0, dtype=torch.int64)
+        pos = (torch.tensor(list(frames), dtype=torch.int64)[:, None] * t + torch.arange(t)).reshape(-1)  # stream
+        lps = pos // page
+        lookup = torch.tensor([s.pages.get(lp, -1) for lp in range(int(lps.max()) + 1)], dtype=torch.int64)
+        blocks = lookup[lps]
+        if bool((blocks < 0).any()):
+            raise BlockStateError(f"session {s.session_id!r} has no page for some tokens of frames {list(frames)}")
+        return blocks * page + pos % page
+
+    def _visible_pages(self, frames: Sequence[int]) -> dict[int, list[tuple[int, int]]]:
+        """Logical page -> ``[lo, hi)`` token offsets in it held by ``frames`` (ascending; pages ascending)."""
+        t, page = self.tokens_per_frame, self.block_size_tokens
+        ranges: list[list[int]] = []  # stream ranges, consecutive frames merged
+        for j in frames:
+            if ranges and ranges[-1][1] == j * t:
+                ranges[-1][1] += t
+            else:
+                ranges.append([j * t, (j + 1) * t])
+        per_page: dict[int, list[tuple[int, int]]] = {}
+        for lo, hi in ranges:
+            for lp in self._pages_of_tokens(lo, hi):
+                base = lp * page
+                per_page.setdefault(lp, []).append((max(lo, base) - base, min(hi, base + page) - base))
+        return per_page
 
     def _plan(self, sessions: list[_Session], num_frames: int, commit: bool) -> ForwardPlan:
-        cfg, bsf, tpf = self.cache_config, self.block_size_frames, self.tokens_per_frame
-        write_slots, cached_slots, rows, lens = [], [], [], []
-        expressible = True
+        """Per session: where the chunk's tokens go, and which stored tokens it sees, as slots and as pages.
+
+        The table row lists the pages holding visible tokens, fully visible pages first and pages
+        with dead tokens (evicted frames beside live ones, room not yet written) after them, so
+        that with whole-frame pages the visible tokens are a prefix of the row (``kv_valid`` None,
+        what every paged kernel reads). Otherwise ``kv_valid`` marks them token by token.
+        """
+        cfg, page = self.cache_config, self.block_size_tokens
+        write_slots, cached_slots, rows, row_pages, lens = [], [], [], [], []
+        prefix_only = True
         for s in sessions:
             start, end = s.num_frames, s.num_frames + num_frames
-            own = list(range(start, end))
             cached = visible_cached_frames(cfg, s.num_frames, start, end)
-            self.pool.check_live(s.pages[j // bsf] for j in cached + own)
-            write_slots.append(self._slots(s, own))
-            cached_slots.append(self._slots(s, cached))
-            # Paged layout: visible tokens must be the first seq_len tokens of the row's pages,
-            # i.e. every page fully visible except possibly a last one visible as a prefix.
-            visible_by_page: dict[int, list[int]] = {}
-            for j in cached + own:
-                visible_by_page.setdefault(j // bsf, []).append(j % bsf)
-            full = [lp for lp, slots in visible_by_page.items() if len(slots) == bsf]
-            partial = [lp for lp, slots in visible_by_page.items() if len(slots) != bsf]
-            if len(partial) > 1 or (partial and sorted(visible_by_page[partial[0]]) != list(range(
-                    len(visible_by_page[partial[0]])))):
-                expressible = False
-            order = full + partial  # a frame's pages stay in frame order; the partial page goes last
+            per_page = self._visible_pages(cached + list(range(start, end)))
+            self.pool.check_live(s.pages[lp] for lp in per_page)
+            slots = self._slots(s, cached + list(range(start, end)))
+            num_cached = len(cached) * self.tokens_per_frame
+            cached_slots.append(slots[:num_cached])
+            write_slots.append(slots[num_cached:])
+            full = [lp for lp, spans in per_page.items() if spans == [(0, page)]]
+            partial = [lp for lp, spans in per_page.items() if spans != [(0, page)]]
+            order = full + partial  # a partially visible page last, so whole-frame pages stay a prefix
             rows.append([s.pages[lp] for lp in order])
-            lens.append(sum(len(visible_by_page[lp]) for lp in order) * tpf)
-        block_table = seq_lens = None
-        if expressible:
-            width = max(len(r) for r in rows)
-            block_table = torch.tensor([r + [NULL_BLOCK_ID] * (width - len(r)) for r in rows], dtype=torch.int32)
-            seq_lens = torch.tensor(lens, dtype=torch.int32)
+            row_pages.append([per_page[lp] for lp in order])
+            num_visible = sum(hi - lo for spans in per_page.values() for lo, hi in spans)
+            lens.append(len(full) * page if not partial else (len(order) - 1) * page + per_page[partial[-1]][-1][1])
+            prefix_only = prefix_only and lens[-1] == num_visible
+        width = max(len(r) for r in rows)
+        block_table = torch.tensor([r + [NULL_BLOCK_ID] * (width - len(r)) for r in rows], dtype=torch.int32)
+        kv_valid = None
+        if not prefix_only:
+            kv_valid = torch.zeros(len(rows), width * page, dtype=torch.bool)
+            for b, pages in enumerate(row_pages):
+                for col, spans in enumerate(pages):
+                    for lo, hi in spans:
+                        kv_valid[b, col * page + lo:col * page + hi] = True
+        device = self.pool.k_cache.device
         return ForwardPlan(session_ids=tuple(s.session_id for s in sessions),
                            start_frames=tuple(s.num_frames for s in sessions), num_frames=num_frames,
-                           num_tokens=num_frames * tpf, commit=commit, write_slots=torch.cat(write_slots),
-                           block_table=block_table, seq_lens=seq_lens, cached_slots=tuple(cached_slots))
+                           num_tokens=num_frames * self.tokens_per_frame, commit=commit,
+                           write_slots=torch.cat(write_slots).to(device), block_table=block_table.to(device),
+                           seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+                           kv_valid=None if kv_valid is None else kv_valid.to(device),
+                           cached_slots=tuple(c.to(device) for c in cached_slots))
 
     def _finish_forward(self, view: PagedCacheView, committed: bool) -> None:
-        """Called by the view: commit + evict, or release the chunk's reserved pages."""
-        bsf = self.block_size_frames
+        """Called by the view: commit + evict, or release the chunk's fresh pages."""
+        t, page = self.tokens_per_frame, self.block_size_tokens
         released: list[int] = []
         for sid in view.session_ids:
             s = self._sessions.get(sid)
@@ -421,12 +511,14 @@ class PagedKVCacheManager:
                 continue  # session freed while the forward was open
             if committed:
                 s.num_frames += view.plan.num_frames
-                dead = [lp for lp in s.pages if not any(is_resident(self.cache_config, j, s.num_frames)
-                                                        for j in range(lp * bsf, (lp + 1) * bsf))]
+                # A page dies when no resident frame overlaps it (dead tokens beside live ones stay, masked).
+                dead = [lp for lp in s.pages
+                        if not any(is_resident(self.cache_config, j, s.num_frames)
+                                   for j in range(lp * page // t, ((lp + 1) * page - 1) // t + 1))]
             else:
                 dead = s.new_pages
             released += [s.pages.pop(lp) for lp in dead]
             s.new_pages = []
             s.view = None
-        # One call, so the next allocation hands the ids out again in session-then-frame order.
+        # One call, so the next allocation hands the ids out again in session-then-page order.
         self.pool.free(released)

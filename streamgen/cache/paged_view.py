@@ -2,19 +2,21 @@
 
 The manager (:mod:`streamgen.cache.paged`) plans a forward once: it reserves pages for the
 chunk's frames and precomputes, for every session, where the chunk's K/V go (``write_slots``)
-and which stored tokens the chunk may see (a block table + lengths, and token slots). This
-view then only moves tensors, per layer:
+and which stored tokens the chunk may see (a block table + lengths + a token mask, and token
+slots). This view then only moves tensors, per layer:
 
 1. ``attend`` writes the chunk's K/V into its pages (in every forward: a noisy denoising
    forward writes to pages that are released again, a committing forward to pages that stay);
 2. it runs the attention backend over the visible pages. Two layouts, one answer:
 
-   * *paged*: the backend's ``paged_attention`` over a block table whose first ``seq_len``
-     tokens are exactly the visible ones (possible whenever every visible page is fully
-     visible except a trailing partial one -- always true with one frame per page);
+   * *paged*: the backend's ``paged_attention`` over the block table; the visible tokens are
+     the first ``seq_len`` of a row (always so with one frame per page) or, when a window
+     edge or an evicted frame leaves dead tokens inside a page, those ``kv_valid`` marks.
+     The backend reads the pages in place ("direct") or copies them first ("gathered"), as
+     its ``paged_layout`` says; the view counts both on the manager (``/metrics``);
    * *gather*: the visible *stored* tokens are gathered by slot and concatenated with the
      chunk's own K/V (as given, so autograd flows through them), then dense ``attention``.
-     Used when a window edge cuts through a multi-frame page, and whenever gradients are on.
+     Used whenever gradients are on, and when asked (``prefer_gather``); counted as gathered.
 
 Eviction is never done here: it happens in :meth:`finish` (the manager's commit), after the
 forward, so a window never shrinks under a running forward.
@@ -47,8 +49,9 @@ class ForwardPlan:
     num_tokens: int                     # L = num_frames * tokens_per_frame
     commit: bool
     write_slots: torch.Tensor           # int64 [B * L]: flat index into the [N * P] token axis
-    block_table: torch.Tensor | None    # int32 [B, max_blocks], padded with block 0; None if not expressible
-    seq_lens: torch.Tensor | None       # int32 [B]
+    block_table: torch.Tensor           # int32 [B, max_blocks], padded with block 0; visible pages only
+    seq_lens: torch.Tensor              # int32 [B]: no visible token at or beyond this row position
+    kv_valid: torch.Tensor | None       # bool [B, max_blocks * P]: visible row positions; None = the prefix
     cached_slots: tuple[torch.Tensor, ...]  # per session int64 [num_visible_cached_tokens]
 
 
@@ -73,6 +76,8 @@ class PagedCacheView:
         # not once per layer.
         slots = plan.cached_slots
         self._batched_slots = torch.cat(slots) if all(s.numel() == slots[0].numel() for s in slots) else None
+        self.paged_path = backend.paged_layout(pool.spec.block_size_tokens, masked=plan.kv_valid is not None,
+                                               device=pool.k_cache.device)
 
     # ------------------------------------------------------------------ introspection
 
@@ -90,8 +95,11 @@ class PagedCacheView:
 
     @property
     def layout(self) -> str:
-        """``"paged"`` or ``"gather"``: the layout gradient-free ``attend`` calls will use."""
-        return "paged" if self.plan.block_table is not None and not self._prefer_gather else "gather"
+        """``"paged"`` or ``"gather"``: the layout gradient-free ``attend`` calls will use.
+
+        Within ``"paged"``, :attr:`paged_path` says whether the backend reads the pages in place
+        (``"direct"``) or copies them (``"gather (why)"``)."""
+        return "gather" if self._prefer_gather else "paged"
 
     # ------------------------------------------------------------------ the protocol
 
@@ -114,8 +122,10 @@ class PagedCacheView:
 
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         if self.layout == "paged" and not needs_grad:
-            assert self.plan.block_table is not None and self.plan.seq_lens is not None
-            return self._backend.paged_attention(q, k_pool, v_pool, self.plan.block_table, self.plan.seq_lens)
+            self._owner.paged_calls["direct" if self.paged_path == "direct" else "gathered"] += 1
+            return self._backend.paged_attention(q, k_pool, v_pool, self.plan.block_table, self.plan.seq_lens,
+                                                 self.plan.kv_valid)
+        self._owner.paged_calls["gathered"] += 1
         return self._attend_gathered(q, k, v, k_flat, v_flat)
 
     def _attend_gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -33,6 +33,9 @@ from prometheus_client import (
 OUTCOMES = ("completed", "stopped", "limit", "shutdown", "error", "cancelled", "stalled", "invalid_argument",
             "failed_precondition", "resource_exhausted", "unavailable", "unauthenticated")
 
+# Path label values of streamgen:paged_attention_calls_total.
+PAGED_PATHS = ("direct", "gathered")
+
 _TTFF_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 40.0)
 _GAP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0)
 
@@ -44,6 +47,9 @@ class EngineSnapshot:
     kv_usage: float       # fraction of usable KV blocks handed out, 0..1
     kv_used_bytes: int
     kv_total_bytes: int
+    # Cumulative paged-attention calls of the KV manager (PoolUsage.paged_direct_calls / _gathered_calls).
+    paged_direct_calls: int = 0
+    paged_gathered_calls: int = 0
 
 
 class Metrics:
@@ -74,6 +80,13 @@ class Metrics:
                                 labelnames=("reason",), registry=r)
         for outcome in OUTCOMES:  # export zeros, so rate() works from the first scrape
             self.outcomes.labels(reason=outcome)
+        self.paged_calls = Counter("streamgen:paged_attention_calls_total",
+                                   "Attention calls over paged K/V: direct = the kernel read the pages in place, "
+                                   "gathered = they were copied into dense K/V first", labelnames=("path",),
+                                   registry=r)
+        self._paged_calls_seen = {path: 0 for path in PAGED_PATHS}
+        for path in PAGED_PATHS:
+            self.paged_calls.labels(path=path)
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     def observe_engine(self, snap: EngineSnapshot) -> None:
@@ -82,6 +95,12 @@ class Metrics:
         self.kv_usage.set(snap.kv_usage)
         self.kv_used_bytes.set(snap.kv_used_bytes)
         self.kv_total_bytes.set(snap.kv_total_bytes)
+        # The engine keeps cumulative counts; a Prometheus counter only goes up, so add what is new.
+        for path, total in (("direct", snap.paged_direct_calls), ("gathered", snap.paged_gathered_calls)):
+            delta = total - self._paged_calls_seen[path]
+            if delta > 0:
+                self.paged_calls.labels(path=path).inc(delta)
+            self._paged_calls_seen[path] = max(total, self._paged_calls_seen[path])
 
     def outcome(self, reason: str) -> None:
         if reason not in OUTCOMES:

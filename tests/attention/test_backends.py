@@ -11,6 +11,7 @@ import torch
 
 from streamgen.attention import AttentionBackend, AttentionBackendName, BackendUnavailableError, get_backend
 from streamgen.attention.flash import FlashBackend
+from streamgen.attention.flex import FlexBackend
 from streamgen.attention.paged_common import check_paged_inputs
 from streamgen.attention.xformers import XFormersBackend
 
@@ -54,10 +55,23 @@ def test_cpu_backends_are_available() -> None:
 
 
 def test_page_constraints_choose_the_layout() -> None:
-    assert XFormersBackend.paged_layout(128) == "paged"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert XFormersBackend.paged_layout(128) == "direct"
     assert XFormersBackend.paged_layout(1560).startswith("gather (page of 1560 tokens is not a multiple of 64")
-    assert FlashBackend.paged_layout(512) == "paged"
+    assert XFormersBackend.paged_layout(256, masked=True).startswith("gather (dead tokens inside a page")
+    assert FlashBackend.paged_layout(512) == "direct"
+    assert FlashBackend.paged_layout(256, masked=True).startswith("gather (dead tokens inside a page")
     assert FlashBackend.paged_layout(64).startswith("gather (page of 64 tokens is not a multiple of 256")
+    assert get_backend("sdpa").paged_layout(256, masked=False, device=cpu).startswith("gather (sdpa has no paged")
+    # flex: direct (with or without dead tokens) on CUDA once compiled; gathers on a CPU unless forced.
+    assert FlexBackend(compile=True).paged_layout(256, masked=True, device=cuda) == "direct"
+    assert FlexBackend(compile=False).paged_layout(256, masked=True, device=cuda).startswith("gather (flex is not")
+    assert FlexBackend(compile=True).paged_layout(1560, masked=False, device=cuda).startswith(
+        "gather (page of 1560 tokens is not a multiple of flex's 128-token block")
+    assert FlexBackend().paged_layout(256, masked=False, device=cpu).startswith("gather (eager flex on a CPU")
+    assert FlexBackend(paged="direct").paged_layout(256, masked=True, device=cpu) == "direct"
+    with pytest.raises(ValueError, match="unknown flex paged mode 'fused'; valid: auto, direct, gather"):
+        FlexBackend(paged="fused")
 
 
 def random_paged_case(batch: int, q_len: int, heads: int, head_dim: int, page: int, seq_lens: list[int],
@@ -91,6 +105,78 @@ def test_paged_attention_matches_dense_sdpa(name: str, seq_lens: list[int]) -> N
     for b, (k, v) in enumerate(dense):
         expected = ref.attention(q[b:b + 1].float(), k[None].float(), v[None].float())
         torch.testing.assert_close(out[b:b + 1].float(), expected, atol=tol, rtol=tol)
+
+
+def masked_paged_case(page: int, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Rows whose visible tokens have holes inside pages, as a rolling window with sinks leaves them:
+    row 0 = sink tokens [0, 10) of its first page, a window starting mid-page, a partly written last
+    page; row 1 = a prefix with a ragged end. Returns q, pools, table, seq_lens, kv_valid, dense k/v."""
+    heads, head_dim, num_blocks = 2, 8, 9
+    k_pool = torch.randn(num_blocks, page, heads, head_dim, device=device, dtype=dtype)
+    v_pool = torch.randn(num_blocks, page, heads, head_dim, device=device, dtype=dtype)
+    table = torch.tensor([[4, 7, 2, 5], [8, 3, 0, 0]], dtype=torch.int32)
+    valid = torch.zeros(2, 4 * page, dtype=torch.bool)
+    valid[0, :10] = True                                 # sinks: head of page 4, the rest of it evicted
+    valid[0, page + page // 3:3 * page] = True           # window head inside page 7, all of page 2
+    valid[0, 3 * page:3 * page + page // 2] = True       # chunk tail: half of page 5 written
+    valid[1, :page + 5] = True
+    lens = torch.tensor([3 * page + page // 2, page + 5], dtype=torch.int32)
+    dense = []
+    for b in range(2):
+        rows = table[b].tolist()
+        dense.append((k_pool[rows].flatten(0, 1)[valid[b]], v_pool[rows].flatten(0, 1)[valid[b]]))
+    q = torch.randn(2, 7, heads, head_dim, device=device, dtype=dtype)
+    return q, k_pool, v_pool, table.to(device), lens.to(device), valid.to(device), dense
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("page", [4, 256], ids=["page4", "page256"])
+def test_masked_paged_attention_matches_dense_sdpa(name: str, page: int) -> None:
+    """Dead tokens inside pages (``kv_valid``) are never attended, by any backend, on the same pages."""
+    backend = backend_or_skip(name)
+    device, dtype, tol = device_dtype(name)
+    q, k_pool, v_pool, table, lens, valid, dense = masked_paged_case(page, device, dtype)
+    out = backend.paged_attention(q, k_pool, v_pool, table, lens, valid)
+    for b, (k, v) in enumerate(dense):
+        expected = get_backend("sdpa").attention(q[b:b + 1].float(), k[None].float(), v[None].float())
+        torch.testing.assert_close(out[b:b + 1].float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_flex_direct_block_mask_reads_only_visible_pages(masked: bool) -> None:
+    """The fused path's BlockMask + mask_mod, run eagerly on a CPU (the same mask the Triton kernel gets):
+    every other page of the pool is filled with huge values, so any leak would dominate the output."""
+    flex, sdpa = get_backend("flex", paged="direct"), get_backend("sdpa")
+    q, k_pool, v_pool, table, lens, valid, _ = masked_paged_case(128, "cpu", torch.float32)
+    if not masked:
+        valid = None
+    for block_id in (1, 6):  # pages no row lists
+        k_pool[block_id] = 50.0
+        v_pool[block_id] = 1e4
+    expected = sdpa.paged_attention(q, k_pool, v_pool, table, lens, valid)
+    torch.testing.assert_close(flex.paged_attention(q, k_pool, v_pool, table, lens, valid), expected,
+                               atol=1e-5, rtol=1e-5)
+    mask = flex.paged_block_mask(table, lens, valid, k_pool.shape[0], 128, q.shape[1])
+    # row 1 lists pages 8 and 3 (page 3 partly visible); with the ragged end both are partial/full as marked
+    assert mask.kv_num_blocks.shape == (2, 1, 1) and mask.full_kv_num_blocks is not None
+    listed = [sorted(mask.kv_indices[b, 0, 0, :int(mask.kv_num_blocks[b, 0, 0])].tolist()
+                     + mask.full_kv_indices[b, 0, 0, :int(mask.full_kv_num_blocks[b, 0, 0])].tolist())
+              for b in range(2)]
+    assert listed == [[2, 4, 5, 7], [3, 8]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused flex paged kernel needs CUDA (Triton)")
+@pytest.mark.parametrize("masked", [False, True])
+def test_compiled_flex_direct_on_cuda_matches_sdpa(masked: bool) -> None:
+    flex = get_backend("flex", compile=True)
+    q, k_pool, v_pool, table, lens, valid, _ = masked_paged_case(256, "cuda", torch.bfloat16)
+    if not masked:
+        valid = None
+    assert flex.paged_layout(256, masked=valid is not None, device=q.device) == "direct"
+    out = flex.paged_attention(q, k_pool, v_pool, table, lens, valid)
+    expected = get_backend("sdpa").paged_attention(q.float(), k_pool.float(), v_pool.float(), table, lens, valid)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if n != "sdpa"])
@@ -144,3 +230,5 @@ def test_paged_inputs_are_validated() -> None:
         sdpa.paged_attention(torch.randn(2, 3, 1, 4), k_pool, v_pool, table, lens)
     with pytest.raises(ValueError, match="does not match pool dtypes"):
         sdpa.paged_attention(q.double(), k_pool, v_pool, table, lens)
+    with pytest.raises(ValueError, match=r"kv_valid must be bool \[B=2, max_blocks \* page = 12\]"):
+        sdpa.paged_attention(q, k_pool, v_pool, table, lens, torch.ones(2, 8, dtype=torch.bool))

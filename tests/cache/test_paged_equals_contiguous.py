@@ -66,17 +66,22 @@ def run_step(model: CausalWanTransformer, manager: PagedKVCacheManager, mirrors:
     return worst
 
 
-@pytest.mark.parametrize("cfg,chunk,steps", [
-    (CacheConfig(window_frames=6, sink_frames=2), 3, 24),
-    (CacheConfig(window_frames=5, sink_frames=0), 2, 24),
-    (CacheConfig(window_frames=7, sink_frames=3, block_size_frames=2), 3, 20),  # window edges cut pages: gather
-    (CacheConfig(window_frames=None), 3, 6),
-], ids=["w6s2", "w5s0", "w7s3-bsf2", "nowindow"])
+@pytest.mark.parametrize("cfg,chunk,steps,page", [
+    (CacheConfig(window_frames=6, sink_frames=2), 3, 24, None),
+    (CacheConfig(window_frames=5, sink_frames=0), 2, 24, None),
+    (CacheConfig(window_frames=7, sink_frames=3, block_size_frames=2), 3, 20, None),  # window edges cut pages
+    (CacheConfig(window_frames=None), 3, 6, None),
+    # token-granular pages (4-token frames): 3-token pages cut every frame, 6-token pages every other;
+    # the sinks end mid-page and the window's oldest page is partly evicted (kv_valid masks)
+    (CacheConfig(window_frames=6, sink_frames=2), 3, 20, 3),
+    (CacheConfig(window_frames=7, sink_frames=3), 3, 20, 6),
+], ids=["w6s2", "w5s0", "w7s3-bsf2", "nowindow", "w6s2-tok3", "w7s3-tok6"])
 @torch.no_grad()
 def test_paged_predictions_equal_contiguous(model: CausalWanTransformer, cfg: CacheConfig, chunk: int,
-                                            steps: int) -> None:
+                                            steps: int, page: int | None) -> None:
     torch.manual_seed(1)
-    manager = PagedKVCacheManager.from_preset(PRESET, get_backend("sdpa"), num_blocks=160, cache_config=cfg)
+    manager = PagedKVCacheManager.from_preset(PRESET, get_backend("sdpa"), num_blocks=160, cache_config=cfg,
+                                              block_size_tokens=page)
     worst_case = manager.worst_case_frames(chunk, total_frames=steps * chunk)
     mirrors: dict[str, Mirror] = {}
     joins = {0: ["a"], 1: ["b"], 3: ["c", "d"], steps // 2: ["e"]}  # "e" takes the pages "b" leaves
@@ -97,7 +102,7 @@ def test_paged_predictions_equal_contiguous(model: CausalWanTransformer, cfg: Ca
     if cfg.window_frames is not None:
         assert evicted >= 150, evicted
     usage = manager.usage()
-    assert usage.utilisation == 1.0 or cfg.block_size_frames > 1
+    assert usage.utilisation == 1.0 or manager.block_size_tokens % PRESET.tokens_per_frame or cfg.block_size_frames > 1
     for sid in list(mirrors):
         manager.free(sid)
     assert manager.usage().used_bytes == 0

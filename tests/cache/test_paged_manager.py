@@ -17,8 +17,9 @@ TOKENS_PER_FRAME = 2
 
 
 def make_manager(cfg: CacheConfig, num_blocks: int = 16, num_layers: int = 1, num_heads: int = 1,
-                 head_dim: int = 2) -> PagedKVCacheManager:
-    spec = KVPageSpec(num_layers, num_heads, head_dim, cfg.block_size_frames * TOKENS_PER_FRAME)
+                 head_dim: int = 2, block_size_tokens: int | None = None) -> PagedKVCacheManager:
+    page = block_size_tokens or cfg.block_size_frames * TOKENS_PER_FRAME
+    spec = KVPageSpec(num_layers, num_heads, head_dim, page)
     return PagedKVCacheManager(BlockPool(spec, num_blocks), cfg, TOKENS_PER_FRAME, get_backend("sdpa"))
 
 
@@ -154,8 +155,13 @@ def test_bad_forward_requests_raise() -> None:
 
 def test_manager_rejects_mismatched_pool() -> None:
     spec = KVPageSpec(1, 1, 2, block_size_tokens=3)
-    with pytest.raises(ValueError, match="pool pages hold 3 tokens but block_size_frames=1 x tokens_per_frame=2"):
-        PagedKVCacheManager(BlockPool(spec, 4), CacheConfig(), 2, get_backend("sdpa"))
+    with pytest.raises(ValueError, match="pool pages hold 3 tokens but block_size_frames=2 x tokens_per_frame=2"):
+        PagedKVCacheManager(BlockPool(spec, 4), CacheConfig(block_size_frames=2), 2, get_backend("sdpa"))
+    # block_size_frames=1 (the default) leaves the page size to the pool: any token count.
+    assert PagedKVCacheManager(BlockPool(spec, 4), CacheConfig(), 2, get_backend("sdpa")).block_size_tokens == 3
+    with pytest.raises(ValueError, match="pass block_size_tokens or CacheConfig.block_size_frames > 1, not both"):
+        PagedKVCacheManager.from_preset(get_preset("test"), get_backend("sdpa"), num_blocks=4,
+                                        cache_config=CacheConfig(block_size_frames=2), block_size_tokens=8)
     with pytest.raises(ValueError, match="exactly one of num_blocks or memory_budget_bytes"):
         PagedKVCacheManager.from_preset(get_preset("test"), get_backend("sdpa"))
     m = PagedKVCacheManager.from_preset(get_preset("test"), get_backend("sdpa"), memory_budget_bytes=1 << 20)
@@ -204,16 +210,24 @@ class BruteForce:
             self.frames.setdefault(sid, {}).setdefault(n + f, [None] * 8)[layer] = (k[sl], v[sl])  # type: ignore
 
 
-@pytest.mark.parametrize("cfg,prefer_gather,layout", [
-    (CacheConfig(window_frames=6, sink_frames=2), False, "paged"),
-    (CacheConfig(window_frames=6, sink_frames=2), True, "gather"),
-    (CacheConfig(window_frames=None), False, "paged"),
-    (CacheConfig(window_frames=7, sink_frames=1, block_size_frames=2), False, None),
-    (CacheConfig(window_frames=8, sink_frames=3, block_size_frames=3), False, None),
-], ids=["bsf1-paged", "bsf1-gather", "nowindow", "bsf2", "bsf3"])
-def test_attention_equals_brute_force(cfg: CacheConfig, prefer_gather: bool, layout: str | None) -> None:
+@pytest.mark.parametrize("cfg,prefer_gather,layout,page", [
+    (CacheConfig(window_frames=6, sink_frames=2), False, "paged", None),
+    (CacheConfig(window_frames=6, sink_frames=2), True, "gather", None),
+    (CacheConfig(window_frames=None), False, "paged", None),
+    (CacheConfig(window_frames=7, sink_frames=1, block_size_frames=2), False, None, None),
+    (CacheConfig(window_frames=8, sink_frames=3, block_size_frames=3), False, None, None),
+    # token-granular pages: frames of 2 tokens cut by 3- and 5-token pages, sinks ending mid-page
+    (CacheConfig(window_frames=6, sink_frames=2), False, "paged", 3),
+    (CacheConfig(window_frames=8, sink_frames=3), False, "paged", 5),
+    (CacheConfig(window_frames=5, sink_frames=0), False, "paged", 3),
+    (CacheConfig(window_frames=None), False, "paged", 5),
+], ids=["bsf1-paged", "bsf1-gather", "nowindow", "bsf2", "bsf3", "tok3-w6s2", "tok5-w8s3", "tok3-w5s0",
+        "tok5-nowindow"])
+def test_attention_equals_brute_force(cfg: CacheConfig, prefer_gather: bool, layout: str | None,
+                                      page: int | None) -> None:
     num_layers, heads, dim, chunk = 2, 2, 4, 2
-    m = make_manager(cfg, num_blocks=100, num_layers=num_layers, num_heads=heads, head_dim=dim)
+    m = make_manager(cfg, num_blocks=100, num_layers=num_layers, num_heads=heads, head_dim=dim,
+                     block_size_tokens=page)
     ref = BruteForce(cfg)
     sids = ["a", "b", "c"]
     for sid in sids:
@@ -257,3 +271,140 @@ def test_gradients_flow_through_the_chunk_and_not_into_the_pool() -> None:
     out.sum().backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
     assert not m.pool.k_cache.requires_grad and m.pool.k_cache.grad_fn is None
+
+
+# ---------------------------------------------------------------------- token-granular pages
+
+
+def test_token_pages_split_frames_and_mask_dead_tokens_exactly() -> None:
+    """2-token frames in 3-token pages: frame 1 spans pages 0-1, frame 4 pages 2-3, ... Exact ids, rows, masks."""
+    m = make_manager(CacheConfig(window_frames=4, sink_frames=1), block_size_tokens=3)  # R = 3
+    # sinks: 2 tokens -> 1 page; a 5-frame run (10 tokens) starting at offset <= 2 touches <= 4 pages
+    assert m.worst_case_frames(2) == 6 and m.blocks_for_frames(6) == 5
+    assert m.admit("a", 6)
+    run_forward(m, ["a"], 2, commit=True)             # frames 0, 1 = tokens 0-3 -> pages 0, 1
+    assert m.block_ids("a") == [1, 2]
+    assert m.frame_location("a", 1) == (1, 2) and m.frame_slots("a", 1).tolist() == [1 * 3 + 2, 2 * 3 + 0]
+    run_forward(m, ["a"], 2, commit=True)             # frames 2, 3 = tokens 4-7: page 1 filled, page 2 new
+    assert m.block_ids("a") == [1, 2, 3]
+
+    view = m.begin_forward(["a"], 2, commit=True)     # frames 4, 5 = tokens 8-11; sees sink 0 and frame 3
+    # visible tokens 0-1 (page 0, whose token 2 is frame 1: out of the window), 6-7, 8-11 (pages 2, 3 full):
+    # full pages first, the partial one last, and what remains visible is a prefix -> no mask.
+    assert view.plan.block_table.tolist() == [[3, 4, 1]] and view.plan.seq_lens.tolist() == [8]
+    assert view.plan.kv_valid is None
+    view.attend(0, *(torch.randn(1, 4, 1, 2) for _ in range(3)))
+    view.finish()
+    assert m.resident_frames("a") == [0, 3, 4, 5]
+    assert m.block_ids("a") == [1, 3, 4] and m.pool.is_free(2)  # page 1 (frames 1, 2) died whole
+
+    view = m.begin_forward(["a"], 2, commit=True)     # frames 6, 7 = tokens 12-15 -> pages 4, 5 (blocks 2, 5)
+    # sink page 0 [T T F], page 3 = tokens 9-11 [F T T] (frame 4 evicted, frame 5 live), page 4 full,
+    # page 5 [T F F] (written up to token 15): three partial pages -> a token mask.
+    assert view.plan.block_table.tolist() == [[2, 1, 4, 5]] and view.plan.seq_lens.tolist() == [10]
+    assert view.plan.kv_valid is not None
+    assert view.plan.kv_valid.int().tolist() == [[1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0]]
+    view.attend(0, *(torch.randn(1, 4, 1, 2) for _ in range(3)))
+    view.finish()
+    assert m.resident_frames("a") == [0, 5, 6, 7] and m.block_ids("a") == [1, 4, 2, 5]
+    assert m.pool.is_free(3)
+    with pytest.raises(KeyError, match="frame 4 of session 'a' is not stored"):
+        m.frame_location("a", 4)                      # its page is alive (frame 5), the frame is not
+    # live tokens: frame 0 (2) + frames 5-7 (6) = 8 of 4 pages x 3 tokens
+    usage = m.usage()
+    assert usage.live_token_bytes == 8 * m.pool.spec.bytes_per_token and usage.used_bytes == 12 * (
+        m.pool.spec.bytes_per_token)
+    m.free("a")
+    assert m.pool.num_used_blocks == 0
+
+
+def test_token_pages_share_whole_pages_and_copy_the_open_one() -> None:
+    m = make_manager(CacheConfig(window_frames=None), block_size_tokens=3)
+    assert m.admit("src", 8) and m.admit("dst", 8)
+    run_forward(m, ["src"], 2, commit=True)  # tokens 0-3: page 0 (block 1) full, page 1 (block 2) holds token 3
+    run_forward(m, ["src"], 1, commit=True)  # frame 2 = tokens 4-5: page 1 full now
+    m.share_prefix("src", "dst", 2)          # prefix = tokens 0-3: page 0 shared, page 1 copied (src wrote on)
+    assert m.block_ids("dst") == [1, 3] and m.pool.ref_count(1) == 2 and m.pool.ref_count(2) == 1
+    run_forward(m, ["dst"], 1, commit=True)  # dst writes its own frame 2 into its copy, not into src's page
+    assert m.block_ids("dst") == [1, 3] and m.block_ids("src") == [1, 2]
+    assert m.frame_slots("dst", 1).tolist() == [1 * 3 + 2, 3 * 3 + 0]  # block 1 offset 2, block 3 offset 0
+
+
+def test_token_pages_rewrite_recomputes_frames_across_page_edges() -> None:
+    """Prompt re-cache with pages cutting frames: each resident frame's tokens get the new K/V, the dead
+    tokens sharing their pages stay as they were, and the next chunk attends to the rewritten keys."""
+    cfg = CacheConfig(window_frames=4, sink_frames=1)
+    m = make_manager(cfg, block_size_tokens=3)
+    ref = BruteForce(cfg)
+    assert m.admit("a", 6)
+    for _ in range(3):  # frames 0-5; resident 0, 3, 4, 5
+        with m.begin_forward(["a"], 2, commit=True) as view:
+            k, v = torch.randn(1, 4, 1, 2), torch.randn(1, 4, 1, 2)
+            view.attend(0, k, k, v)
+            ref.attend("a", 0, k[0], k[0], v[0], 2)
+            ref.store("a", 0, k[0], v[0], 2)
+        ref.num_frames["a"] += 2
+    frames = m.resident_frames("a")
+    assert frames == [0, 3, 4, 5]
+    k_flat = m.pool.k_cache[0].view(-1, 1, 2)
+    dead_slot = m.frame_slots("a", 0)[-1] + 1   # token 2 of page 0: frame 1, evicted
+    dead_before = k_flat[dead_slot].clone()
+    visible = torch.ones(4, 4, dtype=torch.bool).tril()
+    new_k, new_v = torch.randn(1, 8, 1, 2), torch.randn(1, 8, 1, 2)
+    with m.begin_rewrite("a", frames, visible) as view:
+        out = view.attend(0, new_k, new_k, new_v)
+    mask = visible.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    torch.testing.assert_close(out, get_backend("sdpa").attention(new_k, new_k, new_v, mask))
+    for i, j in enumerate(frames):
+        assert torch.equal(k_flat[m.frame_slots("a", j)], new_k[0, 2 * i:2 * i + 2])
+        ref.frames["a"][j][0] = (new_k[0, 2 * i:2 * i + 2], new_v[0, 2 * i:2 * i + 2])
+    assert torch.equal(k_flat[dead_slot], dead_before)
+    with m.begin_forward(["a"], 2, commit=False) as view:
+        q, k, v = (torch.randn(1, 4, 1, 2) for _ in range(3))
+        torch.testing.assert_close(view.attend(0, q, k, v)[0], ref.attend("a", 0, q[0], k[0], v[0], 2),
+                                   atol=1e-6, rtol=1e-5)
+
+
+def test_wan_geometry_page_bound_and_waste() -> None:
+    """Wan 1.3B (1560 tokens per frame, window 12 incl. 3 sinks, chunks of 3) with 256-token pages."""
+    wan = get_preset("wan-1.3b")
+    spec = KVPageSpec(1, 1, 1, block_size_tokens=256)
+    m = PagedKVCacheManager(BlockPool(spec, 200), wan.cache, wan.tokens_per_frame, get_backend("sdpa"))
+    worst = m.worst_case_frames(3)
+    assert worst == 15
+    # sinks 4680 tokens -> 19 pages; 12 frames from an 8-token-aligned offset (gcd(1560, 256) = 8) -> 75 pages
+    assert m.blocks_for_frames(worst) == 19 + 75
+    assert m.admit("a", worst)
+    most = 0
+    for _ in range(12):  # well past the window: the run starts at every offset a 3-frame stride reaches
+        view = m.begin_forward(["a"], 3, commit=False)
+        most = max(most, len(m.block_ids("a")))
+        view.abort()
+        view = m.begin_forward(["a"], 3, commit=True)
+        most = max(most, len(m.block_ids("a")))
+        view._closed = True  # K/V contents do not matter here: commit the bookkeeping only
+        m._finish_forward(view, committed=True)
+    assert most <= m.blocks_for_frames(worst)
+    # steady state: 12 resident frames = 18720 live tokens in the pages that hold them
+    usage = m.usage()
+    assert usage.live_token_bytes == 12 * 1560 * spec.bytes_per_token
+    assert usage.used_bytes - usage.live_token_bytes <= 3 * 256 * spec.bytes_per_token  # < 3 pages of dead tokens
+
+
+def test_paged_calls_are_counted_by_path() -> None:
+    cfg = CacheConfig(window_frames=4, sink_frames=1)
+    spec = KVPageSpec(2, 1, 2, block_size_tokens=128)
+    for backend, path in ((get_backend("sdpa"), "gathered"), (get_backend("flex", paged="direct"), "direct")):
+        m = PagedKVCacheManager(BlockPool(spec, 16), cfg, 64, backend)  # 2 frames per 128-token page
+        assert m.admit("a", 6)
+        for _ in range(3):
+            with m.begin_forward(["a"], 2, commit=True) as view:
+                for layer in range(2):
+                    x = torch.randn(1, 128, 1, 2)
+                    view.attend(layer, x, x, x)
+        usage = m.usage()
+        assert (usage.paged_direct_calls, usage.paged_gathered_calls) == ((6, 0) if path == "direct" else (0, 6))
+    with m.begin_forward(["a"], 2, commit=False, prefer_gather=True) as view:  # the gather layout counts too
+        x = torch.randn(1, 128, 1, 2)
+        view.attend(0, x, x, x)
+    assert (m.usage().paged_direct_calls, m.usage().paged_gathered_calls) == (6, 1)

@@ -1,4 +1,5 @@
-"""Property test: 100 random programs of exactly 100 operations = 10,000 operations on the paged cache.
+"""Property test: 100 random programs of exactly 100 operations = 10,000 operations on the paged cache,
+with whole-frame pages or token-granular ones that cut frames anywhere.
 
 Every committed frame is written with a unique tag value. After every operation the harness
 checks that each stored frame still reads its own tag (so no page was ever handed to two
@@ -37,13 +38,21 @@ OPS = st.one_of(
 
 
 @st.composite
-def setups(draw: st.DrawFn) -> tuple[CacheConfig, int, int]:
+def setups(draw: st.DrawFn) -> tuple[CacheConfig, int, int, int, int]:
+    """(policy, chunk frames, pool blocks, tokens per frame, tokens per page): whole-frame pages
+    (``block_size_frames``) or token-granular ones that cut frames anywhere."""
     window = draw(st.sampled_from([None, 3, 5, 8]))
     sink = draw(st.integers(0, 2)) if window is not None else 0
     if window is not None and window <= sink:
         window = sink + 1
-    cfg = CacheConfig(window_frames=window, sink_frames=sink, block_size_frames=draw(st.integers(1, 3)))
-    return cfg, draw(st.integers(1, 3)), draw(st.integers(8, 40))
+    tokens_per_frame = draw(st.integers(1, 3))
+    if draw(st.booleans()):
+        bsf = draw(st.integers(1, 3))
+        page = bsf * tokens_per_frame
+    else:
+        bsf, page = 1, draw(st.integers(1, 5))
+    cfg = CacheConfig(window_frames=window, sink_frames=sink, block_size_frames=bsf)
+    return cfg, draw(st.integers(1, 3)), draw(st.integers(8, 40)), tokens_per_frame, page
 
 
 @dataclass
@@ -81,11 +90,12 @@ class Harness:
         if not sids:
             return
         view = self.m.begin_forward(sids, self.chunk, commit=commit)
-        values = torch.full((len(sids), self.chunk, 1, 1), SCRATCH)  # one token per frame, H = D = 1
+        tpf = self.m.tokens_per_frame
+        values = torch.full((len(sids), self.chunk * tpf, 1, 1), SCRATCH)  # H = D = 1; a frame's tokens share a tag
         if commit:
             for b in range(len(sids)):
                 for f in range(self.chunk):
-                    values[b, f] = self.next_tag
+                    values[b, f * tpf:(f + 1) * tpf] = self.next_tag
                     self.next_tag += 1
         view.attend(0, values, values, values)
         if fail:
@@ -95,7 +105,7 @@ class Harness:
         if commit:
             for b, sid in enumerate(sids):
                 start = self.m.num_committed_frames(sid) - self.chunk
-                self.tags[sid].update({start + f: float(values[b, f]) for f in range(self.chunk)})
+                self.tags[sid].update({start + f: float(values[b, f * tpf]) for f in range(self.chunk)})
                 resident = set(self.m.resident_frames(sid))  # the commit evicted the rest
                 self.tags[sid] = {j: t for j, t in self.tags[sid].items() if j in resident}
 
@@ -130,6 +140,7 @@ class Harness:
             for frame, tag in tags.items():
                 block_id, offset = self.m.frame_location(sid, frame)
                 assert float(k_flat[block_id * self.m.block_size_tokens + offset]) == tag, (sid, frame)
+                assert k_flat[self.m.frame_slots(sid, frame)].eq(tag).all(), (sid, frame)
             ids = self.m.block_ids(sid)
             assert len(ids) == len(set(ids)), "a session holds a block twice"
             for block_id in ids:
@@ -144,10 +155,12 @@ class Harness:
 
 @settings(max_examples=100, deadline=None)
 @given(setup=setups(), ops=st.lists(OPS, min_size=100, max_size=100))
-def test_random_programs_never_leak_or_double_hand_out(setup: tuple[CacheConfig, int, int], ops: list[tuple]) -> None:
-    cfg, chunk, num_blocks = setup
-    spec = KVPageSpec(num_layers=1, num_heads=1, head_dim=1, block_size_tokens=cfg.block_size_frames)
-    harness = Harness(PagedKVCacheManager(BlockPool(spec, num_blocks), cfg, 1, get_backend("sdpa")), chunk)
+def test_random_programs_never_leak_or_double_hand_out(setup: tuple[CacheConfig, int, int, int, int],
+                                                       ops: list[tuple]) -> None:
+    cfg, chunk, num_blocks, tokens_per_frame, page = setup
+    spec = KVPageSpec(num_layers=1, num_heads=1, head_dim=1, block_size_tokens=page)
+    harness = Harness(PagedKVCacheManager(BlockPool(spec, num_blocks), cfg, tokens_per_frame, get_backend("sdpa")),
+                      chunk)
     for op in ops:
         harness.apply(op)
         harness.check()

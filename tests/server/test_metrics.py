@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from streamgen.server.metrics import Metrics
+from streamgen.server.metrics import EngineSnapshot, Metrics
 
 
 def _scrape(metrics: Metrics) -> dict[str, float]:
@@ -33,3 +33,22 @@ def test_metrics_page_has_the_standard_process_series() -> None:
     assert "python_gc_objects_collected_total" in values
     assert "streamgen:frames_generated_total" in values
     assert _scrape(second)["process_open_fds"] >= 3
+
+
+def test_paged_attention_calls_are_exported_by_path() -> None:
+    """The engine's cumulative direct/gathered counts become one counter with a ``path`` label."""
+    metrics = Metrics()
+
+    def calls() -> dict[str, float]:
+        port = metrics.serve_http("127.0.0.1", 0)
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        finally:
+            metrics.stop_http()
+        return {path: float(value) for path, value in
+                re.findall(r'^streamgen:paged_attention_calls_total\{path="(\w+)"\} (\S+)$', text, re.MULTILINE)}
+
+    assert calls() == {"direct": 0, "gathered": 0}
+    metrics.observe_engine(EngineSnapshot(1, 0, 0.5, 10, 20, paged_direct_calls=30, paged_gathered_calls=4))
+    metrics.observe_engine(EngineSnapshot(1, 0, 0.5, 10, 20, paged_direct_calls=90, paged_gathered_calls=4))
+    assert calls() == {"direct": 90, "gathered": 4}
