@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from streamgen.config import Preset, get_preset, to_dict
+from streamgen.device import resolve_device
 from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.weights import load_state_strict
 from trainer.common import checkpoint as ckpt
@@ -52,6 +53,8 @@ def load_models(cfg: SelfForcingConfig, preset: Preset) -> Models:
     check_same_latent_space({"teacher": teacher_meta, "student_init": student_meta, "critic_init": critic_meta,
                              "data": {"vae_checkpoint": cfg.data.vae_checkpoint}})
     teacher.eval().requires_grad_(False)
+    for trained in (student, critic):  # forwards through a KV cache (the rollout's) never checkpoint
+        trained.set_gradient_checkpointing(cfg.run.gradient_checkpointing)
     ema = CausalWanTransformer(cfg.model).requires_grad_(False)
     ema.load_state_dict(student.state_dict())
     gan_head = None
@@ -166,6 +169,11 @@ def train(cfg: SelfForcingConfig, resume: bool = False, export: bool = True) -> 
     preset = get_preset(cfg.preset)
     horizon = teacher_horizon(cfg.models.teacher)
     geom = resolve_geometry(cfg, horizon, preset.sampler.chunk_frames)
+    if resolve_device(cfg.run.device).type != "cpu":
+        # Refused rather than run half on the CPU: its models, batches and noise are not moved to
+        # rt.device yet, and several processes would hand CPU tensors to NCCL.
+        raise ValueError(f"run.device {cfg.run.device!r} resolves to a GPU here, but the Self-Forcing stage runs on "
+                         "the CPU only so far; set run.device: cpu (or --device cpu)")
     rt = make_runtime(cfg.run)
     cfg = resolve_config_precision(cfg, "self_forcing", log=rt.is_main)  # recorded resolved in checkpoints
     models = load_models(cfg, preset)
