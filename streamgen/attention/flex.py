@@ -56,6 +56,10 @@ class FlexBackend:
         self._create_block_mask = create_block_mask
         # Compiled lazily here (never at import) and per instance, so no global state changes.
         self._flex: Callable[..., Any] = torch.compile(flex_attention) if compile else flex_attention
+        # The last paged BlockMask and the tensors it was built from: every layer of a forward passes
+        # the same plan tensors (never modified in place), so the mask is built once per forward, not per layer. Holding
+        # the tensors keeps their ids from being reused while the entry lives.
+        self._last_mask: tuple[tuple[Any, ...], Any] | None = None
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,9 +101,10 @@ class FlexBackend:
     def paged_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                         block_table: torch.Tensor, seq_lens: torch.Tensor,
                         kv_valid: torch.Tensor | None = None) -> torch.Tensor:
-        lens = check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens, kv_valid)
         if self.paged_layout(k_pool.shape[1], masked=kv_valid is not None, device=q.device) == "direct":
+            check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens, kv_valid, read_lengths=False)
             return self._paged_direct(q, k_pool, v_pool, block_table, seq_lens, kv_valid)
+        lens = check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens, kv_valid)
         k, v, counts = gather_visible(k_pool, v_pool, block_table, lens, kv_valid)  # [B, max_n, H, D]
         if all(n == counts[0] for n in counts):
             return self.attention(q, k[:, :counts[0]], v[:, :counts[0]])
@@ -159,7 +164,14 @@ class FlexBackend:
         """The pool as one key sequence shared by the batch, narrowed per row by the block mask."""
         batch, q_len, heads, head_dim = q.shape
         num_blocks, page = k_pool.shape[:2]
-        block_mask = self.paged_block_mask(block_table, seq_lens, kv_valid, num_blocks, page, q_len)
+        key = (block_table, seq_lens, kv_valid, num_blocks, page, q_len)
+        last = self._last_mask
+        if last is not None and all(a is b if isinstance(a, torch.Tensor) or a is None else a == b
+                                    for a, b in zip(last[0], key, strict=True)):
+            block_mask = last[1]
+        else:
+            block_mask = self.paged_block_mask(block_table, seq_lens, kv_valid, num_blocks, page, q_len)
+            self._last_mask = (key, block_mask)
         k = k_pool.view(1, num_blocks * page, heads, head_dim).transpose(1, 2)  # [1, H, N * P, D], no copy
         v = v_pool.view(1, num_blocks * page, heads, head_dim).transpose(1, 2)
         out = self._flex(q.transpose(1, 2), k, v, block_mask=block_mask)     # [B, H, Lq, D]

@@ -15,12 +15,14 @@ import torch
 
 def check_paged_inputs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                        block_table: torch.Tensor, seq_lens: torch.Tensor,
-                       kv_valid: torch.Tensor | None = None) -> list[int]:
+                       kv_valid: torch.Tensor | None = None, *, read_lengths: bool = True) -> list[int]:
     """Validate the paged-attention arguments; return ``seq_lens`` as Python ints.
 
     ``q: [B, Lq, H, D]``, ``k_pool, v_pool: [num_blocks, page, H, D]``,
     ``block_table: int32 [B, max_blocks]``, ``seq_lens: int32 [B]``,
-    ``kv_valid: bool [B, max_blocks * page]`` or ``None``.
+    ``kv_valid: bool [B, max_blocks * page]`` or ``None``. ``read_lengths=False`` checks shapes and
+    dtypes only and returns ``[]``: reading ``seq_lens`` would make a GPU kernel path wait for the
+    device once per layer.
     """
     if q.dim() != 4:
         raise ValueError(f"q must be [B, Lq, H, D], got shape {tuple(q.shape)}")
@@ -41,6 +43,8 @@ def check_paged_inputs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
     if kv_valid is not None and (kv_valid.dtype != torch.bool or tuple(kv_valid.shape) != (batch, capacity)):
         raise ValueError(f"kv_valid must be bool [B={batch}, max_blocks * page = {capacity}], got "
                          f"{kv_valid.dtype} {tuple(kv_valid.shape)}")
+    if not read_lengths:
+        return []
     lens = [int(n) for n in seq_lens.tolist()]
     for b, n in enumerate(lens):
         if not 0 < n <= capacity:

@@ -416,8 +416,10 @@ class PagedKVCacheManager:
         for lp in self._pages_of_frames(frames):
             if self.pool.ref_count(s.pages[lp]) != 1:
                 raise BlockStateError(f"session {session_id!r} would rewrite shared block {s.pages[lp]}")
-        mask = visible.repeat_interleave(self.tokens_per_frame, 0).repeat_interleave(self.tokens_per_frame, 1)
-        view = RewriteView(self, self.pool, self.backend, session_id, self._slots(s, frames), mask)
+        device = self.pool.k_cache.device
+        mask = visible.to(device).repeat_interleave(self.tokens_per_frame, 0).repeat_interleave(
+            self.tokens_per_frame, 1)
+        view = RewriteView(self, self.pool, self.backend, session_id, self._slots(s, frames).to(device), mask)
         s.view = view
         return view
 

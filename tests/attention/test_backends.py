@@ -156,6 +156,9 @@ def test_flex_direct_block_mask_reads_only_visible_pages(masked: bool) -> None:
     expected = sdpa.paged_attention(q, k_pool, v_pool, table, lens, valid)
     torch.testing.assert_close(flex.paged_attention(q, k_pool, v_pool, table, lens, valid), expected,
                                atol=1e-5, rtol=1e-5)
+    built = flex._last_mask
+    flex.paged_attention(q, k_pool, v_pool, table, lens, valid)  # the next layer of the same forward
+    assert flex._last_mask is built                               # reuses the mask instead of rebuilding it
     mask = flex.paged_block_mask(table, lens, valid, k_pool.shape[0], 128, q.shape[1])
     # row 1 lists pages 8 and 3 (page 3 partly visible); with the ragged end both are partial/full as marked
     assert mask.kv_num_blocks.shape == (2, 1, 1) and mask.full_kv_num_blocks is not None

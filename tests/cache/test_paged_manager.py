@@ -408,3 +408,16 @@ def test_paged_calls_are_counted_by_path() -> None:
         x = torch.randn(1, 128, 1, 2)
         view.attend(0, x, x, x)
     assert (m.usage().paged_direct_calls, m.usage().paged_gathered_calls) == (6, 1)
+
+
+def test_plan_tensors_live_on_the_pool_device() -> None:
+    """Slots, table, lengths and mask are built once per forward and moved to the pool's device
+    ("meta" stands in for a GPU here: the move must happen, no data is needed)."""
+    spec = KVPageSpec(1, 1, 2, block_size_tokens=3)
+    m = PagedKVCacheManager(BlockPool(spec, 16, device="meta"), CacheConfig(window_frames=4, sink_frames=1),
+                            TOKENS_PER_FRAME, get_backend("sdpa"))
+    assert m.admit("a", 6)
+    view = m.begin_forward(["a"], 2, commit=False)
+    plan = view.plan
+    assert {t.device.type for t in (plan.write_slots, plan.block_table, plan.seq_lens, *plan.cached_slots)} == {"meta"}
+    view.abort()
