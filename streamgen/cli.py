@@ -271,33 +271,31 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_pipeline(args: argparse.Namespace, dtype: object) -> object:
-    """The Pipeline ``generate`` runs: a model directory, the given checkpoints, or random weights."""
-    import torch
+def _model_source(args: argparse.Namespace) -> object:
+    """The model flags of ``serve`` / ``generate`` as a :class:`streamgen.engine.factory.ModelSource`."""
+    from streamgen.engine.factory import ModelSource
 
-    from streamgen.config import get_preset
+    return ModelSource(preset=args.preset, transformer=args.transformer, vae=args.vae, random_init=args.random_init,
+                       dtype=args.dtype, attention=args.attention, text_encoder=getattr(args, "text_encoder", None),
+                       threads=args.threads, model_dir=args.model, quantize=args.quantize, compile=args.compile,
+                       device=str(args.device))
+
+
+def _print_choice(name: str, **fields: object) -> None:
+    """``generate`` prints the choices made while loading (device, dtype and why) on stderr."""
+    if name == "dtype":
+        print(f"dtype: {fields['dtype']} ({fields['reason']})", file=sys.stderr)
+    else:
+        print(f"{name}: " + " ".join(str(v) for v in fields.values()), file=sys.stderr)
+
+
+def _build_pipeline(args: argparse.Namespace) -> object:
+    """The Pipeline ``generate`` runs, over the model the engine factory loads (as ``serve`` does)."""
+    from streamgen.engine.factory import load_model
     from streamgen.pipeline import Pipeline
 
-    if args.model is not None:
-        return Pipeline.from_pretrained(args.model, dtype=dtype, attention=args.attention)  # type: ignore[arg-type]
-    from streamgen.model.text import MINILM_DIM, TextEncoder
-    from streamgen.model.transformer import CausalWanTransformer
-    from streamgen.model.vae import CausalVideoVAE
-    from streamgen.model.weights import load_transformer, load_vae
-
-    preset = get_preset(args.preset)
-    if preset.model.text_dim != MINILM_DIM:  # checked before any weights load (Pipeline checks it too)
-        raise ValueError(f"the minilm prompt encoder gives {MINILM_DIM}-d embeddings but preset {preset.name} "
-                         f"expects text_dim {preset.model.text_dim}; use --model DIR (from `streamgen convert`)")
-    if args.random_init:
-        torch.manual_seed(args.seed)
-        model = CausalWanTransformer(preset.model, args.attention)
-        vae = CausalVideoVAE(preset.vae)
-    else:
-        model = load_transformer(args.transformer, expected=preset.model, attention_backend=args.attention)
-        vae = load_vae(args.vae, expected=preset.vae)
-    return Pipeline(preset, model, vae, TextEncoder(max_tokens=preset.model.text_max_tokens),
-                    dtype=dtype)  # type: ignore[arg-type]
+    m = load_model(_model_source(args), _print_choice, init_seed=args.seed)  # type: ignore[arg-type]
+    return Pipeline(m.preset, m.transformer, m.vae, m.text, dtype=m.dtype, device=m.device, description=m.weights)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -322,27 +320,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         read_model_dir(args.model)  # every part present, widths agree: fail before any loading
 
     import numpy as np
-    import torch
     from tqdm import tqdm
 
-    from streamgen.precision import resolve_dtype
     from streamgen.video_io import Mp4Writer
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    from streamgen.device import device_info
-
-    choice = resolve_dtype(args.dtype, args.device)
-    print(f"device: {device_info(args.device).describe()}", file=sys.stderr)
-    print(f"dtype: {choice.name} ({choice.reason})", file=sys.stderr)
-    if choice.warning:
-        print(f"warning: {choice.warning}", file=sys.stderr)
-    pipe = _build_pipeline(args, choice.dtype)
-    if args.quantize != "none" or args.compile:
-        from streamgen.model.compile import prepare_for_inference
-
-        pipe.transformer = prepare_for_inference(  # type: ignore[attr-defined]
-            pipe.transformer, quantize=args.quantize, compile=args.compile)  # type: ignore[attr-defined]
+    pipe = _build_pipeline(args)
     video = pipe.preset.video  # type: ignore[attr-defined]
     written = 0
     kept: list[np.ndarray] = []
@@ -387,7 +369,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from streamgen.config import get_preset
 
-    _resolve_device(args)  # args.device: a torch.device from here on (ModelSource does not take it yet)
+    _resolve_device(args)  # args.device: a torch.device from here on
     _check_model_flags(args)
     _check_speedups(args)
     get_preset(args.preset)  # unknown names fail before anything loads
@@ -409,12 +391,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                            args.random_init)
 
     from streamgen.engine.engine import EngineConfig
-    from streamgen.server.app import ModelSource, run
+    from streamgen.server.app import run
     from streamgen.server.config import ServerConfig
 
-    source = ModelSource(preset=args.preset, transformer=args.transformer, vae=args.vae, random_init=args.random_init,
-                         dtype=args.dtype, attention=args.attention, text_encoder=args.text_encoder,
-                         threads=args.threads, model_dir=args.model, quantize=args.quantize, compile=args.compile)
+    source = _model_source(args)
     engine_config = EngineConfig(max_sessions=args.max_sessions, kv_memory_bytes=int(args.kv_memory_mb * 2**20),
                                  max_queue_wait_s=args.max_queue_wait_s,
                                  max_lead_s=args.max_lead_s if args.pace else math.inf,

@@ -88,7 +88,8 @@ class Pipeline:
     """A loaded model: preset, transformer, VAE and prompt encoder (see :meth:`from_pretrained`)."""
 
     def __init__(self, preset: Preset, transformer: Any, vae: Any, text: Any, *,
-                 dtype: torch.dtype | str = torch.float32, description: str = "") -> None:
+                 dtype: torch.dtype | str = torch.float32, device: torch.device | str | None = None,
+                 description: str = "") -> None:
         if text.dim != preset.model.text_dim:
             raise ValueError(f"the prompt encoder gives {text.dim}-d embeddings but preset {preset.name} expects "
                              f"text_dim {preset.model.text_dim}"
@@ -96,8 +97,10 @@ class Pipeline:
                                 if preset.model.text_dim == 4096 else ""))
         self.preset = preset
         self.dtype = _dtype(dtype)
-        self.transformer = transformer.eval().to(self.dtype)
-        self.vae = vae.eval()
+        # Where it runs: ``device``, else wherever the transformer already is.
+        self.device = torch.device(device) if device is not None else next(transformer.parameters()).device
+        self.transformer = transformer.eval().to(device=self.device, dtype=self.dtype)
+        self.vae = vae.eval().to(self.device)
         self.text = text
         self.description = description
 
@@ -118,7 +121,7 @@ class Pipeline:
 
         parts = load_model_dir(path, device=device, dtype=_dtype(dtype), attention=attention,
                                text_dtype=None if text_dtype is None else _dtype(text_dtype))
-        return cls(parts.preset, parts.transformer, parts.vae, parts.text, dtype=dtype,
+        return cls(parts.preset, parts.transformer, parts.vae, parts.text, dtype=dtype, device=device,
                    description=parts.description)
 
     # ------------------------------------------------------------------ offline
@@ -184,6 +187,6 @@ class Pipeline:
         vae = self.vae if next(self.vae.parameters()).dtype == self.dtype else copy.deepcopy(self.vae)
         engine = Engine(p, self.transformer, vae, self.text,
                         EngineConfig(max_sessions=1, kv_memory_bytes=kv_bytes, max_frames=None,
-                                     unbounded_max_frames=None), dtype=self.dtype)
+                                     unbounded_max_frames=None), dtype=self.dtype, device=self.device)
         sid = engine.add_request(GenerationRequest(prompt, seed=seed, num_frames=num_frames))
         return PipelineStream(engine, sid)

@@ -28,7 +28,7 @@ def _log_report(name: str, **fields: object) -> None:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where the served weights come from (the ``streamgen serve`` model flags)."""
+    """Where the weights come from and where they run (the ``serve`` / ``generate`` model flags)."""
 
     preset: str
     transformer: Path | None = None
@@ -41,8 +41,12 @@ class ModelSource:
     model_dir: Path | None = None  # a streamgen model directory: replaces preset, checkpoints and encoder
     quantize: str = "none"  # streamgen.model.quantize.QUANTIZE_MODES
     compile: bool = False  # torch.compile the transformer blocks
+    device: str = "auto"  # streamgen.device: auto | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
+        from streamgen.device import parse_device
+
+        parse_device(self.device)  # the syntax now; whether this machine has it, when loading
         if self.model_dir is not None:
             if self.transformer is not None or self.vae is not None or self.random_init:
                 raise ValueError("a model directory takes no --transformer / --vae / --random-init")
@@ -65,6 +69,7 @@ class LoadedModel:
     vae: Any
     text: Any              # streamgen.model.text.TextEncoder
     dtype: Any             # torch.dtype
+    device: Any            # torch.device: where transformer and VAE are (the text encoder runs there too)
     weights: str           # a description of the weights, for ModelInfo.weights and logs
 
 
@@ -79,15 +84,19 @@ def load_model(source: ModelSource, report: Report | None = None, *, init_seed: 
     import torch
 
     from streamgen.config import get_preset
+    from streamgen.device import device_info, resolve_device
     from streamgen.model.text import MINILM_DIM, HashTokenEncoder, TextEncoder
     from streamgen.model.transformer import CausalWanTransformer
     from streamgen.model.vae import CausalVideoVAE
     from streamgen.model.weights import load_transformer, load_vae
 
+    device = resolve_device(source.device)  # CUDA asked for without CUDA: ValueError, before any load
+    report("device", device=device_info(device).describe())
+    choice = _dtype(source, device, report)
     if source.threads > 0:
         torch.set_num_threads(source.threads)
     if source.model_dir is not None:
-        return _load_model_dir(source, report)
+        return _load_model_dir(source, device, choice, report)
     preset = get_preset(source.preset)
     if preset.model.text_dim != MINILM_DIM:  # e.g. wan-1.3b (UMT5, 4096); checked before any weights load
         raise ValueError(f"the {source.text_encoder or 'minilm'} prompt encoder gives {MINILM_DIM}-d embeddings but "
@@ -106,28 +115,27 @@ def load_model(source: ModelSource, report: Report | None = None, *, init_seed: 
     token_encoder = HashTokenEncoder() if source.text_encoder == "hash" else None
     if token_encoder is not None:
         weights += " text=hash (not a language model)"
-    text = TextEncoder(preset.model.text_max_tokens, token_encoder=token_encoder)
+    text = TextEncoder(preset.model.text_max_tokens, token_encoder=token_encoder, device=device)
     text.encode(["warm-up"])  # load MiniLM now, not on the first client's clock
-    choice = _dtype(source, report)
-    model = _prepare(model.eval().to(choice.dtype), source, report)
-    return LoadedModel(preset, model, vae, text, choice.dtype, weights)
+    model = _prepare(model.eval().to(device=device, dtype=choice.dtype), source, report)
+    return LoadedModel(preset, model, vae.to(device), text, choice.dtype, device, weights)
 
 
 def build_engine(source: ModelSource, config: EngineConfig, report: Report | None = None) -> tuple[Engine, str]:
     """The engine ``streamgen serve`` runs, and a description of its weights for ModelInfo.weights."""
     m = load_model(source, report)
-    return Engine(m.preset, m.transformer, m.vae, m.text, config, dtype=m.dtype), m.weights
+    return Engine(m.preset, m.transformer, m.vae, m.text, config, dtype=m.dtype, device=m.device), m.weights
 
 
-def _dtype(source: ModelSource, report: Report) -> Any:
-    choice = resolve_dtype(source.dtype)
+def _dtype(source: ModelSource, device: Any, report: Report) -> Any:
+    choice = resolve_dtype(source.dtype, device)
     report("dtype", dtype=choice.name, reason=choice.reason)
     if choice.warning:
         log.warning(choice.warning)
     return choice
 
 
-def _load_model_dir(source: ModelSource, report: Report) -> LoadedModel:
+def _load_model_dir(source: ModelSource, device: Any, choice: Any, report: Report) -> LoadedModel:
     """``--model DIR``: everything (preset, weights, prompt encoder) from the directory."""
     from streamgen.model.text import HashTokenEncoder
     from streamgen.model_dir import load_model_dir, read_model_dir
@@ -138,13 +146,13 @@ def _load_model_dir(source: ModelSource, report: Report) -> LoadedModel:
         raise ValueError(f"--text-encoder minilm, but {md.root} uses a {md.text_kind} text encoder "
                          f"(width {md.text_dim}); drop --text-encoder")
     token_encoder = HashTokenEncoder(md.preset.model.text_dim) if source.text_encoder == "hash" else None
-    choice = _dtype(source, report)
     # A UMT5 encoder runs in the serving dtype, as Wan runs its T5 in bf16 (MiniLM ignores it).
-    parts = load_model_dir(md, attention=source.attention, token_encoder=token_encoder, text_dtype=choice.dtype)
+    parts = load_model_dir(md, device=device, attention=source.attention, token_encoder=token_encoder,
+                           text_dtype=choice.dtype)
     weights = parts.description + (" text=hash (not a language model)" if token_encoder is not None else "")
     parts.text.encode(["warm-up"])  # load the prompt encoder now, not on the first client's clock
-    model = _prepare(parts.transformer.eval().to(choice.dtype), source, report)
-    return LoadedModel(parts.preset, model, parts.vae, parts.text, choice.dtype, weights)
+    model = _prepare(parts.transformer.eval().to(device=device, dtype=choice.dtype), source, report)
+    return LoadedModel(parts.preset, model, parts.vae, parts.text, choice.dtype, device, weights)
 
 
 def _prepare(model: Any, source: ModelSource, report: Report) -> Any:
