@@ -12,7 +12,8 @@ mix of scenarios, then stops them, checks the server is idle again and SIGTERMs 
 * ``stop``: unbounded, StopRequest after 0.2-2 s;
 * ``cancel``: unbounded, cancelled 0-10 ms (half of them) or 0.1-2 s after the StartRequest;
 * ``invalid``: a bad request (empty / over-long prompt, bad encoding or fps, corrupt protobuf,
-  invalid UTF-8, an undecodable image, a PromptUpdate first).
+  invalid UTF-8, an undecodable image, a PromptUpdate first; a corrupt health check or reflection
+  request).
 
 Anomalies (target 0): a call ending otherwise than its scenario allows (RESOURCE_EXHAUSTED refusals
 of a full server are counted apart, not as anomalies), a completed stream with the wrong frame count,
@@ -85,19 +86,27 @@ def _start(rng: random.Random, **fields: Any) -> pb.GenerateRequest:
     return pb.GenerateRequest(start=pb.StartRequest(**base))
 
 
-def _invalid(rng: random.Random) -> tuple[list[bytes], set[Code]]:
-    """Raw request bytes of one bad call and the statuses it may end with."""
+GENERATE = f"/{SERVICE_NAME}/Generate"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+REFLECTION = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+
+
+def _invalid(rng: random.Random) -> tuple[str, list[bytes], set[Code]]:
+    """The method and raw request bytes of one bad call, and the statuses it may end with."""
     bad = Code.INVALID_ARGUMENT
-    choices: list[tuple[list[bytes], set[Code]]] = [
-        ([_start(rng, prompt="").SerializeToString()], {bad}),
-        ([_start(rng, prompt="x" * 10_000).SerializeToString()], {bad}),
-        ([_start(rng, encoding=0).SerializeToString()], {bad}),
-        ([_start(rng, fps=1000).SerializeToString()], {bad}),
-        ([_start(rng, start_image=b"\x89PNG\r\n\x1a\n" + bytes(rng.randbytes(64))).SerializeToString()], {bad}),
-        ([bytes(rng.randbytes(rng.randint(1, 64)))], {bad, Code.FAILED_PRECONDITION}),  # corrupt (or parses)
-        ([b"\x0a\x04\x0a\x02\xff\xfe"], {bad}),  # start { prompt: not UTF-8 }
-        ([pb.GenerateRequest(prompt_update=pb.PromptUpdate(prompt="a mug")).SerializeToString()],
+    choices: list[tuple[str, list[bytes], set[Code]]] = [
+        (GENERATE, [_start(rng, prompt="").SerializeToString()], {bad}),
+        (GENERATE, [_start(rng, prompt="x" * 10_000).SerializeToString()], {bad}),
+        (GENERATE, [_start(rng, encoding=0).SerializeToString()], {bad}),
+        (GENERATE, [_start(rng, fps=1000).SerializeToString()], {bad}),
+        (GENERATE, [_start(rng, start_image=b"\x89PNG\r\n\x1a\n" + bytes(rng.randbytes(64))).SerializeToString()],
+         {bad}),
+        (GENERATE, [bytes(rng.randbytes(rng.randint(1, 64)))], {bad, Code.FAILED_PRECONDITION}),  # corrupt (or parses)
+        (GENERATE, [b"\x0a\x04\x0a\x02\xff\xfe"], {bad}),  # start { prompt: not UTF-8 }
+        (GENERATE, [pb.GenerateRequest(prompt_update=pb.PromptUpdate(prompt="a mug")).SerializeToString()],
          {Code.FAILED_PRECONDITION}),
+        (HEALTH_CHECK, [b"\xff\xff\xff"], {bad}),  # corrupt HealthCheckRequest
+        (REFLECTION, [b"\x3a\x02\xff\xfe"], {bad}),  # list_services: not UTF-8
     ]
     return rng.choice(choices)
 
@@ -106,17 +115,23 @@ async def _one_call(channel: grpc.aio.Channel, rng: random.Random, tally: Tally)
     scenario = rng.choices(list(SCENARIOS), weights=list(SCENARIOS.values()))[0]
     stub = pb_grpc.StreamGenStub(channel)
     if scenario == "invalid":
-        messages, allowed = _invalid(rng)
-        generate = channel.stream_stream(f"/{SERVICE_NAME}/Generate", request_serializer=None,
-                                         response_deserializer=pb.GenerateResponse.FromString)
-        call = generate(timeout=30)
-        for m in messages:
-            await call.write(m)
-        await call.done_writing()
-        code = await _drain_status(call)
+        method, messages, allowed = _invalid(rng)
+        if method == HEALTH_CHECK:
+            try:
+                await channel.unary_unary(method, request_serializer=None)(messages[0], timeout=30)
+                code = Code.OK
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+        else:
+            call = channel.stream_stream(method, request_serializer=None, response_deserializer=None)(timeout=30)
+            for m in messages:
+                await call.write(m)
+            await call.done_writing()
+            code = await _drain_status(call)
         tally.calls[f"invalid {code.name}"] += 1
         if code not in allowed:
-            tally.anomaly(f"invalid request ended {code.name}, expected {sorted(c.name for c in allowed)}")
+            tally.anomaly(f"invalid request to {method} ended {code.name}, "
+                          f"expected {sorted(c.name for c in allowed)}")
         return
 
     num_frames = rng.randint(12, 96) if scenario in ("complete", "image") else 0
