@@ -108,13 +108,28 @@ class CacheConfig:
     window_frames: int | None = None
     sink_frames: int = 0
     block_size_frames: int = 1
+    # KV page size in tokens; None = block_size_frames whole frames per page. A page may then hold
+    # parts of two frames (streamgen.cache.paged): Wan 1.3B's 1560-token frames use 256-token
+    # pages, which the fused paged kernels read in place (docs/serving.md, "KV pages").
+    block_size_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.sink_frames >= 0, f"CacheConfig.sink_frames must be >= 0, got {self.sink_frames}")
         _check(self.block_size_frames > 0, f"CacheConfig.block_size_frames must be > 0, got {self.block_size_frames}")
+        if self.block_size_tokens is not None:
+            _check(self.block_size_tokens > 0,
+                   f"CacheConfig.block_size_tokens must be > 0 or None, got {self.block_size_tokens}")
+            _check(self.block_size_frames == 1, "CacheConfig: give block_size_tokens or block_size_frames > 1, "
+                                                f"not both (got {self.block_size_tokens} and {self.block_size_frames})")
         if self.window_frames is not None:
             _check(self.window_frames > self.sink_frames,
                    f"CacheConfig.window_frames ({self.window_frames}) must exceed sink_frames ({self.sink_frames})")
+
+    def page_tokens(self, tokens_per_frame: int) -> int:
+        """Tokens per KV page for frames of ``tokens_per_frame`` tokens."""
+        if self.block_size_tokens is not None:
+            return self.block_size_tokens
+        return self.block_size_frames * tokens_per_frame
 
     @property
     def recent_frames(self) -> int | None:
@@ -211,7 +226,7 @@ def _build_presets() -> dict[str, Preset]:
                           text_dim=4096, text_max_tokens=512),
         vae=VAEConfig(latent_channels=16, base_channels=96),
         video=VideoConfig(height=480, width=832, fps=16),
-        cache=CacheConfig(window_frames=12, sink_frames=3),
+        cache=CacheConfig(window_frames=12, sink_frames=3, block_size_tokens=256),  # flash/flex page size
     )
     return {p.name: p for p in (test, default, wan)}
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from streamgen.cache.paged import pages_for_frames
 from streamgen.cache.window import worst_case_resident_frames
 from streamgen.config import Preset
 
@@ -47,7 +48,8 @@ class MemoryPlan:
     kv_bytes_per_frame: int
     window_frames: int | None          # the preset's rolling window (sinks included); None = unbounded
     reserved_frames: int | None        # worst case a stream holds (window + chunk in flight)
-    kv_bytes_per_stream: int | None
+    kv_page_tokens: int                # tokens per KV page (CacheConfig.page_tokens)
+    kv_bytes_per_stream: int | None    # the pages its reserved frames can touch, as the pool reserves
     text_context_bytes_per_stream: int
     activation_bytes_per_chunk: int    # estimate, see the module docstring
     kv_memory_bytes: int | None = None
@@ -132,7 +134,9 @@ def plan(preset: Preset, *, dtype: torch.dtype = torch.bfloat16, text_kind: str 
     kv_per_frame = tpf * 2 * m.num_layers * m.dim * itemsize
     chunk = preset.sampler.chunk_frames
     reserved = None if preset.cache.window_frames is None else worst_case_resident_frames(preset.cache, chunk)
-    kv_per_stream = None if reserved is None else reserved * kv_per_frame
+    page = preset.cache.page_tokens(tpf)
+    kv_per_stream = (None if reserved is None
+                     else pages_for_frames(preset.cache, tpf, page, reserved) * page * (kv_per_frame // tpf))
     text_ctx = m.num_layers * 2 * m.text_max_tokens * m.dim * itemsize
     n_tokens = chunk * tpf
     m_tokens = (reserved if reserved is not None else chunk) * tpf
@@ -143,7 +147,8 @@ def plan(preset: Preset, *, dtype: torch.dtype = torch.bfloat16, text_kind: str 
         text_encoder_bytes=text_encoder_params(text_kind, text_encoder_dir) * itemsize,
         vae_bytes=vae_params(vae_kind, preset, vae_dir) * itemsize,
         tokens_per_frame=tpf, kv_bytes_per_frame=kv_per_frame, window_frames=preset.cache.window_frames,
-        reserved_frames=reserved, kv_bytes_per_stream=kv_per_stream, text_context_bytes_per_stream=text_ctx,
+        reserved_frames=reserved, kv_page_tokens=page, kv_bytes_per_stream=kv_per_stream,
+        text_context_bytes_per_stream=text_ctx,
         activation_bytes_per_chunk=activation)
     updates: dict[str, Any] = {}
     if kv_memory_bytes is not None and kv_per_stream:

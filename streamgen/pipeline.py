@@ -169,6 +169,7 @@ class Pipeline:
         """Start a stream on an in-process engine; iterate it for frame chunks, switch prompts with
         :meth:`PipelineStream.set_prompt`. ``num_frames=None`` streams until :meth:`PipelineStream.close`
         (needs a preset with a finite cache window)."""
+        from streamgen.cache.paged import pages_for_frames
         from streamgen.cache.window import worst_case_resident_frames
         from streamgen.engine.engine import Engine, EngineConfig
         from streamgen.engine.request import GenerationRequest
@@ -180,9 +181,9 @@ class Pipeline:
         # A KV pool that holds exactly this one stream's worst case (+ the pool's null block).
         frames = worst_case_resident_frames(p.cache, p.sampler.chunk_frames, num_latent)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        bytes_per_frame = p.tokens_per_frame * 2 * p.model.num_layers * p.model.dim * itemsize
-        blocks = -(-frames // p.cache.block_size_frames) + 2
-        kv_bytes = blocks * p.cache.block_size_frames * bytes_per_frame
+        page = p.cache.page_tokens(p.tokens_per_frame)
+        blocks = pages_for_frames(p.cache, p.tokens_per_frame, page, frames) + 2
+        kv_bytes = blocks * page * 2 * p.model.num_layers * p.model.dim * itemsize
         # The engine runs its VAE in the engine's dtype (in place); keep ours as it is for __call__.
         vae = self.vae if next(self.vae.parameters()).dtype == self.dtype else copy.deepcopy(self.vae)
         engine = Engine(p, self.transformer, vae, self.text,

@@ -40,6 +40,33 @@ from streamgen.cache.window import is_resident, resident_frames, visible_cached_
 from streamgen.config import CacheConfig, Preset
 
 
+def _run_pages(tokens_per_frame: int, page_tokens: int, num_frames: int) -> int:
+    """Most pages ``num_frames`` consecutive frames can touch, wherever the run starts.
+
+    A run starts at a frame boundary, i.e. at a page offset that is a multiple of
+    ``g = gcd(T, P)``, at worst ``P - g``; ``m * T`` tokens from there span
+    ``ceil((P - g + m * T) / P)`` pages (``ceil((m - 1) / bsf) + 1`` for ``bsf``-frame pages).
+    """
+    if num_frames == 0:
+        return 0
+    t, page = tokens_per_frame, page_tokens
+    return -(-(page - math.gcd(t, page) + num_frames * t) // page)
+
+
+def pages_for_frames(cache_config: CacheConfig, tokens_per_frame: int, page_tokens: int, num_frames: int) -> int:
+    """Upper bound on the pages ``num_frames`` stored frames of one session can occupy.
+
+    Stored frames are the sinks ``[0, S)`` (page-aligned at token 0) plus one contiguous run
+    (see :func:`_run_pages`). With one frame per page this is exactly ``num_frames``. The pool's
+    admission, the pipeline's pool size and the memory plan all count pages with it.
+    """
+    if num_frames < 0:
+        raise ValueError(f"num_frames must be >= 0, got {num_frames}")
+    num_sinks = min(cache_config.sink_frames, num_frames)
+    sink_pages = -(-num_sinks * tokens_per_frame // page_tokens)
+    return sink_pages + _run_pages(tokens_per_frame, page_tokens, num_frames - num_sinks)
+
+
 @dataclass(frozen=True)
 class Admission:
     """Outcome of :meth:`PagedKVCacheManager.admit`; falsy when refused (queue and retry)."""
@@ -134,7 +161,7 @@ class PagedKVCacheManager:
             raise ValueError("pass exactly one of num_blocks or memory_budget_bytes")
         cfg = cache_config or preset.cache
         if block_size_tokens is None:
-            block_size_tokens = cfg.block_size_frames * preset.tokens_per_frame
+            block_size_tokens = cfg.page_tokens(preset.tokens_per_frame)
         elif cfg.block_size_frames > 1:
             raise ValueError(f"pass block_size_tokens or CacheConfig.block_size_frames > 1, not both "
                              f"(got {block_size_tokens} tokens and {cfg.block_size_frames} frames)")
@@ -168,29 +195,9 @@ class PagedKVCacheManager:
         t = self.tokens_per_frame
         return sorted({lp for j in frames for lp in self._pages_of_tokens(j * t, (j + 1) * t)})
 
-    def _run_pages(self, num_frames: int) -> int:
-        """Most pages ``num_frames`` consecutive frames can touch, wherever the run starts.
-
-        A run starts at a frame boundary, i.e. at a page offset that is a multiple of
-        ``g = gcd(T, P)``, at worst ``P - g``; ``m * T`` tokens from there span
-        ``ceil((P - g + m * T) / P)`` pages (``ceil((m - 1) / bsf) + 1`` for ``bsf``-frame pages).
-        """
-        if num_frames == 0:
-            return 0
-        t, page = self.tokens_per_frame, self.block_size_tokens
-        return -(-(page - math.gcd(t, page) + num_frames * t) // page)
-
     def blocks_for_frames(self, num_frames: int) -> int:
-        """Upper bound on the pages ``num_frames`` stored frames can occupy under this policy.
-
-        Stored frames are the sinks ``[0, S)`` (page-aligned at token 0) plus one contiguous run
-        (see :meth:`_run_pages`). With one frame per page this is exactly ``num_frames``.
-        """
-        if num_frames < 0:
-            raise ValueError(f"num_frames must be >= 0, got {num_frames}")
-        num_sinks = min(self.cache_config.sink_frames, num_frames)
-        sink_pages = -(-num_sinks * self.tokens_per_frame // self.block_size_tokens)
-        return sink_pages + self._run_pages(num_frames - num_sinks)
+        """Upper bound on the pages ``num_frames`` stored frames can occupy (:func:`pages_for_frames`)."""
+        return pages_for_frames(self.cache_config, self.tokens_per_frame, self.block_size_tokens, num_frames)
 
     # ------------------------------------------------------------------ admission
 

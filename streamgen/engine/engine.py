@@ -96,6 +96,7 @@ class Engine:
         # The VAE runs in the engine's dtype too: a bf16 decode is ~2x faster here and differs from
         # fp32 by under one 8-bit level (max 0.75, mean 0.09 on the default VAE).
         self.vae = vae.eval().to(device=self.device, dtype=dtype)
+        # Page size: the preset's (CacheConfig.block_size_tokens; whole frames unless it says otherwise).
         self.kv = PagedKVCacheManager.from_preset(preset, model.backend, memory_budget_bytes=config.kv_memory_bytes,
                                                   dtype=dtype, device=self.device)
         self.runner = ModelRunner(preset, self.model, self.vae, text, self.kv, dtype, self.device)
