@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import torch
 
+from streamgen.attention.paged_common import HostLengths
+
 
 class BackendUnavailableError(RuntimeError):
     """A known attention backend cannot run on this machine; the message says why."""
@@ -44,7 +46,8 @@ class AttentionBackend(Protocol):
 
     def paged_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                         block_table: torch.Tensor, seq_lens: torch.Tensor,
-                        kv_valid: torch.Tensor | None = None) -> torch.Tensor:
+                        kv_valid: torch.Tensor | None = None, *,
+                        lengths: HostLengths | None = None) -> torch.Tensor:
         """Every query of sequence ``b`` attends (no mask) to the visible keys of its pages.
 
         ``q: [B, Lq, H, D]``; ``k_pool, v_pool: [num_blocks, page, H, D]`` (one layer);
@@ -54,6 +57,8 @@ class AttentionBackend(Protocol):
         ``None``; otherwise the positions where ``kv_valid`` (bool ``[B, max_blocks * page]``)
         is True -- a page may then hold dead tokens anywhere (a frame evicted by the window
         next to a live one) -- all of them below ``seq_lens[b]``. Returns ``[B, Lq, H, D]``.
+        ``lengths``: the same lengths as Python ints, when the caller has them (the KV manager
+        does): a backend that needs them on the host then never reads them back from the device.
         """
         ...
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from streamgen.attention import BackendUnavailableError
-from streamgen.attention.paged_common import check_paged_inputs, gather_visible
+from streamgen.attention.paged_common import HostLengths, check_paged_inputs, gather_visible
 
 PAGE_MULTIPLE = 256  # flash_attn_with_kvcache: page_block_size must be a multiple of 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -71,13 +71,14 @@ class FlashBackend:
 
     def paged_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                         block_table: torch.Tensor, seq_lens: torch.Tensor,
-                        kv_valid: torch.Tensor | None = None) -> torch.Tensor:
-        lens = check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens, kv_valid)
+                        kv_valid: torch.Tensor | None = None, *,
+                        lengths: HostLengths | None = None) -> torch.Tensor:
+        lens = check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens, kv_valid, lengths=lengths)
         self._check(q)
         if self.paged_layout(k_pool.shape[1], masked=kv_valid is not None) == "direct":
             return self._flash_attn_with_kvcache(q, k_pool, v_pool, cache_seqlens=seq_lens,
                                                  block_table=block_table, causal=False)
-        k, v, counts = gather_visible(k_pool, v_pool, block_table, lens, kv_valid)  # [B, max_n, H, D]
+        k, v, counts = gather_visible(k_pool, v_pool, block_table, lens, kv_valid, lengths)  # [B, max_n, H, D]
         cache_seqlens = torch.tensor(counts, dtype=torch.int32, device=q.device)
         return self._flash_attn_with_kvcache(q, k.contiguous(), v.contiguous(), cache_seqlens=cache_seqlens,
                                              causal=False)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from streamgen.attention import BackendUnavailableError
-from streamgen.attention.paged_common import check_paged_inputs, gather_visible
+from streamgen.attention.paged_common import HostLengths, check_paged_inputs, gather_visible
 
 KV_BLOCK_TOKENS = 128   # flex's default sparse block size; a page must be a whole number of them
 Q_BLOCK_TOKENS = 128
@@ -100,12 +100,13 @@ class FlexBackend:
 
     def paged_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                         block_table: torch.Tensor, seq_lens: torch.Tensor,
-                        kv_valid: torch.Tensor | None = None) -> torch.Tensor:
+                        kv_valid: torch.Tensor | None = None, *,
+                        lengths: HostLengths | None = None) -> torch.Tensor:
         if self.paged_layout(k_pool.shape[1], masked=kv_valid is not None, device=q.device) == "direct":
             check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens, kv_valid, read_lengths=False)
             return self._paged_direct(q, k_pool, v_pool, block_table, seq_lens, kv_valid)
-        lens = check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens, kv_valid)
-        k, v, counts = gather_visible(k_pool, v_pool, block_table, lens, kv_valid)  # [B, max_n, H, D]
+        lens = check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens, kv_valid, lengths=lengths)
+        k, v, counts = gather_visible(k_pool, v_pool, block_table, lens, kv_valid, lengths)  # [B, max_n, H, D]
         if all(n == counts[0] for n in counts):
             return self.attention(q, k[:, :counts[0]], v[:, :counts[0]])
         return torch.cat([self.attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n])

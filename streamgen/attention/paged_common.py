@@ -10,13 +10,27 @@ handed over as ``seq_lens`` and, when a window edge leaves dead tokens inside a 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class HostLengths:
+    """``seq_lens`` (and ``kv_valid``'s per-row counts) as Python ints, known to the caller before the
+    forward (the KV manager builds them with the plan), so a gathering backend never reads them back
+    from the device: on CUDA that read is a host sync in every layer."""
+
+    seq_lens: tuple[int, ...]
+    valid_counts: tuple[int, ...] | None = None  # None: no kv_valid (the visible keys are the prefix)
 
 
 def check_paged_inputs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                        block_table: torch.Tensor, seq_lens: torch.Tensor,
-                       kv_valid: torch.Tensor | None = None, *, read_lengths: bool = True) -> list[int]:
-    """Validate the paged-attention arguments; return ``seq_lens`` as Python ints.
+                       kv_valid: torch.Tensor | None = None, *, read_lengths: bool = True,
+                       lengths: HostLengths | None = None) -> list[int]:
+    """Validate the paged-attention arguments; return ``seq_lens`` as Python ints (from ``lengths``
+    when given, without reading the tensor).
 
     ``q: [B, Lq, H, D]``, ``k_pool, v_pool: [num_blocks, page, H, D]``,
     ``block_table: int32 [B, max_blocks]``, ``seq_lens: int32 [B]``,
@@ -45,7 +59,9 @@ def check_paged_inputs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
                          f"{kv_valid.dtype} {tuple(kv_valid.shape)}")
     if not read_lengths:
         return []
-    lens = [int(n) for n in seq_lens.tolist()]
+    if lengths is not None and len(lengths.seq_lens) != batch:
+        raise ValueError(f"lengths has {len(lengths.seq_lens)} rows for a batch of {batch}")
+    lens = list(lengths.seq_lens) if lengths is not None else [int(n) for n in seq_lens.tolist()]
     for b, n in enumerate(lens):
         if not 0 < n <= capacity:
             raise ValueError(f"seq_lens[{b}]={n} must lie in [1, max_blocks * page = {capacity}]")
@@ -67,7 +83,8 @@ def gather_padded(k_pool: torch.Tensor, v_pool: torch.Tensor,
 
 
 def gather_visible(k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor, lens: list[int],
-                   kv_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                   kv_valid: torch.Tensor | None, lengths: HostLengths | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Each row's visible keys packed to the front: ``k, v: [B, max_n, H, D]`` and the counts ``n_b``.
 
     Without ``kv_valid`` the visible keys are the first ``lens[b]`` (no copy beyond the page
@@ -77,7 +94,8 @@ def gather_visible(k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torc
     k, v = gather_padded(k_pool, v_pool, block_table)  # [B, max_blocks * page, H, D]
     if kv_valid is None:
         return k[:, :max(lens)], v[:, :max(lens)], lens
-    counts = [int(n) for n in kv_valid.sum(dim=1).tolist()]
+    counts = (list(lengths.valid_counts) if lengths is not None and lengths.valid_counts is not None
+              else [int(n) for n in kv_valid.sum(dim=1).tolist()])
     if all(n == counts[0] for n in counts):  # steady state: one boolean gather for the whole batch
         batch, _, heads, head_dim = k.shape
         return (k[kv_valid].view(batch, counts[0], heads, head_dim),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from streamgen.attention.paged_common import check_paged_inputs, gather_visible
+from streamgen.attention.paged_common import HostLengths, check_paged_inputs, gather_visible
 
 
 class SDPABackend:
@@ -31,10 +31,11 @@ class SDPABackend:
 
     def paged_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                         block_table: torch.Tensor, seq_lens: torch.Tensor,
-                        kv_valid: torch.Tensor | None = None) -> torch.Tensor:
+                        kv_valid: torch.Tensor | None = None, *,
+                        lengths: HostLengths | None = None) -> torch.Tensor:
         """Gather each row's visible keys, run SDPA. Shapes as in the protocol."""
-        lens = check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens, kv_valid)
-        k, v, counts = gather_visible(k_pool, v_pool, block_table, lens, kv_valid)  # [B, max_n, H, D]
+        lens = check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens, kv_valid, lengths=lengths)
+        k, v, counts = gather_visible(k_pool, v_pool, block_table, lens, kv_valid, lengths)  # [B, max_n, H, D]
         if all(n == counts[0] for n in counts):
             # Steady state of a rolling window: every session sees the same number of keys,
             # so one unmasked batched call (SDPA's fast path) does the whole batch.

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from streamgen.attention import BackendUnavailableError
-from streamgen.attention.paged_common import check_paged_inputs, gather_visible
+from streamgen.attention.paged_common import HostLengths, check_paged_inputs, gather_visible
 
 PAGE_MULTIPLE = 64  # Triton split-K paged kernel constraint (tokens per page)
 
@@ -67,8 +67,9 @@ class XFormersBackend:
 
     def paged_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                         block_table: torch.Tensor, seq_lens: torch.Tensor,
-                        kv_valid: torch.Tensor | None = None) -> torch.Tensor:
-        lens = check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens, kv_valid)
+                        kv_valid: torch.Tensor | None = None, *,
+                        lengths: HostLengths | None = None) -> torch.Tensor:
+        lens = check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens, kv_valid, lengths=lengths)
         batch, q_len, heads, head_dim = q.shape
         num_blocks, page = k_pool.shape[:2]
         q_packed = q.reshape(1, batch * q_len, heads, head_dim)  # [1, B * Lq, H, D]
@@ -78,7 +79,8 @@ class XFormersBackend:
             k = k_pool.view(1, num_blocks * page, heads, head_dim)
             v = v_pool.view(1, num_blocks * page, heads, head_dim)
         else:
-            k_dense, v_dense, counts = gather_visible(k_pool, v_pool, block_table, lens, kv_valid)  # [B, n, H, D]
+            # [B, n, H, D]
+            k_dense, v_dense, counts = gather_visible(k_pool, v_pool, block_table, lens, kv_valid, lengths)
             padding = k_dense.shape[1]
             bias = self._attn_bias.BlockDiagonalPaddedKeysMask.from_seqlens(
                 q_seqlen=[q_len] * batch, kv_padding=padding, kv_seqlen=counts)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from streamgen.attention import AttentionBackend
+from streamgen.attention.paged_common import HostLengths
 from streamgen.cache.block_pool import NULL_BLOCK_ID, BlockPool, BlockStateError, KVPageSpec
 from streamgen.cache.paged_view import ForwardPlan, PagedCacheView, RewriteView
 from streamgen.cache.window import is_resident, resident_frames, visible_cached_frames, worst_case_resident_frames
@@ -508,7 +509,9 @@ class PagedKVCacheManager:
                            write_slots=torch.cat(write_slots).to(device), block_table=block_table.to(device),
                            seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
                            kv_valid=None if kv_valid is None else kv_valid.to(device),
-                           cached_slots=tuple(c.to(device) for c in cached_slots))
+                           cached_slots=tuple(c.to(device) for c in cached_slots),
+                           lengths=HostLengths(tuple(lens), None if kv_valid is None
+                                               else tuple(int(n) for n in kv_valid.sum(dim=1).tolist())))
 
     def _finish_forward(self, view: PagedCacheView, committed: bool) -> None:
         """Called by the view: commit + evict, or release the chunk's fresh pages."""

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from streamgen.attention.paged_common import HostLengths
+
 if TYPE_CHECKING:
     from streamgen.attention import AttentionBackend
     from streamgen.cache.block_pool import BlockPool
@@ -53,6 +55,7 @@ class ForwardPlan:
     seq_lens: torch.Tensor              # int32 [B]: no visible token at or beyond this row position
     kv_valid: torch.Tensor | None       # bool [B, max_blocks * P]: visible row positions; None = the prefix
     cached_slots: tuple[torch.Tensor, ...]  # per session int64 [num_visible_cached_tokens]
+    lengths: HostLengths | None = None  # seq_lens (and kv_valid's row counts) as ints: no device reads
 
 
 class PagedCacheView:
@@ -124,7 +127,7 @@ class PagedCacheView:
         if self.layout == "paged" and not needs_grad:
             self._owner.paged_calls["direct" if self.paged_path == "direct" else "gathered"] += 1
             return self._backend.paged_attention(q, k_pool, v_pool, self.plan.block_table, self.plan.seq_lens,
-                                                 self.plan.kv_valid)
+                                                 self.plan.kv_valid, lengths=self.plan.lengths)
         self._owner.paged_calls["gathered"] += 1
         return self._attend_gathered(q, k, v, k_flat, v_flat)
 

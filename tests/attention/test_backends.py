@@ -235,3 +235,37 @@ def test_paged_inputs_are_validated() -> None:
         sdpa.paged_attention(q.double(), k_pool, v_pool, table, lens)
     with pytest.raises(ValueError, match=r"kv_valid must be bool \[B=2, max_blocks \* page = 12\]"):
         sdpa.paged_attention(q, k_pool, v_pool, table, lens, torch.ones(2, 8, dtype=torch.bool))
+
+
+class _NoHostRead(torch.Tensor):
+    """A length tensor that must not be read back to the host (``tolist`` / ``item`` raise)."""
+
+    def tolist(self) -> object:  # type: ignore[override]
+        raise AssertionError("a paged-attention call read its lengths back to the host")
+
+    def item(self) -> object:  # type: ignore[override]
+        raise AssertionError("a paged-attention call read its lengths back to the host")
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("masked", [False, True])
+def test_host_lengths_spare_reading_the_lengths(name: str, masked: bool) -> None:
+    """Given the lengths as ints (the KV manager's plan carries them), a backend never reads
+    ``seq_lens`` or ``kv_valid``'s row counts back from the device (on CUDA each such read is a host
+    sync in every layer), with the same result."""
+    from streamgen.attention.paged_common import HostLengths
+
+    backend = backend_or_skip(name)
+    device, dtype, tol = device_dtype(name)
+    q, k_pool, v_pool, table, lens, valid, _ = masked_paged_case(256, device, dtype)
+    if not masked:
+        valid = None
+    expected = backend.paged_attention(q, k_pool, v_pool, table, lens, valid)
+    lengths = HostLengths(tuple(int(n) for n in lens.tolist()),
+                          None if valid is None else tuple(int(n) for n in valid.sum(dim=1).tolist()))
+    guarded_valid = None if valid is None else valid.as_subclass(_NoHostRead)
+    out = backend.paged_attention(q, k_pool, v_pool, table, lens.as_subclass(_NoHostRead), guarded_valid,
+                                  lengths=lengths)
+    torch.testing.assert_close(out.float().as_subclass(torch.Tensor), expected.float(), atol=tol, rtol=tol)
+    with pytest.raises(AssertionError, match="read its lengths back"):  # the guard does guard
+        backend.paged_attention(q, k_pool, v_pool, table, lens.as_subclass(_NoHostRead), guarded_valid)
