@@ -20,10 +20,10 @@ import torch
 from streamgen import cli
 from streamgen.api.v1 import pb, pb_grpc
 from streamgen.engine.engine import EngineConfig
+from streamgen.engine.factory import ModelSource, build_engine
 from streamgen.model.weights import load_transformer
 from streamgen.model_dir import read_model_dir
 from streamgen.pipeline import Pipeline
-from streamgen.engine.factory import ModelSource, build_engine
 from tests.server.harness import ServerHarness
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (dev/wan extra) builds the tiny Wan parts")
