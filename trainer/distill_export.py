@@ -2,7 +2,9 @@
 
 :func:`export_student` writes the EMA student as a streamgen ``transformer`` checkpoint (what
 ``streamgen serve`` loads) with the run's metadata; :func:`evaluate_student` scores a few clips of it,
-generated exactly as served, with Trainer I's suite. Neither trains or changes a model's weights.
+generated exactly as served, with Trainer I's suite. The export is written from CPU copies of the
+weights, whatever device trained them; evaluation generates and decodes on the run's device and
+hands uint8 frames to the suite. Neither trains or changes a model's weights.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from pathlib import Path
 import torch
 
 from streamgen.config import Preset
-from streamgen.generate import generate_latents
 from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.weights import save_checkpoint
 from trainer.distill_config import Geometry, SelfForcingConfig
 from trainer.distill_step import Batches, Models
+from trainer.rollout import rollout
 
 
 @dataclass
@@ -61,14 +63,17 @@ def evaluate_student(cfg: SelfForcingConfig, preset: Preset, geom: Geometry, mod
     """Trainer I's suite on a few short clips of the EMA student: flag rates (and adherence with the classifier).
 
     Prompts are the captions of the latent dataset's first clips (their embeddings are stored, so no
-    text encoder is loaded); clips are generated exactly as served (``generate_latents``, 4 steps).
+    text encoder is loaded); clips are generated exactly as served, 4 steps, by the no-grad rollout that
+    exits at the last step (inference by construction: ``tests/trainer/test_rollout.py`` holds it equal to
+    the engine and ``generate_latents``), on ``batches.device`` where ``model`` is, and decoded there.
     """
     from streamgen.model.weights import load_vae
     from streamgen.video_io import frames_to_uint8
     from trainer.eval.suite import Video, evaluate_set
 
     num_latent = cfg.eval.num_latent_frames or geom.num_frames
-    vae = load_vae(cfg.data.vae_checkpoint, expected=preset.vae).eval()
+    device = batches.device
+    vae = load_vae(cfg.data.vae_checkpoint, expected=preset.vae).eval().to(device)
     classifier = None
     if cfg.eval.classifier is not None and Path(cfg.eval.classifier).is_file():
         from trainer.eval.classifier import load_classifier
@@ -79,10 +84,10 @@ def evaluate_student(cfg: SelfForcingConfig, preset: Preset, geom: Geometry, mod
     model.eval()
     for i in range(cfg.eval.num_prompts):
         clip = i % len(data)
-        emb = data.text_emb[data.caption_ids[clip]][None]
-        chunks = list(generate_latents(model, model.encode_text(emb), preset, num_latent,
-                                       torch.Generator().manual_seed(cfg.eval.seed + i)))
-        video = vae.decode(vae.from_diffusion(torch.cat(chunks, dim=2).float()))
+        emb = data.text_emb[data.caption_ids[clip]][None].to(device)
+        latents = rollout(model, model.encode_text(emb), preset, num_latent,
+                          torch.Generator().manual_seed(cfg.eval.seed + i)).latents
+        video = vae.decode(vae.from_diffusion(latents.float()))
         videos.append(Video(f"eval_{i}", frames_to_uint8(video[0]), float(preset.video.fps), data.captions[clip]))
     result = evaluate_set(videos, classifier)
     scores = {f"flag_rate/{k}": v for k, v in result.flag_rates.items()}

@@ -4,7 +4,11 @@
 turns a step index and global sample ids into tensors and losses (DMD, Yin et al. 2024, arXiv 2311.18828,
 eq. 7-8, via :mod:`trainer.losses`). Every random draw is keyed on ``(seed, step, sample id)`` or on
 ``(seed, step, turn)`` (exit step, Self-Forcing++ window), never on the rank or on global RNG state,
-so 1 and N processes draw the same numbers and a resumed run replays them. It never steps an optimizer.
+so 1 and N processes draw the same numbers and a resumed run replays them. Those draws come from CPU
+generators and are then moved to the run's device (:func:`~streamgen.engine.step.draw_noise`, as the engine
+does), so a seed gives the same numbers on every device; models, batches and losses live on that device.
+Loss parts are returned as detached device scalars; the train step reads each update's parts for the log
+in one copy, not one by one. It never steps an optimizer.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from torch import nn
 
 from streamgen.config import Preset
+from streamgen.engine.step import draw_noise
 from streamgen.model.masks import block_causal_mask
 from streamgen.model.sampler import add_noise, x0_from_velocity
 from streamgen.model.transformer import CausalWanTransformer, TextContext
@@ -51,19 +56,24 @@ def critic_modules(models: Models) -> list[nn.Module]:
 
 
 class Batches:
-    """Prompts, ground-truth clips and per-sample generators of a step, keyed on global sample indices."""
+    """Prompts, ground-truth clips and per-sample generators of a step, keyed on global sample indices.
 
-    def __init__(self, data: latent_data.LatentDataset, seed: int) -> None:
-        self.data, self.seed = data, seed
+    The dataset stays in host memory; a step's rows are gathered there and moved to ``device`` (the run's).
+    """
+
+    def __init__(self, data: latent_data.LatentDataset, seed: int, device: torch.device | str = "cpu") -> None:
+        self.data, self.seed, self.device = data, seed, torch.device(device)
         self.clip = EpochOrder(len(data), seed, stream=21)  # global sample -> dataset clip
 
     def text(self, ids: list[int]) -> torch.Tensor:
-        """``[B, L, D]`` caption embeddings."""
-        return torch.stack([self.data.text_emb[self.data.caption_ids[self.clip(i)]] for i in ids])
+        """``[B, L, D]`` caption embeddings on ``device``."""
+        rows = torch.stack([self.data.text_emb[self.data.caption_ids[self.clip(i)]] for i in ids])
+        return rows.to(self.device, non_blocking=True)
 
     def clips(self, ids: list[int], num_frames: int) -> torch.Tensor:
-        """``[B, C, num_frames, h, w]`` ground-truth latents (diffusion space)."""
-        return torch.stack([self.data.latents[self.clip(i)][:, :num_frames] for i in ids])
+        """``[B, C, num_frames, h, w]`` ground-truth latents (diffusion space) on ``device``."""
+        rows = torch.stack([self.data.latents[self.clip(i)][:, :num_frames] for i in ids])
+        return rows.to(self.device, non_blocking=True)
 
     def generators(self, step: int, ids: list[int], stream: int) -> list[torch.Generator]:
         """One generator per sample, keyed on ``(seed, step, sample id, stream)``."""
@@ -71,14 +81,16 @@ class Batches:
 
 
 def randn_rows(like: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """``[B, ...]`` standard normal noise, row ``b`` from ``generators[b]``."""
-    return torch.stack([torch.randn(tuple(like.shape[1:]), generator=g) for g in generators])
+    """``[B, ...]`` float32 standard normal noise on ``like``'s device, row ``b`` drawn on the CPU from
+    ``generators[b]`` (:func:`~streamgen.engine.step.draw_noise`)."""
+    return draw_noise(tuple(like.shape), generators, torch.float32, like.device)
 
 
-def score_timesteps(generators: list[torch.Generator], dmd: DMDConfig) -> torch.Tensor:
-    """``[B]`` DMD score timesteps, one per sample from its own generator."""
-    return torch.cat([dmd_losses.sample_score_timesteps(1, g, shift=dmd.shift, min_t=dmd.min_t, max_t=dmd.max_t)
-                      for g in generators]).float()
+def score_timesteps(generators: list[torch.Generator], dmd: DMDConfig, device: torch.device) -> torch.Tensor:
+    """``[B]`` DMD score timesteps on ``device``, one per sample drawn on the CPU from its own generator."""
+    t = torch.cat([dmd_losses.sample_score_timesteps(1, g, shift=dmd.shift, min_t=dmd.min_t, max_t=dmd.max_t)
+                   for g in generators]).float()
+    return t.to(device, non_blocking=True)
 
 
 def window_start(seed: int, step: int, turn: int, num_frames: int, window: int, chunk_frames: int,
@@ -98,12 +110,17 @@ def full_forward(model: CausalWanTransformer, x_t: torch.Tensor, t: torch.Tensor
 
 
 class DistillStep:
-    """The pieces of one Self-Forcing / SF++ / TF / DF iteration: rollout, generator loss, critic loss."""
+    """The pieces of one Self-Forcing / SF++ / TF / DF iteration: rollout, generator loss, critic loss.
+
+    Runs on ``batches.device``, where :func:`trainer.distill_train.load_models` put the models; the
+    LPIPS network and the VAE decoder of the LPIPS regression option are moved there too.
+    """
 
     def __init__(self, cfg: SelfForcingConfig, preset: Preset, geom: Geometry, models: Models,
                  batches: Batches) -> None:
         self.cfg, self.preset, self.geom, self.m, self.batches = cfg, preset, geom, models, batches
-        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        self.device = batches.device
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
         self.num_train_timesteps = preset.sampler.num_train_timesteps
         self.pairs: ODEPairs | None = None
         self.lpips: nn.Module | None = None
@@ -117,8 +134,9 @@ class DistillStep:
                 from streamgen.model.weights import load_vae
                 from trainer.losses.regression import build_lpips
 
-                self.lpips = build_lpips(pretrained=True)
+                self.lpips = build_lpips(pretrained=True).to(self.device)
                 vae = load_vae(cfg.data.vae_checkpoint, expected=preset.vae).eval().requires_grad_(False)
+                vae.to(self.device)
                 self.decode = lambda z: vae.decode(vae.from_diffusion(z))
 
     # ------------------------------------------------------------ generation
@@ -137,11 +155,11 @@ class DistillStep:
             length = start + geom.window_frames  # frames after the window cannot change it (causal): skip them
         elif cfg.mode in ("tf", "df"):
             clean = b.clips(ids, geom.num_frames)
-            levels = torch.zeros(clean.shape[0], geom.num_frames)
+            levels = torch.zeros(clean.shape[0], geom.num_frames, device=self.device)
             if cfg.mode == "df":
                 noise_gens = b.generators(step, ids, stream=40 + turn)
                 levels = torch.stack([torch.rand(geom.num_frames, generator=g) for g in noise_gens])
-                levels = levels * cfg.forcing.df_max_timestep
+                levels = levels.to(self.device, non_blocking=True) * cfg.forcing.df_max_timestep
                 clean = add_noise(clean, randn_rows(clean, noise_gens), levels, self.num_train_timesteps)
             source = ContextSource(clean, levels)
         with torch.set_grad_enabled(grad), self.autocast:
@@ -152,11 +170,12 @@ class DistillStep:
 
     # ------------------------------------------------------------ generator
     def generator_loss(self, step: int, ids: list[int], x: torch.Tensor, text_emb: torch.Tensor
-                       ) -> tuple[torch.Tensor, dict[str, float]]:
-        """DMD (eq. 7-8) on the window ``x [B, C, T, h, w]`` plus the weighted options."""
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """DMD (eq. 7-8) on the window ``x [B, C, T, h, w]`` plus the weighted options; the loss and its
+        parts (detached scalars, still on the device)."""
         cfg, m, n = self.cfg, self.m, self.num_train_timesteps
         gens = self.batches.generators(step, ids, stream=50)
-        t = score_timesteps(gens, cfg.dmd)
+        t = score_timesteps(gens, cfg.dmd, self.device)
         noise = randn_rows(x, gens)
         with torch.no_grad(), self.autocast:
             x_t = add_noise(x.detach(), noise, t, n)  # backward noise initialisation (SF++) = DMD's re-noising
@@ -167,7 +186,7 @@ class DistillStep:
             fake_x0 = full_forward(m.critic, x_t, t, m.critic.encode_text(text_emb), n)
             grad = dmd_losses.dmd_gradient(x.detach(), real_x0.float(), fake_x0.float())
         loss = dmd_losses.dmd_loss(x, grad)
-        parts = {"dmd": float(loss.detach())}
+        parts = {"dmd": loss.detach()}
         w = cfg.losses
         if w.gan > 0:
             from trainer.losses.gan import critic_features, gan_generator_loss
@@ -178,23 +197,23 @@ class DistillStep:
                                         layer=w.gan_layer)
             gan = gan_generator_loss(m.gan_head(feats.float()))
             loss = loss + w.gan * gan
-            parts["gan_g"] = float(gan.detach())
+            parts["gan_g"] = gan.detach()
         if w.regression > 0:
             reg = self.regression(step, ids)
             loss = loss + w.regression * reg
-            parts["regression"] = float(reg.detach())
+            parts["regression"] = reg.detach()
         if w.temporal > 0:
             from trainer.losses.temporal import temporal_consistency_loss
 
             tc = temporal_consistency_loss(x)
             loss = loss + w.temporal * tc
-            parts["temporal"] = float(tc.detach())
+            parts["temporal"] = tc.detach()
         if w.background > 0:
             from trainer.losses.preservation import background_preservation_loss
 
             bg = background_preservation_loss(x, x[:, :, :1].detach().expand_as(x), self.border_mask(x))
             loss = loss + w.background * bg
-            parts["background"] = float(bg.detach())
+            parts["background"] = bg.detach()
         if w.identity > 0:
             loss = loss + w.identity * self.identity(x, t, noise, text_emb, parts)
         return loss, parts
@@ -203,12 +222,12 @@ class DistillStep:
         """``[1, 1, 1, h, w]`` 1 on the latent border: rendered products sit in the middle, the edges are scene."""
         h, w = x.shape[-2:]
         k = self.cfg.losses.background_border
-        mask = torch.ones(h, w)
+        mask = torch.ones(h, w, device=x.device)
         mask[k:h - k, k:w - k] = 0
         return mask.view(1, 1, 1, h, w)
 
     def identity(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, text_emb: torch.Tensor,
-                 parts: dict[str, float]) -> torch.Tensor:
+                 parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """Critic features of each chunk vs the window's first chunk (detached), at the score timestep."""
         from trainer.losses.gan import critic_features
         from trainer.losses.preservation import identity_preservation_loss
@@ -221,7 +240,7 @@ class DistillStep:
         per_chunk = feats.split(tokens, dim=1)  # [B, tokens, dim] each (frame-major tokens)
         losses = [identity_preservation_loss(f, per_chunk[0]) for f in per_chunk[1:]]
         loss = torch.stack(losses).mean() if losses else feats.sum() * 0
-        parts["identity"] = float(loss.detach())
+        parts["identity"] = loss.detach()
         return loss
 
     def regression(self, step: int, ids: list[int]) -> torch.Tensor:
@@ -229,10 +248,10 @@ class DistillStep:
         from trainer.losses.regression import regression_loss
 
         assert self.pairs is not None
-        x_t, t, emb, x0 = regression_batch(self.pairs, ids, self.cfg.run.seed + 1, step,
-                                           self.preset.sampler.chunk_frames)
+        batch = regression_batch(self.pairs, ids, self.cfg.run.seed + 1, step, self.preset.sampler.chunk_frames)
+        x_t, t, emb, x0 = (part.to(self.device, non_blocking=True) for part in batch)  # drawn on the CPU
         mask = block_causal_mask(x_t.shape[2], self.preset.tokens_per_frame, self.preset.sampler.chunk_frames,
-                                 self.preset.cache.window_frames, self.preset.cache.sink_frames)
+                                 self.preset.cache.window_frames, self.preset.cache.sink_frames).to(self.device)
         student = self.m.student
         with self.autocast:
             v = student(x_t, t, student.encode_text(emb), attn_mask=mask)
@@ -241,11 +260,12 @@ class DistillStep:
 
     # ------------------------------------------------------------ critic
     def critic_loss(self, step: int, turn: int, ids: list[int], x: torch.Tensor, text_emb: torch.Tensor
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Flow matching of the critic on the detached window (it models the student's distribution)."""
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Flow matching of the critic on the detached window (it models the student's distribution); the
+        loss and its parts (detached device scalars)."""
         cfg, m, n = self.cfg, self.m, self.num_train_timesteps
         gens = self.batches.generators(step, ids, stream=60 + turn)
-        t = score_timesteps(gens, cfg.dmd)
+        t = score_timesteps(gens, cfg.dmd, self.device)
         noise = randn_rows(x, gens)
         x = x.detach()
         x_t = add_noise(x, noise, t, n)
@@ -259,7 +279,7 @@ class DistillStep:
             else:
                 v = m.critic(x_t, t, context)
         loss = dmd_losses.critic_flow_loss(v.float(), x, noise)
-        parts = {"critic": float(loss.detach())}
+        parts = {"critic": loss.detach()}
         if gan:
             from trainer.losses.gan import gan_discriminator_loss
 
@@ -270,5 +290,5 @@ class DistillStep:
                 f_real = critic_features(m.critic, real_t, t, context, layer=cfg.losses.gan_layer)
             disc = gan_discriminator_loss(m.gan_head(f_real.float()), m.gan_head(f_fake.float()))
             loss = loss + cfg.losses.gan_disc * disc
-            parts["gan_d"] = float(disc.detach())
+            parts["gan_d"] = disc.detach()
         return loss, parts

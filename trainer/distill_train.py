@@ -9,6 +9,11 @@ generator every ``dmd.gen_every``-th, followed by its EMA; the iteration's tenso
 Gradients are all-reduced by hand (no DDP wrapper): a rollout calls the student many times per
 backward, which DDP's reducer does not allow, and the exit step and window are drawn from keys
 shared by all ranks, so every rank builds the same graph shape.
+
+Everything trains on ``rt.device`` (``run.device``): the four networks (and the GAN head) are moved
+there before the optimizers are built, so optimizer state lives there too; batches and noise follow
+(:mod:`trainer.distill_step`). ``bf16`` is autocast on that device over fp32 weights, the models are
+never wrapped by accelerate. Checkpoints and the export are written from CPU copies.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import torch
 from torch import nn
 
 from streamgen.config import Preset, get_preset, to_dict
-from streamgen.device import resolve_device
 from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.weights import load_state_strict
 from trainer.common import checkpoint as ckpt
@@ -43,8 +47,9 @@ from trainer.distill_step import Batches, DistillStep, Models, critic_modules
 from trainer.ode_init import check_same_latent_space, ensure_latents, load_for_preset, teacher_horizon
 
 
-def load_models(cfg: SelfForcingConfig, preset: Preset) -> Models:
-    """Load teacher, student-init and critic-init, refusing any that does not fit the preset or each other."""
+def load_models(cfg: SelfForcingConfig, preset: Preset, device: torch.device | str = "cpu") -> Models:
+    """Load teacher, student-init and critic-init, refusing any that does not fit the preset or each other;
+    every network ends on ``device``."""
     m = cfg.models
     teacher, teacher_meta = load_for_preset(m.teacher, preset, "teacher")
     student, student_meta = load_for_preset(m.student_init, preset, "student_init")
@@ -61,7 +66,9 @@ def load_models(cfg: SelfForcingConfig, preset: Preset) -> Models:
     if cfg.losses.gan > 0:
         from trainer.losses.gan import GANHead
 
-        gan_head = GANHead(preset.model.dim, hidden=cfg.losses.gan_hidden)
+        gan_head = GANHead(preset.model.dim, hidden=cfg.losses.gan_hidden).to(device)
+    for model in (student, ema, critic, teacher):
+        model.to(device)
     return Models(student, ema, critic, teacher, gan_head, dict(student_meta), dict(teacher_meta))
 
 
@@ -110,8 +117,8 @@ class DistillTrainStep(TrainStep):
             ema_update(m.ema, m.student, cfg.optim.ema_decay, self.generator_steps)
             self.generator_steps += 1
             self.generator_losses.append(value)
-            self.last_generator = {"generator": value, "generator_grad_norm": norm, **parts}
-        c_parts: dict[str, float] = {}
+            self.last_generator = {"generator": value, "generator_grad_norm": norm, **host_scalars(parts)}
+        c_parts: dict[str, torch.Tensor] = {}
         for turn in range(cfg.critic.steps):
             x = window.detach() if (turn == 0 and window is not None) else \
                 pieces.generate(step, turn + 1, ids, text_emb, grad=False)
@@ -119,7 +126,7 @@ class DistillTrainStep(TrainStep):
             c_loss, c_parts = pieces.critic_loss(step, turn, ids, x, text_emb)
             c_value, c_norm = optimizer_update(rt, c_loss, self.c_params, self.c_opt, cfg.critic.grad_clip, step,
                                                last, what="critic", sync_grads=True)
-        return {"loss": c_value, "critic_grad_norm": c_norm, **c_parts, **self.last_generator}
+        return {"loss": c_value, "critic_grad_norm": c_norm, **host_scalars(c_parts), **self.last_generator}
 
     def after_step(self, done: int) -> dict[str, float]:
         """Every ``eval.every`` steps, on rank 0: evaluate the EMA student (logged as ``eval/*``)."""
@@ -156,6 +163,14 @@ class DistillTrainStep(TrainStep):
         self.eval_history = list(state.extra.get("eval_history", []))  # report.json lists the whole run's
 
 
+def host_scalars(parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Loss parts (detached scalars on the device) as floats for the log, read in one device-to-host copy."""
+    if not parts:
+        return {}
+    values = torch.stack([v.detach().float() for v in parts.values()]).tolist()
+    return dict(zip(parts, values, strict=True))
+
+
 def _prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{k}": v for k, v in fp32_state(module).items()}
 
@@ -169,19 +184,14 @@ def train(cfg: SelfForcingConfig, resume: bool = False, export: bool = True) -> 
     preset = get_preset(cfg.preset)
     horizon = teacher_horizon(cfg.models.teacher)
     geom = resolve_geometry(cfg, horizon, preset.sampler.chunk_frames)
-    if resolve_device(cfg.run.device).type != "cpu":
-        # Refused rather than run half on the CPU: its models, batches and noise are not moved to
-        # rt.device yet, and several processes would hand CPU tensors to NCCL.
-        raise ValueError(f"run.device {cfg.run.device!r} resolves to a GPU here, but the Self-Forcing stage runs on "
-                         "the CPU only so far; set run.device: cpu (or --device cpu)")
-    rt = make_runtime(cfg.run)
-    cfg = resolve_config_precision(cfg, "self_forcing", log=rt.is_main)  # recorded resolved in checkpoints
-    models = load_models(cfg, preset)
+    rt = make_runtime(cfg.run, cfg.precision)
+    cfg = resolve_config_precision(cfg, "self_forcing", log=rt.is_main, device=rt.device)  # recorded in checkpoints
+    models = load_models(cfg, preset, rt.device)
     data = ensure_latents(Path(cfg.data.latents_dir), cfg.data.spec(preset, horizon), cfg.data.encode_batch, rt)
     needed = geom.num_frames if cfg.mode in ("tf", "df") else geom.window_frames if cfg.losses.gan > 0 else 0
     check(data.latents.shape[2] >= needed, f"mode {cfg.mode} (gan {cfg.losses.gan}) needs ground-truth clips of "
           f"{needed} frames; {cfg.data.latents_dir} has {data.latents.shape[2]}")
-    pieces = DistillStep(cfg, preset, geom, models, Batches(data, cfg.run.seed))
+    pieces = DistillStep(cfg, preset, geom, models, Batches(data, cfg.run.seed, rt.device))
     step = DistillTrainStep(rt, cfg, preset, geom, models, pieces)
     loop = run_steps(rt, cfg.run, cfg.optim, step, to_dict(cfg), resume, cfg.global_batch // rt.world_size)
     result = SelfForcingResult(steps=loop.step, generator_steps=step.generator_steps, losses=loop.losses,

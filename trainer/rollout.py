@@ -19,7 +19,10 @@ Per chunk (Self-Forcing's stochastic gradient truncation, section 3.2):
   Self-Forcing++'s window); the others are plain inference.
 
 Teacher-/Diffusion-Forcing baselines replace what is written into the cache by ground truth
-(:class:`ContextSource`). This module never computes a loss and never owns an optimizer.
+(:class:`ContextSource`). Everything runs on the model's device: noise is drawn on the CPU by the
+generators and moved (:func:`~streamgen.engine.step.draw_noise`), the per-frame levels every forward
+sees are made there, and a context source is moved there. This module never computes a loss and never
+owns an optimizer.
 """
 
 from __future__ import annotations
@@ -97,6 +100,15 @@ def last_frames_span(num_frames: int, grad_frames: int | None) -> tuple[int, int
     return (max(0, num_frames - grad_frames), num_frames)
 
 
+def frame_levels(t: float, x: torch.Tensor) -> torch.Tensor:
+    """``[B, F]`` float32 filled with ``t``, on ``x``'s device (``x = [B, C, F, h, w]``).
+
+    Handed to :func:`~streamgen.generate.cache_forward` instead of the float, which it would turn into
+    a CPU tensor: the model's timestep embedding needs its input on the model's device.
+    """
+    return torch.full((x.shape[0], x.shape[2]), t, dtype=torch.float32, device=x.device)
+
+
 def rollout(
     model: CausalWanTransformer,
     context: TextContext,
@@ -121,7 +133,8 @@ def rollout(
             last step (plain inference).
         grad_span: frames ``[lo, hi)`` whose chunks take gradient at their exit step; ``None`` = all.
             Nothing takes gradient when grad mode is off (``torch.no_grad``).
-        context_source: ground truth to write into the cache instead of the student's chunks.
+        context_source: ground truth to write into the cache instead of the student's chunks (moved to
+            the model's device chunk by chunk).
         refresh_last: also refresh the cache after the final chunk (inference does; a rollout whose
             cache is discarded need not).
 
@@ -144,7 +157,7 @@ def rollout(
         with_grad = grad_on and chunk.start < hi and chunk.start + chunk.num_frames > lo
 
         def velocity(x_t: torch.Tensor, t: float, _chunk: ChunkPlan = chunk) -> torch.Tensor:
-            return cache_forward(model, cache, context, _chunk, x_t, t)  # attends; never committed
+            return cache_forward(model, cache, context, _chunk, x_t, frame_levels(t, x_t))  # attends; not committed
 
         x0 = step.sample(velocity, shape, generators, exit_step=exit_step, grad_at_exit=with_grad)
         outputs.append(x0)
@@ -153,10 +166,11 @@ def rollout(
         if n + 1 < len(chunks) or refresh_last:
             with torch.no_grad():
                 if context_source is None:
-                    inp, ts = step.commit_input(x0.detach(), generators), step.commit_timestep
+                    inp = step.commit_input(x0.detach(), generators)
+                    ts = frame_levels(step.commit_timestep, inp)
                 else:
                     end = chunk.start + chunk.num_frames
-                    inp = context_source.latents[:, :, chunk.start:end].to(step.dtype)
-                    ts = context_source.timesteps[:, chunk.start:end].float()
+                    inp = context_source.latents[:, :, chunk.start:end].to(step.device, step.dtype)
+                    ts = context_source.timesteps[:, chunk.start:end].to(step.device, torch.float32)
                 cache_forward(model, cache, context, chunk, inp, ts, commit=True)
     return RolloutResult(torch.cat(outputs, dim=2), outputs, chunks, grad_chunks, exit_step)
