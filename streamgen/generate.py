@@ -44,7 +44,7 @@ def cache_forward(model: CausalWanTransformer, cache: ContiguousKVCache, context
     ``t`` is one level for every frame or a ``[B, F]`` tensor of per-frame levels.
     """
     view = cache.view(chunk.start, chunk.num_frames)
-    ts = t if isinstance(t, torch.Tensor) else torch.full((context.batch_size, chunk.num_frames), t)
+    ts = t if isinstance(t, torch.Tensor) else torch.full((context.batch_size, chunk.num_frames), t, device=x.device)
     out = model(x, ts, context, frame_offsets=chunk.start, kv_cache=view)
     if commit:
         cache.commit(view)

@@ -57,3 +57,17 @@ def test_a_seed_gives_the_same_video_on_every_call(device: torch.device) -> None
         sid = engine.add_request(GenerationRequest("a red mug", seed=11, num_frames=24))
         videos.append(np.concatenate([c.frames for c in engine.run_until_done()[sid]]))
     assert videos[0].shape[0] == 24 and np.array_equal(videos[0], videos[1])
+
+
+def test_the_offline_generator_keeps_every_tensor_on_the_models_device() -> None:
+    """On PyTorch's ``meta`` device (shapes, no data) any CPU tensor mixed into a forward is an error,
+    so this finds a tensor left behind on the CPU without a GPU."""
+    from streamgen.config import get_preset
+    from streamgen.generate import generate_latents
+    from streamgen.model.transformer import CausalWanTransformer
+
+    preset = get_preset("test")
+    model = CausalWanTransformer(preset.model).to("meta")
+    context = model.encode_text(torch.zeros(1, preset.model.text_max_tokens, preset.model.text_dim, device="meta"))
+    chunks = list(generate_latents(model, context, preset, 6, torch.Generator().manual_seed(0)))
+    assert [c.device.type for c in chunks] == ["meta", "meta"] and chunks[0].shape[2] == 3
