@@ -48,6 +48,9 @@ class EngineConfig:
     max_prompt_chars: int = 500
     max_frames: int | None = 16 * 60 * 10  # ten minutes at 16 fps; None = no limit
     unbounded_max_frames: int | None = None  # cap for num_frames=None streams; None = until stopped
+    # A new stream's first chunk before the others' work (SchedulerConfig.first_chunk_first);
+    # None = where a batched forward costs about as much as its streams one by one: on a CPU.
+    first_chunk_first: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_sessions <= 0:
@@ -102,7 +105,9 @@ class Engine:
         self.runner = ModelRunner(preset, self.model, self.vae, text, self.kv, dtype, self.device)
         sched_cfg = SchedulerConfig(num_steps=len(preset.sampler.denoising_steps),
                                     chunk_frames=preset.sampler.chunk_frames, max_running=config.max_sessions,
-                                    max_queue_wait_s=config.max_queue_wait_s, max_lead_s=config.max_lead_s)
+                                    max_queue_wait_s=config.max_queue_wait_s, max_lead_s=config.max_lead_s,
+                                    first_chunk_first=(self.device.type == "cpu" if config.first_chunk_first is None
+                                                       else config.first_chunk_first))
         self.scheduler = Scheduler(sched_cfg, PagedKVSpace(self.kv))
         self.last_step_ran = False
 

@@ -72,6 +72,7 @@ class SchedulerOutput:
     admitted: tuple[str, ...] = ()
     rejected: tuple[str, ...] = ()       # gave up waiting for the pool (see Session.error)
     throttled: tuple[str, ...] = ()      # ahead of their playback clock, skipped this step
+    deferred: tuple[str, ...] = ()       # runnable, but waiting for new streams' first chunks
     next_wakeup_s: float | None = None   # when a throttled session becomes runnable again
 
     @property
@@ -86,6 +87,10 @@ class SchedulerConfig:
     max_running: int = 8
     max_queue_wait_s: float = 30.0
     max_lead_s: float = math.inf       # pacing: inf = generate as fast as possible
+    # A stream's first chunk runs before the others' work while they are not behind their playback
+    # clock: its first frame then waits for its own five forwards, not for five batched forwards of
+    # every stream (the engine turns this on where a batched forward costs ~B single ones: CPUs).
+    first_chunk_first: bool = False
 
     def __post_init__(self) -> None:
         if self.num_steps <= 0 or self.chunk_frames <= 0 or self.max_running <= 0:
@@ -233,12 +238,17 @@ class Scheduler:
         admitted, rejected = self._admit_waiting(now_s)
         groups: dict[tuple[WorkKind, int], list[WorkItem]] = {}
         throttled: list[str] = []
+        deferred: list[str] = []
         wakeup: float | None = None
+        first_only = self._first_chunks_only(now_s)
         for s in self.sessions.values():
             if s.status is not Status.RUNNING:
                 continue
             if s.paused:
                 throttled.append(s.session_id)
+                continue
+            if first_only and s.emitted_pixel_frames > 0:
+                deferred.append(s.session_id)
                 continue
             item = self._next_item(s)
             if item.kind is WorkKind.DENOISE and item.step == 0:  # pacing decides at a chunk's start only
@@ -253,7 +263,19 @@ class Scheduler:
         order = {WorkKind.IMAGE: 0, WorkKind.RECACHE: 1, WorkKind.COMMIT: 2, WorkKind.DENOISE: 3}
         batches = tuple(ForwardBatch(kind, items[0].num_frames, tuple(items))
                         for (kind, _), items in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])))
-        return SchedulerOutput(batches, tuple(admitted), tuple(rejected), tuple(throttled), wakeup)
+        return SchedulerOutput(batches, tuple(admitted), tuple(rejected), tuple(throttled), tuple(deferred),
+                               next_wakeup_s=wakeup)
+
+    def _first_chunks_only(self, now_s: float) -> bool:
+        """Whether this round runs only streams that have not delivered a frame yet (see
+        ``SchedulerConfig.first_chunk_first``): there are such streams, and no other running stream
+        is behind its playback clock (a stream that is behind is never held back for a newcomer)."""
+        if not self.config.first_chunk_first:
+            return False
+        running = [s for s in self.sessions.values() if s.status is Status.RUNNING and not s.paused]
+        new = [s for s in running if s.emitted_pixel_frames == 0]
+        return bool(new) and len(new) < len(running) and all(
+            s.lead_s(now_s) >= 0 for s in running if s.emitted_pixel_frames > 0)
 
     def update(self, item: WorkItem, pixel_frames_emitted: int = 0) -> bool:
         """Advance a session after its work item ran. Returns True when the session completed."""
