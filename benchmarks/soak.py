@@ -135,7 +135,9 @@ async def _one_call(channel: grpc.aio.Channel, rng: random.Random, tally: Tally)
         return
 
     num_frames = rng.randint(12, 96) if scenario in ("complete", "image") else 0
-    extra = {"start_image": _image(rng)} if scenario == "image" else {}
+    # Encoded off the loop: the clients share one event loop, and a 2-Mpx PNG takes up to ~0.1 s of CPU
+    # (more on a loaded machine), which would delay every other client's reads and writes.
+    extra = {"start_image": await asyncio.to_thread(_image, rng)} if scenario == "image" else {}
     call = stub.Generate(timeout=120)
     await call.write(_start(rng, num_frames=num_frames, **extra))
     if scenario == "cancel":
