@@ -25,6 +25,9 @@ as one JSON document followed by a short table:
 * ``mfu``: analytic transformer FLOPs / forward time, over the matmul peak measured in the
   same run *in the dtype the model runs* (``streamgen.perf``). Target >= 50 %. A figure over
   100 % (or a real-time factor the GEMM peak cannot allow) raises ``ImpossibleFigure``.
+* ``join_ttff_s``: a stream that joins three running ones: request -> its first frames, with the
+  CPU default (its first chunk runs before the others' work, ``first_chunk_first``) and with every
+  stream batched from the start, side by side.
 * ``other_dtype``: the same single stream for a few chunks in the other dtype (and its peak),
   so the dtype choice is visible side by side.
 """
@@ -99,6 +102,21 @@ def run_streams(engine: Engine, num_streams: int, num_chunks: int) -> dict[str, 
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "frames": total_frames, "ttff_s": first, "chunk_s": chunk_times,
             "generate_ms": generate_ms, "decode_ms": decode_ms}
+
+
+def join_ttff(engine: Engine, running: int = 3, warm_chunks: int = 2) -> float:
+    """Seconds from adding a stream to ``engine`` (where ``running`` streams have each delivered
+    ``warm_chunks`` chunks) to its first frames."""
+    per_chunk = engine.preset.pixel_frames(engine.preset.sampler.chunk_frames)
+    for i in range(running):
+        engine.add_request(GenerationRequest(PROMPTS[i % 4], seed=i, num_frames=40 * per_chunk))
+    while min(s.emitted_pixel_frames for s in engine.sessions.values()) < warm_chunks * per_chunk:
+        engine.step()
+    t0 = time.perf_counter()
+    sid = engine.add_request(GenerationRequest(PROMPTS[3], seed=99, num_frames=4 * per_chunk))
+    while True:
+        if any(out.session_id == sid and len(out.frames) for out in engine.step()):
+            return time.perf_counter() - t0
 
 
 def time_forward(model: CausalWanTransformer, preset: Preset, num_frames: int, repeats: int,
@@ -187,6 +205,10 @@ def main() -> None:
     four = run_streams(build(preset, text, dtype, args.quantize, **engine_kw), 4, n_batch_chunks)
     batch_ratio = (four["frames"] / four["wall_s"]) / (one["frames"] / one["wall_s"])
 
+    # 2b. A stream joining three running ones: its first chunk first (the CPU default) vs all batched.
+    join = {mode: join_ttff(build(preset, text, dtype, args.quantize, first_chunk_first=flag, **engine_kw))
+            for mode, flag in (("first_chunk_first", True), ("batched", False))}
+
     # 3. Cached chunk vs recomputing a 21-frame visible context (Self-Forcing's comparison).
     window = 21
     p21 = dataclasses.replace(preset, cache=CacheConfig(window_frames=window, sink_frames=0))
@@ -226,7 +248,7 @@ def main() -> None:
         "other_dtype": {"dtype": str(other).removeprefix("torch."), "matmul_peak_gflops": other_peak / 1e9,
                         "rtf_6_chunks": other_rtf},
         "batch1_fps": one["frames"] / one["wall_s"], "batch4_fps": four["frames"] / four["wall_s"],
-        "batch4_over_1": batch_ratio,
+        "batch4_over_1": batch_ratio, "join_ttff_s": join,
         "recompute_chunk_s_21": recompute_chunk, "cached_transformer_chunk_s_21": cached_transformer,
         "cache_speedup_21": speedup, "decode_chunk_s_21": decode, "cached_chunk_wall_s_21": cached_chunk,
         "pipeline_speedup_21": pipeline_speedup,
@@ -241,6 +263,8 @@ def main() -> None:
             ("recompute / cached chunk @21", f"{speedup:.2f}x", ">= 3.5x"),
             ("  same, whole chunk with decode", f"{pipeline_speedup:.2f}x", ""),
             ("4 streams / 1 stream fps", f"{batch_ratio:.2f}x", ""),
+            ("joining stream ttff, first chunk first", f"{join['first_chunk_first']:.3f} s", "<= 0.3 s"),
+            ("  same, batched with the others", f"{join['batched']:.3f} s", ""),
             (f"MFU, 12-frame forward ({name} peak)", f"{100 * mfu:.1f} %", ">= 50 %"),
             ("MFU, 3-frame chunk forward", f"{100 * mfu3:.1f} %", "")]
     print(f"\n{'metric':38} {'measured':>12} {'target':>10}")

@@ -87,9 +87,9 @@ class SchedulerConfig:
     max_running: int = 8
     max_queue_wait_s: float = 30.0
     max_lead_s: float = math.inf       # pacing: inf = generate as fast as possible
-    # A stream's first chunk runs before the others' work while they are not behind their playback
-    # clock: its first frame then waits for its own five forwards, not for five batched forwards of
-    # every stream (the engine turns this on where a batched forward costs ~B single ones: CPUs).
+    # A stream's first chunk runs before the others' work: its first frame then waits for its own
+    # five forwards, not for five batched forwards of every stream (the engine turns this on where a
+    # batched forward costs about B single ones: CPUs).
     first_chunk_first: bool = False
 
     def __post_init__(self) -> None:
@@ -267,15 +267,15 @@ class Scheduler:
                                next_wakeup_s=wakeup)
 
     def _first_chunks_only(self, now_s: float) -> bool:
-        """Whether this round runs only streams that have not delivered a frame yet (see
-        ``SchedulerConfig.first_chunk_first``): there are such streams, and no other running stream
-        is behind its playback clock (a stream that is behind is never held back for a newcomer)."""
+        """Whether this round runs only the streams that have not delivered a frame yet (see
+        ``SchedulerConfig.first_chunk_first``). Each stream gets this once, for one chunk, and a
+        stream starts only in a free slot, so the others lose at most one chunk's worth of single
+        forwards per new stream."""
         if not self.config.first_chunk_first:
             return False
         running = [s for s in self.sessions.values() if s.status is Status.RUNNING and not s.paused]
         new = [s for s in running if s.emitted_pixel_frames == 0]
-        return bool(new) and len(new) < len(running) and all(
-            s.lead_s(now_s) >= 0 for s in running if s.emitted_pixel_frames > 0)
+        return bool(new) and len(new) < len(running)
 
     def update(self, item: WorkItem, pixel_frames_emitted: int = 0) -> bool:
         """Advance a session after its work item ran. Returns True when the session completed."""
