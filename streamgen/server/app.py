@@ -59,6 +59,7 @@ class StreamGenServer:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._poll: asyncio.Task[None] | None = None
+        self._warm: asyncio.Task[bool] | None = None
 
     @property
     def address(self) -> str:
@@ -112,6 +113,8 @@ class StreamGenServer:
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(cfg.host, cfg.metrics_port)
         self._poll = asyncio.create_task(self._poll_engine(), name="streamgen-metrics-poll")
+        # Start the image-decoding processes now, in the background: the first upload finds them up.
+        self._warm = asyncio.create_task(asyncio.to_thread(self.servicer.images.start), name="streamgen-image-warm")
         e = self.engine.engine
         event(log, "serving", address=self.address, tls=cfg.tls, auth=cfg.token is not None,
               metrics=None if self.metrics_port is None else f"http://{_hostport(cfg.host, self.metrics_port)}/metrics",
@@ -153,6 +156,9 @@ class StreamGenServer:
                 await self._poll
             self._poll = None
         self.servicer.close()
+        if self._warm is not None:  # returns False at once once the pool is closed
+            await self._warm
+            self._warm = None
         await asyncio.to_thread(self.engine.shutdown)
         self.metrics.stop_http()
 

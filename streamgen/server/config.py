@@ -33,7 +33,7 @@ class ServerConfig:
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
     h264_crf: int = DEFAULT_CRF
     max_image_pixels: int = 40_000_000   # start images larger than this are refused before decoding
-    image_decode_workers: int = 2        # threads decoding start images (off the event loop); bounds their CPU
+    image_decode_workers: int = 2        # processes decoding start images (off the loop and the GIL); bounds their CPU
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -15,17 +15,15 @@ Pure conversion: this module never calls the engine, holds no state and never lo
 from __future__ import annotations
 
 import dataclasses
-import io
-import re
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
 
 from streamgen.api.v1 import pb
 from streamgen.config import Preset
 from streamgen.engine.request import ChunkOutput, FinishReason, GenerationRequest
+from streamgen.server import image_decode
 from streamgen.server.encoders import MAX_KEYFRAME_INTERVAL, EncodedChunk, Encoding
 
 ENCODINGS: dict[int, Encoding] = {
@@ -84,58 +82,18 @@ def encoding_from_proto(value: int) -> Encoding:
 
 
 def decode_start_image(data: bytes, width: int, height: int, max_pixels: int) -> np.ndarray:
-    """PNG/JPEG bytes -> ``np.uint8 [height, width, 3]`` (see the module docstring for the fitting).
-
-    CPU-heavy for a large photo: the servicer runs it in a bounded worker pool, never on the event
-    loop. The pixel budget is checked on the header (``Image.open`` reads nothing else), before any
-    pixel is decoded, so a small file that declares a huge image (a decompression bomb) costs nothing.
-    """
+    """PNG/JPEG bytes -> ``np.uint8 [height, width, 3]`` (:func:`streamgen.server.image_decode.decode`),
+    a malformed or oversized image refused as INVALID_ARGUMENT. The servicer runs the decode itself
+    in worker processes; this in-process form is for tests and tools."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format not in ("PNG", "JPEG"):
-                raise invalid(f"start_image must be PNG or JPEG, got {img.format or 'an unknown format'}")
-            if img.width * img.height > max_pixels:
-                raise invalid(f"start_image is {img.width}x{img.height}; the limit is {max_pixels} pixels")
-            if img.format == "JPEG":
-                # Let libjpeg decode at a reduced DCT scale when the photo is much larger than needed:
-                # still >= 2x the output on both sides (any EXIF rotation included), then Lanczos.
-                side = 2 * max(width, height)
-                img.draft("RGB", (side, side))
-            img.load()  # decode now: a truncated or corrupt file fails here, not later
-            if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-                img = ImageOps.exif_transpose(img)  # (a copy: only when there is something to rotate)
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, rgba)
-            rgb = img if img.mode == "RGB" else img.convert("RGB")
-            fitted = rgb.resize((width, height), Image.Resampling.LANCZOS, box=_centre_crop(rgb.size, width, height),
-                                reducing_gap=3.0)
-    except RequestError:
-        raise
-    except Image.UnidentifiedImageError:
-        raise invalid("start_image is not a decodable PNG or JPEG: unrecognised image data") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise invalid(f"start_image is not a decodable PNG or JPEG: {clean_message(str(exc))}") from None
-    return np.asarray(fitted, dtype=np.uint8).copy()  # [H, W, 3]
-
-
-def _centre_crop(size: tuple[int, int], width: int, height: int) -> tuple[float, float, float, float]:
-    """The largest centred box of ``size`` with the aspect ratio ``width:height`` (as ``ImageOps.fit``)."""
-    w, h = size
-    if w * height > h * width:  # wider than the target: trim the sides
-        crop_w = h * width / height
-        return ((w - crop_w) / 2, 0.0, (w + crop_w) / 2, float(h))
-    crop_h = w * height / width
-    return (0.0, (h - crop_h) / 2, float(w), (h + crop_h) / 2)
-
-
-_OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
+        return image_decode.decode(data, width, height, max_pixels)
+    except image_decode.ImageError as exc:
+        raise invalid(str(exc)) from None
 
 
 def clean_message(message: str) -> str:
     """A client-facing message without object reprs or memory addresses (``<_io.BytesIO object at 0x..>``)."""
-    return _OBJECT_REPR.sub("<object>", message)
+    return image_decode.clean_message(message)
 
 
 def plan_stream(start: pb.StartRequest, preset: Preset, *, default_keyframe_interval_s: float,

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +34,7 @@ from streamgen.server.config import ServerConfig
 from streamgen.server.convert import RequestError
 from streamgen.server.encoders import ChunkEncoder, make_encoder
 from streamgen.server.identity import model_id
+from streamgen.server.image_decode import ImageDecoder, ImageError
 from streamgen.server.logs import event
 from streamgen.server.metrics import Metrics
 from streamgen.server.wire import MalformedMessage
@@ -98,13 +97,13 @@ class StreamGenServicer(pb_grpc.StreamGenServicer):
         self.draining = False
         self._calls: set[_Call] = set()
         self._background: set[asyncio.Future[Any]] = set()
-        # Start images are decoded here, never on the event loop (a 40-Mpx PNG takes ~1 s of CPU);
-        # the pool's size bounds the CPU and memory that uploads can take at once.
-        self._image_pool = ThreadPoolExecutor(max_workers=config.image_decode_workers,
-                                              thread_name_prefix="streamgen-image")
+        # Start images are decoded in worker processes, never on the event loop or in our threads (a
+        # 40-Mpx PNG takes ~1 s of CPU and holds the GIL for long stretches); the pool's size bounds
+        # the CPU and memory that uploads can take at once.
+        self.images = ImageDecoder(config.image_decode_workers)
 
     def close(self) -> None:
-        self._image_pool.shutdown(wait=False, cancel_futures=True)
+        self.images.close()
 
     # ------------------------------------------------------------------ info
     def model_info(self) -> pb.ModelInfo:
@@ -219,8 +218,13 @@ class StreamGenServicer(pb_grpc.StreamGenServicer):
         self._reserve(call)
         video = self.preset.video
         if plan.image_bytes:
-            image = await asyncio.get_running_loop().run_in_executor(self._image_pool, functools.partial(
-                convert.decode_start_image, plan.image_bytes, video.width, video.height, self.config.max_image_pixels))
+            try:
+                image = await self.images.decode(plan.image_bytes, video.width, video.height,
+                                                 self.config.max_image_pixels)
+            except ImageError as exc:
+                raise convert.invalid(str(exc)) from None
+            except RuntimeError as exc:  # the decoding process died (the pool is rebuilt)
+                raise RequestError(grpc.StatusCode.INTERNAL, str(exc)) from None
             plan = plan.with_image(image)
             if self.draining:  # the drain began while the image was decoded
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is draining; retry on another replica")

@@ -172,19 +172,14 @@ def large_png() -> bytes:
 
 
 def test_large_start_images_decode_off_the_event_loop(paced: ServerHarness, large_png: bytes) -> None:
-    """While 6 large PNGs are decoded, health checks answer at once and a running stream's chunk gap
-    stays within 1.5x of its idle value (issue 21: every check < 100 ms).
+    """While 6 large PNGs are decoded, every health check answers in < 100 ms and a running stream's
+    chunk gap stays within 1.5x of its idle value.
 
-    Before, the event loop decoded the images itself: checks waited 1-2 s each. In the worker pool
-    a check can still wait for the GIL: the inflate releases it, but Pillow allocates the decoded
-    image (``Image.core.new``, 80 MB for 20 Mpx) holding it, 10-20 ms on fresh memory and
-    ~100 ms on reused memory under load (a 1 ms ticker thread: gaps of 80-240 ms beside 1-2
-    decoding threads, 11-18 ms beside decoding processes). Measured on this 2-core machine shared
-    with other jobs (load average 4-6), 8 runs each: worst check 17-98 ms (median of the runs 65)
-    and p90 5-32 ms with the thread pool, one run in 11 of this test over 100 ms; 13-79 ms (median
-    20) with the decoding in a process pool; chunk gap 1.03-1.25x of idle either way. So
-    < 100 ms for every check does not hold reliably here; the bound below does, and is 4x under
-    a Kubernetes probe's 1 s timeout.
+    Before, the event loop decoded the images itself: checks waited 1-2 s each. Decoding in threads
+    was not enough: Pillow sets up a decoded image (``Image.core.new``, 80 MB for 20 Mpx) holding
+    the GIL, 10-20 ms on fresh memory and ~100 ms on reused memory under load, and checks then waited
+    up to 98 ms (one run in 11 over 100 ms). The images are now decoded in worker processes
+    (``streamgen.server.image_decode``), which hold no lock of ours.
     """
     gaps: list[tuple[float, float]] = []  # (arrival time, gap) of a running stream's chunks
     stop = threading.Event()
@@ -241,9 +236,9 @@ def test_large_start_images_decode_off_the_event_loop(paced: ServerHarness, larg
     assert results == ["started"] * 6, results
     during = [g for t, g in gaps if uploads_start < t <= uploads_end + 1.0]
     assert during and len(latencies) >= 5
-    slow = sorted(latencies)[int(0.9 * len(latencies))]
-    assert slow < 0.1 and max(latencies) < 0.25, \
-        f"health p90 {slow:.3f} s, max {max(latencies):.3f} s over {len(latencies)} checks"
+    print(f"health max {max(latencies) * 1000:.0f} ms over {len(latencies)} checks; chunk gap "  # (pytest -s)
+          f"{max(during):.2f} s while images decoded, {idle:.2f} s idle")
+    assert max(latencies) < 0.1, f"health max {max(latencies):.3f} s over {len(latencies)} checks"
     assert max(during) <= 1.5 * idle, f"chunk gap {max(during):.2f} s while images decoded, {idle:.2f} s idle"
 
 
