@@ -28,7 +28,12 @@ from typing import Any
 import torch
 
 from streamgen.attention import BackendUnavailableError
-from streamgen.attention.paged_common import HostLengths, check_paged_inputs, gather_visible
+from streamgen.attention.paged_common import (
+    HostLengths,
+    check_paged_inputs,
+    gather_visible,
+    prefix_kernel_layout,
+)
 
 PAGE_MULTIPLE = 256  # flash_attn_with_kvcache: page_block_size must be a multiple of 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -47,11 +52,7 @@ class FlashBackend:
     @staticmethod
     def paged_layout(block_size_tokens: int, *, masked: bool = False, device: torch.device | None = None) -> str:
         """``"direct"`` if the kernel reads pages in place, else ``"gather (why)"``."""
-        if block_size_tokens % PAGE_MULTIPLE:
-            return f"gather (page of {block_size_tokens} tokens is not a multiple of {PAGE_MULTIPLE})"
-        if masked:
-            return "gather (dead tokens inside a page: the kernel reads only a prefix of each row's pages)"
-        return "direct"
+        return prefix_kernel_layout(block_size_tokens, PAGE_MULTIPLE, masked=masked)
 
     @staticmethod
     def _check(q: torch.Tensor) -> None:

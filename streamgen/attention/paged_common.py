@@ -25,6 +25,16 @@ class HostLengths:
     valid_counts: tuple[int, ...] | None = None  # None: no kv_valid (the visible keys are the prefix)
 
 
+def prefix_kernel_layout(block_size_tokens: int, page_multiple: int, *, masked: bool) -> str:
+    """``"direct"`` or ``"gather (why)"`` for a paged kernel that reads the first ``seq_len`` tokens of
+    each row's pages (flash-attn, xformers) and needs pages of a multiple of ``page_multiple`` tokens."""
+    if block_size_tokens % page_multiple:
+        return f"gather (page of {block_size_tokens} tokens is not a multiple of {page_multiple})"
+    if masked:
+        return "gather (dead tokens inside a page: the kernel reads only a prefix of each row's pages)"
+    return "direct"
+
+
 def check_paged_inputs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                        block_table: torch.Tensor, seq_lens: torch.Tensor,
                        kv_valid: torch.Tensor | None = None, *, read_lengths: bool = True,

@@ -29,7 +29,12 @@ from typing import Any
 import torch
 
 from streamgen.attention import BackendUnavailableError
-from streamgen.attention.paged_common import HostLengths, check_paged_inputs, gather_visible
+from streamgen.attention.paged_common import (
+    HostLengths,
+    check_paged_inputs,
+    gather_visible,
+    prefix_kernel_layout,
+)
 
 PAGE_MULTIPLE = 64  # Triton split-K paged kernel constraint (tokens per page)
 
@@ -46,11 +51,7 @@ class XFormersBackend:
     @staticmethod
     def paged_layout(block_size_tokens: int, *, masked: bool = False, device: torch.device | None = None) -> str:
         """``"direct"`` if the kernel reads pages in place, else ``"gather (why)"``."""
-        if block_size_tokens % PAGE_MULTIPLE:
-            return f"gather (page of {block_size_tokens} tokens is not a multiple of {PAGE_MULTIPLE})"
-        if masked:
-            return "gather (dead tokens inside a page: the kernel reads only a prefix of each row's pages)"
-        return "direct"
+        return prefix_kernel_layout(block_size_tokens, PAGE_MULTIPLE, masked=masked)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   mask: torch.Tensor | None = None) -> torch.Tensor:
