@@ -49,7 +49,8 @@ OPTIONAL_PACKAGES = ("triton", "flash_attn", "xformers", "av", "diffusers", "grp
 # Result fields of benchmarks/engine.py carried into the summary.
 ENGINE_FIELDS = ("preset", "device", "dtype", "rtf", "generated_fps", "ttff_s", "latency_ratio_200_10",
                  "batch1_fps", "batch4_fps", "batch4_over_1", "cache_speedup_21", "pipeline_speedup_21",
-                 "mfu", "mfu_3_frames", "matmul_peak_gflops", "forward_s_3_frames", "forward_s_12_frames")
+                 "mfu", "mfu_3_frames", "matmul_peak_gflops", "forward_s_3_frames", "forward_s_12_frames",
+                 "join_ttff_s")
 
 
 class _Blocker(importlib.abc.MetaPathFinder):
