@@ -50,6 +50,12 @@ class ClassifierConfig:
     frame_stride: int = 2
     image_size: int = 64
     stem_patch: int = 4
+    # 0: the stem is one non-overlapping stem_patch x stem_patch conv (linear up to its norm);
+    # checkpoints written before this field existed are of this kind. > 0: a 3x3 stride-2 conv to
+    # this width and a nonlinearity first, then a stem_patch / 2 patchify conv, so that a glossy
+    # highlight a pixel or two wide is detected before it is averaged into its patch. Not the
+    # default: no controlled run has shown it reads material better (docs/quality.md).
+    stem_hidden_channels: int = 0
     stem_channels: int = 32
     stage_channels: tuple[int, ...] = (32, 64, 128)
     feature_dim: int = 256
@@ -63,6 +69,12 @@ class ClassifierConfig:
                      "pooled_size", "norm_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ClassifierConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.stem_hidden_channels < 0:
+            raise ValueError(f"ClassifierConfig.stem_hidden_channels must be >= 0, got {self.stem_hidden_channels}")
+        if self.stem_hidden_channels and (self.stem_patch % 2 or self.stem_hidden_channels % self.norm_groups):
+            raise ValueError(f"ClassifierConfig with stem_hidden_channels={self.stem_hidden_channels} needs an even "
+                             f"stem_patch (got {self.stem_patch}) and a width divisible by norm_groups "
+                             f"{self.norm_groups}")
         if not self.stage_channels:
             raise ValueError("ClassifierConfig.stage_channels must not be empty")
         for c in (self.stem_channels, *self.stage_channels):
@@ -130,7 +142,15 @@ class AttributeClassifier(nn.Module):
         # temporal signal from the first layer instead of having to learn one from scratch.
         # A non-overlapping patchify stem (as in ConvNeXt): the high-resolution layers are where
         # a CPU spends its time, and colour/shape/layout survive 4x4 patches of a 64 px frame.
-        self.stem = nn.Conv2d(6, cfg.stem_channels, cfg.stem_patch, stride=cfg.stem_patch)
+        # Small specular highlights do not (see ClassifierConfig.stem_hidden_channels).
+        self.stem_pre: nn.Module | None = None
+        self.stem_pre_norm: nn.Module | None = None
+        stem_in, patch = 6, cfg.stem_patch
+        if cfg.stem_hidden_channels:
+            self.stem_pre = nn.Conv2d(6, cfg.stem_hidden_channels, 3, stride=2, padding=1)
+            self.stem_pre_norm = nn.GroupNorm(cfg.norm_groups, cfg.stem_hidden_channels)
+            stem_in, patch = cfg.stem_hidden_channels, cfg.stem_patch // 2
+        self.stem = nn.Conv2d(stem_in, cfg.stem_channels, patch, stride=patch)
         self.stem_norm = nn.GroupNorm(cfg.norm_groups, cfg.stem_channels)
         blocks = []
         c_in = cfg.stem_channels
@@ -153,7 +173,10 @@ class AttributeClassifier(nn.Module):
         diff = torch.zeros_like(video)
         diff[:, :, 1:] = video[:, :, 1:] - video[:, :, :-1]
         x = torch.cat([video, diff], dim=1).transpose(1, 2).reshape(b * t, 6, s, s)  # [B*T, 6, S, S]
-        h = F.silu(self.stem_norm(self.stem(x.contiguous(memory_format=torch.channels_last))))  # [B*T, C, s', s']
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.stem_pre is not None and self.stem_pre_norm is not None:
+            x = F.silu(self.stem_pre_norm(self.stem_pre(x)))  # [B*T, C_hidden, S/2, S/2]
+        h = F.silu(self.stem_norm(self.stem(x)))  # [B*T, C, s', s']
         for block in self.blocks:
             h = block(h, t)
         c, hh, ww = h.shape[1:]
@@ -271,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heldout-clips", type=int, default=None, help="override the number of heldout clips")
     parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget for the step loop")
     parser.add_argument("--log-dir", default="runs/attr_classifier", help="metrics.jsonl goes here")
+    parser.add_argument("--device", default=None, help="training device, cpu (default) or cuda")
+    parser.add_argument("--render-workers", type=int, default=None, help="processes that render the clips")
+    parser.add_argument("--stem-hidden-channels", type=int, default=None,
+                        help="width of the 3x3 layer before the patchify stem (0: none; see ClassifierConfig)")
     return parser
 
 
@@ -282,8 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here: training pulls in the renderer, which plain evaluation never needs.
     from trainer.eval import classifier_train
 
-    overrides = {"num_steps": args.steps, "num_train_clips": args.train_clips,
-                 "num_heldout_clips": args.heldout_clips, "max_minutes": args.max_minutes}
+    overrides: dict[str, object] = {
+        "num_steps": args.steps, "num_train_clips": args.train_clips, "num_heldout_clips": args.heldout_clips,
+        "max_minutes": args.max_minutes, "device": args.device, "num_render_workers": args.render_workers}
+    if args.stem_hidden_channels is not None:
+        overrides["model"] = {"stem_hidden_channels": args.stem_hidden_channels}
     cfg = classifier_train.train_config({k: v for k, v in overrides.items() if v is not None})
     if args.train:
         classifier_train.train(cfg, args.out, args.log_dir)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,13 +63,17 @@ class ClassifierTrainConfig:
     max_minutes: float = 12.5
     eval_every: int = 500
     log_every: int = 50
-    num_threads: int = 2
+    num_threads: int = 1
+    # Rendering runs in this many spawned processes (1: in this process). Spawned, not forked:
+    # a fork of a process whose OpenMP pool has started can hang.
+    num_render_workers: int = 1
+    device: str = "cpu"
     seed: int = 0
     bf16_tolerance: float = 0.005
 
     def __post_init__(self) -> None:
         for name in ("render_size", "num_train_clips", "num_val_clips", "num_heldout_clips", "batch_size",
-                     "num_steps", "eval_every", "log_every", "num_threads"):
+                     "num_steps", "eval_every", "log_every", "num_threads", "num_render_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ClassifierTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_start_frames < 0 or self.warmup_steps < 0:
@@ -77,6 +82,8 @@ class ClassifierTrainConfig:
             raise ValueError("ClassifierTrainConfig.lr, max_minutes and fps must be > 0")
         if not (0.0 <= self.blur_prob <= 1.0 and 0.0 <= self.blur_mix <= 1.0):
             raise ValueError("ClassifierTrainConfig.blur_prob and blur_mix must lie in [0, 1]")
+        if torch.device(self.device).type not in ("cpu", "cuda"):
+            raise ValueError(f"ClassifierTrainConfig.device must be cpu or cuda[:N], got {self.device!r}")
 
 
 def train_config(changes: Mapping[str, Any] | None = None) -> ClassifierTrainConfig:
@@ -97,16 +104,35 @@ class WindowSet:
 
 def render_windows(split: str, seed: int, num_clips: int, cfg: ClassifierTrainConfig,
                    random_start: bool, progress_every: int = 0) -> WindowSet:
-    """Render ``num_clips`` classifier windows of ``split`` (clip ``i`` = ``clip_identity(seed, split, i)``)."""
+    """Render ``num_clips`` classifier windows of ``split`` (clip ``i`` = ``clip_identity(seed, split, i)``).
+
+    The result does not depend on ``cfg.num_render_workers``.
+    """
+    starts = np.random.default_rng([seed, 0x57A7]).integers(0, cfg.max_start_frames + 1, size=num_clips)
+    if not random_start:
+        starts[:] = 0
+    workers = min(cfg.num_render_workers, num_clips)
+    if workers <= 1:
+        return _render_range(split, seed, 0, starts, cfg, progress_every)
+    bounds = np.linspace(0, num_clips, workers + 1).astype(int)
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        parts = pool.starmap(_render_range, [(split, seed, int(a), starts[a:b], cfg, 0)
+                                             for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    return WindowSet(np.concatenate([p.videos for p in parts]), np.concatenate([p.labels for p in parts]))
+
+
+def _render_range(split: str, seed: int, first: int, starts: np.ndarray, cfg: ClassifierTrainConfig,
+                  progress_every: int) -> WindowSet:
+    """Windows of clips ``first .. first + len(starts) - 1``, clip ``first + i`` from frame ``starts[i]``."""
+    torch.set_num_threads(1)
     m = cfg.model
+    num_clips = len(starts)
     videos = np.empty((num_clips, m.num_frames, m.image_size, m.image_size, 3), dtype=np.uint8)
     labels = np.empty((num_clips, len(ATTRIBUTE_KEYS)), dtype=np.int64)
-    starts = np.random.default_rng([seed, 0x57A7]).integers(0, cfg.max_start_frames + 1, size=num_clips)
     t0 = time.time()
     for i in range(num_clips):
-        spec, render_seed = clip_identity(seed, split, i)
-        start = int(starts[i]) if random_start else 0
-        indices = start + m.frame_stride * np.arange(m.num_frames)
+        spec, render_seed = clip_identity(seed, split, first + i)
+        indices = int(starts[i]) + m.frame_stride * np.arange(m.num_frames)
         clip = render_frames(spec, indices, cfg.render_size, cfg.render_size, cfg.fps, seed=render_seed)
         x = resize_frames(clip.frames, m.image_size)  # [3, T, S, S] in [-1, 1]
         videos[i] = ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).numpy()
@@ -117,9 +143,9 @@ def render_windows(split: str, seed: int, num_clips: int, cfg: ClassifierTrainCo
     return WindowSet(videos, labels)
 
 
-def to_input(videos: np.ndarray) -> torch.Tensor:
-    """uint8 ``[B, T, S, S, 3]`` -> float ``[B, 3, T, S, S]`` in [-1, 1]."""
-    return torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
+def to_input(videos: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 ``[B, T, S, S, 3]`` -> float ``[B, 3, T, S, S]`` in [-1, 1] on ``device`` (moved as uint8)."""
+    return torch.from_numpy(videos).to(device).permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
 
 
 def augment(x: torch.Tensor, cfg: ClassifierTrainConfig, g: torch.Generator) -> torch.Tensor:
@@ -127,9 +153,9 @@ def augment(x: torch.Tensor, cfg: ClassifierTrainConfig, g: torch.Generator) -> 
     colour, lighting and tint are labels."""
     b = x.shape[0]
     blurred = F.avg_pool3d(x, (1, 3, 3), stride=1, padding=(0, 1, 1), count_include_pad=False)
-    pick = (torch.rand(b, generator=g) < cfg.blur_prob).float().view(b, 1, 1, 1, 1)
+    pick = (torch.rand(b, generator=g, device=x.device) < cfg.blur_prob).float().view(b, 1, 1, 1, 1)
     x = x + pick * cfg.blur_mix * (blurred - x)
-    return x + cfg.noise_std * torch.randn(x.shape, generator=g)
+    return x + cfg.noise_std * torch.randn(x.shape, generator=g, device=x.device)
 
 
 def loss_fn(logits: dict[str, torch.Tensor], labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -143,10 +169,11 @@ def accuracy(model: AttributeClassifier, data: WindowSet, batch_size: int = 64) 
     """Per-head accuracy on ``data`` plus ``"mean"`` over heads."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     correct = np.zeros(len(ATTRIBUTE_KEYS))
     for i in range(0, len(data), batch_size):
-        logits = model(to_input(data.videos[i:i + batch_size]))
-        labels = torch.from_numpy(data.labels[i:i + batch_size])
+        logits = model(to_input(data.videos[i:i + batch_size], device))
+        labels = torch.from_numpy(data.labels[i:i + batch_size]).to(device)
         for k, key in enumerate(ATTRIBUTE_KEYS):
             correct[k] += int((logits[key].argmax(-1) == labels[:, k]).sum())
     model.train(was_training)
@@ -173,7 +200,7 @@ def lr_at(step: int, progress: float, cfg: ClassifierTrainConfig) -> float:
 
 
 def _bf16_roundtrip(model: AttributeClassifier) -> AttributeClassifier:
-    copy = AttributeClassifier(model.cfg)
+    copy = AttributeClassifier(model.cfg).to(next(model.parameters()).device)
     copy.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
     return copy.eval()
 
@@ -182,6 +209,9 @@ def train(cfg: ClassifierTrainConfig, out: str | Path, log_dir: str | Path) -> d
     """Render data, train, evaluate on heldout, save ``out``; returns the summary written to the log."""
     torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"ClassifierTrainConfig.device={cfg.device!r}, but torch sees no CUDA device")
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     log = (log_dir / "metrics.jsonl").open("a")
@@ -200,12 +230,12 @@ def train(cfg: ClassifierTrainConfig, out: str | Path, log_dir: str | Path) -> d
     record(event="data", seconds=round(time.time() - t_start, 1), train=len(train_set), val=len(val_set),
            heldout=len(heldout_set))
 
-    model = AttributeClassifier(cfg.model).train()
+    model = AttributeClassifier(cfg.model).to(device).train()
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator(device).manual_seed(cfg.seed)
     order_rng = np.random.default_rng(cfg.seed)
     t_loop = time.time()
     budget_s = cfg.max_minutes * 60.0
@@ -215,8 +245,8 @@ def train(cfg: ClassifierTrainConfig, out: str | Path, log_dir: str | Path) -> d
         for group in opt.param_groups:
             group["lr"] = lr_at(step, progress, cfg)
         ids = order_rng.integers(0, len(train_set), size=cfg.batch_size)
-        x = augment(to_input(train_set.videos[ids]), cfg, g)
-        labels = torch.from_numpy(train_set.labels[ids])
+        x = augment(to_input(train_set.videos[ids], device), cfg, g)
+        labels = torch.from_numpy(train_set.labels[ids]).to(device)
         loss = loss_fn(model(x), labels, cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -238,6 +268,7 @@ def train(cfg: ClassifierTrainConfig, out: str | Path, log_dir: str | Path) -> d
     worst_drop = max(fp32["heldout"][k] - bf16["heldout"][k] for k in ATTRIBUTE_KEYS)
     dtype = torch.bfloat16 if worst_drop <= cfg.bf16_tolerance else None
     final = bf16 if dtype is not None else fp32
+    model.cpu()
     summary = {"event": "final", "steps": step, "train_minutes": round((time.time() - t_loop) / 60, 2),
                "total_minutes": round((time.time() - t_start) / 60, 2), "dtype": "bf16" if dtype else "fp32",
                "fp32": fp32, "bf16": bf16}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,51 @@ def test_checkpoint_round_trip(tmp_path: Path, tiny_classifier: AttributeClassif
     save_checkpoint(tiny_classifier, path, kind="vae", config=tiny_classifier.cfg)
     with pytest.raises(ValueError, match="expected a 'attr_classifier'"):
         load_classifier(path)
+
+
+def test_checkpoint_without_stem_hidden_channels_loads_the_one_conv_stem(tmp_path: Path) -> None:
+    """Checkpoints written before ``stem_hidden_channels`` existed (the committed one) record no such key."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    cfg = dataclasses.replace(tiny_classifier_config(), stem_hidden_channels=0)
+    model = AttributeClassifier(cfg).eval()
+    assert not any(k.startswith("stem_pre") for k in model.state_dict())
+    path = tmp_path / "old.safetensors"
+    save_checkpoint(model, path, kind=CHECKPOINT_KIND, config=cfg)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    config = json.loads(metadata["config"])
+    del config["stem_hidden_channels"]
+    save_file(load_file(str(path)), str(path), metadata={**metadata, "config": json.dumps(config)})
+    loaded = load_classifier(path)
+    assert loaded.cfg.stem_hidden_channels == 0
+    video = torch.randn(2, 3, cfg.num_frames, cfg.image_size, cfg.image_size)
+    torch.testing.assert_close(loaded(video)["material"], model(video)["material"])
+
+
+def test_two_layer_stem_geometry() -> None:
+    cfg = dataclasses.replace(tiny_classifier_config(), stem_hidden_channels=8)
+    model = AttributeClassifier(cfg)
+    assert model.stem_pre is not None and model.stem.kernel_size == (cfg.stem_patch // 2,) * 2
+    video = torch.zeros(2, 3, cfg.num_frames, cfg.image_size, cfg.image_size)
+    assert model.features(video).shape == (2, cfg.feature_dim)
+    with pytest.raises(ValueError, match="even stem_patch"):
+        ClassifierConfig(image_size=48, stem_patch=3, stage_channels=(32,), stem_hidden_channels=16)
+    with pytest.raises(ValueError, match="divisible by norm_groups"):
+        ClassifierConfig(stem_hidden_channels=12)
+    # The one-conv stem keeps odd patches.
+    ClassifierConfig(image_size=48, stem_patch=3, stage_channels=(32,), stem_hidden_channels=0)
+
+
+def test_parallel_rendering_gives_the_serial_windows() -> None:
+    cfg = classifier_train.train_config({"model": dataclasses.asdict(tiny_classifier_config()), "render_size": 32,
+                                         "num_render_workers": 2})
+    parallel = classifier_train.render_windows("train", 0, 3, cfg, random_start=True)
+    serial = classifier_train.render_windows("train", 0, 3, dataclasses.replace(cfg, num_render_workers=1),
+                                             random_start=True)
+    np.testing.assert_array_equal(parallel.videos, serial.videos)
+    np.testing.assert_array_equal(parallel.labels, serial.labels)
 
 
 def test_trained_checkpoint_accuracy_on_heldout_clips() -> None:
