@@ -117,8 +117,8 @@ class PromptSpy:
         self.updates: list[tuple[str, str]] = []
         add_request, update_prompt = engine.add_request, engine.update_prompt
 
-        def spy_add_request(request: GenerationRequest, session_id: str | None = None) -> str:
-            sid = add_request(request, session_id)
+        def spy_add_request(request: GenerationRequest, session_id: str | None = None, **kw: Any) -> str:
+            sid = add_request(request, session_id, **kw)
             self.starts.append((sid, request.prompt))
             return sid
 
