@@ -100,15 +100,6 @@ def last_frames_span(num_frames: int, grad_frames: int | None) -> tuple[int, int
     return (max(0, num_frames - grad_frames), num_frames)
 
 
-def frame_levels(t: float, x: torch.Tensor) -> torch.Tensor:
-    """``[B, F]`` float32 filled with ``t``, on ``x``'s device (``x = [B, C, F, h, w]``).
-
-    Handed to :func:`~streamgen.generate.cache_forward` instead of the float, which it would turn into
-    a CPU tensor: the model's timestep embedding needs its input on the model's device.
-    """
-    return torch.full((x.shape[0], x.shape[2]), t, dtype=torch.float32, device=x.device)
-
-
 def rollout(
     model: CausalWanTransformer,
     context: TextContext,
@@ -157,7 +148,7 @@ def rollout(
         with_grad = grad_on and chunk.start < hi and chunk.start + chunk.num_frames > lo
 
         def velocity(x_t: torch.Tensor, t: float, _chunk: ChunkPlan = chunk) -> torch.Tensor:
-            return cache_forward(model, cache, context, _chunk, x_t, frame_levels(t, x_t))  # attends; not committed
+            return cache_forward(model, cache, context, _chunk, x_t, t)  # attends; not committed
 
         x0 = step.sample(velocity, shape, generators, exit_step=exit_step, grad_at_exit=with_grad)
         outputs.append(x0)
@@ -167,7 +158,7 @@ def rollout(
             with torch.no_grad():
                 if context_source is None:
                     inp = step.commit_input(x0.detach(), generators)
-                    ts = frame_levels(step.commit_timestep, inp)
+                    ts: float | torch.Tensor = step.commit_timestep
                 else:
                     end = chunk.start + chunk.num_frames
                     inp = context_source.latents[:, :, chunk.start:end].to(step.device, step.dtype)

@@ -12,6 +12,7 @@ centre-cropped to the model's aspect ratio and resized (Lanczos) to its exact si
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import io
 import multiprocessing
@@ -111,8 +112,6 @@ class ImageDecoder:
     async def decode(self, data: bytes, width: int, height: int, max_pixels: int) -> np.ndarray:
         """:func:`decode` in a worker process; :class:`ImageError` for a bad image, RuntimeError if the
         worker died."""
-        import asyncio
-
         pool = self._pool
         try:
             return await asyncio.wrap_future(pool.submit(decode, data, width, height, max_pixels))
