@@ -77,6 +77,7 @@ class Admission:
     blocks_needed: int
     blocks_available: int
     reason: str = ""
+    blocks: SessionBlocks | None = field(default=None, repr=False)  # the admitted session's KV handle
 
     def __bool__(self) -> bool:
         return self.admitted
@@ -112,8 +113,12 @@ class PoolUsage:
         return 1.0 if self.used_bytes == 0 else self.live_token_bytes / self.used_bytes
 
 
-@dataclass
-class _Session:
+@dataclass(eq=False)
+class SessionBlocks:
+    """One admitted session's KV handle: its block table, its reservation and how many frames it
+    has committed (the cache's own record of what it stores; the scheduler's ``Session`` holds a
+    reference). Changed only by the manager."""
+
     session_id: str
     max_blocks: int                 # admission reservation
     worst_case_frames: int
@@ -144,7 +149,7 @@ class PagedKVCacheManager:
         self.tokens_per_frame = tokens_per_frame
         self.backend = backend
         self.paged_calls: Counter[str] = Counter()  # "direct" / "gathered" attention calls, bumped by views
-        self._sessions: dict[str, _Session] = {}
+        self._sessions: dict[str, SessionBlocks] = {}
         self._num_reserved_blocks = 0
 
     @classmethod
@@ -232,9 +237,10 @@ class PagedKVCacheManager:
             if needed > self.pool.num_usable_blocks:
                 reason += " (more than the whole pool: it can never be admitted)"
             return Admission(False, session_id, needed, available, reason)
-        self._sessions[session_id] = _Session(session_id, max_blocks=needed, worst_case_frames=worst_case_frames)
+        blocks = SessionBlocks(session_id, max_blocks=needed, worst_case_frames=worst_case_frames)
+        self._sessions[session_id] = blocks
         self._num_reserved_blocks += needed
-        return Admission(True, session_id, needed, available)
+        return Admission(True, session_id, needed, available, blocks=blocks)
 
     def free(self, session_id: str) -> int:
         """End a session: abort its open forward (if any) and return every page. Returns pages dropped."""
@@ -351,7 +357,7 @@ class PagedKVCacheManager:
                          paged_direct_calls=self.paged_calls["direct"],
                          paged_gathered_calls=self.paged_calls["gathered"])
 
-    def _session(self, session_id: str) -> _Session:
+    def _session(self, session_id: str) -> SessionBlocks:
         try:
             return self._sessions[session_id]
         except KeyError:
@@ -360,13 +366,17 @@ class PagedKVCacheManager:
     # ------------------------------------------------------------------ forwards
 
     def begin_forward(self, session_ids: Sequence[str], num_frames: int, *, commit: bool,
-                      prefer_gather: bool = False) -> PagedCacheView:
-        """Reserve pages for the next ``num_frames`` frames of each session and return the view.
+                      start_frames: Sequence[int] | None = None, prefer_gather: bool = False) -> PagedCacheView:
+        """Allocate pages for the next ``num_frames`` frames of each session and return the view
+        (its plan holds the block tables the kernels read).
 
         ``commit=True`` for the forward that stores clean K/V (the chunk becomes part of the
         context when the view finishes); ``commit=False`` for denoising forwards, whose K/V
         are written to scratch tokens (fresh pages are released when the view finishes).
-        ``prefer_gather`` forces the gather layout (parity tests).
+        ``start_frames``: where the caller's step starts each session's chunk (the engine's scheduler
+        passes its positions); a step that does not start at the session's committed frame count is
+        refused with ``BlockStateError`` before anything is allocated. ``prefer_gather`` forces the
+        gather layout (parity tests).
         """
         if num_frames <= 0:
             raise ValueError(f"num_frames must be > 0, got {num_frames}")
@@ -378,6 +388,14 @@ class PagedKVCacheManager:
         for s in sessions:
             if s.view is not None:
                 raise RuntimeError(f"session {s.session_id!r} already has an open forward")
+        if start_frames is not None:
+            if len(start_frames) != len(sessions):
+                raise ValueError(f"{len(start_frames)} start frames for {len(sessions)} sessions")
+            for s, start in zip(sessions, start_frames, strict=True):
+                if start != s.num_frames:
+                    raise BlockStateError(f"session {s.session_id!r}: a step at frame {start}, but the cache holds "
+                                          f"{s.num_frames} committed frames (a step must start where the last "
+                                          "commit ended)")
         t = self.tokens_per_frame
         new_pages: list[list[int]] = []
         for s in sessions:
@@ -436,7 +454,7 @@ class PagedKVCacheManager:
         if s is not None and s.view is view:
             s.view = None
 
-    def _slots(self, s: _Session, frames: Sequence[int]) -> torch.Tensor:
+    def _slots(self, s: SessionBlocks, frames: Sequence[int]) -> torch.Tensor:
         """int64 ``[len(frames) * T]``: flat token indices (into ``[N * P]``) of ``frames``' tokens, in order."""
         t, page = self.tokens_per_frame, self.block_size_tokens
         if not frames:
@@ -465,7 +483,7 @@ class PagedKVCacheManager:
                 per_page.setdefault(lp, []).append((max(lo, base) - base, min(hi, base + page) - base))
         return per_page
 
-    def _plan(self, sessions: list[_Session], num_frames: int, commit: bool) -> ForwardPlan:
+    def _plan(self, sessions: list[SessionBlocks], num_frames: int, commit: bool) -> ForwardPlan:
         """Per session: where the chunk's tokens go, and which stored tokens it sees, as slots and as pages.
 
         The table row lists the pages holding visible tokens, fully visible pages first and pages

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from streamgen.cache.paged import PagedKVCacheManager
+from streamgen.cache.paged_view import PagedCacheView
 from streamgen.config import Preset
 from streamgen.engine.model_runner import ModelRunner, StepResult
 from streamgen.engine.request import ChunkOutput, ChunkTiming, FinishReason, GenerationRequest, generator_seed
-from streamgen.engine.scheduler import Admission, AdmissionDecision, Scheduler, SchedulerConfig
+from streamgen.engine.scheduler import Admission, AdmissionDecision, Scheduler, SchedulerConfig, WorkItem, WorkKind
 from streamgen.engine.session import Session, Status
 from streamgen.model.text import TextEncoder
 from streamgen.model.transformer import CausalWanTransformer
@@ -75,13 +76,22 @@ class PagedKVSpace:
         the block counts, never from the message."""
         result = self.kv.admit(session_id, worst_case_frames)
         if result.admitted:
-            return Admission(AdmissionDecision.ADMIT)
+            return Admission(AdmissionDecision.ADMIT, handle=result.blocks)
         never = result.blocks_needed > self.kv.pool.num_usable_blocks
         return Admission(AdmissionDecision.NEVER if never else AdmissionDecision.WAIT, result.reason)
 
     def release(self, session_id: str) -> None:
         if session_id in self.kv.session_ids:
-            self.kv.free(session_id)
+            self.kv.free(session_id)  # also aborts a forward allocated for it and not yet run
+
+    def allocate(self, kind: WorkKind, num_frames: int, items: tuple[WorkItem, ...]) -> PagedCacheView | None:
+        """Open the forward's cache view: pages for each session's chunk at its scheduled start frame,
+        and the plan (block tables, write slots) the runner's model reads. A RECACHE rewrites the
+        frames a session already stores and allocates nothing (the runner opens that rewrite)."""
+        if kind is WorkKind.RECACHE:
+            return None
+        return self.kv.begin_forward([it.session_id for it in items], num_frames, commit=kind is not WorkKind.DENOISE,
+                                     start_frames=[it.start_frame for it in items])
 
 
 class Engine:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from streamgen.cache.paged import PagedKVCacheManager
+from streamgen.cache.paged_view import PagedCacheView
 from streamgen.cache.window import is_resident
 from streamgen.config import Preset
 from streamgen.engine.scheduler import ForwardBatch, WorkItem, WorkKind
@@ -97,12 +98,12 @@ class ModelRunner:
         ids = [it.session_id for it in batch.items]
         context = TextContext.cat([it.session.state.context for it in batch.items]) if len(ids) > 1 \
             else batch.items[0].session.state.context
-        with self.kv.begin_forward(ids, batch.num_frames, commit=commit) as view:
-            starts = view.plan.start_frames
-            expected = tuple(it.start_frame for it in batch.items)
-            if starts != expected:
-                raise RuntimeError(f"cache and scheduler disagree on chunk starts: {starts} vs {expected}")
-            offsets = torch.tensor(starts, dtype=torch.long, device=self.device)
+        view = batch.kv
+        if not isinstance(view, PagedCacheView) or view.plan.commit is not commit:
+            raise RuntimeError(f"a {batch.kind.value} batch for {ids} reached the runner without the cache view "
+                               "its scheduler allocates")
+        with view:  # the scheduler's allocation: block tables and write slots at the items' start frames
+            offsets = torch.tensor(view.plan.start_frames, dtype=torch.long, device=self.device)
             return self.model(x, t, context, frame_offsets=offsets, kv_cache=view)
 
     def _denoise(self, batch: ForwardBatch) -> list[StepResult]:

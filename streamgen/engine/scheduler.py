@@ -15,8 +15,10 @@ Pacing: a live stream's next chunk is generated once the chunk's *last* frame is
 once its first frame is due), so no frame is delivered more than ``max_lead_s`` ahead and
 sessions that are behind get the compute.
 
-Admission: the scheduler owns the KV cache's space (:class:`KVSpace`): it reserves a session's
-worst case when it admits it and frees its pages when it finishes, whatever ends it. The waiting
+The scheduler owns the KV cache's space (:class:`KVSpace`): it reserves a session's worst case
+when it admits it (the session keeps the returned KV handle), allocates every forward's pages when
+it schedules the forward (the batch carries the resulting block tables to the runner, which only
+reads them) and frees a session's pages when it finishes, whatever ends it. The waiting
 queue is FIFO; a session that waited ``max_queue_wait_s`` is refused whatever the reason it waits
 (KV memory short or every slot busy), so a client always gets its signal to retry elsewhere within
 the deadline.
@@ -59,11 +61,17 @@ class WorkItem:
 
 @dataclass(frozen=True)
 class ForwardBatch:
-    """Work items that run as one batched transformer forward."""
+    """Work items that run as one batched transformer forward.
+
+    ``kv``: what the scheduler's KV space allocated for this forward (for the paged cache, the open
+    cache view whose plan holds the step's block tables and write slots; the runner runs the model
+    on it). ``None`` for a RECACHE forward, which rewrites pages the session already holds.
+    """
 
     kind: WorkKind
     num_frames: int
     items: tuple[WorkItem, ...]
+    kv: object | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,7 @@ class Admission:
 
     decision: AdmissionDecision
     reason: str = ""
+    handle: object | None = None  # ADMIT: the session's KV handle (kept on ``Session.kv`` while it runs)
 
 
 class KVSpace(Protocol):
@@ -122,6 +131,11 @@ class KVSpace(Protocol):
 
     def release(self, session_id: str) -> None:
         """Give back everything the session holds (nothing if it holds nothing)."""
+        ...
+
+    def allocate(self, kind: WorkKind, num_frames: int, items: tuple[WorkItem, ...]) -> object | None:
+        """Allocate one forward's pages for its sessions, each starting at its item's ``start_frame``,
+        and return what the runner needs (block tables); ``None`` when the forward allocates nothing."""
         ...
 
 
@@ -151,6 +165,7 @@ class Scheduler:
         s.error = error
         if was_running:
             self.kv.release(session_id)
+            s.kv = None
         return s
 
     def remove(self, session_id: str) -> None:
@@ -192,6 +207,7 @@ class Scheduler:
                 self.waiting.popleft()
                 s.status = Status.RUNNING
                 s.start_s = now_s
+                s.kv = result.handle
                 admitted.append(sid)
                 continue
             if result.decision is AdmissionDecision.NEVER:
@@ -261,9 +277,15 @@ class Scheduler:
             key = (item.kind, item.num_frames) if item.kind is not WorkKind.RECACHE else (item.kind, -len(groups) - 1)
             groups.setdefault(key, []).append(item)
         order = {WorkKind.IMAGE: 0, WorkKind.RECACHE: 1, WorkKind.COMMIT: 2, WorkKind.DENOISE: 3}
-        batches = tuple(ForwardBatch(kind, items[0].num_frames, tuple(items))
-                        for (kind, _), items in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])))
-        return SchedulerOutput(batches, tuple(admitted), tuple(rejected), tuple(throttled), tuple(deferred),
+        batches = []
+        for (kind, _), items in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
+            # The step's pages are allocated here, for every forward of the round, and travel with the
+            # batch to the runner (as vLLM v1's scheduler allocates slots and hands over block tables).
+            batch_items = tuple(items)
+            num_frames = batch_items[0].num_frames
+            batches.append(ForwardBatch(kind, num_frames, batch_items,
+                                        kv=self.kv.allocate(kind, num_frames, batch_items)))
+        return SchedulerOutput(tuple(batches), tuple(admitted), tuple(rejected), tuple(throttled), tuple(deferred),
                                next_wakeup_s=wakeup)
 
     def _first_chunks_only(self, now_s: float) -> bool:

@@ -4,11 +4,11 @@ Everything the engine knows about a stream hangs off its ``Session``: the reques
 scheduling counters and clocks (read and advanced by the scheduler), the per-stream tensors
 (noise generator, prompt context, current chunk, clean latents of the frames still in the
 window, the streaming VAE decoder: :class:`SessionTensors`, filled in by the model runner),
-the timing counters and where its chunks are delivered. The scheduler keeps the registry
-(``Scheduler.sessions``); work items carry a reference to their session, so the runner, the
-engine and the async front end all read and write the same object instead of parallel dicts
-keyed by the session id. The KV cache manager keeps its own page table per session id, as a
-cache does: the scheduler reserves and frees it (see ``Scheduler``).
+the timing counters, its KV handle and where its chunks are delivered. The scheduler keeps the
+registry (``Scheduler.sessions``); work items carry a reference to their session, so the runner,
+the engine and the async front end all read and write the same object instead of parallel dicts
+keyed by the session id. The KV handle is the cache manager's record of the session's pages; the
+scheduler reserves it at admission, allocates each step's pages and frees it (see ``Scheduler``).
 
 A ``Session`` without tensors is valid: the scheduler's unit tests drive admission, pacing
 and eviction with no model at all.
@@ -80,6 +80,9 @@ class Session:
     # Timing of the chunk in progress (ms), reported with it.
     generate_ms: float = 0.0
     queue_ms: float = 0.0            # admission wait, reported with the first chunk
+    # Its KV handle while admitted (the cache's record of its pages: ``SessionBlocks`` for the paged
+    # cache), set by the scheduler at admission and dropped when it finishes.
+    kv: object | None = field(default=None, repr=False)
     # The model runner's tensors (None until the runner attaches them).
     tensors: SessionTensors | None = None
     # Where its chunks go (the async front end's (loop, queue)); None for a synchronous caller.

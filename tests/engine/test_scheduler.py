@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import torch
 
 from streamgen.attention import get_backend
-from streamgen.cache.block_pool import BlockPool, KVPageSpec
+from streamgen.cache.block_pool import BlockPool, BlockStateError, KVPageSpec
 from streamgen.cache.paged import PagedKVCacheManager
 from streamgen.config import CacheConfig
 from streamgen.engine.engine import PagedKVSpace
@@ -20,6 +21,7 @@ from streamgen.engine.scheduler import (
     ForwardBatch,
     Scheduler,
     SchedulerConfig,
+    SchedulerOutput,
     WorkKind,
 )
 from streamgen.engine.session import Session, Status
@@ -40,6 +42,9 @@ class _Decide:
 
     def release(self, session_id: str) -> None:
         self.released.append(session_id)
+
+    def allocate(self, kind: WorkKind, num_frames: int, items: tuple) -> None:
+        return None
 
 
 def _session(sid: str, fps: float = 16.0, arrival_s: float = 0.0) -> Session:
@@ -150,7 +155,7 @@ def _execute(kv: PagedKVCacheManager, batch: ForwardBatch) -> None:
         view.finish()
         return
     commit = batch.kind is not WorkKind.DENOISE
-    with kv.begin_forward(ids, batch.num_frames, commit=commit) as view:
+    with batch.kv as view:  # allocated by the scheduler
         if commit:
             kv_new = torch.zeros(len(ids), batch.num_frames, 1, 1)  # [B, L, H, D]
             view.attend(0, kv_new, kv_new, kv_new)
@@ -159,8 +164,13 @@ def _execute(kv: PagedKVCacheManager, batch: ForwardBatch) -> None:
 def _round(scheduler: Scheduler, kv: PagedKVCacheManager, now_s: float = 0.0) -> list[tuple[str, str, int]]:
     """One scheduling round run to completion: (kind, session, start frame) of every item, in order.
     A finished session's pages go back to the pool: the scheduler frees them when it finishes it."""
+    return _run_output(scheduler, kv, scheduler.schedule(now_s))
+
+
+def _run_output(scheduler: Scheduler, kv: PagedKVCacheManager, out: SchedulerOutput) -> list[tuple[str, str, int]]:
+    """Run what one ``schedule`` call returned (its forwards hold pages until they run)."""
     ran = []
-    for batch in scheduler.schedule(now_s).batches:
+    for batch in out.batches:
         _execute(kv, batch)
         for item in batch.items:
             ran.append((item.kind.value, item.session_id, item.start_frame))
@@ -184,8 +194,9 @@ def test_admission_reserves_worst_case_blocks_and_never_fits_is_refused_at_once(
     assert out.admitted == ("a",) and out.rejected == ()
     assert scheduler.get("b").status is Status.WAITING and kv.num_available_blocks == 3
     # FIFO: "huge" is behind "b", so it is only looked at once "b" is admitted.
-    for _ in range(4):
-        _run_chunk(scheduler, kv)
+    _run_output(scheduler, kv, out)
+    for _ in range(4 * 3 - 1):  # the rest of "a"'s 4 chunks of 3 forwards
+        _round(scheduler, kv)
     assert scheduler.get("a").status is Status.FINISHED and kv.session_ids == []
     out = scheduler.schedule(0.0)
     assert out.admitted == ("b",) and out.rejected == ("huge",)
@@ -214,6 +225,41 @@ def test_window_eviction_frees_exact_blocks_and_reuses_them() -> None:
     # "a" completed its 12 frames with that chunk and gave back all of its pages.
     assert scheduler.get("a").status is Status.FINISHED and kv.session_ids == ["b"]
     assert kv.pool.num_free_blocks == 18 - 6
+
+
+def test_the_scheduler_allocates_each_step_and_hands_its_block_tables_to_the_runner() -> None:
+    kv = _kv(num_usable_blocks=18)
+    scheduler = Scheduler(SchedulerConfig(num_steps=2, chunk_frames=3, max_running=4), PagedKVSpace(kv))
+    scheduler.add(_progress("a", None))
+    scheduler.add(_progress("b", None))
+    out = scheduler.schedule(0.0)
+    # Admission gives each session its KV handle: the cache's record of exactly its pages.
+    a, b = scheduler.get("a"), scheduler.get("b")
+    assert a.kv is not b.kv and a.kv.pages == {0: 1, 1: 2, 2: 3} and b.kv.pages == {0: 4, 1: 5, 2: 6}
+    (batch,) = out.batches
+    # The step's pages are allocated at scheduling, before the runner sees the batch: the batch's plan
+    # holds the block table rows (chunk pages 1-3 for "a", 4-6 for "b") and the chunk starts.
+    assert batch.kind is WorkKind.DENOISE and batch.kv.plan.start_frames == (0, 0)
+    assert batch.kv.plan.block_table.tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert kv.pool.num_free_blocks == 12 and list(a.kv.pages.values()) == [1, 2, 3]
+    _execute(kv, batch)
+    for item in batch.items:
+        scheduler.update(item)
+    for _ in range(2):
+        _round(scheduler, kv)  # second denoise step and the commit
+    (batch,) = scheduler.schedule(0.0).batches  # chunk 1 sees chunk 0's pages and writes 7-9 / 10-12
+    assert batch.kv.plan.start_frames == (3, 3)
+    assert batch.kv.plan.block_table.tolist() == [[1, 2, 3, 7, 8, 9], [4, 5, 6, 10, 11, 12]]
+    batch.kv.abort()
+    # A step that does not start where the cache's last commit ended is refused before anything is
+    # allocated (the scheduler's position is what the cache is asked to serve).
+    with pytest.raises(BlockStateError, match="a step at frame 6, but the cache holds 3 committed frames"):
+        kv.begin_forward(["a"], 3, commit=False, start_frames=[6])
+    assert kv.pool.num_free_blocks == 12
+    # Finishing drops the handle and the pages, including a step allocated and never run.
+    (batch,) = scheduler.schedule(0.0).batches
+    scheduler.finish("a", FinishReason.STOPPED)
+    assert a.kv is None and batch.kv.closed and kv.session_ids == ["b"] and kv.pool.num_free_blocks == 15
 
 
 def test_prompt_recache_rewrites_resident_frames_in_place_then_continues() -> None:
