@@ -21,6 +21,7 @@ from clients.stream import (
     main,
 )
 from streamgen.api.v1 import pb
+from streamgen.server.config import ServerConfig
 from tests.server.harness import ServerHarness, make_engine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -268,3 +269,29 @@ def test_writes_that_could_race_the_end_are_not_sent_and_a_lost_status_after_the
     kinds, _, error, _ = _run_scripted([call], request, NO_RETRY)
     assert call.lost and error is not None and error.code == grpc.StatusCode.INTERNAL
     assert "the stream was cut after 24 frames" in error.message
+
+
+def test_a_start_refused_by_a_full_replica_is_retried_on_another() -> None:
+    """A replica whose places are all taken refuses a start with RESOURCE_EXHAUSTED at once; the
+    client retries it, landing on the replica with room, and every stream completes."""
+    full_engine = make_engine(max_sessions=1, max_lead_s=0.5)  # paced: the holder stays for seconds
+    with ServerHarness(full_engine, ServerConfig(port=0, metrics_port=0, max_waiting=0)) as full, \
+            ServerHarness() as roomy:
+        target = f"{full.address},{roomy.address}"
+
+        async def scenario() -> list[tuple[int, str, StreamTrace]]:
+            async with StreamClient(full.address, retry=NO_RETRY) as holder_client:
+                holder = holder_client.stream(StreamRequest("a blue can", encoding="raw"))
+                first = await anext(holder)  # started: the full replica's one place is taken
+                assert first.WhichOneof("response") in ("started", "chunk")
+                async with StreamClient(target, retry=RetryPolicy(initial_backoff_s=0.01)) as client:
+                    results = [await _run(client, 12) for _ in range(4)]
+                await holder.aclose()
+                return results
+
+        results = asyncio.run(scenario())
+        assert [(f, r) for f, r, _ in results] == [(12, "REASON_COMPLETED")] * 4
+        refusals = [x for _, _, t in results for x in t.refusals]
+        # Round robin sends some starts to the full replica first: each is refused and retried.
+        assert refusals and all(x.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "server busy" in x.message
+                                for x in refusals)
