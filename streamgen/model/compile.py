@@ -10,6 +10,7 @@ Measured on a 2-core AVX2 AMD EPYC under load from other jobs (default preset, f
 16 chunks): compiled chunks equal eager ones to 1e-7 relative and ran 1.26x faster (1.08 vs 1.36 s),
 but the first chunk waited 99 s for compilation and a second process with the cache filled still 115 s
 (re-tracing 8 blocks dominates). So ``--compile`` is off by default: worth it only for long-lived servers.
+On CUDA it compiles with ``mode="max-autotune-no-cudagraphs"`` (see :func:`compile_options`).
 """
 
 from __future__ import annotations
@@ -48,9 +49,25 @@ def compile_blocks(model: nn.Module, cache_dir: Path | None = None) -> nn.Module
                                "install g++ or run without --compile") from err
     # One entry per block (the blocks share code but not parameters) and per shape family.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(model.blocks))
+    options = compile_options(next(model.parameters()).device)
     for block in model.blocks:
-        block.compile(dynamic=True)
+        block.compile(**options)
     return model
+
+
+def compile_options(device: torch.device) -> dict[str, object]:
+    """``torch.compile`` arguments for the blocks on ``device``.
+
+    CPU: ``dynamic=True`` (one kernel family for every batch and chunk length; Inductor's C++ code).
+    CUDA: ``mode="max-autotune-no-cudagraphs"``: Inductor benchmarks Triton/cuBLAS GEMM and fused
+    element-wise configurations for the shapes it sees (a chunk is a fixed number of tokens, so the
+    shapes repeat: one per chunk length and batch size), without CUDA graphs (the paged attention
+    between the compiled pieces stays eager, and its block tables change every step). ``dynamic=None``
+    compiles the first shape statically and generalises only a dimension that changes.
+    """
+    if device.type == "cuda":
+        return {"mode": "max-autotune-no-cudagraphs", "dynamic": None}
+    return {"dynamic": True}
 
 
 def prepare_for_inference(model: nn.Module, *, quantize: str = "none", compile: bool = False) -> nn.Module:
