@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,15 @@ def convert_diffusers(src: str | os.PathLike[str], out: str | os.PathLike[str], 
     return _assemble(out, lambda tmp: _write_parts(tmp, src, model, dtype, full_preset, text_dim, source))
 
 
+def _load_error_cause(exc: BaseException) -> str:
+    """What ``torch.load`` found wrong, without its advice to retry with ``weights_only=False``."""
+    text = str(exc).strip()
+    if "WeightsUnpickler error:" in text:  # the weights-only unpickler met something that is not tensors/containers
+        detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0].split())
+        return f"the pickle holds more than tensors and plain containers: {detail or 'unsupported content'}"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_training_checkpoint(path: Path, weights: str) -> dict[str, Any]:
     """The chosen generator's state dict from a Self-Forcing / CausVid ``.pt`` (``weights_only`` load)."""
     import pickle
@@ -216,15 +226,19 @@ def load_training_checkpoint(path: Path, weights: str) -> dict[str, Any]:
         raise ValueError(f"{path}: missing")
     errors = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError)
     try:
-        try:  # memory-mapped: a multi-GB checkpoint is not read twice into memory
-            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            data = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        # torch warns about pickle protocols the weights-only unpickler may not know; the load either
+        # succeeds or fails with its own error below, so the warning only adds noise before it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            try:  # memory-mapped: a multi-GB checkpoint is not read twice into memory
+                data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                data = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except errors as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: not a loadable state-dict checkpoint ({first})") from None
+        raise ValueError(f"{path}: not a loadable state-dict checkpoint ({_load_error_cause(exc)}); checkpoints "
+                         "are read with torch.load(weights_only=True), which runs no code from a pickle") from None
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: holds a {type(data).__name__}, expected a dict with "
                          f"{' and/or '.join(CHECKPOINT_KEYS.values())}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import grpc
@@ -166,6 +167,10 @@ def test_pipeline_stream_yields_chunks_and_switches_prompt(converted: Path) -> N
     # The stream runs the serving engine; before the switch it matches the offline generator.
     offline = pipe(PROMPT, num_frames=9, seed=4)
     assert np.abs(first.astype(int) - offline.astype(int)).max() <= 2
+    # The switch changes what comes after it: the same stream without it gives other frames.
+    unswitched = np.concatenate(list(pipe.stream(PROMPT, num_frames=21, seed=4)))
+    assert np.abs(unswitched[:9].astype(int) - first.astype(int)).max() <= 2
+    assert np.abs(unswitched[9:].astype(int) - np.concatenate(rest).astype(int)).max() > 2
 
 
 def test_staggered_streams_on_the_wan_vae_equal_alone(converted: Path) -> None:
@@ -228,6 +233,16 @@ def test_info_wan_preset_memory_plan(capsys: pytest.CaptureFixture[str]) -> None
     assert 2.8e9 < plan["transformer_bytes"] < 2.9e9  # 1.42 B parameters in bf16
     assert plan["streams_in_kv_memory"] == 40000 * 2**20 // plan["kv_bytes_per_stream"]
     assert 10 <= plan["streams_on_device"] <= 20
+    # docs/serving.md "Memory plan" states these figures: they must be what info prints.
+    docs = (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
+    per_stream = (plan["kv_bytes_per_stream"] + plan["text_context_bytes_per_stream"]
+                  + plan["activation_bytes_per_chunk"])
+    text_on_cpu = int((plan["device_memory_bytes"] - plan["transformer_bytes"] - plan["vae_bytes"]) // per_stream)
+    for stated in (f"| KV per stream | {plan['kv_bytes_per_stream'] / 1e9:.2f} GB |",
+                   f"Each stream costs {per_stream / 1e9:.2f} GB",
+                   f"holds **{plan['streams_on_device']} streams**", f"({text_on_cpu} with the text",
+                   f"says {plan['streams_in_kv_memory']} streams' caches fit in 40000 MiB"):
+        assert stated in docs, stated
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -321,11 +336,16 @@ class _NotAStateDict:
     pass
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the raw pickle below
 def test_pickle_that_is_not_a_state_dict(wan_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "object.pt"
     with open(path, "wb") as f:
         pickle.dump(_NotAStateDict(), f)  # weights_only refuses arbitrary classes: nothing is executed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's pickle-protocol warning must not reach the user
+        err = _fails(["convert", str(path), "--base", str(wan_dir), "--out", str(tmp_path / "o"), "--preset",
+                      "test"], capsys, str(path), "not a loadable state-dict checkpoint", "more than tensors")
+    assert "weights_only` set to `False`" not in err and "will likely succeed" not in err
+    path.write_bytes(b"not a pickle at all" * 10)
     _fails(["convert", str(path), "--base", str(wan_dir), "--out", str(tmp_path / "o"), "--preset", "test"],
            capsys, str(path), "not a loadable state-dict checkpoint")
     torch.save([torch.zeros(2)], path)
