@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{'layout':<40} {'held MiB':>9} {'live MiB':>9} {'waste MiB':>9} {'waste':>6} {'peak MiB':>9} "
           f"{'resv MiB':>9}  read in place by")
     for r in report["wan_1_3b_page_layouts"]:
-        direct = [name for name, path in r["paged_paths"].items() if path == "direct"] or ["none (all gather)"]
+        direct = [name + (" (split: partial pages gathered)" if path == "split" else "")
+                  for name, path in r["paged_paths"].items() if path in ("direct", "split")] or ["none (all gather)"]
         print(f"{r['layout']:<40} {r['steady_state_bytes'] / 2**20:>9.1f} {r['live_bytes'] / 2**20:>9.1f} "
               f"{r['waste_bytes'] / 2**20:>9.1f} {r['waste_pct']:>5.1f}% {r['peak_bytes'] / 2**20:>9.1f} "
               f"{r['reserved_bytes'] / 2**20:>9.1f}  {', '.join(direct)}")

@@ -10,11 +10,15 @@ Written against ``flash_attn``'s documented API:
 
 The paged kernel needs ``page_block_size % 256 == 0`` (choose the cache's page size in
 tokens accordingly: 256 for Wan 1.3B, whose 1560-token frames are a multiple of neither 256
-nor 64) and reads the first ``cache_seqlens[b]`` tokens of a row's pages. When the cache
-passes a ``kv_valid`` mask (a window edge or an evicted frame left dead tokens inside a page)
-or the page size does not fit, this backend gathers the visible tokens into
-``(batch, max_len, H, D)`` and calls the *same* kernel without a block table, using
-``cache_seqlens`` to ignore the padding. :meth:`paged_layout` reports which path applies.
+nor 64) and reads the first ``cache_seqlens[b]`` tokens of a row's pages. When the cache passes a
+``kv_valid`` mask (a window edge or an evicted frame left dead tokens inside a page: Wan 1.3B's
+rolling window with sinks, in steady state), the cache also cuts the call in two
+(:class:`~streamgen.attention.paged_common.PagedSplit`): the row's fully visible pages, listed
+first, are read in place by the paged kernel (``return_softmax_lse=True``), the at most three
+partially visible pages are gathered and attended densely, and the two are merged by their
+log-sum-exp (:meth:`paged_attention_split`). Only when the page size does not fit, or a row has no
+fully visible page, are all visible tokens gathered into ``(batch, max_len, H, D)`` for the *same*
+kernel without a block table. :meth:`paged_layout` reports which path applies.
 
 ``create()`` raises :class:`BackendUnavailableError` when the package or CUDA is missing;
 the package is never imported at module import time.
@@ -30,8 +34,11 @@ import torch
 from streamgen.attention import BackendUnavailableError
 from streamgen.attention.paged_common import (
     HostLengths,
+    PagedSplit,
+    attention_with_lse,
     check_paged_inputs,
     gather_visible,
+    merge_partial,
     prefix_kernel_layout,
 )
 
@@ -52,7 +59,7 @@ class FlashBackend:
     @staticmethod
     def paged_layout(block_size_tokens: int, *, masked: bool = False, device: torch.device | None = None) -> str:
         """``"direct"`` if the kernel reads pages in place, else ``"gather (why)"``."""
-        return prefix_kernel_layout(block_size_tokens, PAGE_MULTIPLE, masked=masked)
+        return prefix_kernel_layout(block_size_tokens, PAGE_MULTIPLE, masked=masked, splits=True)
 
     @staticmethod
     def _check(q: torch.Tensor) -> None:
@@ -76,6 +83,7 @@ class FlashBackend:
                         lengths: HostLengths | None = None) -> torch.Tensor:
         lens = check_paged_inputs(q, k_pool, v_pool, block_table, seq_lens, kv_valid, lengths=lengths)
         self._check(q)
+        # "split" needs the cache's PagedSplit (paged_attention_split); here a masked call gathers.
         if self.paged_layout(k_pool.shape[1], masked=kv_valid is not None) == "direct":
             return self._flash_attn_with_kvcache(q, k_pool, v_pool, cache_seqlens=seq_lens,
                                                  block_table=block_table, causal=False)
@@ -83,6 +91,28 @@ class FlashBackend:
         cache_seqlens = torch.tensor(counts, dtype=torch.int32, device=q.device)
         return self._flash_attn_with_kvcache(q, k.contiguous(), v.contiguous(), cache_seqlens=cache_seqlens,
                                              causal=False)
+
+
+    def paged_attention_split(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                              block_table: torch.Tensor, split: PagedSplit) -> torch.Tensor:
+        """A masked call as the cache cut it: the row's fully visible pages (the first
+        ``split.head_lens[b]`` tokens of ``block_table``) read in place by the paged kernel, the
+        partially visible ``split.tail_table`` pages gathered (``split.tail_valid``), merged by
+        log-sum-exp. Equals :meth:`paged_attention` with the call's ``kv_valid``."""
+        self._check(q)
+        if k_pool.shape[1] % PAGE_MULTIPLE:
+            raise ValueError(f"a split paged call needs pages of a multiple of {PAGE_MULTIPLE} tokens, "
+                             f"got {k_pool.shape[1]}")
+        head, head_lse = self._flash_attn_with_kvcache(q, k_pool, v_pool, cache_seqlens=split.head_lens,
+                                                       block_table=block_table, causal=False,
+                                                       return_softmax_lse=True)
+        lengths = split.tail_lengths
+        if lengths.valid_counts is not None and not any(lengths.valid_counts):
+            return head  # no row has a partial page
+        k, v, counts = gather_visible(k_pool, v_pool, split.tail_table, list(lengths.seq_lens), split.tail_valid,
+                                      lengths)
+        tail, tail_lse = attention_with_lse(q, k, v, counts)
+        return merge_partial(head, head_lse, tail, tail_lse).to(q.dtype)
 
 
 def create() -> FlashBackend:

@@ -25,12 +25,17 @@ class HostLengths:
     valid_counts: tuple[int, ...] | None = None  # None: no kv_valid (the visible keys are the prefix)
 
 
-def prefix_kernel_layout(block_size_tokens: int, page_multiple: int, *, masked: bool) -> str:
-    """``"direct"`` or ``"gather (why)"`` for a paged kernel that reads the first ``seq_len`` tokens of
-    each row's pages (flash-attn, xformers) and needs pages of a multiple of ``page_multiple`` tokens."""
+def prefix_kernel_layout(block_size_tokens: int, page_multiple: int, *, masked: bool,
+                         splits: bool = False) -> str:
+    """``"direct"``, ``"split"`` or ``"gather (why)"`` for a paged kernel that reads the first ``seq_len``
+    tokens of each row's pages (flash-attn, xformers) and needs pages of a multiple of ``page_multiple``
+    tokens. ``splits``: the backend can serve a masked call as a prefix read in place plus a few
+    gathered partial pages (:class:`PagedSplit`)."""
     if block_size_tokens % page_multiple:
         return f"gather (page of {block_size_tokens} tokens is not a multiple of {page_multiple})"
     if masked:
+        if splits:
+            return "split"
         return "gather (dead tokens inside a page: the kernel reads only a prefix of each row's pages)"
     return "direct"
 
@@ -123,3 +128,47 @@ def key_padding_mask(seq_lens: list[int], max_len: int, device: torch.device) ->
     """Bool ``[B, 1, 1, max_len]``: True where key position < the row's length."""
     lens = torch.tensor(seq_lens, device=device)
     return (torch.arange(max_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
+
+
+@dataclass(frozen=True)
+class PagedSplit:
+    """A masked paged call cut in two, for kernels that read only a prefix of each row's pages.
+
+    The cache lists a row's fully visible pages first (see ``PagedKVCacheManager._plan``): the
+    *head* is the first ``head_lens[b]`` tokens of the row's block table, read in place by the
+    kernel; the *tail* is the row's few partially visible pages (the last sink page, the window's
+    oldest page, the chunk's last page: at most three), gathered. The two partial attentions are
+    merged by their log-sum-exp (:func:`merge_partial`), which equals attention over their union.
+    Built once per forward by the cache, used by every layer.
+    """
+
+    head_lens: torch.Tensor    # int32 [B]: full pages x page tokens (> 0 for every row)
+    tail_table: torch.Tensor   # int32 [B, T]: the row's partially visible pages, padded with the null block
+    tail_valid: torch.Tensor   # bool [B, T * page]: visible positions of the tail pages
+    tail_lengths: HostLengths  # tail seq lens and visible counts (0 for a row without partial pages)
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention of ``q: [B, Lq, H, D]`` over the first ``counts[b]`` keys of ``k, v: [B, n, H, D]``.
+
+    Returns ``out: float32 [B, Lq, H, D]`` and ``lse: float32 [B, H, Lq]`` (the log-sum-exp of the
+    scaled scores; ``-inf`` with ``out`` 0 for a row with no keys). Meant for a handful of pages.
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # [B, H, Lq, n]
+    present = torch.arange(k.shape[1], device=q.device)[None, :] < torch.tensor(counts, device=q.device)[:, None]
+    scores = scores.masked_fill(~present[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, H, Lq]
+    weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])  # 0 where masked
+    return torch.einsum("bhqk,bkhd->bqhd", weights, v.float()), lse
+
+
+def merge_partial(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                  lse_b: torch.Tensor) -> torch.Tensor:
+    """Attention over the union of two disjoint key sets from each set's output ``[B, Lq, H, D]`` and
+    log-sum-exp ``[B, H, Lq]`` (``lse_a`` finite; ``lse_b`` may be ``-inf``: an empty set). float32."""
+    lse = torch.logaddexp(lse_a.float(), lse_b.float())
+    w_a = torch.exp(lse_a.float() - lse).transpose(1, 2)[..., None]  # [B, Lq, H, 1]
+    w_b = torch.exp(lse_b.float() - lse).transpose(1, 2)[..., None]
+    return out_a.float() * w_a + out_b.float() * w_b

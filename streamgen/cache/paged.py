@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from streamgen.attention import AttentionBackend
-from streamgen.attention.paged_common import HostLengths
+from streamgen.attention.paged_common import HostLengths, PagedSplit
 from streamgen.cache.block_pool import NULL_BLOCK_ID, BlockPool, BlockStateError, KVPageSpec
 from streamgen.cache.paged_view import ForwardPlan, PagedCacheView, RewriteView
 from streamgen.cache.window import is_resident, resident_frames, visible_cached_frames, worst_case_resident_frames
@@ -88,7 +88,8 @@ class PoolUsage:
     """Byte-exact snapshot of the pool. ``live_token_bytes`` counts committed, resident tokens once
     per physical page even when the page is shared. ``paged_*_calls`` count attention calls since
     the manager was built: ``direct`` when the backend read the pages in place, ``gathered`` when
-    they were copied into dense K/V first (see :meth:`AttentionBackend.paged_layout`)."""
+    they were copied into dense K/V first, ``split`` when it read the fully visible pages in place and
+    gathered the few partially visible ones (see :meth:`AttentionBackend.paged_layout`)."""
 
     num_usable_blocks: int
     num_used_blocks: int
@@ -101,6 +102,7 @@ class PoolUsage:
     live_token_bytes: int
     paged_direct_calls: int = 0
     paged_gathered_calls: int = 0
+    paged_split_calls: int = 0
 
     @property
     def usage(self) -> float:
@@ -355,7 +357,8 @@ class PagedKVCacheManager:
                          num_sessions=len(self._sessions), total_bytes=pool.total_bytes, used_bytes=pool.used_bytes,
                          free_bytes=pool.free_bytes, live_token_bytes=num_live_tokens * pool.spec.bytes_per_token,
                          paged_direct_calls=self.paged_calls["direct"],
-                         paged_gathered_calls=self.paged_calls["gathered"])
+                         paged_gathered_calls=self.paged_calls["gathered"],
+                         paged_split_calls=self.paged_calls["split"])
 
     def _session(self, session_id: str) -> SessionBlocks:
         try:
@@ -492,7 +495,7 @@ class PagedKVCacheManager:
         what every paged kernel reads). Otherwise ``kv_valid`` marks them token by token.
         """
         cfg, page = self.cache_config, self.block_size_tokens
-        write_slots, cached_slots, rows, row_pages, lens = [], [], [], [], []
+        write_slots, cached_slots, rows, row_pages, lens, num_full = [], [], [], [], [], []
         prefix_only = True
         for s in sessions:
             start, end = s.num_frames, s.num_frames + num_frames
@@ -508,6 +511,7 @@ class PagedKVCacheManager:
             order = full + partial  # a partially visible page last, so whole-frame pages stay a prefix
             rows.append([s.pages[lp] for lp in order])
             row_pages.append([per_page[lp] for lp in order])
+            num_full.append(len(full))
             num_visible = sum(hi - lo for spans in per_page.values() for lo, hi in spans)
             lens.append(len(full) * page if not partial else (len(order) - 1) * page + per_page[partial[-1]][-1][1])
             prefix_only = prefix_only and lens[-1] == num_visible
@@ -521,6 +525,9 @@ class PagedKVCacheManager:
                     for lo, hi in spans:
                         kv_valid[b, col * page + lo:col * page + hi] = True
         device = self.pool.k_cache.device
+        split = None
+        if kv_valid is not None and min(num_full) > 0:
+            split = self._split(rows, row_pages, num_full, device)
         return ForwardPlan(session_ids=tuple(s.session_id for s in sessions),
                            start_frames=tuple(s.num_frames for s in sessions), num_frames=num_frames,
                            num_tokens=num_frames * self.tokens_per_frame, commit=commit,
@@ -529,7 +536,30 @@ class PagedKVCacheManager:
                            kv_valid=None if kv_valid is None else kv_valid.to(device),
                            cached_slots=tuple(c.to(device) for c in cached_slots),
                            lengths=HostLengths(tuple(lens), None if kv_valid is None
-                                               else tuple(int(n) for n in kv_valid.sum(dim=1).tolist())))
+                                               else tuple(int(n) for n in kv_valid.sum(dim=1).tolist())),
+                           split=split)
+
+    def _split(self, rows: list[list[int]], row_pages: list[list[list[tuple[int, int]]]], num_full: list[int],
+               device: torch.device) -> PagedSplit:
+        """The plan's rows cut after their fully visible pages (listed first): a head a prefix kernel reads
+        in place and the partially visible tail pages (:class:`~streamgen.attention.paged_common.PagedSplit`)."""
+        page = self.block_size_tokens
+        tails = [row[n:] for row, n in zip(rows, num_full, strict=True)]
+        width = max(1, max(len(t) for t in tails))
+        tail_table = torch.tensor([t + [NULL_BLOCK_ID] * (width - len(t)) for t in tails], dtype=torch.int32)
+        tail_valid = torch.zeros(len(rows), width * page, dtype=torch.bool)
+        tail_lens, counts = [], []
+        for b, (pages, n) in enumerate(zip(row_pages, num_full, strict=True)):
+            end = 0
+            for col, spans in enumerate(pages[n:]):
+                for lo, hi in spans:
+                    tail_valid[b, col * page + lo:col * page + hi] = True
+                    end = col * page + hi
+            tail_lens.append(end)
+            counts.append(int(tail_valid[b].sum()))
+        return PagedSplit(head_lens=torch.tensor([n * page for n in num_full], dtype=torch.int32, device=device),
+                          tail_table=tail_table.to(device), tail_valid=tail_valid.to(device),
+                          tail_lengths=HostLengths(tuple(tail_lens), tuple(counts)))
 
     def _finish_forward(self, view: PagedCacheView, committed: bool) -> None:
         """Called by the view: commit + evict, or release the chunk's fresh pages."""

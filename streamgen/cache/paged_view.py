@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from streamgen.attention.paged_common import HostLengths
+from streamgen.attention.paged_common import HostLengths, PagedSplit
 
 if TYPE_CHECKING:
     from streamgen.attention import AttentionBackend
@@ -56,6 +56,7 @@ class ForwardPlan:
     kv_valid: torch.Tensor | None       # bool [B, max_blocks * P]: visible row positions; None = the prefix
     cached_slots: tuple[torch.Tensor, ...]  # per session int64 [num_visible_cached_tokens]
     lengths: HostLengths | None = None  # seq_lens (and kv_valid's row counts) as ints: no device reads
+    split: PagedSplit | None = None     # with kv_valid: the rows cut into in-place full pages + partial ones
 
 
 class PagedCacheView:
@@ -81,6 +82,9 @@ class PagedCacheView:
         self._batched_slots = torch.cat(slots) if all(s.numel() == slots[0].numel() for s in slots) else None
         self.paged_path = backend.paged_layout(pool.spec.block_size_tokens, masked=plan.kv_valid is not None,
                                                device=pool.k_cache.device)
+        if self.paged_path == "split" and plan.split is None:
+            self.paged_path = "gather (a row has no fully visible page to read in place)"
+
 
     # ------------------------------------------------------------------ introspection
 
@@ -125,6 +129,10 @@ class PagedCacheView:
 
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         if self.layout == "paged" and not needs_grad:
+            if self.paged_path == "split":
+                self._owner.paged_calls["split"] += 1
+                return self._backend.paged_attention_split(  # type: ignore[attr-defined]
+                    q, k_pool, v_pool, self.plan.block_table, self.plan.split)
             self._owner.paged_calls["direct" if self.paged_path == "direct" else "gathered"] += 1
             return self._backend.paged_attention(q, k_pool, v_pool, self.plan.block_table, self.plan.seq_lens,
                                                  self.plan.kv_valid, lengths=self.plan.lengths)

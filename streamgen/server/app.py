@@ -129,7 +129,7 @@ class StreamGenServer:
         def snapshot() -> EngineSnapshot:
             u = e.kv.usage()
             return EngineSnapshot(e.num_running, e.num_waiting, u.usage, u.used_bytes, u.total_bytes,
-                                  u.paged_direct_calls, u.paged_gathered_calls)
+                                  u.paged_direct_calls, u.paged_gathered_calls, u.paged_split_calls)
 
         while True:
             self.metrics.observe_engine(await self.engine.call(snapshot))

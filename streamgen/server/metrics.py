@@ -34,7 +34,7 @@ OUTCOMES = ("completed", "stopped", "limit", "shutdown", "error", "cancelled", "
             "failed_precondition", "resource_exhausted", "unavailable", "unauthenticated")
 
 # Path label values of streamgen:paged_attention_calls_total.
-PAGED_PATHS = ("direct", "gathered")
+PAGED_PATHS = ("direct", "gathered", "split")
 
 _TTFF_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 40.0)
 _GAP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0)
@@ -50,6 +50,7 @@ class EngineSnapshot:
     # Cumulative paged-attention calls of the KV manager (PoolUsage.paged_direct_calls / _gathered_calls).
     paged_direct_calls: int = 0
     paged_gathered_calls: int = 0
+    paged_split_calls: int = 0
 
 
 class Metrics:
@@ -82,7 +83,9 @@ class Metrics:
             self.outcomes.labels(reason=outcome)
         self.paged_calls = Counter("streamgen:paged_attention_calls_total",
                                    "Attention calls over paged K/V: direct = the kernel read the pages in place, "
-                                   "gathered = they were copied into dense K/V first", labelnames=("path",),
+                                   "gathered = they were copied into dense K/V first, split = fully visible "
+                                   "pages read in place and the few partially visible ones gathered",
+                                   labelnames=("path",),
                                    registry=r)
         self._paged_calls_seen = {path: 0 for path in PAGED_PATHS}
         for path in PAGED_PATHS:
@@ -96,7 +99,8 @@ class Metrics:
         self.kv_used_bytes.set(snap.kv_used_bytes)
         self.kv_total_bytes.set(snap.kv_total_bytes)
         # The engine keeps cumulative counts; a Prometheus counter only goes up, so add what is new.
-        for path, total in (("direct", snap.paged_direct_calls), ("gathered", snap.paged_gathered_calls)):
+        for path, total in (("direct", snap.paged_direct_calls), ("gathered", snap.paged_gathered_calls),
+                            ("split", snap.paged_split_calls)):
             delta = total - self._paged_calls_seen[path]
             if delta > 0:
                 self.paged_calls.labels(path=path).inc(delta)

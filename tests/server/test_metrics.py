@@ -48,7 +48,8 @@ def test_paged_attention_calls_are_exported_by_path() -> None:
         return {path: float(value) for path, value in
                 re.findall(r'^streamgen:paged_attention_calls_total\{path="(\w+)"\} (\S+)$', text, re.MULTILINE)}
 
-    assert calls() == {"direct": 0, "gathered": 0}
+    assert calls() == {"direct": 0, "gathered": 0, "split": 0}
     metrics.observe_engine(EngineSnapshot(1, 0, 0.5, 10, 20, paged_direct_calls=30, paged_gathered_calls=4))
-    metrics.observe_engine(EngineSnapshot(1, 0, 0.5, 10, 20, paged_direct_calls=90, paged_gathered_calls=4))
-    assert calls() == {"direct": 90, "gathered": 4}
+    metrics.observe_engine(EngineSnapshot(1, 0, 0.5, 10, 20, paged_direct_calls=90, paged_gathered_calls=4,
+                                          paged_split_calls=7))
+    assert calls() == {"direct": 90, "gathered": 4, "split": 7}
