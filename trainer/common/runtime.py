@@ -355,6 +355,35 @@ def run_loop(rt: Runtime, run: RunConfig, optim: OptimConfig, model: nn.Module, 
                      clips_per_step)
 
 
+# Config keys a resumed run may change: budgets, logging, threads and where the export goes; they change
+# neither what is trained nor how (a key ending in ".*" covers its whole section).
+RESUMABLE_KEYS = ("run.max_steps", "run.max_minutes", "run.save_every", "run.log_every", "run.keep_checkpoints",
+                  "run.num_threads", "run.device", "run.gradient_checkpointing", "export_path", "export_dtype",
+                  "eval.*", "data.encode_batch")
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``"key: A in the checkpoint, B now"`` for every setting both configs hold that differs, except
+    :data:`RESUMABLE_KEYS`. (A key only one side holds comes from another code version and is not compared.)"""
+    old, new = _flatten(saved), _flatten(current)
+
+    def resumable(key: str) -> bool:
+        return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in RESUMABLE_KEYS)
+
+    return [f"{key}: {old[key]!r} in the checkpoint, {new[key]!r} now"
+            for key in sorted(old.keys() & new.keys()) if not resumable(key) and old[key] != new[key]]
+
+
 def run_steps(rt: Runtime, run: RunConfig, optim: OptimConfig, train_step: TrainStep, config: dict[str, Any],
               resume: bool, clips_per_step: int) -> LoopResult:
     """The training loop of every stage: ``train_step`` at ``optim``'s scheduled LR up to ``run.max_steps``.
@@ -369,6 +398,12 @@ def run_steps(rt: Runtime, run: RunConfig, optim: OptimConfig, train_step: Train
     latest = ckpt.latest_checkpoint(run_dir)
     if resume and latest is not None:
         state = ckpt.load(latest)
+        changes = config_changes(state.config, config)
+        if changes:
+            raise ValueError(f"--resume with a config that differs from the checkpoint's ({latest}): "
+                             + "; ".join(changes) + ". Resume with the run's own config (only "
+                             + ", ".join(RESUMABLE_KEYS) + " may change), or start a new run under another "
+                             "run.name")
         train_step.restore(state, latest)
         if rt.rank in state.rng and len(state.rng) == rt.world_size:
             ckpt.set_rng_state(state.rng[rt.rank])

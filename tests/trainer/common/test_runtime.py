@@ -140,3 +140,23 @@ def test_resume_with_nothing_to_resume_is_an_error_naming_the_run_dir(tmp_path: 
     err = capsys.readouterr().err
     assert f"run directory {typo.run.run_dir}" in err and "run.name='vea'" in err and "drop --resume" in err, err
     assert not typo.run.run_dir.exists()
+
+
+def test_resume_with_a_config_that_changes_training_is_refused(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny_vae_config(tmp_path, max_steps=2, save_every=2)
+    path = write_yaml(cfg, tmp_path / "vae.yaml")
+    assert vae.main(["--config", str(path), "--no-export"]) == 0
+    latest = (cfg.run.run_dir / "checkpoints" / "latest").read_text().strip()
+    # A different learning rate or batch would continue another run than the one checkpointed.
+    assert vae.main(["--config", str(path), "--resume", "--no-export", "--set", "optim.lr=0.01",
+                     "--set", "data.global_batch=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --resume with a config that differs from the checkpoint's") and latest in err
+    assert "optim.lr: 0.001 in the checkpoint, 0.01 now" in err
+    assert "data.global_batch: 4 in the checkpoint, 2 now" in err
+    assert (cfg.run.run_dir / "checkpoints" / "latest").read_text().strip() == latest  # nothing trained
+    # Budgets, threads and logging may change: a longer run resumes.
+    assert vae.main(["--config", str(path), "--resume", "--no-export", "--set", "run.max_steps=3",
+                     "--set", "run.max_minutes=5", "--set", "run.log_every=2"]) == 0
+    assert (cfg.run.run_dir / "checkpoints" / "latest").read_text().strip() != latest
