@@ -305,6 +305,12 @@ def test_truncated_safetensors(wan_dir: Path, converted: Path, tmp_path: Path,
     vae.write_bytes(data[:-100])
     with pytest.raises(ValueError, match="corrupt or truncated"):
         Pipeline.from_pretrained(tmp_path / "model2")
+    umt5 = next((_copy(converted, tmp_path / "model3") / "text_encoder").glob("*.safetensors"))
+    data = umt5.read_bytes()
+    umt5.unlink()
+    umt5.write_bytes(data[:-100])
+    _fails(["generate", "--model", str(tmp_path / "model3"), "--prompt", "x", "--num-frames", "4", "--out",
+            str(tmp_path / "y.npy")], capsys, str(umt5), "cannot load the UMT5 encoder")
 
 
 def test_checkpoint_with_wrong_keys(sf_checkpoint: Path, wan_dir: Path, tmp_path: Path,

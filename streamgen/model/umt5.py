@@ -41,6 +41,22 @@ def read_text_encoder_config(text_encoder_dir: Path) -> dict[str, Any]:
     return config
 
 
+def _broken_weights_file(directory: Path) -> Path | None:
+    """The first ``*.safetensors`` file in ``directory`` whose header or size is unreadable, if any (so a
+    failed load names the file, not only its directory)."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = f.keys()  # a safe_open handle is not iterable
+                for name in names:
+                    f.get_slice(name)
+        except Exception:  # safetensors raises its own error types for a damaged file
+            return path
+    return None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -105,8 +121,8 @@ class UMT5TokenEncoder:
                 model, info = UMT5EncoderModel.from_pretrained(str(self.text_encoder_dir), dtype=self.dtype,
                                                                local_files_only=True, output_loading_info=True)
             except (OSError, ValueError, RuntimeError, SafetensorError, KeyError) as exc:
-                raise ValueError(f"{self.text_encoder_dir}: cannot load the UMT5 encoder: "
-                                 f"{_first_line(exc)}") from None
+                raise ValueError(f"{_broken_weights_file(self.text_encoder_dir) or self.text_encoder_dir}: cannot "
+                                 f"load the UMT5 encoder: {_first_line(exc)}") from None
             # transformers only reports missing / unexpected keys and initialises the missing ones at
             # random: a silently half-random encoder, which we refuse like every other strict load.
             missing, extra = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
