@@ -56,7 +56,8 @@ class Pool:
         self.stderr = ""
         self._changed = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -71,6 +72,12 @@ class Pool:
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
         self.stderr = self.proc.stderr.read()
+
+    def final_stderr(self, timeout_s: float = 10.0) -> str:
+        """All of run.sh's stderr once it has exited (the reader thread may still be storing it when
+        ``proc.wait`` returns; reading ``stderr`` then races it)."""
+        self._stderr_reader.join(timeout_s)
+        return self.stderr
 
     def wait_event(self, name: str, timeout_s: float, **match: Any) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s

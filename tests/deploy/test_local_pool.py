@@ -47,7 +47,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         yield p
     finally:
         code = p.stop()
-    assert code == 0, p.stderr[-2000:]
+    assert code == 0, p.final_stderr()[-2000:]
     stopped = p.wait_event("stopped", 1)
     assert stopped["clean"] is True
 
@@ -70,7 +70,7 @@ def test_run_sh_refuses_a_pool_of_mixed_models(tmp_path: Path) -> None:
     assert p.proc.wait(timeout=READY_TIMEOUT_S) == 3
     ids = p.wait_event("mixed_models", 1)["model_ids"]
     assert ids["0"] != ids["1"] and all(v.startswith("sha256:") for v in ids.values())
-    assert "the replicas serve different models" in p.stderr
+    assert "the replicas serve different models" in p.final_stderr()
     assert p.wait_event("stopped", 1)["replica_exit_codes"] == {"0": [0], "1": [0]}  # both drained, exit 0
     assert not (tmp_path / "nginx.pid").exists()  # no balancer was started
 
