@@ -92,7 +92,6 @@ class FlashBackend:
         return self._flash_attn_with_kvcache(q, k.contiguous(), v.contiguous(), cache_seqlens=cache_seqlens,
                                              causal=False)
 
-
     def paged_attention_split(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                               block_table: torch.Tensor, split: PagedSplit) -> torch.Tensor:
         """A masked call as the cache cut it: the row's fully visible pages (the first

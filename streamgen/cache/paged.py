@@ -527,7 +527,7 @@ class PagedKVCacheManager:
         device = self.pool.k_cache.device
         split = None
         if kv_valid is not None and min(num_full) > 0:
-            split = self._split(rows, row_pages, num_full, device)
+            split = self._split(block_table, kv_valid, [len(r) for r in rows], num_full, device)
         return ForwardPlan(session_ids=tuple(s.session_id for s in sessions),
                            start_frames=tuple(s.num_frames for s in sessions), num_frames=num_frames,
                            num_tokens=num_frames * self.tokens_per_frame, commit=commit,
@@ -539,27 +539,22 @@ class PagedKVCacheManager:
                                                else tuple(int(n) for n in kv_valid.sum(dim=1).tolist())),
                            split=split)
 
-    def _split(self, rows: list[list[int]], row_pages: list[list[list[tuple[int, int]]]], num_full: list[int],
+    def _split(self, block_table: torch.Tensor, kv_valid: torch.Tensor, row_lens: list[int], num_full: list[int],
                device: torch.device) -> PagedSplit:
         """The plan's rows cut after their fully visible pages (listed first): a head a prefix kernel reads
-        in place and the partially visible tail pages (:class:`~streamgen.attention.paged_common.PagedSplit`)."""
+        in place and the partially visible tail pages (:class:`~streamgen.attention.paged_common.PagedSplit`),
+        sliced from the plan's host-side block table and ``kv_valid``."""
         page = self.block_size_tokens
-        tails = [row[n:] for row, n in zip(rows, num_full, strict=True)]
-        width = max(1, max(len(t) for t in tails))
-        tail_table = torch.tensor([t + [NULL_BLOCK_ID] * (width - len(t)) for t in tails], dtype=torch.int32)
-        tail_valid = torch.zeros(len(rows), width * page, dtype=torch.bool)
-        tail_lens, counts = [], []
-        for b, (pages, n) in enumerate(zip(row_pages, num_full, strict=True)):
-            end = 0
-            for col, spans in enumerate(pages[n:]):
-                for lo, hi in spans:
-                    tail_valid[b, col * page + lo:col * page + hi] = True
-                    end = col * page + hi
-            tail_lens.append(end)
-            counts.append(int(tail_valid[b].sum()))
+        width = max(1, max(n_row - n for n_row, n in zip(row_lens, num_full, strict=True)))
+        tail_table = torch.full((len(row_lens), width), NULL_BLOCK_ID, dtype=torch.int32)
+        tail_valid = torch.zeros(len(row_lens), width * page, dtype=torch.bool)
+        for b, (n_row, n) in enumerate(zip(row_lens, num_full, strict=True)):
+            tail_table[b, :n_row - n] = block_table[b, n:n_row]
+            tail_valid[b, :(n_row - n) * page] = kv_valid[b, n * page:n_row * page]
+        counts = tuple(int(c) for c in tail_valid.sum(dim=1).tolist())
         return PagedSplit(head_lens=torch.tensor([n * page for n in num_full], dtype=torch.int32, device=device),
                           tail_table=tail_table.to(device), tail_valid=tail_valid.to(device),
-                          tail_lengths=HostLengths(tuple(tail_lens), tuple(counts)))
+                          tail_lengths=HostLengths((width * page,) * len(row_lens), counts))
 
     def _finish_forward(self, view: PagedCacheView, committed: bool) -> None:
         """Called by the view: commit + evict, or release the chunk's fresh pages."""

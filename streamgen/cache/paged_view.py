@@ -85,7 +85,6 @@ class PagedCacheView:
         if self.paged_path == "split" and plan.split is None:
             self.paged_path = "gather (a row has no fully visible page to read in place)"
 
-
     # ------------------------------------------------------------------ introspection
 
     @property

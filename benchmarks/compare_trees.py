@@ -1,0 +1,98 @@
+"""Per-chunk engine time of two source trees, alternated in one run: is a change slower?
+
+    git worktree add /tmp/before <rev>
+    python benchmarks/compare_trees.py --old /tmp/before --new . --rounds 3
+
+Each measurement is a fresh process that imports ``streamgen`` from the tree given and times one
+stream of ``--chunks`` chunks with that tree's own ``benchmarks/engine.py`` (``build`` and
+``run_streams``: default preset, random weights, float32, the hash prompt encoder, ``--threads``
+threads); the median chunk time skips the first five chunks (warm-up, the window filling). The
+trees alternate (old, new, old, new, ...) so load from other jobs hits both alike. Printed as one
+JSON document and a short table: per round both medians and the new/old ratio, and the median
+ratio. A ratio is a comparison on this machine only; the CPU model and its bf16/AMX flags are
+printed with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from streamgen.precision import cpu_bf16_flags
+
+_CHILD = r"""
+import importlib.util, json, statistics, sys
+tree, threads, chunks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sys.path.insert(0, tree)
+import torch
+torch.set_num_threads(threads)
+import streamgen
+assert streamgen.__file__.startswith(tree), f"streamgen imported from {streamgen.__file__}, not {tree}"
+spec = importlib.util.spec_from_file_location("tree_engine_benchmark", f"{tree}/benchmarks/engine.py")
+bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+from streamgen.config import get_preset
+from streamgen.model.text import HashTokenEncoder, TextEncoder
+preset = get_preset("default")
+text = TextEncoder(preset.model.text_max_tokens, token_encoder=HashTokenEncoder(preset.model.text_dim))
+result = bench.run_streams(bench.build(preset, text, torch.float32), 1, chunks)
+print(json.dumps({"chunk_s_median": statistics.median(result["chunk_s"][5:])}))
+"""
+
+
+def cpu_description() -> str:
+    """The CPU model and its native-bf16 flags (:func:`streamgen.precision.cpu_bf16_flags`)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or "unknown CPU")
+    flags = cpu_bf16_flags()
+    bf16 = "bf16 flags unreadable" if flags is None else ", ".join(flags) or "no avx512_bf16/amx_bf16"
+    return f"{model} ({bf16})"
+
+
+def measure(tree: Path, threads: int, chunks: int) -> float:
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(tree.resolve()), str(threads), str(chunks)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"compare_trees: error: the run in {tree} failed: {proc.stderr.strip()[-1500:]}")
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["chunk_s_median"])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    p.add_argument("--old", type=Path, required=True, help="source tree before the change")
+    p.add_argument("--new", type=Path, required=True, help="source tree after the change")
+    p.add_argument("--rounds", type=int, default=3, help="old/new pairs (default: %(default)s)")
+    p.add_argument("--chunks", type=int, default=40, help="chunks per stream, >= 6 (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default: %(default)s)")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.chunks < 6 or args.threads < 1:
+        p.error("--rounds and --threads must be >= 1 and --chunks >= 6")
+    for tree in (args.old, args.new):
+        if not (tree / "benchmarks" / "engine.py").is_file() or not (tree / "streamgen").is_dir():
+            p.error(f"{tree} is not a streamgen source tree (no streamgen/ and benchmarks/engine.py)")
+    rounds = []
+    for _ in range(args.rounds):
+        old, new = measure(args.old, args.threads, args.chunks), measure(args.new, args.threads, args.chunks)
+        rounds.append({"old_chunk_s": old, "new_chunk_s": new, "new_over_old": new / old})
+    report = {"cpu": cpu_description(), "threads": args.threads, "chunks": args.chunks, "rounds": rounds,
+              "median_new_over_old": statistics.median(r["new_over_old"] for r in rounds)}
+    print(json.dumps(report, indent=2))
+    print(f"\n{report['cpu']}, {args.threads} thread(s), median chunk time of one stream (default preset, fp32)")
+    print(f"{'round':>5} {'old s':>8} {'new s':>8} {'new/old':>8}")
+    for i, r in enumerate(rounds, 1):
+        print(f"{i:>5} {r['old_chunk_s']:>8.3f} {r['new_chunk_s']:>8.3f} {r['new_over_old']:>8.2f}")
+    print(f"median new/old {report['median_new_over_old']:.2f}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
