@@ -143,6 +143,7 @@ class PagedSplit:
     """
 
     head_lens: torch.Tensor    # int32 [B]: full pages x page tokens (> 0 for every row)
+    head_lengths: tuple[int, ...]  # the same as Python ints (xformers builds its mask from host lengths)
     tail_table: torch.Tensor   # int32 [B, T]: the row's partially visible pages, padded with the null block
     tail_valid: torch.Tensor   # bool [B, T * page]: visible positions of the tail pages
     tail_lengths: HostLengths  # the tail rows' width and visible counts (0 for a row without partial pages)

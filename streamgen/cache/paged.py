@@ -552,7 +552,8 @@ class PagedKVCacheManager:
             tail_table[b, :n_row - n] = block_table[b, n:n_row]
             tail_valid[b, :(n_row - n) * page] = kv_valid[b, n * page:n_row * page]
         counts = tuple(int(c) for c in tail_valid.sum(dim=1).tolist())
-        return PagedSplit(head_lens=torch.tensor([n * page for n in num_full], dtype=torch.int32, device=device),
+        head = tuple(n * page for n in num_full)
+        return PagedSplit(head_lens=torch.tensor(head, dtype=torch.int32, device=device), head_lengths=head,
                           tail_table=tail_table.to(device), tail_valid=tail_valid.to(device),
                           tail_lengths=HostLengths((width * page,) * len(row_lens), counts))
 
