@@ -41,6 +41,7 @@ from trainer.common.runtime import (
     optimizer_update,
     run_steps,
 )
+from trainer.common.sharding import full_optimizer_state, load_optimizer_state, set_requires_grad
 from trainer.distill_config import Geometry, SelfForcingConfig, resolve_geometry
 from trainer.distill_export import SelfForcingResult, evaluate_student, export_student
 from trainer.distill_step import Batches, DistillStep, Models, critic_modules
@@ -66,7 +67,9 @@ def load_models(cfg: SelfForcingConfig, preset: Preset, device: torch.device | s
     if cfg.losses.gan > 0:
         from trainer.losses.gan import GANHead
 
-        gan_head = GANHead(preset.model.dim, hidden=cfg.losses.gan_hidden).to(device)
+        with torch.random.fork_rng(devices=[]):  # the same initial head on every rank and in every run
+            torch.manual_seed(cfg.run.seed)
+            gan_head = GANHead(preset.model.dim, hidden=cfg.losses.gan_hidden).to(device)
     for model in (student, ema, critic, teacher):
         model.to(device)
     return Models(student, ema, critic, teacher, gan_head, dict(student_meta), dict(teacher_meta))
@@ -105,7 +108,7 @@ class DistillTrainStep(TrainStep):
         window = None
         if step % cfg.dmd.gen_every == 0:
             for mod in critic_modules(m):
-                mod.requires_grad_(False)
+                set_requires_grad(mod, False)
             m.student.train()
             self.g_opt.zero_grad(set_to_none=True)
             window = pieces.generate(step, 0, ids, text_emb, grad=True)
@@ -113,7 +116,7 @@ class DistillTrainStep(TrainStep):
             value, norm = optimizer_update(rt, g_loss, self.g_params, self.g_opt, cfg.optim.grad_clip, step, last,
                                            what="generator", sync_grads=True)
             for mod in critic_modules(m):
-                mod.requires_grad_(True)
+                set_requires_grad(mod, True)
             ema_update(m.ema, m.student, cfg.optim.ema_decay, self.generator_steps)
             self.generator_steps += 1
             self.generator_losses.append(value)
@@ -143,7 +146,8 @@ class DistillTrainStep(TrainStep):
         if m.gan_head is not None:
             weights |= _prefixed("gan_head", m.gan_head)
         return StepState(model=weights, ema=fp32_state(m.ema),
-                         optimizer={"generator": self.g_opt.state_dict(), "critic": self.c_opt.state_dict(),
+                         optimizer={"generator": full_optimizer_state(self.g_opt),
+                                    "critic": full_optimizer_state(self.c_opt),
                                     "generator_steps": self.generator_steps},
                          extra={"eval_history": self.eval_history})
 
@@ -155,8 +159,8 @@ class DistillTrainStep(TrainStep):
             if m.gan_head is not None:
                 load_state_strict(m.gan_head, _unprefixed(state.model, "gan_head"), f"checkpoint {path} (gan_head)")
             load_state_strict(m.ema, state.ema, f"checkpoint {path} (ema)")
-            self.g_opt.load_state_dict(state.optimizer["generator"])
-            self.c_opt.load_state_dict(state.optimizer["critic"])
+            load_optimizer_state(self.g_opt, state.optimizer["generator"])
+            load_optimizer_state(self.c_opt, state.optimizer["critic"])
         except (ValueError, KeyError) as exc:
             raise CheckpointError(f"cannot resume from {path}: {exc}") from exc
         self.generator_steps = int(state.optimizer.get("generator_steps", 0))
@@ -187,6 +191,8 @@ def train(cfg: SelfForcingConfig, resume: bool = False, export: bool = True) -> 
     rt = make_runtime(cfg.run, cfg.precision)
     cfg = resolve_config_precision(cfg, "self_forcing", log=rt.is_main, device=rt.device)  # recorded in checkpoints
     models = load_models(cfg, preset, rt.device)
+    for trained in (models.student, models.critic):  # FSDP (run.parallel fsdp): before the optimizers are built
+        rt.shard(trained)
     data = ensure_latents(Path(cfg.data.latents_dir), cfg.data.spec(preset, horizon), cfg.data.encode_batch, rt)
     needed = geom.num_frames if cfg.mode in ("tf", "df") else geom.window_frames if cfg.losses.gan > 0 else 0
     check(data.latents.shape[2] >= needed, f"mode {cfg.mode} (gan {cfg.losses.gan}) needs ground-truth clips of "

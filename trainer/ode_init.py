@@ -449,9 +449,10 @@ def train(cfg: OdeInitConfig, resume: bool = False, export: bool = True) -> OdeI
     ema.to(rt.device)
     mask = block_causal_mask(horizon, preset.tokens_per_frame, preset.sampler.chunk_frames,
                              preset.cache.window_frames, preset.cache.sink_frames)
+    rt.shard(model)  # FSDP (run.parallel fsdp): before the optimizer is built over its parameters
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
-    wrapped, optimizer = rt.accelerator.prepare(MaskedForward(model, mask), optimizer)
+    wrapped, optimizer = rt.prepare(MaskedForward(model, mask), optimizer)
     autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:

@@ -258,9 +258,10 @@ def train(cfg: TeacherTrainConfig, resume: bool = False, export: bool = True) ->
     ema = CausalWanTransformer(cfg.model).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     ema.to(rt.device)
+    rt.shard(model)  # FSDP (run.parallel fsdp): before the optimizer is built over its parameters
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
-    wrapped, optimizer = rt.accelerator.prepare(TeacherForward(model), optimizer)
+    wrapped, optimizer = rt.prepare(TeacherForward(model), optimizer)
     batcher = Batcher(data, cfg)
     # Batches and noise are drawn on the CPU from per-sample generators (same samples on any device or
     # number of processes), then moved; on CUDA accelerate's mixed precision also wraps the forward.

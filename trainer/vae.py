@@ -40,7 +40,15 @@ from trainer.common.images import save_video_grid
 from trainer.common.latents import LatentStats
 from trainer.common.precision import PRECISIONS, resolve_config_precision
 from trainer.common.preflight import preflight, run_inputs
-from trainer.common.runtime import local_indices, make_runtime, run_loop, run_stage, sample_generator, stage_parser
+from trainer.common.runtime import (
+    LaunchError,
+    local_indices,
+    make_runtime,
+    run_loop,
+    run_stage,
+    sample_generator,
+    stage_parser,
+)
 from trainer.data.dataset import ClipConfig, render_item
 
 EXPORT_DTYPES = ("auto", "fp32", "bf16")
@@ -252,7 +260,13 @@ def train(cfg: VAETrainConfig, resume: bool = False, export: bool = True) -> VAE
     if cfg.run.gradient_checkpointing:
         raise ValueError("run.gradient_checkpointing applies to the DiT stages (teacher, ode_init, self_forcing); "
                          "the VAE stage has no checkpointed blocks: set it to false")
+    fsdp_refused = ("the VAE stage trains with DDP (its model is small); FSDP (run.parallel fsdp, "
+                    "configs/accelerate/fsdp_wan1.3b.yaml) is for the DiT stages: use run.parallel ddp")
+    if cfg.run.parallel == "fsdp":
+        raise ValueError(fsdp_refused)
     rt = make_runtime(cfg.run, cfg.precision)
+    if rt.fsdp:  # an FSDP accelerate config
+        raise LaunchError(fsdp_refused)
     cfg = resolve_config_precision(cfg, "vae", log=rt.is_main, device=rt.device)  # recorded in checkpoints
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     vae = CausalVideoVAE(cfg.vae).to(rt.device)
@@ -262,7 +276,7 @@ def train(cfg: VAETrainConfig, resume: bool = False, export: bool = True) -> VAE
     wrapped = VAEWithLatents(vae, cfg.loss.latent_noise)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
-    wrapped, optimizer = rt.accelerator.prepare(wrapped, optimizer)
+    wrapped, optimizer = rt.prepare(wrapped, optimizer)
     shape = latent_shape(cfg)
     autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     eval_logger: list[tuple[int, float]] = []

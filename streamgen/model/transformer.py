@@ -198,6 +198,11 @@ class TransformerBlock(nn.Module):
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.empty(1, 6, cfg.dim))
 
+    def text_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block's cross-attention K/V of the embedded prompt ``ctx: [B, L_text, dim]`` (a method of the
+        block, so a sharded block, trainer.common.sharding, gathers its weights for it as for ``forward``)."""
+        return self.attn2.project_kv(ctx)
+
     def forward(self, x: torch.Tensor, temb_proj: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor],
                 state: _ForwardState) -> torch.Tensor:
         """``x: [B, L, dim]`` frame-major tokens; ``temb_proj: [B, F, 6, dim]`` per-frame modulation."""
@@ -298,7 +303,7 @@ class CausalWanTransformer(nn.Module):
         ctx = self.condition_embedder.text_embedder(text_embeddings.to(dtype))  # [B, L, dim]
         keys, values = [], []
         for block in self.blocks:
-            k, v = block.attn2.project_kv(ctx)
+            k, v = block.text_kv(ctx)
             keys.append(k)
             values.append(v)
         return TextContext(keys, values)

@@ -102,7 +102,19 @@ def load_state_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ValueError(f"{what}: {key} has shape {tuple(tensor.shape)}, model expects "
                              f"{tuple(expected[key].shape)}")
-    module.load_state_dict(dict(state_dict), strict=True)
+    module.load_state_dict({key: laid_out_like(tensor, expected[key]) for key, tensor in state_dict.items()},
+                           strict=True)
+
+
+def laid_out_like(whole: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A full tensor as the module holds it: this process's shard where the module's parameter is sharded
+    (an FSDP2 DTensor; every process holds ``whole``, so no communication), else ``whole``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(target, DTensor):
+        return whole
+    return distribute_tensor(whole.to(device=target.device_mesh.device_type, dtype=target.dtype),
+                             target.device_mesh, target.placements, src_data_rank=None)
 
 
 def publish_atomically(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:

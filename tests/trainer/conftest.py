@@ -106,17 +106,19 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(latest / "model.safetensors"))
 
 
-def launch_two_processes(stage: str, cfg: Any, yaml_path: Path, timeout_s: float) -> None:
-    """Run ``python -m trainer.<stage> --config <cfg as YAML> --no-export`` under ``accelerate launch
-    --multi_gpu --num_processes 2`` (gloo on CPU, one thread per process); fail unless it ran on 2 processes."""
+def launch_two_processes(stage: str, cfg: Any, yaml_path: Path, timeout_s: float, resume: bool = False) -> str:
+    """Run ``python -m trainer.<stage> --config <cfg as YAML> --no-export [--resume]`` under ``accelerate launch
+    --multi_gpu --num_processes 2`` (gloo on CPU, one thread per process); fail unless it ran on 2 processes.
+    Returns its standard output."""
     with socket.socket() as s:  # a free port for the processes' rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(port), "-m", f"trainer.{stage}",
-           "--config", str(write_yaml(cfg, yaml_path)), "--no-export"]
+           "--config", str(write_yaml(cfg, yaml_path)), "--no-export", *(["--resume"] if resume else [])]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "runtime: 2 process(es)" in proc.stdout
+    return proc.stdout

@@ -186,6 +186,29 @@ def test_two_processes_equal_one(tmp_path: Path, root: Path) -> None:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=key)
 
 
+def test_fsdp_equals_one_process_through_a_resume(tmp_path: Path, root: Path) -> None:
+    """``run.parallel: fsdp`` on 2 CPU processes shards the student and the critic (FSDP2 over gloo; the GAN
+    head and the EMA stay whole, so the critic's clipping mixes sharded and whole gradients); 2 iterations,
+    checkpoint, resume, 2 more reach the 1-process weights, EMA included (bound as in the DDP test above)."""
+    changes = {"run": {"max_steps": 4, "save_every": 2}, "optim": {"lr": 1e-4}, "losses": {"gan": 0.1}}
+    one = sf_config(tmp_path / "one", root, "sf", **changes)
+    distill_train.train(one, export=False)
+    fsdp = sf_config(tmp_path / "fsdp", root, "sf", **{**changes, "run": {"max_steps": 2, "save_every": 2,
+                                                                          "parallel": "fsdp"}})
+    assert "FSDP2 (sharded DiT)" in launch_two_processes("self_forcing", fsdp, tmp_path / "fsdp.yaml", 180)
+    fsdp = dataclasses.replace(fsdp, run=dataclasses.replace(fsdp.run, max_steps=4))
+    assert "(step 2)" in launch_two_processes("self_forcing", fsdp, tmp_path / "fsdp.yaml", 180, resume=True)
+    a = ckpt.load(ckpt.latest_checkpoint(one.run.run_dir))  # type: ignore[arg-type]
+    b = ckpt.load(ckpt.latest_checkpoint(fsdp.run.run_dir))  # type: ignore[arg-type]
+    assert a.step == b.step == 4 and b.optimizer["generator_steps"] == a.optimizer["generator_steps"] == 2
+    assert any(k.startswith("gan_head.") for k in b.model)
+    for what in ("model", "ema"):
+        want, got = getattr(a, what), getattr(b, what)
+        assert set(got) == set(want)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0, msg=f"{what} {key}")
+
+
 def test_first_evicting_chunk_is_where_the_rolling_cache_first_hides_a_frame() -> None:
     preset = get_preset("default")
     chunk = preset.sampler.chunk_frames

@@ -101,6 +101,44 @@ def test_two_processes_equal_one(tmp_path: Path, tiny_vae_checkpoint: Path, tiny
     assert single.steps == 4
 
 
+def test_fsdp_equals_one_process_through_a_resume(tmp_path: Path, tiny_vae_checkpoint: Path,
+                                                  tiny_latents: Path) -> None:
+    """``run.parallel: fsdp`` on 2 CPU processes (FSDP2 over gloo: each DiT block and the root sharded) trains 2
+    steps, checkpoints, resumes and trains 2 more: the same weights, EMA and optimizer state as one process
+    (tolerance 1e-5 absolute after 4 fp32 AdamW steps: only the order of the gradient sums differs), in the
+    same checkpoint layout (full tensors, index-keyed optimizer state), so either mode resumes the other's."""
+    one = tiny_teacher_config(tmp_path / "one", tiny_vae_checkpoint, tiny_latents, max_steps=4, save_every=2)
+    teacher_stage.train(one, export=False)
+    fsdp = tiny_teacher_config(tmp_path / "fsdp", tiny_vae_checkpoint, tiny_latents, max_steps=2, save_every=2,
+                               parallel="fsdp")
+    out = launch_two_processes("teacher", fsdp, tmp_path / "fsdp.yaml", timeout_s=150)
+    assert "FSDP2 (sharded DiT)" in out
+    fsdp = dataclasses.replace(fsdp, run=dataclasses.replace(fsdp.run, max_steps=4))
+    out = launch_two_processes("teacher", fsdp, tmp_path / "fsdp.yaml", timeout_s=150, resume=True)
+    assert "resuming from" in out and "(step 2)" in out
+    a_path, b_path = ckpt.latest_checkpoint(one.run.run_dir), ckpt.latest_checkpoint(fsdp.run.run_dir)
+    assert a_path is not None and b_path is not None
+    a, b = ckpt.load(a_path), ckpt.load(b_path)
+    assert a.step == b.step == 4
+    for what in ("model", "ema"):
+        want, got = getattr(a, what), getattr(b, what)
+        assert set(got) == set(want)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0, msg=f"{what} {key}")
+    assert a.optimizer["param_groups"][0]["params"] == b.optimizer["param_groups"][0]["params"]
+    assert set(a.optimizer["state"]) == set(b.optimizer["state"])
+    for i, state in a.optimizer["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(b.optimizer["state"][i][key], state[key], atol=1e-5, rtol=1e-3,
+                                       msg=f"optimizer {i} {key}")
+
+
+def test_fsdp_needs_several_processes(tmp_path: Path, tiny_vae_checkpoint: Path, tiny_latents: Path) -> None:
+    cfg = tiny_teacher_config(tmp_path, tiny_vae_checkpoint, tiny_latents, max_steps=1, parallel="fsdp")
+    with pytest.raises(ValueError, match="FSDP shards the model over processes, but this launch has 1"):
+        teacher_stage.train(cfg, export=False)
+
+
 @pytest.mark.parametrize("export_dtype", ["bf16", "fp32"])
 def test_export_stores_the_ema_weights_in_the_configured_dtype(tmp_path: Path, tiny_vae_checkpoint: Path,
                                                                tiny_latents: Path, export_dtype: str) -> None:

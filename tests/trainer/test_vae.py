@@ -49,6 +49,21 @@ def test_existing_run_without_resume_is_refused(tmp_path: Path) -> None:
         vae_stage.train(cfg, export=False)
 
 
+@pytest.mark.parametrize("run, message", [({"gradient_checkpointing": True}, "no checkpointed blocks"),
+                                          ({"parallel": "fsdp"}, "FSDP .* is for the DiT stages")])
+def test_dit_only_run_options_are_refused_before_any_work(tmp_path: Path, run: dict[str, object],
+                                                          message: str) -> None:
+    cfg = tiny_vae_config(tmp_path, **run)
+    with pytest.raises(ValueError, match=message):
+        vae_stage.train(cfg, export=False)
+    assert not cfg.run.run_dir.exists()
+
+
+def test_unknown_parallel_mode_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="run.parallel must be ddp or fsdp, got 'zero3'"):
+        tiny_vae_config(tmp_path, parallel="zero3")
+
+
 def test_nan_stops_with_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tiny_vae_config(tmp_path)

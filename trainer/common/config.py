@@ -53,6 +53,10 @@ class RunConfig:
     # Recompute each DiT block in backward instead of storing its activations (less memory, ~1 more
     # forward of compute; same loss and gradients). The DiT stages honour it; the VAE stage refuses it.
     gradient_checkpointing: bool = False
+    # How several processes share the work: ddp (each holds the whole model; gradients all-reduced) or fsdp
+    # (the DiT stages shard each trained transformer's parameters, gradients and optimizer state over the
+    # processes: FSDP2; needs >= 2 processes). Checkpoints are the same either way.
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name, f"run.name must be a non-empty name, got {self.name!r}")
@@ -62,6 +66,7 @@ class RunConfig:
         check(self.log_every > 0, f"run.log_every must be > 0, got {self.log_every}")
         check(self.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         check(self.num_threads is None or self.num_threads > 0, "run.num_threads must be > 0 or null")
+        check(self.parallel in ("ddp", "fsdp"), f"run.parallel must be ddp or fsdp, got {self.parallel!r}")
         try:
             parse_device(self.device)  # syntax only: whether this machine has the device is decided at launch
         except ValueError as exc:

@@ -4,8 +4,9 @@
   or several under ``accelerate launch``: gloo on CPU, NCCL on GPUs, one GPU per process) on
   ``run.device`` (``auto``: CUDA where available). On CUDA a ``bf16`` precision becomes accelerate's
   ``mixed_precision="bf16"`` (autocast over fp32 master weights). Gradients are synchronised by
-  DDP; an FSDP launch (``configs/accelerate/fsdp_wan1.3b.yaml``) is refused until the EMA update and
-  checkpoints handle sharded parameters. The *global* batch is fixed by config; each rank takes a
+  DDP, or with ``run.parallel: fsdp`` (or a launch with ``configs/accelerate/fsdp_wan1.3b.yaml``) the
+  DiT stages shard their trained transformers with FSDP2 (:mod:`trainer.common.sharding`; checkpoints
+  stay full and interchangeable with DDP's). The *global* batch is fixed by config; each rank takes a
   contiguous ``global / world_size`` slice of the step's sample indices.
 * **Randomness.** Everything random about sample ``i`` of step ``s`` (crop, noise, timestep,
   prompt dropout) comes from a generator seeded on ``(seed, s, i, stream)``, never from
@@ -54,6 +55,15 @@ from streamgen.precision import resolve_precision
 from trainer.common import checkpoint as ckpt
 from trainer.common.config import OptimConfig, RunConfig, describe_config, load_config
 from trainer.common.preflight import existing_run, nothing_to_resume
+from trainer.common.sharding import (
+    clip_grad_norm,
+    full,
+    full_optimizer_state,
+    full_state,
+    is_dtensor,
+    load_optimizer_state,
+    shard_transformer,
+)
 
 T = TypeVar("T")
 
@@ -69,10 +79,24 @@ class Runtime:
     world_size: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where this rank's model runs
     precision: str = "fp32"  # "bf16" or "fp32", resolved for ``device``
+    fsdp: bool = False  # shard the DiT stages' trained transformers (FSDP2) instead of DDP
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """With FSDP, shard a transformer over the ranks (before its optimizer is built); else leave it."""
+        if self.fsdp:
+            shard_transformer(model, self.world_size, self.device, self.precision == "bf16")
+        return model
+
+    def prepare(self, wrapper: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        """``accelerator.prepare`` (DDP across ranks); with FSDP the model is already sharded by :meth:`shard`
+        and gradients reduce-scatter in its backward, so nothing is wrapped."""
+        if self.fsdp:
+            return wrapper, optimizer
+        return self.accelerator.prepare(wrapper, optimizer)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -125,18 +149,17 @@ def make_runtime(cfg: RunConfig, precision: str = "fp32") -> Runtime:
     mismatch = launch_mismatch(accelerator.num_processes)
     if mismatch is not None:
         raise LaunchError(mismatch)
-    if accelerator.distributed_type == DistributedType.FSDP:
-        # Refused rather than left to fail later: EMA and checkpoints would meet sharded (DTensor)
-        # parameters at the first step and the first save.
-        raise LaunchError("this launch asks for FSDP, but the training loop's EMA update and checkpoints assume "
-                          "unsharded parameters (not yet done); launch with configs/accelerate/ddp.yaml")
+    fsdp = cfg.parallel == "fsdp" or accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and accelerator.num_processes < 2:
+        raise LaunchError("FSDP shards the model over processes, but this launch has 1; launch several (e.g. "
+                          "accelerate launch --multi_gpu --num_processes 2 ...) or use run.parallel ddp")
     if device.type == "cuda" and accelerator.num_processes > 1:
         device = accelerator.device
-    rt = Runtime(accelerator, accelerator.process_index, accelerator.num_processes, device, resolved)
+    rt = Runtime(accelerator, accelerator.process_index, accelerator.num_processes, device, resolved, fsdp)
     if rt.is_main:
         print(f"runtime: {rt.world_size} process(es) x {torch.get_num_threads()} thread(s), "
-              f"backend {accelerator.distributed_type}, device {device_info(device).describe()}, "
-              f"precision {resolved} ({reason})", flush=True)
+              f"backend {accelerator.distributed_type}{' + FSDP2 (sharded DiT)' if fsdp else ''}, "
+              f"device {device_info(device).describe()}, precision {resolved} ({reason})", flush=True)
     return rt
 
 
@@ -187,14 +210,15 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
     """``ema = d * ema + (1 - d) * model`` with ``d`` ramped up early (short runs still get a useful EMA)."""
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p.detach().float(), 1 - d)
+        e.lerp_(full(p.detach()).float(), 1 - d)  # a sharded parameter is all-gathered (every rank calls this)
     for eb, b in zip(ema.buffers(), model.buffers(), strict=True):
         eb.copy_(b)
 
 
 def fp32_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """A float32 CPU copy of ``module``'s state (checkpoints are written from the CPU, whatever the device)."""
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    """A float32 CPU copy of ``module``'s whole state (checkpoints are written from the CPU, whatever the
+    device); collective for a sharded module."""
+    return full_state(module)
 
 
 class TrainLogger:
@@ -274,6 +298,8 @@ def allreduce_grads(params: list[nn.Parameter], rt: Runtime) -> None:
     if rt.world_size == 1:
         return
     for p in params:
+        if is_dtensor(p):
+            continue  # FSDP already reduce-scattered (and averaged) it in the backward
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
@@ -296,7 +322,7 @@ def optimizer_update(rt: Runtime, loss: torch.Tensor, params: list[nn.Parameter]
     loss.backward()
     if sync_grads:
         allreduce_grads(params, rt)
-    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+    norm = clip_grad_norm(params, clip if clip is not None else float("inf"))
     if rt.any_true(not bool(torch.isfinite(norm))):
         raise NonFiniteLossError(_nan_message(f"{name}gradient norm", step, norm.item(), last))
     optimizer.step()
@@ -328,11 +354,11 @@ class ModelStep(TrainStep):
         return {"loss": value, "grad_norm": norm, **{k: float(v) for k, v in scalars.items()}}
 
     def state(self) -> StepState:
-        return StepState(fp32_state(self.model), fp32_state(self.ema), self.optimizer.state_dict())
+        return StepState(fp32_state(self.model), fp32_state(self.ema), full_optimizer_state(self.optimizer))
 
     def restore(self, state: ckpt.RunState, path: Path) -> None:
         ckpt.restore_modules(state, self.model, self.ema, path)
-        self.optimizer.load_state_dict(state.optimizer)
+        load_optimizer_state(self.optimizer, state.optimizer)
 
 
 @dataclass
@@ -358,7 +384,8 @@ def run_loop(rt: Runtime, run: RunConfig, optim: OptimConfig, model: nn.Module, 
 # Config keys a resumed run may change: budgets, logging, threads and where the export goes; they change
 # neither what is trained nor how (a key ending in ".*" covers its whole section).
 RESUMABLE_KEYS = ("run.max_steps", "run.max_minutes", "run.save_every", "run.log_every", "run.keep_checkpoints",
-                  "run.num_threads", "run.device", "run.gradient_checkpointing", "export_path", "export_dtype",
+                  "run.num_threads", "run.device", "run.gradient_checkpointing", "run.parallel", "export_path",
+                  "export_dtype",
                   "eval.*", "data.encode_batch")
 
 
@@ -420,8 +447,9 @@ def run_steps(rt: Runtime, run: RunConfig, optim: OptimConfig, train_step: Train
 
     def save(step: int) -> None:
         rngs = rt.gather_objects(ckpt.rng_state())
+        parts = train_step.state() if rt.is_main or rt.fsdp else None  # sharded: every rank all-gathers
         if rt.is_main:
-            parts = train_step.state()
+            assert parts is not None
             state = ckpt.RunState(step=step, model=parts.model, ema=parts.ema, optimizer=parts.optimizer,
                                   config=config, rng=dict(enumerate(rngs)), extra=parts.extra)
             result.checkpoint = ckpt.save(run_dir, state, run.keep_checkpoints)

@@ -56,16 +56,25 @@ def test_cuda_runtime_uses_the_gpu_and_accelerates_mixed_precision(monkeypatch: 
     assert chosen == [torch.device("cuda", 1)]  # accelerate's single-process "cuda" is the current device
 
 
-def test_an_fsdp_launch_is_refused_until_the_loop_handles_sharded_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_fsdp_launch_shards_and_needs_several_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """accelerate reporting an FSDP launch (configs/accelerate/fsdp_wan1.3b.yaml on GPUs) turns on the trainer's
+    own FSDP2 sharding, as run.parallel fsdp does; on one process there is nothing to shard over."""
     class _Fsdp(_FakeAccelerator):
+        processes = 1
+
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.distributed_type = DistributedType.FSDP
+            self.num_processes = _Fsdp.processes
 
     monkeypatch.setattr(runtime, "Accelerator", _Fsdp)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(ValueError, match="asks for FSDP.*launch with configs/accelerate/ddp.yaml"):
+    with pytest.raises(ValueError, match="FSDP shards the model over processes, but this launch has 1"):
         make_runtime(RunConfig(device="cpu", num_threads=1), "fp32")
+    _Fsdp.processes = 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rt = make_runtime(RunConfig(device="cpu", num_threads=1, parallel="ddp"), "fp32")
+    assert rt.fsdp and rt.world_size == 2
 
 
 def test_one_fixed_gpu_for_several_processes_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
