@@ -40,6 +40,7 @@ from streamgen.attention.paged_common import (
     gather_visible,
     merge_partial,
     prefix_kernel_layout,
+    valid_counts,
 )
 
 PAGE_MULTIPLE = 256  # flash_attn_with_kvcache: page_block_size must be a multiple of 256
@@ -87,8 +88,8 @@ class FlashBackend:
         if self.paged_layout(k_pool.shape[1], masked=kv_valid is not None) == "direct":
             return self._flash_attn_with_kvcache(q, k_pool, v_pool, cache_seqlens=seq_lens,
                                                  block_table=block_table, causal=False)
-        k, v, counts = gather_visible(k_pool, v_pool, block_table, lens, kv_valid, lengths)  # [B, max_n, H, D]
-        cache_seqlens = torch.tensor(counts, dtype=torch.int32, device=q.device)
+        k, v, _ = gather_visible(k_pool, v_pool, block_table, lens, kv_valid, lengths)  # [B, max_n, H, D]
+        cache_seqlens = valid_counts(kv_valid, seq_lens)
         return self._flash_attn_with_kvcache(q, k.contiguous(), v.contiguous(), cache_seqlens=cache_seqlens,
                                              causal=False)
 
@@ -108,9 +109,9 @@ class FlashBackend:
         lengths = split.tail_lengths
         if lengths.valid_counts is not None and not any(lengths.valid_counts):
             return head  # no row has a partial page
-        k, v, counts = gather_visible(k_pool, v_pool, split.tail_table, list(lengths.seq_lens), split.tail_valid,
+        k, v, _ = gather_visible(k_pool, v_pool, split.tail_table, list(lengths.seq_lens), split.tail_valid,
                                       lengths)
-        tail, tail_lse = attention_with_lse(q, k, v, counts)
+        tail, tail_lse = attention_with_lse(q, k, v, split.tail_valid.sum(dim=1))  # counts, on the device
         return merge_partial(head, head_lse, tail, tail_lse).to(q.dtype)
 
 

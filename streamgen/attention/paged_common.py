@@ -103,25 +103,26 @@ def gather_visible(k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torc
     """Each row's visible keys packed to the front: ``k, v: [B, max_n, H, D]`` and the counts ``n_b``.
 
     Without ``kv_valid`` the visible keys are the first ``lens[b]`` (no copy beyond the page
-    gather); with it, the positions it marks, in row order. Rows shorter than ``max_n`` are
-    padded with zeros, which callers must exclude (by length or a key mask).
+    gather); with it, the positions it marks, in row order, moved to the front by a stable sort of the
+    mask and a gather: no boolean indexing, whose output size the host would have to wait for (a device
+    sync in every layer on CUDA). Positions past a row's count hold other (dead or padding) tokens, which
+    callers must exclude (by length or a key mask). The counts come from ``lengths`` (the plan's host
+    copy); without it they are read from ``kv_valid`` (a device read).
     """
     k, v = gather_padded(k_pool, v_pool, block_table)  # [B, max_blocks * page, H, D]
     if kv_valid is None:
         return k[:, :max(lens)], v[:, :max(lens)], lens
     counts = (list(lengths.valid_counts) if lengths is not None and lengths.valid_counts is not None
               else [int(n) for n in kv_valid.sum(dim=1).tolist()])
-    if all(n == counts[0] for n in counts):  # steady state: one boolean gather for the whole batch
-        batch, _, heads, head_dim = k.shape
-        return (k[kv_valid].view(batch, counts[0], heads, head_dim),
-                v[kv_valid].view(batch, counts[0], heads, head_dim), counts)
     width = max(counts)
-    k_out = k.new_zeros(k.shape[0], width, *k.shape[2:])
-    v_out = v.new_zeros(v.shape[0], width, *v.shape[2:])
-    for b, n in enumerate(counts):
-        k_out[b, :n] = k[b, kv_valid[b]]
-        v_out[b, :n] = v[b, kv_valid[b]]
-    return k_out, v_out, counts
+    order = torch.argsort((~kv_valid).to(torch.uint8), dim=1, stable=True)[:, :width]  # visible first, in order
+    index = order[:, :, None, None].expand(-1, -1, *k.shape[2:])
+    return k.gather(1, index), v.gather(1, index), counts
+
+
+def valid_counts(kv_valid: torch.Tensor | None, seq_lens: torch.Tensor) -> torch.Tensor:
+    """int32 ``[B]`` visible keys per row, computed where the tensors live (no host round trip)."""
+    return seq_lens.to(torch.int32) if kv_valid is None else kv_valid.sum(dim=1, dtype=torch.int32)
 
 
 def key_padding_mask(seq_lens: list[int], max_len: int, device: torch.device) -> torch.Tensor:
@@ -150,15 +151,16 @@ class PagedSplit:
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention of ``q: [B, Lq, H, D]`` over the first ``counts[b]`` keys of ``k, v: [B, n, H, D]``.
+                       counts: list[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention of ``q: [B, Lq, H, D]`` over the first ``counts[b]`` keys of ``k, v: [B, n, H, D]``
+    (``counts``: a list, or a ``[B]`` tensor on ``q``'s device, which needs no host-to-device copy).
 
     Returns ``out: float32 [B, Lq, H, D]`` and ``lse: float32 [B, H, Lq]`` (the log-sum-exp of the
     scaled scores; ``-inf`` with ``out`` 0 for a row with no keys). Meant for a handful of pages.
     """
     scale = q.shape[-1] ** -0.5
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # [B, H, Lq, n]
-    present = torch.arange(k.shape[1], device=q.device)[None, :] < torch.tensor(counts, device=q.device)[:, None]
+    present = torch.arange(k.shape[1], device=q.device)[None, :] < torch.as_tensor(counts, device=q.device)[:, None]
     scores = scores.masked_fill(~present[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, H, Lq]
     weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])  # 0 where masked

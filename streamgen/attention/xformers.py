@@ -117,9 +117,9 @@ class XFormersBackend:
         lengths = split.tail_lengths
         if lengths.valid_counts is not None and not any(lengths.valid_counts):
             return head.to(q.dtype)  # no row has a partial page
-        k, v, counts = gather_visible(k_pool, v_pool, split.tail_table, list(lengths.seq_lens), split.tail_valid,
+        k, v, _ = gather_visible(k_pool, v_pool, split.tail_table, list(lengths.seq_lens), split.tail_valid,
                                       lengths)
-        tail, tail_lse = attention_with_lse(q, k, v, counts)
+        tail, tail_lse = attention_with_lse(q, k, v, split.tail_valid.sum(dim=1))  # counts, on the device
         return merge_partial(head, packed_lse_rows(head_lse, batch, q_len), tail, tail_lse).to(q.dtype)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from streamgen.attention import AttentionBackend, AttentionBackendName, BackendUnavailableError, get_backend
 from streamgen.attention.flash import FlashBackend
@@ -269,3 +270,46 @@ def test_host_lengths_spare_reading_the_lengths(name: str, masked: bool) -> None
     torch.testing.assert_close(out.float().as_subclass(torch.Tensor), expected.float(), atol=tol, rtol=tol)
     with pytest.raises(AssertionError, match="read its lengths back"):  # the guard does guard
         backend.paged_attention(q, k_pool, v_pool, table, lens.as_subclass(_NoHostRead), guarded_valid)
+
+
+class _DeviceWaits(TorchDispatchMode):
+    """Records the aten ops whose result the host must wait for on CUDA: reading a value back, or an
+    output whose size depends on the data (boolean-mask indexing, nonzero, masked_select)."""
+
+    WAITING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::item"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func._schema.name
+        if name in self.WAITING:
+            self.seen.append(name)
+        if name == "aten::index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                         for i in (args[1] if len(args) > 1 else ())):
+            self.seen.append("aten::index (boolean mask)")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_paged_call_with_host_lengths_has_no_op_that_waits_for_the_device(masked: bool) -> None:
+    """With the plan's host lengths, the gather path (SDPA's; flex's gather and flash/xformers' split tails
+    use the same gather_visible and attention_with_lse) runs no op whose result the host must wait for: on
+    CUDA each would stall every layer. (Flex's own kernel is a higher-order op this recorder cannot enter.)"""
+    from streamgen.attention.paged_common import HostLengths, attention_with_lse, gather_visible
+
+    backend = get_backend("sdpa")
+    q, k_pool, v_pool, table, lens, valid, _ = masked_paged_case(256, "cpu", torch.float32)
+    if not masked:
+        valid = None
+    lengths = HostLengths(tuple(int(n) for n in lens.tolist()),
+                          None if valid is None else tuple(int(n) for n in valid.sum(dim=1).tolist()))
+    with _DeviceWaits() as mode:
+        backend.paged_attention(q, k_pool, v_pool, table, lens, valid, lengths=lengths)
+        k, v, _ = gather_visible(k_pool, v_pool, table, list(lengths.seq_lens), valid, lengths)
+        attention_with_lse(q, k, v, lens if valid is None else valid.sum(dim=1))
+    assert mode.seen == []
+    with _DeviceWaits() as mode:  # the detector does detect: the old boolean-mask compaction
+        k_pool[0][torch.ones(k_pool.shape[1], dtype=torch.bool)]
+    assert mode.seen
