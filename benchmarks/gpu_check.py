@@ -199,7 +199,8 @@ def environment(blocked: Sequence[str]) -> dict[str, Any]:
                            "packages": {p: version(p) for p in OPTIONAL_PACKAGES}, "blocked_modules": list(blocked)}
     if cuda:
         device = torch.device("cuda", 0)
-        env.update(device=device_info(device).describe(), bf16_supported=torch.cuda.is_bf16_supported(),
+        env.update(device=device_info(device).describe(),
+                   bf16_supported=torch.cuda.is_bf16_supported(including_emulation=False),
                    capability=".".join(map(str, torch.cuda.get_device_capability(device))),
                    num_devices=torch.cuda.device_count())
     return env

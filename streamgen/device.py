@@ -8,7 +8,7 @@ device cannot run) is a ``ValueError`` naming the device and what to use instead
 with one line.
 
 This module never allocates on a device and never imports torch at import time (the CLIs' ``--help``
-stays instant); it only reads ``torch.cuda.is_available`` / ``device_count`` / ``is_bf16_supported``.
+stays instant); it only reads ``torch.cuda.is_available`` / ``device_count`` / ``get_device_capability``.
 """
 
 from __future__ import annotations
@@ -103,10 +103,23 @@ def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
     if device.type == "cpu" and dtype == torch.float16:
         raise ValueError(f"dtype float16 is not supported on {device}: use float32, or bfloat16 on a CPU with "
                          f"native bf16 (--dtype auto picks)")
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and dtype == torch.bfloat16 and not cuda_has_native_bf16(device):
         name = torch.cuda.get_device_name(device)
         raise ValueError(f"dtype bfloat16 is not supported on {device} ({name}, no native bf16): use float32 "
                          f"(or float16 where the model allows it); --dtype auto picks float32 there")
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA ``device`` itself (not the current one) computes in bf16 natively: compute capability
+    8.0 or newer (Ampere on). ``torch.cuda.is_bf16_supported()`` alone also says yes where bf16 is only
+    emulated (pre-Ampere), and asks about the current device. ROCm: torch's check without emulation."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    if torch.version.hip:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def synchronize(device: torch.device) -> None:

@@ -99,7 +99,7 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> DtypeChoice:
     """
     import torch
 
-    from streamgen.device import check_dtype
+    from streamgen.device import check_dtype, cuda_has_native_bf16
 
     by_name = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if name not in DTYPE_NAMES:
@@ -111,7 +111,7 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> DtypeChoice:
         check_dtype(by_name[name], device)
     if device.type == "cuda":
         if name == "auto":
-            if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            if cuda_has_native_bf16(device):
                 return DtypeChoice(torch.bfloat16, "auto: CUDA device with bf16 support")
             return DtypeChoice(torch.float32, "auto: this CUDA device has no bf16 support")
         return DtypeChoice(by_name[name], "forced")
@@ -135,13 +135,13 @@ def resolve_precision(name: str, device: torch.device | str = "cpu") -> tuple[st
     """
     import torch
 
-    from streamgen.device import check_dtype
+    from streamgen.device import check_dtype, cuda_has_native_bf16
 
     if name not in ("auto", "bf16", "fp32"):
         raise ValueError(f"unknown precision {name!r}; choose one of auto, bf16, fp32")
     device = torch.device(device)
     if device.type == "cuda":
-        bf16_ok = torch.cuda.is_bf16_supported()
+        bf16_ok = cuda_has_native_bf16(device)
         if name == "bf16":
             check_dtype(torch.bfloat16, device)
         if name != "auto":

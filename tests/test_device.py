@@ -22,9 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _fake_cuda(monkeypatch: pytest.MonkeyPatch, count: int, bf16: bool = True) -> None:
+    """``count`` fake GPUs: compute capability 8.0 with ``bf16``, else 7.0 (a V100), whose
+    ``is_bf16_supported()`` still says True (torch counts bf16 emulation by default)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 or including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0) if bf16 else (7, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Fake V100")
 
 
@@ -151,7 +155,7 @@ def test_real_cuda_device_resolves_and_runs_its_auto_dtype() -> None:
     with pytest.raises(ValueError, match="does not exist"):
         dev.resolve_device(f"cuda:{count}")
     choice = precision.resolve_dtype("auto", cuda)
-    assert choice.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+    assert choice.dtype == (torch.bfloat16 if dev.cuda_has_native_bf16(torch.device("cuda")) else torch.float32)
     x = torch.randn(64, 64, device=cuda, dtype=choice.dtype)
     assert torch.isfinite(x @ x).all()
     assert "GiB" in dev.device_info(cuda).describe()
