@@ -15,11 +15,19 @@ the 8 minutes one H100 gets):
 3. ``benchmarks/engine.py --quick --hash-text`` at the ``default`` and ``wan-1.3b`` presets with
    random weights on ``cuda:0`` (the ``test`` preset on a CPU dry run).
 
-It needs only what the lent GPU machines have (torch with CUDA, Triton, pytest, numpy, safetensors):
-it runs from the source tree (``PYTHONPATH`` set to the checkout), imports no PyAV, diffusers or
-gRPC stub generator on these paths, and installs nothing. The summary is printed as one JSON
-document on stdout (``--out`` also writes it to a file). Exit codes: 0 every step passed, 1 a step
-failed, 2 no CUDA device (without ``--allow-cpu``) or bad arguments.
+It needs only what the lent GPU machines have (torch with CUDA, Triton, pytest, numpy, safetensors,
+transformers): it runs from the source tree (``PYTHONPATH`` set to the checkout), imports no PyAV,
+diffusers or gRPC stub generator on these paths, and installs nothing. The trainer's device tests also
+need accelerate and TensorBoard, which that image lacks: ``--prepare-carry DIR`` (on the development
+machine) copies them and their small dependencies from this environment into ``DIR`` (default
+``.gpu_carry/``, git-ignored, at most 64 MiB; the files travel with the checkout), and the check appends
+``DIR`` to the steps' ``sys.path`` (after the image's own packages, which win). Plotting and SciPy stay
+behind: the trainer imports them lazily, and the check tells it so (``STREAMGEN_TRAIN_LAZY_OK``).
+
+    python benchmarks/gpu_check.py --prepare-carry .gpu_carry    # here, before the GPU run
+
+The summary is printed as one JSON document on stdout (``--out`` also writes it to a file). Exit codes:
+0 every step passed, 1 a step failed, 2 no CUDA device (without ``--allow-cpu``) or bad arguments.
 """
 
 from __future__ import annotations
@@ -43,8 +51,15 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
-# What the lent GPU image lacks; --block-modules with these simulates it on any machine.
-GPU_IMAGE_MISSING = ("av", "diffusers", "grpc_tools", "flash_attn", "xformers")
+# What the lent GPU image lacks; --block-modules with these simulates it on any machine (a carried copy,
+# --carry, still imports: the blocker refuses only what would come from elsewhere).
+GPU_IMAGE_MISSING = ("av", "diffusers", "grpc_tools", "flash_attn", "xformers", "accelerate", "psutil",
+                     "tensorboard", "absl", "markdown", "werkzeug", "matplotlib", "scipy")
+# Distributions --prepare-carry copies (the trainer's accelerate and TensorBoard with what they need beyond
+# the image: torch, numpy, PyYAML, packaging, huggingface-hub, grpcio and MarkupSafe are there).
+CARRY_DISTS = ("accelerate", "psutil", "tensorboard", "absl-py", "markdown", "protobuf", "werkzeug")
+CARRY_LIMIT_BYTES = 64 * 1024 * 1024
+DEFAULT_CARRY = REPO / ".gpu_carry"
 OPTIONAL_PACKAGES = ("triton", "flash_attn", "xformers", "av", "diffusers", "grpc_tools", "accelerate")
 # Result fields of benchmarks/engine.py carried into the summary.
 ENGINE_FIELDS = ("preset", "device", "dtype", "rtf", "generated_fps", "ttff_s", "latency_ratio_200_10",
@@ -56,30 +71,77 @@ ENGINE_FIELDS = ("preset", "device", "dtype", "rtf", "generated_fps", "ttff_s", 
 class _Blocker(importlib.abc.MetaPathFinder):
     """Makes ``import name`` fail as if the package were not installed."""
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], allowed_dir: str | None = None) -> None:
         self.names = frozenset(names)
+        self.allowed_dir = allowed_dir
 
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
-        if fullname.split(".")[0] in self.names:
-            raise ModuleNotFoundError(f"No module named {fullname!r} (blocked by gpu_check --block-modules)",
-                                      name=fullname)
-        return None
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname.split(".")[0] not in self.names:
+            return None
+        if self.allowed_dir is not None:  # a carried copy imports; the installed one stays "missing"
+            from importlib.machinery import PathFinder
+
+            if "." in fullname:
+                if path is not None and all(str(p).startswith(self.allowed_dir) for p in path):
+                    return None
+            elif (spec := PathFinder.find_spec(fullname, [self.allowed_dir])) is not None:
+                return spec
+        raise ModuleNotFoundError(f"No module named {fullname!r} (blocked by gpu_check --block-modules)",
+                                  name=fullname)
 
 
-def block_modules(names: Sequence[str]) -> None:
-    """Refuse imports of ``names`` (top-level packages) in this process from now on."""
+def block_modules(names: Sequence[str], allowed_dir: str | None = None) -> None:
+    """Refuse imports of ``names`` (top-level packages) in this process from now on, except copies under
+    ``allowed_dir`` (the carry folder)."""
     if names:
-        sys.meta_path.insert(0, _Blocker(names))
+        sys.meta_path.insert(0, _Blocker(names, allowed_dir))
 
 
-def _python(argv: Sequence[str], blocked: Sequence[str], *, module: bool) -> list[str]:
-    """A command running ``python -m argv[0] argv[1:]`` (or the script ``argv[0]``) with ``blocked`` refused."""
-    if not blocked:
+def prepare_carry(target: Path, dists: Sequence[str] = CARRY_DISTS) -> dict[str, Any]:
+    """Copy the installed files of ``dists`` (code and ``.dist-info``, no scripts) from this environment into
+    ``target``, a folder importable as a site directory; refuse beyond :data:`CARRY_LIMIT_BYTES`."""
+    import shutil
+
+    copied: dict[str, dict[str, Any]] = {}
+    total = 0
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for name in dists:
+        dist = importlib.metadata.distribution(name)
+        size = 0
+        for file in dist.files or []:
+            rel = Path(str(file))
+            if rel.is_absolute() or ".." in rel.parts or rel.suffix == ".pyc":
+                continue  # console scripts and caches live outside the site directory
+            src = Path(str(dist.locate_file(file)))
+            if not src.is_file():
+                continue
+            dst = target / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+            size += src.stat().st_size
+        copied[name] = {"version": dist.version, "bytes": size}
+        total += size
+    if total > CARRY_LIMIT_BYTES:
+        shutil.rmtree(target)
+        raise ValueError(f"the carried packages take {total / 2**20:.1f} MiB, over the 64 MiB a device run carries")
+    manifest = {"dists": copied, "bytes": total, "python": platform.python_version(), "platform": platform.machine()}
+    (target / "CARRY.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _python(argv: Sequence[str], blocked: Sequence[str], *, module: bool, carry: Path | None = None) -> list[str]:
+    """A command running ``python -m argv[0] argv[1:]`` (or the script ``argv[0]``) with ``blocked`` refused
+    and ``carry`` appended to ``sys.path``."""
+    if not blocked and carry is None:
         return [sys.executable, *(["-m"] if module else []), *argv]
     run = (f"runpy.run_module({argv[0]!r}, run_name='__main__', alter_sys=True)" if module
            else f"runpy.run_path({argv[0]!r}, run_name='__main__')")
+    allowed = None if carry is None else str(carry)
     boot = (f"import runpy, sys\nsys.path.insert(0, {str(HERE)!r})\nfrom gpu_check import block_modules\n"
-            f"block_modules({list(blocked)!r})\nsys.argv = {list(argv)!r}\n{run}\n")
+            + ("" if carry is None else f"sys.path.append({allowed!r})\n")
+            + f"block_modules({list(blocked)!r}, {allowed!r})\nsys.argv = {list(argv)!r}\n{run}\n")
     return [sys.executable, "-c", boot]
 
 
@@ -100,7 +162,7 @@ class Budget:
 def _run(cmd: list[str], timeout_s: float) -> tuple[int | None, str, float]:
     """(return code, or None on timeout; stdout+stderr tail; seconds)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "STREAMGEN_TRAIN_LAZY_OK": "1"}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -136,13 +198,14 @@ def _junit(path: Path) -> list[dict[str, str]]:
     return cases
 
 
-def run_pytest(args: Sequence[str], blocked: Sequence[str], timeout_s: float) -> dict[str, Any]:
+def run_pytest(args: Sequence[str], blocked: Sequence[str], timeout_s: float,
+               carry: Path | None = None) -> dict[str, Any]:
     """``pytest args`` in a subprocess; counts by outcome, the failures, and the modules that would not import."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
         argv = ["pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors", "-rs",
                 f"--junitxml={report}", *args]
-        code, output, seconds = _run(_python(argv, blocked, module=True), timeout_s)
+        code, output, seconds = _run(_python(argv, blocked, module=True, carry=carry), timeout_s)
         cases = _junit(report) if report.is_file() else []
     counts = {k: sum(c["outcome"] == k for c in cases)
               for k in ("passed", "failed", "error", "skipped", "not_collected")}
@@ -158,6 +221,9 @@ def run_pytest(args: Sequence[str], blocked: Sequence[str], timeout_s: float) ->
         result["timed_out_after_s"] = round(timeout_s, 1)
     if not cases or code not in (0, 1, 5):
         result["output_tail"] = output[-2000:]
+    if "the trainer needs the 'train' extra" in output:
+        result["hint"] = ("the trainer's packages are missing here: run `python benchmarks/gpu_check.py "
+                          "--prepare-carry .gpu_carry` where they are installed and bring the folder along")
     return result
 
 
@@ -217,7 +283,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--presets", default=None,
                         help="engine benchmark presets (default: default,wan-1.3b on CUDA; test with --allow-cpu)")
     parser.add_argument("--out", type=Path, help="also write the JSON summary here")
+    parser.add_argument("--carry", type=Path, default=None,
+                        help="folder of carried packages appended to the steps' sys.path "
+                             f"(default {DEFAULT_CARRY.name}/ when it exists)")
+    parser.add_argument("--prepare-carry", type=Path, metavar="DIR", default=None,
+                        help="copy the trainer's accelerate and TensorBoard (and what they need beyond the GPU image) "
+                             "from this environment into DIR, then exit")
     args = parser.parse_args(argv)
+    if args.prepare_carry is not None:
+        try:
+            print(json.dumps(prepare_carry(args.prepare_carry.resolve()), indent=2))
+        except (importlib.metadata.PackageNotFoundError, ValueError) as exc:
+            print(f"gpu_check: error: cannot prepare {args.prepare_carry}: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    carry = args.carry if args.carry is not None else (DEFAULT_CARRY if DEFAULT_CARRY.is_dir() else None)
+    if carry is not None and not carry.is_dir():
+        print(f"gpu_check: error: --carry {carry} is not a folder (make it with --prepare-carry)", file=sys.stderr)
+        return 2
+    carry = None if carry is None else carry.resolve()
     blocked = tuple(m.strip() for m in args.block_modules.split(",") if m.strip())
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = skip - {"gpu_tests", "attention", "engine"}
@@ -226,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "use gpu_tests, attention, engine", file=sys.stderr)
         return 2
     sys.path.insert(0, str(REPO))
-    block_modules(blocked)
+    block_modules(blocked, None if carry is None else str(carry))
     import torch
 
     if not torch.cuda.is_available() and not args.allow_cpu:
@@ -237,12 +321,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     presets = [p for p in (args.presets or ("default,wan-1.3b" if device == "cuda" else "test")).split(",") if p]
     budget = Budget(args.budget_s, time.perf_counter())
     summary: dict[str, Any] = {"check": "gpu_check", "mode": "cuda" if device == "cuda" else "cpu dry run",
-                               "environment": environment(blocked), "budget_s": args.budget_s, "steps": {}}
+                               "environment": environment(blocked), "budget_s": args.budget_s, "steps": {},
+                               "carry": None if carry is None else json.loads((carry / "CARRY.json").read_text())
+                               if (carry / "CARRY.json").is_file() else str(carry)}
     steps = summary["steps"]
     if "gpu_tests" not in skip:
-        steps["gpu_tests"] = run_pytest(["-m", "gpu", "tests"], blocked, budget.limit(150))
+        steps["gpu_tests"] = run_pytest(["-m", "gpu", "tests"], blocked, budget.limit(150), carry)
     if "attention" not in skip:
-        steps["attention_parity"] = run_pytest(["tests/attention"], blocked, budget.limit(150))
+        steps["attention_parity"] = run_pytest(["tests/attention"], blocked, budget.limit(150), carry)
     if "engine" not in skip:
         for preset in presets:
             # wan-1.3b's KV is ~288 MiB per latent frame in bf16: room for 4 streams' windows and the 21-frame run.

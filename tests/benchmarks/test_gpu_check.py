@@ -56,6 +56,39 @@ def test_blocked_modules_fail_like_missing_ones() -> None:
     assert res.stdout.strip() == "blocked wave", res.stderr
 
 
+def test_the_carry_folder_makes_the_trainers_device_tests_importable_on_the_gpu_image(tmp_path: Path) -> None:
+    """With the image's missing packages refused, the trainer's test conftest cannot be imported (so pytest would
+    stop before any GPU test); with the
+    folder --prepare-carry makes (accelerate, TensorBoard and their small dependencies, under 64 MiB) they are,
+    and what they import comes from the carried copies."""
+    manifest = gpu_check.prepare_carry(tmp_path / "carry")
+    assert set(manifest["dists"]) == set(gpu_check.CARRY_DISTS) and 0 < manifest["bytes"] < 64 * 2**20
+    assert (tmp_path / "carry" / "accelerate" / "__init__.py").is_file()
+    tests = ["tests/trainer/test_self_forcing_device.py", "tests/trainer/common/test_runtime_device.py"]
+    env = {**NO_CUDA, "PYTHONPATH": str(REPO), "STREAMGEN_TRAIN_LAZY_OK": "1"}
+    probe = "import accelerate, tensorboard; print(accelerate.__file__); print(tensorboard.__file__)"
+
+    def run(carry: Path | None) -> subprocess.CompletedProcess[str]:
+        cmd = gpu_check._python(["pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *tests],
+                                gpu_check.GPU_IMAGE_MISSING, module=True, carry=carry)
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+
+    without = run(None)
+    assert without.returncode != 0  # the trainer's conftest stops the whole session: no GPU test would run
+    assert "the trainer needs the 'train' extra (missing: accelerate, tensorboard)" in without.stderr
+    carried = run(tmp_path / "carry")
+    assert carried.returncode == 0, (carried.stdout + carried.stderr)[-2000:]
+    assert "test_runtime_device.py::" in carried.stdout
+    script = tmp_path / "probe.py"
+    script.write_text(probe + "\n")
+    where = subprocess.run(gpu_check._python([str(script)], gpu_check.GPU_IMAGE_MISSING, module=False,
+                                             carry=tmp_path / "carry"), cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert where.returncode == 0, where.stderr[-2000:]
+    paths = where.stdout.strip().splitlines()
+    assert len(paths) == 2 and all(path.startswith(str(tmp_path / "carry")) for path in paths)
+
+
 def test_pytest_reports_become_counts_failures_and_import_reasons(tmp_path: Path) -> None:
     (tmp_path / "test_mixed.py").write_text(textwrap.dedent("""
         import pytest
