@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from streamgen.attention import BackendUnavailableError, get_backend
 from streamgen.config import CacheConfig, Preset, get_preset
 from streamgen.device import DEVICE_HELP, device_info, resolve_device, synchronize
 from streamgen.engine.engine import Engine, EngineConfig
@@ -61,13 +62,14 @@ PROMPTS = ["a glossy red bottle turning slowly on a white table", "a matte blue 
 
 
 def build(preset: Preset, text: TextEncoder, dtype: torch.dtype, quantize: str = "none",
-          device: torch.device | None = None, kv_memory_bytes: int = 256 * 2**20, **engine_kw: Any) -> Engine:
+          device: torch.device | None = None, kv_memory_bytes: int = 256 * 2**20, attention: str = "sdpa",
+          **engine_kw: Any) -> Engine:
     device = device or torch.device("cpu")
     torch.manual_seed(0)
     # Built and drawn on the device: random weights only set the speed, and initialising wan-1.3b's 1.4B
     # parameters on a CPU takes ~80 s on 2 cores, per engine.
     with device:
-        model = CausalWanTransformer(preset.model)
+        model = CausalWanTransformer(preset.model, attention)
         with torch.no_grad():  # random weights with a non-zero head, so the math is not degenerate
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
@@ -151,13 +153,17 @@ def main() -> None:
                         help="INT8 linear layers (CPU, float32); the other-dtype run stays unquantised")
     parser.add_argument("--hash-text", action="store_true",
                         help="skip MiniLM (hash embeddings of the preset's text width; needed for wan-1.3b's 4096)")
+    parser.add_argument("--attention", default="sdpa",
+                        help="attention backend, as `streamgen serve --attention` (sdpa, flex, xformers, flash); "
+                             "the JSON counts which paged path its calls took")
     parser.add_argument("--kv-memory-mb", type=float, default=256,
                         help="KV pool per engine (wan-1.3b in bf16: ~288 MiB a latent frame)")
     args = parser.parse_args()
     try:  # before anything loads: a bad --device is one line and exit 2
         device = resolve_device(args.device)
         choice = resolve_dtype(args.dtype, device)
-    except ValueError as exc:
+        get_backend(args.attention)  # an unknown or unavailable backend: its own one-line reason
+    except (ValueError, BackendUnavailableError) as exc:
         print(f"benchmarks/engine.py: error: {exc}", file=sys.stderr)
         sys.exit(2)
     torch.set_num_threads(args.threads)
@@ -165,7 +171,8 @@ def main() -> None:
     dtype = choice.dtype
     print(f"device: {device_info(device).describe()}; dtype: {choice.name} ({choice.reason})", file=sys.stderr)
     other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
-    engine_kw: dict[str, Any] = {"device": device, "kv_memory_bytes": int(args.kv_memory_mb * 2**20)}
+    engine_kw: dict[str, Any] = {"device": device, "kv_memory_bytes": int(args.kv_memory_mb * 2**20),
+                                 "attention": args.attention}
     hashed = HashTokenEncoder(preset.model.text_dim) if args.hash_text else None
     text = TextEncoder(preset.model.text_max_tokens, token_encoder=hashed)
     if not args.hash_text:
@@ -184,7 +191,11 @@ def main() -> None:
     flops_per_frame = chunk_flops / preset.pixel_frames(chunk)
 
     # 1. One stream, long, rolling window (the preset's): RTF, TTFF, chunk 10 vs chunk 200.
-    single = run_streams(build(preset, text, dtype, args.quantize, **engine_kw), 1, long_chunks)
+    single_engine = build(preset, text, dtype, args.quantize, **engine_kw)
+    single = run_streams(single_engine, 1, long_chunks)
+    usage = single_engine.kv.usage()
+    paged_calls = {"direct": usage.paged_direct_calls, "split": usage.paged_split_calls,
+                   "gathered": usage.paged_gathered_calls}
     chunk_s = single["chunk_s"]
     # Medians over 11 chunks centred on chunk 10 (the window is full from chunk 4 on) and on chunk 200:
     # single chunk times on a shared 2-core machine jitter by 10 % and more.
@@ -214,7 +225,7 @@ def main() -> None:
     p21 = dataclasses.replace(preset, cache=CacheConfig(window_frames=window, sink_frames=0))
     torch.manual_seed(0)
     with device:
-        model = CausalWanTransformer(preset.model)
+        model = CausalWanTransformer(preset.model, args.attention)
     model = quantize_transformer(model.to(dtype).eval(), args.quantize)
     repeats = 3 if args.quick else 7
     # No cache: every denoising forward runs over context + chunk under the block-causal mask.
@@ -240,7 +251,7 @@ def main() -> None:
     result = {
         "preset": preset.name, "device": device_info(device).describe(), "threads": args.threads, "dtype": name,
         "dtype_reason": choice.reason,
-        "quantize": args.quantize,
+        "quantize": args.quantize, "attention": args.attention, "paged_attention_calls": paged_calls,
         "matmul_peak_gflops": peak / 1e9,
         "rtf": rtf, "generated_fps": rtf * fps, "ttff_s": single["ttff_s"],
         "chunk10_s": win10, "chunk200_s": win200, "chunk_index_late": late,

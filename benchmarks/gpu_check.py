@@ -12,8 +12,9 @@ the 8 minutes one H100 gets):
    Test modules that cannot be imported here (a package the image lacks) are listed, not fatal.
 2. ``pytest tests/attention``: every paged backend against the SDPA reference on the same pages
    (backends not installed skip with the reason their ``create()`` gives).
-3. ``benchmarks/engine.py --quick --hash-text`` at the ``default`` and ``wan-1.3b`` presets with
-   random weights on ``cuda:0`` (the ``test`` preset on a CPU dry run).
+3. ``benchmarks/engine.py --quick --hash-text`` at the ``default`` preset (SDPA) and the ``wan-1.3b``
+   preset with ``--attention flex`` (compiled flex reading the 256-token pages in place; the JSON counts
+   the paged calls by path) with random weights on ``cuda:0`` (the ``test`` preset on a CPU dry run).
 
 It needs only what the lent GPU machines have (torch with CUDA, Triton, pytest, numpy, safetensors,
 transformers): it runs from the source tree (``PYTHONPATH`` set to the checkout), imports no PyAV,
@@ -62,10 +63,10 @@ CARRY_LIMIT_BYTES = 64 * 1024 * 1024
 DEFAULT_CARRY = REPO / ".gpu_carry"
 OPTIONAL_PACKAGES = ("triton", "flash_attn", "xformers", "av", "diffusers", "grpc_tools", "accelerate")
 # Result fields of benchmarks/engine.py carried into the summary.
-ENGINE_FIELDS = ("preset", "device", "dtype", "rtf", "generated_fps", "ttff_s", "latency_ratio_200_10",
-                 "batch1_fps", "batch4_fps", "batch4_over_1", "cache_speedup_21", "pipeline_speedup_21",
-                 "mfu", "mfu_3_frames", "matmul_peak_gflops", "forward_s_3_frames", "forward_s_12_frames",
-                 "join_ttff_s")
+ENGINE_FIELDS = ("preset", "device", "dtype", "attention", "paged_attention_calls", "rtf", "generated_fps",
+                 "ttff_s", "latency_ratio_200_10", "batch1_fps", "batch4_fps", "batch4_over_1",
+                 "cache_speedup_21", "pipeline_speedup_21", "mfu", "mfu_3_frames", "matmul_peak_gflops",
+                 "forward_s_3_frames", "forward_s_12_frames", "join_ttff_s")
 
 
 class _Blocker(importlib.abc.MetaPathFinder):
@@ -228,10 +229,11 @@ def run_pytest(args: Sequence[str], blocked: Sequence[str], timeout_s: float,
 
 
 def run_engine_benchmark(preset: str, device: str, blocked: Sequence[str], timeout_s: float,
-                         kv_memory_mb: float) -> dict[str, Any]:
-    """``benchmarks/engine.py --quick --hash-text`` at ``preset``; its headline figures."""
+                         kv_memory_mb: float, attention: str = "sdpa") -> dict[str, Any]:
+    """``benchmarks/engine.py --quick --hash-text`` at ``preset`` with ``attention``; its headline figures."""
     argv = [str(HERE / "engine.py"), "--preset", preset, "--device", device, "--quick", "--hash-text",
-            "--threads", str(max(1, (os.cpu_count() or 2) // 2)), "--kv-memory-mb", str(kv_memory_mb)]
+            "--threads", str(max(1, (os.cpu_count() or 2) // 2)), "--kv-memory-mb", str(kv_memory_mb),
+            "--attention", attention]
     code, output, seconds = _run(_python(argv, blocked, module=False), timeout_s)
     result: dict[str, Any] = {"ok": False, "returncode": code, "elapsed_s": round(seconds, 1)}
     start = output.find("{\n")
@@ -281,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"comma-separated packages to treat as missing, e.g. {','.join(GPU_IMAGE_MISSING)}")
     parser.add_argument("--skip", default="", help="comma-separated steps to leave out: gpu_tests, attention, engine")
     parser.add_argument("--presets", default=None,
-                        help="engine benchmark presets (default: default,wan-1.3b on CUDA; test with --allow-cpu)")
+                        help="engine benchmark runs, PRESET[:BACKEND] (default: default,wan-1.3b:flex on CUDA, so "
+                             "the 1.3B run reaches flex's fused paged kernel; test with --allow-cpu)")
     parser.add_argument("--out", type=Path, help="also write the JSON summary here")
     parser.add_argument("--carry", type=Path, default=None,
                         help="folder of carried packages appended to the steps' sys.path "
@@ -318,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "sees none; run it on a CUDA machine, or pass --allow-cpu for a dry run", file=sys.stderr)
         return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    presets = [p for p in (args.presets or ("default,wan-1.3b" if device == "cuda" else "test")).split(",") if p]
+    presets = [p for p in (args.presets or ("default,wan-1.3b:flex" if device == "cuda" else "test")).split(",") if p]
     budget = Budget(args.budget_s, time.perf_counter())
     summary: dict[str, Any] = {"check": "gpu_check", "mode": "cuda" if device == "cuda" else "cpu dry run",
                                "environment": environment(blocked), "budget_s": args.budget_s, "steps": {},
@@ -330,10 +333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "attention" not in skip:
         steps["attention_parity"] = run_pytest(["tests/attention"], blocked, budget.limit(150), carry)
     if "engine" not in skip:
-        for preset in presets:
+        for run in presets:
+            preset, _, attention = run.partition(":")
             # wan-1.3b's KV is ~288 MiB per latent frame in bf16: room for 4 streams' windows and the 21-frame run.
             kv_mb = 24576 if preset == "wan-1.3b" else 256
-            steps[f"engine_{preset}"] = run_engine_benchmark(preset, device, blocked, budget.limit(240), kv_mb)
+            steps[f"engine_{preset}" + (f"_{attention}" if attention else "")] = run_engine_benchmark(
+                preset, device, blocked, budget.limit(240), kv_mb, attention or "sdpa")
     summary["elapsed_s"] = round(time.perf_counter() - budget.t0, 1)
     summary["ok"] = all(step["ok"] for step in steps.values())
     text = json.dumps(summary, indent=2)
