@@ -9,6 +9,7 @@ sampler, and every prediction must agree to 1e-5 in fp32 -- through hundreds of 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -38,7 +39,8 @@ class Mirror:
 
     def __init__(self, model: CausalWanTransformer, cfg: CacheConfig) -> None:
         self.cache = ContiguousKVCache(PRESET.model.num_layers, PRESET.tokens_per_frame, cfg, get_backend("sdpa"))
-        self.text = model.encode_text(torch.randn(1, PRESET.model.text_max_tokens, PRESET.model.text_dim))
+        device = model.proj_out.weight.device  # drawn on the CPU, then moved: the same numbers on every device
+        self.text = model.encode_text(torch.randn(1, PRESET.model.text_max_tokens, PRESET.model.text_dim).to(device))
         self.num_frames = 0
 
 
@@ -46,9 +48,10 @@ def run_step(model: CausalWanTransformer, manager: PagedKVCacheManager, mirrors:
              sids: list[str], chunk: int, commit: bool) -> float:
     """One batched paged forward vs. per-session contiguous forwards; returns the max abs difference."""
     shape = (len(sids), PRESET.model.latent_channels, chunk, PRESET.latent_height, PRESET.latent_width)
-    x = torch.randn(shape)
-    t = torch.zeros(len(sids), chunk) if commit else torch.rand(len(sids), 1).expand(-1, chunk) * 1000
-    starts = torch.tensor([mirrors[s].num_frames for s in sids])
+    device = model.proj_out.weight.device
+    x = torch.randn(shape).to(device)
+    t = (torch.zeros(len(sids), chunk) if commit else torch.rand(len(sids), 1).expand(-1, chunk) * 1000).to(device)
+    starts = torch.tensor([mirrors[s].num_frames for s in sids], device=device)
     text = TextContext.cat([mirrors[s].text for s in sids])
     with manager.begin_forward(sids, chunk, commit=commit) as view:
         paged = model(x, t, text, frame_offsets=starts, kv_cache=view)
@@ -78,10 +81,11 @@ def run_step(model: CausalWanTransformer, manager: PagedKVCacheManager, mirrors:
 ], ids=["w6s2", "w5s0", "w7s3-bsf2", "nowindow", "w6s2-tok3", "w7s3-tok6"])
 @torch.no_grad()
 def test_paged_predictions_equal_contiguous(model: CausalWanTransformer, cfg: CacheConfig, chunk: int,
-                                            steps: int, page: int | None) -> None:
+                                            steps: int, page: int | None, device: torch.device) -> None:
     torch.manual_seed(1)
+    model = model if device.type == "cpu" else copy.deepcopy(model).to(device)
     manager = PagedKVCacheManager.from_preset(PRESET, get_backend("sdpa"), num_blocks=160, cache_config=cfg,
-                                              block_size_tokens=page)
+                                              block_size_tokens=page, device=device)
     worst_case = manager.worst_case_frames(chunk, total_frames=steps * chunk)
     mirrors: dict[str, Mirror] = {}
     joins = {0: ["a"], 1: ["b"], 3: ["c", "d"], steps // 2: ["e"]}  # "e" takes the pages "b" leaves

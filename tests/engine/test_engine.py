@@ -37,16 +37,16 @@ def _capture_latents(engine: Engine) -> dict[str, list[torch.Tensor]]:
     return seen
 
 
-def test_batched_equals_alone_equals_offline(tiny_engine: MakeEngine) -> None:
+def test_batched_equals_alone_equals_offline(tiny_engine: MakeEngine, device: torch.device) -> None:
     preset = _preset()
     target = GenerationRequest("a glossy red bottle", seed=7, num_frames=8 * 4)
 
-    alone = tiny_engine(preset)
+    alone = tiny_engine(preset, device=device)
     alone_latents = _capture_latents(alone)
     sid = alone.add_request(target, "target")
     alone_frames = np.concatenate([c.frames for c in alone.run_until_done()[sid]])
 
-    batched = tiny_engine(preset)
+    batched = tiny_engine(preset, device=device)
     batched_latents = _capture_latents(batched)
     batched.add_request(GenerationRequest("a blue mug", seed=1, num_frames=60), "early")
     for _ in range(7):  # the others start earlier: different steps and context lengths
@@ -72,7 +72,7 @@ def test_batched_equals_alone_equals_offline(tiny_engine: MakeEngine) -> None:
     # The offline reference: contiguous cache, same seed, same weights.
     model = alone.model
     emb, _ = alone.runner.text.encode([target.prompt])
-    reference = torch.cat(list(generate_latents(model, model.encode_text(emb), preset, 8,
+    reference = torch.cat(list(generate_latents(model, model.encode_text(emb.to(device)), preset, 8,
                                                 torch.Generator().manual_seed(7))), dim=2)
     assert (a - reference).abs().max() <= 1e-4
     assert batched.kv.usage().num_used_blocks == 0

@@ -45,8 +45,10 @@ def test_engine_state_stays_on_its_device(device: torch.device) -> None:
         found += [(f"{sid}{p}", t) for p, t in _tensors(session.tensors)]
     found += [("pool.k_cache", engine.kv.pool.k_cache), ("pool.v_cache", engine.kv.pool.v_cache)]
     found += [(f"model.{n}", p) for n, p in engine.model.named_parameters()]
+    found += [(f"model.{n}", b) for n, b in engine.model.named_buffers()]
     found += [(f"vae.{n}", p) for n, p in engine.vae.named_parameters()]
-    wrong = [(p, str(t.device)) for p, t in found if t.device.type != device.type]
+    found += [(f"vae.{n}", b) for n, b in engine.vae.named_buffers()]
+    wrong = [(p, str(t.device)) for p, t in found if t.device != device]  # the index too: cuda:1 is not cuda:0
     assert len(found) > 50 and wrong == []
 
 
