@@ -85,8 +85,9 @@ def test_other_factors_round_trip_shapes(spatial_factor: int, temporal_factor: i
 @pytest.mark.parametrize("sizes,sized", [([1, 1, 1, 1, 1], True), ([2, 3], True), ([3, 1, 1], False),
                                          ([1, 4], False), ([5], True)])
 def test_streaming_decode_equals_whole_decode(vae: CausalVideoVAE, test_preset: Preset, sizes: list[int],
-                                              sized: bool) -> None:
-    latents = _latents(test_preset, 2, 5)
+                                              sized: bool, device: torch.device) -> None:
+    vae = vae.to(device)
+    latents = _latents(test_preset, 2, 5).to(device)
     with torch.no_grad():
         whole = vae.decode(latents)
         streamed = _decode_in_chunks(vae, latents, sizes, sized)
