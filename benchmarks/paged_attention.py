@@ -2,6 +2,7 @@
 
     python benchmarks/paged_attention.py                 # default preset, bf16, 2 threads
     python benchmarks/paged_attention.py --quick         # fewer timed chunks
+    python benchmarks/paged_attention.py --device cuda --attention flex   # on a GPU, a fused paged kernel
 
 Prints one JSON document, then a short table. What it measures:
 
@@ -34,7 +35,7 @@ from typing import Any
 
 import torch
 
-from streamgen.attention import get_backend
+from streamgen.attention import BackendUnavailableError, get_backend
 from streamgen.attention.flash import FlashBackend
 from streamgen.attention.flex import FlexBackend
 from streamgen.attention.xformers import XFormersBackend
@@ -43,6 +44,7 @@ from streamgen.cache.contiguous import ContiguousKVCache
 from streamgen.cache.paged import PagedKVCacheManager
 from streamgen.cache.window import worst_case_resident_frames
 from streamgen.config import CacheConfig, Preset, get_preset
+from streamgen.device import DEVICE_HELP, check_dtype, device_info, resolve_device, synchronize
 from streamgen.model.transformer import CausalWanTransformer, TextContext
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -62,14 +64,20 @@ class Stream:
     def chunk(self) -> int:
         return self.preset.sampler.chunk_frames
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.proj_out.weight.device
+
     def latents(self) -> torch.Tensor:
         p = self.preset
         return torch.randn(self.batch, p.model.latent_channels, self.chunk, p.latent_height, p.latent_width,
-                           dtype=self.dtype)
+                           dtype=self.dtype).to(self.device)
 
 
-def build_model(preset: Preset, dtype: torch.dtype) -> CausalWanTransformer:
-    model = CausalWanTransformer(preset.model).eval()
+def build_model(preset: Preset, dtype: torch.dtype, attention: str = "sdpa",
+                device: torch.device | str = "cpu") -> CausalWanTransformer:
+    with torch.device(device):
+        model = CausalWanTransformer(preset.model, attention).eval()
     with torch.no_grad():  # random weights; perturb the zero-initialised head so outputs are not all zero
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -77,10 +85,10 @@ def build_model(preset: Preset, dtype: torch.dtype) -> CausalWanTransformer:
 
 
 def paged_chunk(s: Stream, manager: PagedKVCacheManager, sids: list[str], num_steps: int) -> None:
-    starts = torch.tensor([manager.num_committed_frames(sid) for sid in sids])
+    starts = torch.tensor([manager.num_committed_frames(sid) for sid in sids], device=s.device)
     for step in range(num_steps + 1):
         commit = step == num_steps
-        t = torch.zeros(s.batch) if commit else torch.full((s.batch,), 900.0)
+        t = torch.zeros(s.batch, device=s.device) if commit else torch.full((s.batch,), 900.0, device=s.device)
         with manager.begin_forward(sids, s.chunk, commit=commit) as view:
             s.model(s.latents(), t, s.text, frame_offsets=starts, kv_cache=view)
 
@@ -89,7 +97,7 @@ def contiguous_chunk(s: Stream, cache: ContiguousKVCache, num_steps: int) -> Non
     start = cache.next_frame
     for step in range(num_steps + 1):
         commit = step == num_steps
-        t = torch.zeros(s.batch) if commit else torch.full((s.batch,), 900.0)
+        t = torch.zeros(s.batch, device=s.device) if commit else torch.full((s.batch,), 900.0, device=s.device)
         view = cache.view(start, s.chunk)
         s.model(s.latents(), t, s.text, frame_offsets=start, kv_cache=view)
         if commit:
@@ -99,11 +107,11 @@ def contiguous_chunk(s: Stream, cache: ContiguousKVCache, num_steps: int) -> Non
 @torch.no_grad()
 def time_chunks(s: Stream, cfg: CacheConfig, num_timed: int) -> dict[str, Any]:
     """Median wall time of one steady-state chunk, paged vs contiguous (same inputs, same backend)."""
-    preset, backend = s.preset, get_backend("sdpa")
+    preset, backend = s.preset, s.model.backend
     num_steps = len(preset.sampler.denoising_steps)
     worst = worst_case_resident_frames(cfg, s.chunk)
     manager = PagedKVCacheManager.from_preset(preset, backend, num_blocks=1 + s.batch * worst, dtype=s.dtype,
-                                              cache_config=cfg)
+                                              cache_config=cfg, device=s.device)
     sids = [f"s{i}" for i in range(s.batch)]
     for sid in sids:
         assert manager.admit(sid, worst)
@@ -116,11 +124,13 @@ def time_chunks(s: Stream, cfg: CacheConfig, num_timed: int) -> dict[str, Any]:
     for i in range(num_timed):
         order = ("paged", "contiguous") if i % 2 == 0 else ("contiguous", "paged")
         for name in order:
+            synchronize(s.device)
             t0 = time.perf_counter()
             if name == "paged":
                 paged_chunk(s, manager, sids, num_steps)
             else:
                 contiguous_chunk(s, cache, num_steps)
+            synchronize(s.device)  # CUDA launches return at once: time the finished chunk
             times[name].append(time.perf_counter() - t0)
     paged_ms = 1e3 * statistics.median(times["paged"])
     contiguous_ms = 1e3 * statistics.median(times["contiguous"])
@@ -131,6 +141,8 @@ def time_chunks(s: Stream, cfg: CacheConfig, num_timed: int) -> dict[str, Any]:
         "forwards_per_chunk": num_steps + 1,
         "paged_ms_per_chunk": round(paged_ms, 2), "contiguous_ms_per_chunk": round(contiguous_ms, 2),
         "paged_overhead_pct": round(100 * (paged_ms / contiguous_ms - 1), 2),
+        "paged_calls": {"direct": manager.usage().paged_direct_calls, "split": manager.usage().paged_split_calls,
+                        "gathered": manager.usage().paged_gathered_calls},
         "paged_min_ms": round(1e3 * min(times["paged"]), 2),
         "contiguous_min_ms": round(1e3 * min(times["contiguous"]), 2),
     }
@@ -238,17 +250,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--timed-chunks", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="4 timed chunks, windows 12 and 48, batch 1")
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    parser.add_argument("--attention", default="sdpa", help="backend both caches attend with (sdpa, flex, xformers, "
+                                                           "flash); the paged cache counts its calls by path")
     args = parser.parse_args(argv)
+    try:  # one line and exit 2 for a bad device, dtype or backend, before anything is built
+        device = resolve_device(args.device)
+        check_dtype(DTYPES[args.dtype], device)
+        get_backend(args.attention)
+    except (ValueError, BackendUnavailableError) as exc:
+        parser.exit(2, f"benchmarks/paged_attention.py: error: {exc}\n")
     if args.quick:
         args.windows, args.batches, args.timed_chunks = [12, 48], [1], 4
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     preset, dtype = get_preset(args.preset), DTYPES[args.dtype]
-    model = build_model(preset, dtype)
+    model = build_model(preset, dtype, args.attention, device)
     sinks = preset.cache.sink_frames
     rows = []
     for batch in args.batches:
-        text = model.encode_text(torch.randn(batch, preset.model.text_max_tokens, preset.model.text_dim, dtype=dtype))
+        text = model.encode_text(torch.randn(batch, preset.model.text_max_tokens, preset.model.text_dim,
+                                             dtype=dtype).to(device))
         stream = Stream(model, preset, text, batch, dtype)
         for window in args.windows:
             cfg = CacheConfig(window_frames=window, sink_frames=min(sinks, window - preset.sampler.chunk_frames))
@@ -256,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lengths = [3, 6, 9, 15, 24, 60, 150, 600]  # frames: from a fresh session to a ~2.5 min stream
     report = {
         "preset": args.preset, "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__,
+        "device": device_info(device).describe(), "attention": args.attention,
         "tokens_per_frame": preset.tokens_per_frame, "chunk_frames": preset.sampler.chunk_frames,
         "chunk_time": rows,
         "bytes_per_session": session_bytes(preset, dtype),
