@@ -38,7 +38,7 @@ from streamgen.video_io import frames_to_uint8
 @dataclass(frozen=True)
 class StepResult:
     item: WorkItem
-    frames: np.ndarray | None   # decoded uint8 [N, H, W, 3] after a COMMIT or IMAGE
+    frames: np.ndarray | None   # decoded uint8 [N, H, W, 3] after a chunk's last DENOISE step or an IMAGE
     forward_ms: float           # this session's share of the batch forward
     decode_ms: float = 0.0
 
@@ -55,8 +55,8 @@ class ModelRunner:
         self.dtype = dtype
         self.vae_dtype = next(vae.parameters()).dtype
         self.step = ChunkStep(preset.sampler, dtype, self.device)
-        # Called with each committed chunk's item and clean latents [1, C, F, h, w] (an image start's
-        # latent included), after the runner stored them: a seam for recording a session's latents
+        # Called with each finished chunk's item and clean latents [1, C, F, h, w] (an image start's
+        # latent included) just before they are decoded: a seam for recording a session's latents
         # (equivalence tests, latent capture) that needs no patching of private methods.
         self.commit_listeners: list[Callable[[WorkItem, torch.Tensor], None]] = []
 
@@ -121,9 +121,15 @@ class ModelRunner:
         for b, it in enumerate(batch.items):
             st = it.session.state
             st.x0, st.x = self.step.advance(xs[b], velocity[b:b + 1], it.step, st.generator)
-        return [StepResult(it, None, share_ms) for it in batch.items]
+        # A chunk's last denoising step has its clean latents: decode and deliver them now; the forward that
+        # writes the chunk's K/V (COMMIT) runs in the next round, after the frames went out.
+        done = [it for it in batch.items if it.step == self.step.num_steps - 1]
+        decoded = {id(r.item): r for r in self._decode(done, [it.session.state.x0 for it in done], share_ms)} \
+            if done else {}
+        return [decoded.get(id(it)) or StepResult(it, None, share_ms) for it in batch.items]
 
     def _commit(self, batch: ForwardBatch) -> list[StepResult]:
+        """Write the chunk's K/V (its frames were decoded and delivered after its last denoising step)."""
         clean = [it.session.state.x0 for it in batch.items]
         inputs = [self.step.commit_input(x0, it.session.state.generator)  # type: ignore[arg-type]
                   for x0, it in zip(clean, batch.items, strict=True)]
@@ -131,7 +137,8 @@ class ModelRunner:
         start = time.perf_counter()
         self._forward(batch, torch.cat(inputs), t, commit=True)
         share_ms = (time.perf_counter() - start) * 1000 / len(batch.items)
-        return self._finish_chunks(batch.items, clean, share_ms)
+        self._keep(list(batch.items), clean)  # type: ignore[arg-type]
+        return [StepResult(it, None, share_ms) for it in batch.items]
 
     def _image(self, batch: ForwardBatch) -> list[StepResult]:
         latents = []
@@ -144,7 +151,8 @@ class ModelRunner:
         start = time.perf_counter()
         self._forward(batch, torch.cat(latents), t, commit=True)
         share_ms = (time.perf_counter() - start) * 1000 / len(batch.items)
-        return self._finish_chunks(batch.items, latents, share_ms)
+        self._keep(list(batch.items), latents)
+        return self._decode(list(batch.items), latents, share_ms)
 
     def _remember(self, item: WorkItem, x0: torch.Tensor) -> None:
         """Keep the clean latents of the frames still in the window (a prompt switch re-caches them)."""
@@ -159,17 +167,20 @@ class ModelRunner:
             del st.chunk_of[frame]
         st.x = st.x0 = None
 
-    def _finish_chunks(self, items: list[WorkItem], latents: list[torch.Tensor], forward_ms: float
-                       ) -> list[StepResult]:
-        """Remember each committed chunk, then decode all of them in one batched streaming-VAE call
-        (one call per session for a VAE that cannot batch streams, ``vae.batched_decode`` False).
+    def _keep(self, items: list[WorkItem], latents: list[torch.Tensor]) -> None:
+        """Remember each committed chunk's clean latents (for a re-cache)."""
+        for item, x0 in zip(items, latents, strict=True):
+            self._remember(item, x0)
+
+    def _decode(self, items: list[WorkItem], latents: list[torch.Tensor], forward_ms: float) -> list[StepResult]:
+        """Decode the chunks in one batched streaming-VAE call (one call per session for a VAE that cannot
+        batch streams, ``vae.batched_decode`` False).
 
         Every session keeps its own decoder state; the states are stacked for the call and split
         after it, so a session decodes exactly what it would decode alone (the decoder has no
         cross-batch ops). One call over B sessions costs well under B single calls in bf16.
         """
         for item, x0 in zip(items, latents, strict=True):
-            self._remember(item, x0)
             for listener in self.commit_listeners:
                 listener(item, x0)
         states = [it.session.state.decoder for it in items]

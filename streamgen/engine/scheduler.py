@@ -311,6 +311,13 @@ class Scheduler:
             s.needs_recache = False
         elif item.kind is WorkKind.DENOISE:
             s.step += 1
+            last = s.total_latent_frames is not None and s.next_frame + s.chunk_frames >= s.total_latent_frames
+            if s.step == self.config.num_steps and last:
+                # The stream's last chunk was delivered after this step: no later chunk attends to it, so
+                # its K/V are never written (the step's pages are released with the session).
+                s.emitted_pixel_frames += pixel_frames_emitted
+                self.finish(s.session_id, FinishReason.COMPLETED)
+                return True
         else:
             s.next_frame += s.chunk_frames
             s.step = 0

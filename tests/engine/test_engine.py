@@ -100,8 +100,9 @@ def test_prompt_switch_recaches_resident_frames_and_continues(tiny_engine: MakeE
     engine = tiny_engine(preset)
     latents = _capture_latents(engine)
     sid = engine.add_request(GenerationRequest("a red bottle", seed=4, num_frames=4 * 18), "s")
-    while sum(x.shape[2] for x in latents.get(sid, [])) < 12:  # four chunks committed
+    while sum(x.shape[2] for x in latents.get(sid, [])) < 12:  # four chunks delivered
         engine.step()
+    engine.step()  # the fourth chunk's commit forward (its frames went out first)
     before = _stored_keys(engine, sid, 11, 1).clone()  # layer 0 keys do not depend on the prompt
     engine.update_prompt(sid, "a blue mug on a wooden table")
     engine.step()  # at the chunk boundary: the re-cache forward

@@ -60,7 +60,9 @@ def _run(scheduler: Scheduler, now_s: float) -> list[tuple[str, int]]:
             s = scheduler.sessions[item.session_id]
             if item.kind is WorkKind.DENOISE and item.step == 0:
                 started.append((item.session_id, s.emitted_pixel_frames))
-            emitted = item.num_frames * PIXELS_PER_LATENT if item.kind is WorkKind.COMMIT else 0
+            # A chunk's frames go out after its last denoising step (its commit forward follows).
+            last = item.kind is WorkKind.DENOISE and item.step == scheduler.config.num_steps - 1
+            emitted = item.num_frames * PIXELS_PER_LATENT if last else 0
             scheduler.update(item, emitted)
     return started
 
@@ -179,7 +181,7 @@ def _run_output(scheduler: Scheduler, kv: PagedKVCacheManager, out: SchedulerOut
 
 
 def _run_chunk(scheduler: Scheduler, kv: PagedKVCacheManager) -> list[tuple[str, str, int]]:
-    """Rounds until every running session committed one chunk (2 denoise steps + 1 commit)."""
+    """Rounds until every running session delivered and committed one chunk (2 denoise steps + 1 commit)."""
     return [entry for _ in range(3) for entry in _round(scheduler, kv)]
 
 
@@ -195,7 +197,7 @@ def test_admission_reserves_worst_case_blocks_and_never_fits_is_refused_at_once(
     assert scheduler.get("b").status is Status.WAITING and kv.num_available_blocks == 3
     # FIFO: "huge" is behind "b", so it is only looked at once "b" is admitted.
     _run_output(scheduler, kv, out)
-    for _ in range(4 * 3 - 1):  # the rest of "a"'s 4 chunks of 3 forwards
+    for _ in range(4 * 3 - 2):  # the rest of "a"'s 4 chunks of 3 forwards (its last chunk is never committed)
         _round(scheduler, kv)
     assert scheduler.get("a").status is Status.FINISHED and kv.session_ids == []
     out = scheduler.schedule(0.0)
@@ -219,10 +221,11 @@ def test_window_eviction_frees_exact_blocks_and_reuses_them() -> None:
     assert kv.resident_frames("a") == [0, 1, 2, 6, 7, 8]
     assert kv.block_ids("a") == [1, 2, 3, 13, 14, 15] and kv.block_ids("b") == [4, 5, 6, 16, 17, 18]
     assert kv.pool.num_free_blocks == 6
-    _run_chunk(scheduler, kv)  # frames 9-11 reuse the evicted pages, in the order they were freed
+    _run_chunk(scheduler, kv)  # frames 9-11 reuse freed pages, in the order they were freed
     assert kv.resident_frames("b") == [0, 1, 2, 9, 10, 11]
-    assert kv.block_ids("b") == [4, 5, 6, 10, 11, 12]
-    # "a" completed its 12 frames with that chunk and gave back all of its pages.
+    # "a" completed its 12 frames at that chunk's last denoising step (nothing attends to a stream's last
+    # chunk, so it is never committed) and gave back all of its pages, which "b"'s commit then took.
+    assert kv.block_ids("b") == [4, 5, 6, 1, 2, 3]
     assert scheduler.get("a").status is Status.FINISHED and kv.session_ids == ["b"]
     assert kv.pool.num_free_blocks == 18 - 6
 
@@ -285,10 +288,9 @@ def test_the_scheduler_releases_a_sessions_kv_space_whatever_ends_it() -> None:
         scheduler.add(Session(sid, 3 if sid == "done" else None, worst_case_frames=6, fps=16.0,
                               pixel_frames_per_latent=PIXELS_PER_LATENT, arrival_s=0.0))
     assert scheduler.schedule(0.0).admitted == ("done", "stopped")
-    for _ in range(2):
-        _run(scheduler, 0.0)
+    _run(scheduler, 0.0)  # denoising step 0
     assert space.released == []
-    _run(scheduler, 0.0)  # the commit completes "done" (3 latent frames)
+    _run(scheduler, 0.0)  # the last denoising step delivers "done"'s 3 latent frames: no commit follows
     assert scheduler.get("done").finish_reason is FinishReason.COMPLETED and space.released == ["done"]
     scheduler.finish("stopped", FinishReason.STOPPED)
     scheduler.finish("queued", FinishReason.STOPPED)  # never admitted: it holds nothing to release
