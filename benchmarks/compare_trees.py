@@ -1,4 +1,4 @@
-"""Per-chunk engine time of two source trees, alternated in one run: is a change slower?
+"""Per-chunk engine time and time to first frame of two source trees, alternated in one run: is a change slower?
 
     git worktree add /tmp/before <rev>
     python benchmarks/compare_trees.py --old /tmp/before --new . --rounds 3
@@ -41,7 +41,7 @@ from streamgen.model.text import HashTokenEncoder, TextEncoder
 preset = get_preset("default")
 text = TextEncoder(preset.model.text_max_tokens, token_encoder=HashTokenEncoder(preset.model.text_dim))
 result = bench.run_streams(bench.build(preset, text, torch.float32), 1, chunks)
-print(json.dumps({"chunk_s_median": statistics.median(result["chunk_s"][5:])}))
+print(json.dumps({"chunk_s_median": statistics.median(result["chunk_s"][5:]), "ttff_s": result["ttff_s"]}))
 """
 
 
@@ -58,12 +58,14 @@ def cpu_description() -> str:
     return f"{model} ({bf16})"
 
 
-def measure(tree: Path, threads: int, chunks: int) -> float:
+def measure(tree: Path, threads: int, chunks: int) -> tuple[float, float]:
+    """(median chunk seconds, seconds to the first frames) of one stream run with ``tree``'s code."""
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(tree.resolve()), str(threads), str(chunks)],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"compare_trees: error: the run in {tree} failed: {proc.stderr.strip()[-1500:]}")
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["chunk_s_median"])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return float(out["chunk_s_median"]), float(out["ttff_s"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -81,16 +83,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p.error(f"{tree} is not a streamgen source tree (no streamgen/ and benchmarks/engine.py)")
     rounds = []
     for _ in range(args.rounds):
-        old, new = measure(args.old, args.threads, args.chunks), measure(args.new, args.threads, args.chunks)
-        rounds.append({"old_chunk_s": old, "new_chunk_s": new, "new_over_old": new / old})
+        (old, old_ttff), (new, new_ttff) = (measure(args.old, args.threads, args.chunks),
+                                            measure(args.new, args.threads, args.chunks))
+        rounds.append({"old_chunk_s": old, "new_chunk_s": new, "new_over_old": new / old,
+                       "old_ttff_s": old_ttff, "new_ttff_s": new_ttff, "ttff_new_over_old": new_ttff / old_ttff})
     report = {"cpu": cpu_description(), "threads": args.threads, "chunks": args.chunks, "rounds": rounds,
-              "median_new_over_old": statistics.median(r["new_over_old"] for r in rounds)}
+              "median_new_over_old": statistics.median(r["new_over_old"] for r in rounds),
+              "median_ttff_new_over_old": statistics.median(r["ttff_new_over_old"] for r in rounds)}
     print(json.dumps(report, indent=2))
     print(f"\n{report['cpu']}, {args.threads} thread(s), median chunk time of one stream (default preset, fp32)")
-    print(f"{'round':>5} {'old s':>8} {'new s':>8} {'new/old':>8}")
+    print(f"{'round':>5} {'old s':>8} {'new s':>8} {'new/old':>8} {'old ttff':>9} {'new ttff':>9} {'new/old':>8}")
     for i, r in enumerate(rounds, 1):
-        print(f"{i:>5} {r['old_chunk_s']:>8.3f} {r['new_chunk_s']:>8.3f} {r['new_over_old']:>8.2f}")
-    print(f"median new/old {report['median_new_over_old']:.2f}")
+        print(f"{i:>5} {r['old_chunk_s']:>8.3f} {r['new_chunk_s']:>8.3f} {r['new_over_old']:>8.2f} "
+              f"{r['old_ttff_s']:>9.3f} {r['new_ttff_s']:>9.3f} {r['ttff_new_over_old']:>8.2f}")
+    print(f"median new/old: chunk {report['median_new_over_old']:.2f}, time to first frame "
+          f"{report['median_ttff_new_over_old']:.2f}")
     return report
 
 
