@@ -18,12 +18,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from streamgen.attention import get_backend
 from streamgen.attention.paged_common import attention_with_lse
 from streamgen.attention.xformers import XFormersBackend, packed_lse_rows
-from streamgen.cache.block_pool import BlockPool, KVPageSpec
-from streamgen.cache.paged import PagedKVCacheManager
-from streamgen.config import CacheConfig
+
+from .eviction_run import manager, run_against_sdpa
 
 
 @dataclass
@@ -85,35 +83,10 @@ def _stand_in() -> XFormersBackend:
     return XFormersBackend(xops, bias)  # type: ignore[arg-type]
 
 
-def _manager(backend: object, page: int) -> PagedKVCacheManager:
-    # 300-token frames on 256-token pages (as Wan 1.3B's 1560 on 256): frames straddle pages; a window
-    # of 5 frames with 1 sink evicts from the 6th frame on, leaving dead tokens inside pages.
-    spec = KVPageSpec(num_layers=2, num_heads=2, head_dim=8, block_size_tokens=page, dtype=torch.bfloat16)
-    return PagedKVCacheManager(BlockPool(spec, 96), CacheConfig(window_frames=5, sink_frames=1), 300,
-                               backend)  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize("page, expected", [(256, {"direct", "split"}), (100, {"gather"})])
 def test_xformers_paged_paths_equal_sdpa_on_the_same_pages_through_eviction(page: int, expected: set[str]) -> None:
-    xf = _manager(_stand_in(), page)
-    sdpa = _manager(get_backend("sdpa"), page)
-    for m in (xf, sdpa):
-        assert m.admit("a", 7) and m.admit("b", 7)
-    g = torch.Generator().manual_seed(2)
-    seen: list[str] = []
-    for step in range(9):
-        # "b" joins two chunks late, so the batch mixes rows at different window positions.
-        ids = ["a", "b"] if step >= 2 else ["a"]
-        commit = step % 2 == 1 or step >= 4
-        x = [torch.randn(len(ids), 600, 2, 8, generator=g).to(torch.bfloat16) for _ in range(2 * 3)]
-        outs, paths = [], []
-        for m in (xf, sdpa):
-            with torch.no_grad(), m.begin_forward(ids, 2, commit=commit) as view:
-                outs.append([view.attend(layer, *x[3 * layer:3 * layer + 3]) for layer in range(2)])
-                paths.append(view.paged_path)
-        for got, want in zip(*outs, strict=True):
-            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
-        seen.append(paths[0].split(" ")[0])
+    xf = manager(_stand_in(), page)
+    seen = [path.split(" ")[0] for path in run_against_sdpa(xf, seed=2, page=page)]
     assert set(seen) == expected, seen
     usage = xf.usage()
     if page == 256:
