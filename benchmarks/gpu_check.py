@@ -83,7 +83,9 @@ class _Blocker(importlib.abc.MetaPathFinder):
             from importlib.machinery import PathFinder
 
             if "." in fullname:
-                if path is not None and all(str(p).startswith(self.allowed_dir) for p in path):
+                inside = [str(p) == self.allowed_dir or str(p).startswith(self.allowed_dir + os.sep)
+                          for p in path or []]
+                if inside and all(inside):
                     return None
             elif (spec := PathFinder.find_spec(fullname, [self.allowed_dir])) is not None:
                 return spec
@@ -105,6 +107,8 @@ def prepare_carry(target: Path, dists: Sequence[str] = CARRY_DISTS) -> dict[str,
 
     copied: dict[str, dict[str, Any]] = {}
     total = 0
+    if target.exists() and any(target.iterdir()) and not (target / "CARRY.json").is_file():
+        raise ValueError(f"{target} exists and is not a carry folder (no CARRY.json): choose a new folder")
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)

@@ -141,13 +141,14 @@ class DistillTrainStep(TrainStep):
         return {f"eval/{key}": value for key, value in scores.items()}
 
     def state(self) -> StepState:
-        m = self.m
-        weights = _prefixed("student", m.student) | _prefixed("critic", m.critic)
+        """The checkpoint's contents on rank 0; with FSDP the other ranks join the all-gathers, keep nothing."""
+        m, keep = self.m, self.rt.is_main
+        weights = _prefixed("student", m.student, keep) | _prefixed("critic", m.critic, keep)
         if m.gan_head is not None:
-            weights |= _prefixed("gan_head", m.gan_head)
-        return StepState(model=weights, ema=fp32_state(m.ema),
-                         optimizer={"generator": full_optimizer_state(self.g_opt),
-                                    "critic": full_optimizer_state(self.c_opt),
+            weights |= _prefixed("gan_head", m.gan_head, keep)
+        return StepState(model=weights, ema=fp32_state(m.ema) if keep else {},
+                         optimizer={"generator": full_optimizer_state(self.g_opt, keep),
+                                    "critic": full_optimizer_state(self.c_opt, keep),
                                     "generator_steps": self.generator_steps},
                          extra={"eval_history": self.eval_history})
 
@@ -175,8 +176,8 @@ def host_scalars(parts: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(parts, values, strict=True))
 
 
-def _prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v for k, v in fp32_state(module).items()}
+def _prefixed(prefix: str, module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in fp32_state(module, keep).items()}
 
 
 def _unprefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -89,6 +89,17 @@ def test_the_carry_folder_makes_the_trainers_device_tests_importable_on_the_gpu_
     assert len(paths) == 2 and all(path.startswith(str(tmp_path / "carry")) for path in paths)
 
 
+def test_the_carry_folder_is_never_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a carry folder"):
+        gpu_check.prepare_carry(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    blocker = gpu_check._Blocker(["wave"], str(tmp_path / "carry"))
+    with pytest.raises(ModuleNotFoundError, match="blocked"):  # a sibling folder is not the carry
+        blocker.find_spec("wave.sub", [str(tmp_path / "carry_old" / "wave")])
+    assert blocker.find_spec("wave.sub", [str(tmp_path / "carry" / "wave")]) is None  # the carry's own: allowed
+
+
 def test_pytest_reports_become_counts_failures_and_import_reasons(tmp_path: Path) -> None:
     (tmp_path / "test_mixed.py").write_text(textwrap.dedent("""
         import pytest

@@ -215,10 +215,10 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
         eb.copy_(b)
 
 
-def fp32_state(module: nn.Module) -> dict[str, torch.Tensor]:
+def fp32_state(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
     """A float32 CPU copy of ``module``'s whole state (checkpoints are written from the CPU, whatever the
-    device); collective for a sharded module."""
-    return full_state(module)
+    device); collective for a sharded module, where ``keep=False`` (a rank that does not write) keeps nothing."""
+    return full_state(module, keep)
 
 
 class TrainLogger:
@@ -354,7 +354,9 @@ class ModelStep(TrainStep):
         return {"loss": value, "grad_norm": norm, **{k: float(v) for k, v in scalars.items()}}
 
     def state(self) -> StepState:
-        return StepState(fp32_state(self.model), fp32_state(self.ema), full_optimizer_state(self.optimizer))
+        keep = self.rt.is_main  # other ranks only join the all-gathers of a sharded model (rt.fsdp)
+        return StepState(fp32_state(self.model, keep), fp32_state(self.ema) if keep else {},
+                         full_optimizer_state(self.optimizer, keep))
 
     def restore(self, state: ckpt.RunState, path: Path) -> None:
         ckpt.restore_modules(state, self.model, self.ema, path)

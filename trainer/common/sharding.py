@@ -89,34 +89,45 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
-def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """A float32 CPU copy of ``module``'s whole state (collective when it is sharded)."""
-    return {k: full(v.detach()).float().cpu().clone() for k, v in module.state_dict().items()}
+def full_state(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """A float32 CPU copy of ``module``'s whole state (collective when it is sharded). ``keep=False``
+    (the ranks that do not write the checkpoint) joins the all-gathers and keeps nothing: a full copy on
+    every rank would cost the host memory sharding saves."""
+    out = {}
+    for k, v in module.state_dict().items():
+        whole = full(v.detach())
+        if keep:
+            out[k] = whole.float().cpu().clone()
+    return out
 
 
 def _params_in_order(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with every sharded state tensor all-gathered (collective when sharded)."""
+def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every sharded state tensor all-gathered (collective when sharded);
+    ``keep=False`` joins the all-gathers and returns ``{}``."""
     state = optimizer.state_dict()
     if not any(is_dtensor(p) for p in _params_in_order(optimizer)):
-        return state
-    return {**state, "state": {i: {k: full(v).cpu() if isinstance(v, torch.Tensor) and is_dtensor(v) else v
-                                   for k, v in s.items()}
-                               for i, s in state["state"].items()}}
+        return state if keep else {}
+    gathered = {i: {k: full(v).cpu() if keep else full(v) for k, v in s.items() if is_dtensor(v)}
+                for i, s in state["state"].items()}
+    if not keep:
+        return {}
+    return {**state, "state": {i: {**s, **gathered[i]} for i, s in state["state"].items()}}
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
-    """Load a full (index-keyed) optimizer state, sharding each tensor the shape of a sharded parameter."""
+    """Load a full (index-keyed) optimizer state, sharding each per-element state tensor of a sharded
+    parameter (AdamW's moments: a tensor of the parameter's shape; its 0-d ``step`` stays whole)."""
     params = _params_in_order(optimizer)
     if any(is_dtensor(p) for p in params):
         per_param = {}
         for i, s in state["state"].items():
             p = params[int(i)]
-            per_param[i] = {k: laid_out_like(v, p) if isinstance(v, torch.Tensor) and v.shape == p.shape else v
-                            for k, v in s.items()}
+            per_param[i] = {k: laid_out_like(v, p) if isinstance(v, torch.Tensor) and v.dim() > 0
+                            and v.shape == p.shape else v for k, v in s.items()}
         state = {**state, "state": per_param}
     optimizer.load_state_dict(dict(state))
 
