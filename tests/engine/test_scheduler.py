@@ -304,20 +304,22 @@ def test_a_new_streams_first_chunk_runs_before_the_others_work() -> None:
                           _Decide(lambda sid: ADMIT))
     for sid in ("a", "b"):
         scheduler.add(_session(sid))
-    for _ in range(3):  # both new: one batched first chunk (2 denoise steps + commit)
+    for _ in range(3):  # both new: one batched first chunk (2 denoise steps, frames out, then the commit)
         out = scheduler.schedule(0.0)
         assert {it.session_id for b in out.batches for it in b.items} == {"a", "b"} and out.deferred == ()
         _run_items(scheduler, 0.0, out)
     scheduler.add(_session("new", arrival_s=0.1))
     ran = []
-    for _ in range(3):  # "new" runs alone until its first chunk is out; a and b wait
+    for _ in range(2):  # "new" runs alone until its first chunk's frames are out; a and b wait
         out = scheduler.schedule(0.1)
         ran.append(sorted({it.session_id for b in out.batches for it in b.items}))
         assert out.deferred == ("a", "b")
         _run_items(scheduler, 0.1, out)
-    assert ran == [["new"]] * 3 and scheduler.get("new").emitted_pixel_frames == 12
-    out = scheduler.schedule(0.1)  # then everyone is batched again, fairly
-    assert {it.session_id for b in out.batches for it in b.items} == {"a", "b", "new"} and out.deferred == ()
+    assert ran == [["new"]] * 2 and scheduler.get("new").emitted_pixel_frames == 12
+    out = scheduler.schedule(0.1)  # then everyone runs again, fairly ("new"'s commit beside the others' work)
+    kinds = {(it.session_id, it.kind) for b in out.batches for it in b.items}
+    assert kinds == {("a", WorkKind.DENOISE), ("b", WorkKind.DENOISE), ("new", WorkKind.COMMIT)}
+    assert out.deferred == ()
     # Off (the GPU default): a newcomer joins the others' batch at once.
     batched = Scheduler(SchedulerConfig(num_steps=2, chunk_frames=3, max_running=4), _Decide(lambda sid: ADMIT))
     batched.add(_session("a"))
@@ -327,8 +329,10 @@ def test_a_new_streams_first_chunk_runs_before_the_others_work() -> None:
 
 
 def _run_items(scheduler: Scheduler, now_s: float, out: object = None) -> None:
-    """Run one round's items "instantly" (a commit delivers its 12 pixel frames)."""
+    """Run one round's items "instantly" (a chunk's last denoising step delivers its 12 pixel frames, as the
+    runner does; its commit follows in a later round)."""
     out = out if out is not None else scheduler.schedule(now_s)
     for batch in out.batches:  # type: ignore[attr-defined]
         for item in batch.items:
-            scheduler.update(item, item.num_frames * PIXELS_PER_LATENT if item.kind is WorkKind.COMMIT else 0)
+            last = item.kind is WorkKind.DENOISE and item.step == scheduler.config.num_steps - 1
+            scheduler.update(item, item.num_frames * PIXELS_PER_LATENT if last else 0)
