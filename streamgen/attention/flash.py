@@ -35,12 +35,11 @@ from streamgen.attention import BackendUnavailableError
 from streamgen.attention.paged_common import (
     HostLengths,
     PagedSplit,
-    attention_with_lse,
     check_paged_inputs,
     gather_visible,
-    merge_partial,
     prefix_kernel_layout,
     valid_counts,
+    with_tail,
 )
 
 PAGE_MULTIPLE = 256  # flash_attn_with_kvcache: page_block_size must be a multiple of 256
@@ -106,13 +105,7 @@ class FlashBackend:
         head, head_lse = self._flash_attn_with_kvcache(q, k_pool, v_pool, cache_seqlens=split.head_lens,
                                                        block_table=block_table, causal=False,
                                                        return_softmax_lse=True)
-        lengths = split.tail_lengths
-        if lengths.valid_counts is not None and not any(lengths.valid_counts):
-            return head  # no row has a partial page
-        k, v, _ = gather_visible(k_pool, v_pool, split.tail_table, list(lengths.seq_lens), split.tail_valid,
-                                      lengths)
-        tail, tail_lse = attention_with_lse(q, k, v, split.tail_valid.sum(dim=1))  # counts, on the device
-        return merge_partial(head, head_lse, tail, tail_lse).to(q.dtype)
+        return with_tail(q, k_pool, v_pool, split, head, head_lse)
 
 
 def create() -> FlashBackend:

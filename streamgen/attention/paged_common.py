@@ -147,6 +147,7 @@ class PagedSplit:
     head_lengths: tuple[int, ...]  # the same as Python ints (xformers builds its mask from host lengths)
     tail_table: torch.Tensor   # int32 [B, T]: the row's partially visible pages, padded with the null block
     tail_valid: torch.Tensor   # bool [B, T * page]: visible positions of the tail pages
+    tail_counts: torch.Tensor  # int32 [B]: visible tail tokens per row, on the device (no copy per layer)
     tail_lengths: HostLengths  # the tail rows' width and visible counts (0 for a row without partial pages)
 
 
@@ -165,6 +166,18 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.logsumexp(scores, dim=-1)  # [B, H, Lq]
     weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])  # 0 where masked
     return torch.einsum("bhqk,bkhd->bqhd", weights, v.float()), lse
+
+
+def with_tail(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, split: PagedSplit,
+              head: torch.Tensor, head_lse: torch.Tensor) -> torch.Tensor:
+    """A split call's result: the kernel's attention over the head pages (``head [B, Lq, H, D]``, its
+    log-sum-exp ``[B, H, Lq]``) merged with dense attention over the gathered partial tail pages."""
+    lengths = split.tail_lengths
+    if lengths.valid_counts is not None and not any(lengths.valid_counts):
+        return head.to(q.dtype)  # no row has a partial page
+    k, v, _ = gather_visible(k_pool, v_pool, split.tail_table, list(lengths.seq_lens), split.tail_valid, lengths)
+    tail, tail_lse = attention_with_lse(q, k, v, split.tail_counts)
+    return merge_partial(head, head_lse, tail, tail_lse).to(q.dtype)
 
 
 def merge_partial(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,

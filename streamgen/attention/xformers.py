@@ -35,11 +35,10 @@ from streamgen.attention import BackendUnavailableError
 from streamgen.attention.paged_common import (
     HostLengths,
     PagedSplit,
-    attention_with_lse,
     check_paged_inputs,
     gather_visible,
-    merge_partial,
     prefix_kernel_layout,
+    with_tail,
 )
 
 PAGE_MULTIPLE = 64  # Triton split-K paged kernel constraint (tokens per page)
@@ -113,14 +112,8 @@ class XFormersBackend:
         head, head_lse = self._xops.memory_efficient_attention_partial(
             q.reshape(1, batch * q_len, heads, head_dim), k_pool.view(1, num_blocks * page, heads, head_dim),
             v_pool.view(1, num_blocks * page, heads, head_dim), attn_bias=bias)
-        head = head.view(batch, q_len, heads, head_dim)
-        lengths = split.tail_lengths
-        if lengths.valid_counts is not None and not any(lengths.valid_counts):
-            return head.to(q.dtype)  # no row has a partial page
-        k, v, _ = gather_visible(k_pool, v_pool, split.tail_table, list(lengths.seq_lens), split.tail_valid,
-                                      lengths)
-        tail, tail_lse = attention_with_lse(q, k, v, split.tail_valid.sum(dim=1))  # counts, on the device
-        return merge_partial(head, packed_lse_rows(head_lse, batch, q_len), tail, tail_lse).to(q.dtype)
+        return with_tail(q, k_pool, v_pool, split, head.view(batch, q_len, heads, head_dim),
+                         packed_lse_rows(head_lse, batch, q_len))
 
 
 def packed_lse_rows(lse: torch.Tensor, batch: int, q_len: int) -> torch.Tensor:

@@ -551,11 +551,12 @@ class PagedKVCacheManager:
         for b, (n_row, n) in enumerate(zip(row_lens, num_full, strict=True)):
             tail_table[b, :n_row - n] = block_table[b, n:n_row]
             tail_valid[b, :(n_row - n) * page] = kv_valid[b, n * page:n_row * page]
-        counts = tuple(int(c) for c in tail_valid.sum(dim=1).tolist())
+        counts = tail_valid.sum(dim=1, dtype=torch.int32)
         head = tuple(n * page for n in num_full)
         return PagedSplit(head_lens=torch.tensor(head, dtype=torch.int32, device=device), head_lengths=head,
                           tail_table=tail_table.to(device), tail_valid=tail_valid.to(device),
-                          tail_lengths=HostLengths((width * page,) * len(row_lens), counts))
+                          tail_counts=counts.to(device),
+                          tail_lengths=HostLengths((width * page,) * len(row_lens), tuple(counts.tolist())))
 
     def _finish_forward(self, view: PagedCacheView, committed: bool) -> None:
         """Called by the view: commit + evict, or release the chunk's fresh pages."""

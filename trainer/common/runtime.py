@@ -59,7 +59,6 @@ from trainer.common.sharding import (
     clip_grad_norm,
     full,
     full_optimizer_state,
-    full_state,
     is_dtensor,
     load_optimizer_state,
     shard_transformer,
@@ -217,8 +216,15 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
 
 def fp32_state(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
     """A float32 CPU copy of ``module``'s whole state (checkpoints are written from the CPU, whatever the
-    device); collective for a sharded module, where ``keep=False`` (a rank that does not write) keeps nothing."""
-    return full_state(module, keep)
+    device); collective for a sharded module, where ``keep=False`` (a rank that does not write the
+    checkpoint) joins the all-gathers and keeps nothing: a full copy on every rank would cost the host
+    memory sharding saves."""
+    out = {}
+    for k, v in module.state_dict().items():
+        whole = full(v.detach())
+        if keep:
+            out[k] = whole.float().cpu().clone()
+    return out
 
 
 class TrainLogger:

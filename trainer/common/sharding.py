@@ -9,7 +9,8 @@ GPU the shards' compute copies are bf16 and gradients are reduced in fp32 (``Mix
 
 What stays whole on every rank: the EMA copy (updated from all-gathered parameters; sampling and the
 evaluation run on rank 0 only), the frozen teacher, the VAE stage (which refuses FSDP) and small heads.
-Checkpoints are unchanged: :func:`full_state` and :func:`full_optimizer_state` all-gather the shards into
+Checkpoints are unchanged: ``trainer.common.runtime.fp32_state`` (through :func:`full`) and
+:func:`full_optimizer_state` all-gather the shards into
 the same full, index-keyed state a DDP run writes, and loading shards a full state again (DDP <-> FSDP and
 any number of processes resume each other's checkpoints). Those two calls are collective: every rank
 must make them, in the same order.
@@ -87,18 +88,6 @@ def set_requires_grad(module: nn.Module, flag: bool) -> None:
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor: a DTensor's shards all-gathered (collective), any other tensor as it is."""
     return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined]
-
-
-def full_state(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
-    """A float32 CPU copy of ``module``'s whole state (collective when it is sharded). ``keep=False``
-    (the ranks that do not write the checkpoint) joins the all-gathers and keeps nothing: a full copy on
-    every rank would cost the host memory sharding saves."""
-    out = {}
-    for k, v in module.state_dict().items():
-        whole = full(v.detach())
-        if keep:
-            out[k] = whole.float().cpu().clone()
-    return out
 
 
 def _params_in_order(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
