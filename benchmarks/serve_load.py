@@ -16,6 +16,8 @@ Printed: one JSON document, then a short table.
 * ``fps``: frames a stream received / its wall time (per stream: min, p50). Paced streams should
   sit at the playback fps (a little above: the first ``max_lead_s`` arrive at once);
   ``realtime_factor`` = p50 fps / playback fps (>= 1 means no stream fell behind).
+* ``fps_spread``: (fastest - slowest stream's fps) / median; ``fair`` when <= 0.10, i.e. more
+  streams than the machine can serve in real time all slow down alike.
 * ``ttff_s``: StartRequest -> first chunk received, p50 / p95 over streams.
 * ``inter_chunk_p95_s``: gap between consecutive chunks of a stream, p95 over all gaps.
 * ``errors``: streams that did not end with REASON_STOPPED / COMPLETED / LIMIT (target: 0).
@@ -55,6 +57,7 @@ from streamgen.device import DEVICE_HELP, resolve_device
 from streamgen.server.health import check
 
 RSS_GROWTH_BOUND_MIB = 100.0
+FAIR_SPREAD = 0.10  # issue 17: with more streams than the machine serves in real time, each within 10 % of the others
 PROMPTS = ["a glossy red bottle turning slowly on a white table", "a matte blue mug on a wooden table",
            "a green can on a kitchen counter, camera zooming in", "a white box in a dark studio"]
 
@@ -154,6 +157,14 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
     return proc, str(found["address"])
 
 
+def fps_spread(fps: list[float]) -> float:
+    """(fastest - slowest stream) / median stream fps: 0 when every stream got the same rate."""
+    if not fps:
+        return math.nan
+    median = statistics.median(fps)
+    return (max(fps) - min(fps)) / median if median > 0 else math.inf
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] if ordered else math.nan
@@ -224,8 +235,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "clients": args.clients, "duration_s": args.duration_s, "preset": info.preset, "model_id": info.model_id,
         "encoding": args.encoding,
         "paced": args.pace, "dtype": args.dtype, "cpu_count": os.cpu_count(), "wall_s": round(wall_s, 2),
-        "fps": {"min": round(min(fps), 2), "p50": round(statistics.median(fps), 2),
+        "fps": {"min": round(min(fps), 2), "p50": round(statistics.median(fps), 2), "max": round(max(fps), 2),
                 "per_stream": [round(f, 2) for f in fps]},
+        "fps_spread": round(fps_spread(fps), 3),
+        "fair": fps_spread(fps) <= FAIR_SPREAD,
         "realtime_factor": round(statistics.median(fps) / playback_fps, 3),
         "aggregate_fps": round(sum(s.frames for s in streams) / wall_s, 1),
         "ttff_s": {"p50": round(percentile(ttff, 0.5), 3), "p95": round(percentile(ttff, 0.95), 3)},
@@ -249,11 +262,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(json.dumps(report, indent=2))
     print()
-    print(f"{'clients':>7} {'preset':>8} {'paced':>5} {'fps min/p50':>12} {'rt x':>5} {'ttff p50/p95 s':>15} "
-          f"{'gap p95 s':>9} {'errors':>6} {'retries':>7} {'rss MiB before/after':>21}  streams per replica")
+    print(f"{'clients':>7} {'preset':>8} {'paced':>5} {'fps min/p50':>12} {'spread':>6} {'rt x':>5} "
+          f"{'ttff p50/p95 s':>15} {'gap p95 s':>9} {'errors':>6} {'retries':>7} {'rss MiB before/after':>21}  "
+          "streams per replica")
     rss = "-" if rss_before is None else f"{rss_before:.0f}/{rss_after:.0f}"
     print(f"{args.clients:>7} {info.preset:>8} {str(args.pace):>5} {min(fps):>5.1f}/{statistics.median(fps):<6.1f} "
-          f"{report['realtime_factor']:>5.2f} {report['ttff_s']['p50']:>7.3f}/{report['ttff_s']['p95']:<7.3f} "
+          f"{report['fps_spread']:>6.3f} {report['realtime_factor']:>5.2f} "
+          f"{report['ttff_s']['p50']:>7.3f}/{report['ttff_s']['p95']:<7.3f} "
           f"{report['inter_chunk_p95_s']:>9.3f} {len(report['errors']):>6} {report['start_retries']:>7} {rss:>21}  "
           + " ".join(f"{k}={v}" for k, v in report["per_replica_streams"].items()))
     return report

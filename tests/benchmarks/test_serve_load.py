@@ -22,4 +22,8 @@ def test_short_load_run_has_no_errors_and_no_memory_growth() -> None:
     assert report["errors"] == [] and report["server_exit_code"] == 0
     assert report["rss_ok"] is True and report["rss_mib"]["after"] > 0
     assert len(report["fps"]["per_stream"]) == 2 and report["frames"] >= 2 * 24  # each stream got >= 1.5 s of video
+    fps = report["fps"]["per_stream"]
+    median = sorted(fps)[0] / 2 + sorted(fps)[1] / 2
+    assert report["fps_spread"] == round((max(fps) - min(fps)) / median, 3)
+    assert report["fair"] is (report["fps_spread"] <= 0.10)
     assert 0 < report["ttff_s"]["p50"] <= report["ttff_s"]["p95"] < 5

@@ -336,3 +336,32 @@ def _run_items(scheduler: Scheduler, now_s: float, out: object = None) -> None:
         for item in batch.items:
             last = item.kind is WorkKind.DENOISE and item.step == scheduler.config.num_steps - 1
             scheduler.update(item, item.num_frames * PIXELS_PER_LATENT if last else 0)
+
+
+@pytest.mark.parametrize("first_chunk_first", [True, False])
+def test_more_streams_than_real_time_allows_slow_down_alike(first_chunk_first: bool) -> None:
+    """Issue 17's fairness on a compute-bound CPU: six paced streams on a machine that serves about two in
+    real time (a round costs its forwards' count x 0.1 s, as a batched CPU forward costs about B single
+    ones), two of them joining 2 s late. Over the last 20 s every stream's frame rate is within 10 % of
+    the median stream's (the spread of whole chunks: one 12-frame chunk in 20 s is 0.6 frames/s)."""
+    scheduler = Scheduler(SchedulerConfig(num_steps=2, chunk_frames=3, max_running=8, max_lead_s=1.0,
+                                          first_chunk_first=first_chunk_first), _Decide(lambda sid: ADMIT))
+    now = 0.0
+    frames_at_10s: dict[str, int] = {}
+    for sid in "abcd":
+        scheduler.add(_session(sid, arrival_s=now))
+    while now < 30.0:
+        if now >= 2.0 and "e" not in scheduler.sessions:
+            for sid in "ef":
+                scheduler.add(_session(sid, arrival_s=now))
+        if now >= 10.0 and not frames_at_10s:
+            frames_at_10s = {sid: s.emitted_pixel_frames for sid, s in scheduler.sessions.items()}
+        out = scheduler.schedule(now)
+        forwards = sum(len(b.items) for b in out.batches)
+        _run_items(scheduler, now, out)
+        now += 0.1 * forwards if forwards else 0.01
+    fps = {sid: (s.emitted_pixel_frames - frames_at_10s[sid]) / 20.0 for sid, s in scheduler.sessions.items()}
+    median = sorted(fps.values())[len(fps) // 2 - 1: len(fps) // 2 + 1]
+    median_fps = sum(median) / 2
+    assert median_fps < 16.0 * 0.5  # really overloaded: every stream is far behind real time
+    assert all(abs(f - median_fps) <= 0.10 * median_fps for f in fps.values()), fps

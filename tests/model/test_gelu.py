@@ -10,7 +10,8 @@ from streamgen.model.transformer import gelu_tanh
 
 def _inputs() -> torch.Tensor:
     special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e4, -1e4, 3e38, -3e38, float("inf"), float("-inf")])
-    return torch.cat([torch.linspace(-12, 12, 100_001), torch.randn(50_000, generator=torch.Generator().manual_seed(0)) * 3, special])
+    spread = torch.randn(50_000, generator=torch.Generator().manual_seed(0)) * 3
+    return torch.cat([torch.linspace(-12, 12, 100_001), spread, special])
 
 
 def test_fast_cpu_form_equals_tanh_gelu() -> None:
