@@ -24,6 +24,6 @@ def test_short_load_run_has_no_errors_and_no_memory_growth() -> None:
     assert len(report["fps"]["per_stream"]) == 2 and report["frames"] >= 2 * 24  # each stream got >= 1.5 s of video
     fps = report["fps"]["per_stream"]
     median = sorted(fps)[0] / 2 + sorted(fps)[1] / 2
-    assert report["fps_spread"] == round((max(fps) - min(fps)) / median, 3)
+    assert abs(report["fps_spread"] - (max(fps) - min(fps)) / median) < 0.01  # per-stream fps are rounded
     assert report["fair"] is (report["fps_spread"] <= 0.10)
     assert 0 < report["ttff_s"]["p50"] <= report["ttff_s"]["p95"] < 5
