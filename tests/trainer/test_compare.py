@@ -152,3 +152,41 @@ def test_gallery_writes_strips_gifs_and_markdown(tmp_path: Path) -> None:
     assert total_ms == preset.video.fps * (round(1000 / preset.video.fps) // 10 * 10)
     assert "| a blue can |" in (out / "gallery.md").read_text()
     assert gallery_main(["--transformer", str(tmp_path / "none.safetensors"), "--out", str(out)]) == 2
+
+
+def test_gallery_draws_captions_per_split_and_captions_what_the_classifier_reads(tmp_path: Path) -> None:
+    from trainer.eval.inputs import split_prompts
+    from trainer.gallery import describe_reading
+    from trainer.gallery import main as gallery_main
+
+    preset = get_preset("test")
+    save_checkpoint(CausalWanTransformer(preset.model), tmp_path / "s.safetensors", kind="transformer",
+                    config=preset.model)
+    stats = LatentStats((0.0,) * preset.vae.latent_channels, (1.0,) * preset.vae.latent_channels)
+    save_checkpoint(CausalVideoVAE(preset.vae), tmp_path / "vae.safetensors", kind="vae", config=preset.vae,
+                    extra_metadata=stats.metadata())
+    base = ["--transformer", str(tmp_path / "s.safetensors"), "--vae", str(tmp_path / "vae.safetensors"),
+            "--preset", "test", "--seconds", "1", "--text-encoder", "hash"]
+    out = tmp_path / "drawn"
+    assert gallery_main([*base, "--draw", "2", "--draw-seed", "3", "--out", str(out)]) == 0
+    table = (out / "gallery.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| in_distribution") or line.startswith("| heldout")]
+    expected = [("in_distribution", p) for p in split_prompts("in_distribution", 2, 3)] + \
+        [("heldout", p) for p in split_prompts("heldout", 2, 3)]
+    assert [tuple(cell.strip() for cell in row.split("|")[1:3]) for row in rows] == expected
+    assert all("right" in row or "wrong: asked" in row for row in rows)  # every template caption was read
+    assert "right in" in table and (out / "3.gif").is_file()
+    # The reading cell names what was asked where the classifier saw something else.
+    prompt = split_prompts("heldout", 1, 0)[0]
+    from trainer.data.captions import caption_attributes
+    asked = caption_attributes(prompt)
+    other = next(c for c in ("red", "blue", "green") if c != asked["colour"])
+    assert describe_reading(prompt, {"kind": asked["kind"], "colour": asked["colour"]}).endswith("(both right)")
+    assert describe_reading(prompt, {"kind": asked["kind"], "colour": other}) == \
+        f"{other} {asked['kind']} (colour wrong: asked {asked['colour']})"
+    assert describe_reading("a red mug", None) == "-"
+    # Bad input: a clear error, exit 2.
+    assert gallery_main([*base, "--draw", "1", "--prompt", "a red mug", "--out", str(out)]) == 2
+    assert gallery_main([*base, "--draw", "1", "--splits", "train", "--out", str(out)]) == 2
+    assert gallery_main([*base, "--draw", "1", "--classifier", str(tmp_path / "no.safetensors"),
+                         "--out", str(out)]) == 2
