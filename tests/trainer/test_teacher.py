@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +26,14 @@ from trainer import teacher as teacher_stage
 from trainer.common import checkpoint as ckpt
 from trainer.sampling import sample_teacher, teacher_timesteps
 
-from .conftest import LONG_CLIP_LATENT_FRAMES, final_weights, launch_two_processes, tiny_teacher_config
+from .conftest import (
+    LONG_CLIP_LATENT_FRAMES,
+    REPO,
+    final_weights,
+    launch_two_processes,
+    tiny_teacher_config,
+    write_yaml,
+)
 
 
 def test_latent_dataset_is_normalised_and_complete(tiny_latents: Path, tiny_vae_checkpoint: Path,
@@ -62,6 +76,81 @@ def test_resume_is_bit_exact(tmp_path: Path, tiny_vae_checkpoint: Path, tiny_lat
                                export=False)
     cfg = tiny_teacher_config(tmp_path / "killed", tiny_vae_checkpoint, tiny_latents)
     assert_kill_and_resume_is_bit_exact(cfg, full, tmp_path / "full", monkeypatch)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_bit_exactly(
+        tmp_path: Path, tiny_vae_checkpoint: Path, tiny_latents: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM arrives inside step 2's loss (save_every 3, so no checkpoint is due): the step finishes, a
+    checkpoint of step 2 is written, the CLI exits 143 with a message, nothing is exported, the previous
+    handlers are back; ``--resume`` then reaches the uninterrupted run's weights bit for bit."""
+    full = teacher_stage.train(tiny_teacher_config(tmp_path / "full", tiny_vae_checkpoint, tiny_latents),
+                               export=False)
+    cfg = tiny_teacher_config(tmp_path / "stopped", tiny_vae_checkpoint, tiny_latents)
+    real, calls = teacher_stage.F.mse_loss, [0]
+
+    def sigterm_in_step_2(*args: object, **kwargs: object) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(teacher_stage.F, "mse_loss", sigterm_in_step_2)
+    code = teacher_stage.main(["--config", str(write_yaml(cfg, tmp_path / "stopped.yaml"))])
+    assert code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "SIGTERM received: stopped after step 2" in err and "--resume" in err
+    assert signal.getsignal(signal.SIGTERM) is before
+    latest = ckpt.latest_checkpoint(cfg.run.run_dir)
+    assert latest is not None and ckpt.load(latest).step == 2
+    assert not Path(cfg.export_path).exists()
+    monkeypatch.setattr(teacher_stage.F, "mse_loss", real)
+    resumed = teacher_stage.train(cfg, resume=True, export=False)
+    assert resumed.losses == full.losses[2:]
+    a, b = final_weights(cfg.run.run_dir), final_weights(tmp_path / "full" / "runs" / "teacher")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_to_a_two_process_launch_stops_every_rank_after_the_same_step(
+        tmp_path: Path, tiny_vae_checkpoint: Path, tiny_latents: Path) -> None:
+    """``kill <accelerate launch pid>`` (what a job scheduler does): the launcher passes SIGTERM to both
+    ranks, they agree on the step to stop after (no rank waits in a collective for the other), rank 0
+    writes that step's checkpoint, and a 2-process ``--resume`` continues from it."""
+    cfg = tiny_teacher_config(tmp_path / "two", tiny_vae_checkpoint, tiny_latents, max_steps=100_000,
+                              save_every=100_000)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), "-m", "trainer.teacher", "--config", str(write_yaml(cfg, tmp_path / "two.yaml")), "--no-export"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with out.open("w") as fo, err.open("w") as fe:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fo, stderr=fe)
+        try:
+            deadline = time.monotonic() + 120
+            while "runtime: 2 process(es)" not in out.read_text() and proc.poll() is None:
+                assert time.monotonic() < deadline, err.read_text()[-3000:]
+                time.sleep(0.2)
+            time.sleep(2.0)  # a few steps
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    log = err.read_text()
+    assert log.count("SIGTERM received: stopped after step") == 2, log[-3000:]  # both ranks, one message each
+    steps = {int(m) for m in re.findall(r"stopped after step (\d+)", log)}
+    latest = ckpt.latest_checkpoint(cfg.run.run_dir)
+    assert latest is not None and len(steps) == 1 and ckpt.load(latest).step == steps.pop() >= 1
+    stopped_at = ckpt.load(latest).step
+    more = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_steps=stopped_at + 2))
+    resumed = launch_two_processes("teacher", more, tmp_path / "two.yaml", timeout_s=120, resume=True)
+    assert f"(step {stopped_at})" in resumed
+    final = ckpt.latest_checkpoint(cfg.run.run_dir)
+    assert final is not None and ckpt.load(final).step == stopped_at + 2
 
 
 def test_teacher_timesteps_and_sampler() -> None:

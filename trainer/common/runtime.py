@@ -33,7 +33,9 @@ import argparse
 import dataclasses
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -369,6 +371,48 @@ class ModelStep(TrainStep):
         load_optimizer_state(self.optimizer, state.optimizer)
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped a run after a step; its checkpoint was written (``--resume`` continues)."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None) -> None:
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "the main process's checkpoint"
+        super().__init__(f"{signal_name} received: stopped after step {step} with {where}; run the same command "
+                         "with --resume to continue")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(getattr(signal, self.signal_name))
+
+
+class StopRequest:
+    """While training: SIGINT (Ctrl-C) or SIGTERM (a scheduler's or ``kill``'s stop) only sets a flag, so the
+    loop ends the step it is in, writes a checkpoint on every rank together and stops; a second Ctrl-C
+    interrupts at once. Handlers are installed in the main thread only and restored on exit."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name} received: stopping after this step with a checkpoint "
+              "(Ctrl-C again to stop at once, losing the steps since the last checkpoint)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
 @dataclass
 class LoopResult:
     step: int  # steps completed
@@ -465,28 +509,32 @@ def run_steps(rt: Runtime, run: RunConfig, optim: OptimConfig, train_step: Train
 
     logger = TrainLogger(rt, run_dir, run.max_steps, start, clips_per_step)
     t_start = time.perf_counter()
-    try:
-        for step in range(start, run.max_steps):
-            lr = lr_at(step, optim, run.max_steps)
-            scalars = train_step(step, lr, result.checkpoint)
-            result.step = step + 1
-            result.losses.append(scalars["loss"])
-            log = (step + 1) % run.log_every == 0 or step == start
-            logger.step(step, {**scalars, "lr": lr}, log)
-            for tag, value in train_step.after_step(step + 1).items():
-                logger.scalar(tag, value, step + 1)
-            over_budget = run.max_minutes is not None and (time.perf_counter() - t_start) > 60 * run.max_minutes
-            over_budget = rt.any_true(over_budget)
-            if (step + 1) % run.save_every == 0 or step + 1 == run.max_steps or over_budget:
-                save(step + 1)
-            if over_budget:
-                result.stopped_early = True
-                if rt.is_main:
-                    print(f"\nwall-clock budget of {run.max_minutes} min reached at step {step + 1}; "
-                          f"checkpoint saved", flush=True)
-                break
-    finally:
-        logger.close()
+    with StopRequest() as stop:
+        try:
+            for step in range(start, run.max_steps):
+                lr = lr_at(step, optim, run.max_steps)
+                scalars = train_step(step, lr, result.checkpoint)
+                result.step = step + 1
+                result.losses.append(scalars["loss"])
+                log = (step + 1) % run.log_every == 0 or step == start
+                logger.step(step, {**scalars, "lr": lr}, log)
+                for tag, value in train_step.after_step(step + 1).items():
+                    logger.scalar(tag, value, step + 1)
+                over_budget = run.max_minutes is not None and (time.perf_counter() - t_start) > 60 * run.max_minutes
+                over_budget = rt.any_true(over_budget)
+                stopping = rt.any_true(stop.signal_name is not None)  # every rank stops after the same step
+                if (step + 1) % run.save_every == 0 or step + 1 == run.max_steps or over_budget or stopping:
+                    save(step + 1)
+                if stopping and step + 1 < run.max_steps:
+                    raise TrainingInterrupted(stop.signal_name or "SIGTERM", step + 1, result.checkpoint)
+                if over_budget:
+                    result.stopped_early = True
+                    if rt.is_main:
+                        print(f"\nwall-clock budget of {run.max_minutes} min reached at step {step + 1}; "
+                              f"checkpoint saved", flush=True)
+                    break
+        finally:
+            logger.close()
     return result
 
 
@@ -593,7 +641,8 @@ def stage_parser(config_cls: type, *, prog: str, description: str, no_export_hel
 def run_stage(config_cls: type[T], args: argparse.Namespace, body: Callable[[T], object]) -> int:
     """Load the stage's config from ``args`` (``--config``, ``--set``) and run ``body(cfg)``.
 
-    Returns the exit code: 0 done; 1 training failed (a non-finite loss, an unusable checkpoint);
+    Returns the exit code: 0 done; 128 + signal number when SIGINT/SIGTERM stopped it (130, 143) after its
+    checkpoint was written; 1 training failed (a non-finite loss, an unusable checkpoint);
     2 a bad config or arguments (an unknown key, a bad value, an existing run without ``--resume``,
     ``--resume`` with nothing to resume, missing inputs, a launch with fewer processes than asked),
     reported before any training starts where the config, the launch and the files decide it.
@@ -615,6 +664,9 @@ def run_stage(config_cls: type[T], args: argparse.Namespace, body: Callable[[T],
     except (NonFiniteLossError, ckpt.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
     except ValueError as exc:  # e.g. an existing run without --resume
         print(f"error: {exc}", file=sys.stderr)
         return 2
