@@ -9,7 +9,9 @@ tracing), so cache bookkeeping never triggers a re-compile. Compiled kernels are
 Measured on a 2-core AVX2 AMD EPYC under load from other jobs (default preset, float32, 1 thread,
 16 chunks): compiled chunks equal eager ones to 1e-7 relative and ran 1.26x faster (1.08 vs 1.36 s),
 but the first chunk waited 99 s for compilation and a second process with the cache filled still 115 s
-(re-tracing 8 blocks dominates). So ``--compile`` is off by default: worth it only for long-lived servers.
+(re-tracing 8 blocks dominates). Re-measured after GELU became cheap in eager mode: 0-10 % per chunk,
+second start 37 s (dynamic) or 6.4 s (fixed shapes; docs/speed.md). So ``--compile`` is off by default:
+worth it only for long-lived servers.
 On CUDA it compiles with ``mode="max-autotune-no-cudagraphs"`` (see :func:`compile_options`).
 """
 
