@@ -10,6 +10,8 @@ as one JSON document followed by a short table:
 
 * ``rtf``: generated pixel fps / playback fps for one stream through the full engine
   (scheduler, paged cache, 4 + 1 forwards per chunk, streaming VAE decode). Target >= 3.0 (issue 17).
+* ``chunk_breakdown``: a steady-state chunk's wall time split into its transformer forwards, its
+  streaming VAE decode and the rest (scheduler, bookkeeping, frame conversion, Python), medians.
 * ``ttff_s``: request added -> first decoded frames (prompt encoding included; the text
   model is loaded beforehand, as the server does at start). Target <= 0.3 s.
 * ``latency_ratio_200_10``: per-chunk time at chunk 200 over chunk 10 with the rolling
@@ -104,6 +106,20 @@ def run_streams(engine: Engine, num_streams: int, num_chunks: int) -> dict[str, 
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "frames": total_frames, "ttff_s": first, "chunk_s": chunk_times,
             "generate_ms": generate_ms, "decode_ms": decode_ms}
+
+
+def chunk_breakdown(run: dict[str, Any], skip: int = 5) -> dict[str, Any]:
+    """Where a steady-state chunk's wall time goes (medians over the chunks after the first ``skip``):
+    its transformer forwards (4 denoising + the cache write, as the runner times them), its streaming VAE
+    decode, and the rest (scheduler, cache bookkeeping, frame conversion, Python)."""
+    chunks = list(zip(run["chunk_s"], run["generate_ms"], run["decode_ms"], strict=True))[skip:] or \
+        list(zip(run["chunk_s"], run["generate_ms"], run["decode_ms"], strict=True))
+    wall = statistics.median(c for c, _, _ in chunks)
+    parts = {"transformer": statistics.median(g / 1000 for _, g, _ in chunks),
+             "decode": statistics.median(d / 1000 for _, _, d in chunks)}
+    parts["other"] = max(0.0, wall - parts["transformer"] - parts["decode"])
+    return {"chunk_s": wall, **{f"{k}_s": v for k, v in parts.items()},
+            "share": {k: v / wall for k, v in parts.items()}}
 
 
 def join_ttff(engine: Engine, running: int = 3, warm_chunks: int = 2) -> float:
@@ -203,6 +219,7 @@ def main() -> None:
     win10 = statistics.median(chunk_s[5:16])
     win200 = statistics.median(chunk_s[late - 5:late + 6])
     rtf = realtime_factor(single["frames"], single["wall_s"], fps, flops_per_frame, peak)
+    breakdown = chunk_breakdown(single)
 
     # 1b. The same stream for a few chunks in the other dtype, side by side.
     other_run = run_streams(build(preset, text, other, **engine_kw), 1, 6)
@@ -254,7 +271,7 @@ def main() -> None:
         "quantize": args.quantize, "attention": args.attention, "paged_attention_calls": paged_calls,
         "matmul_peak_gflops": peak / 1e9,
         "rtf": rtf, "generated_fps": rtf * fps, "ttff_s": single["ttff_s"],
-        "chunk10_s": win10, "chunk200_s": win200, "chunk_index_late": late,
+        "chunk10_s": win10, "chunk200_s": win200, "chunk_index_late": late, "chunk_breakdown": breakdown,
         "latency_ratio_200_10": win200 / win10,
         "other_dtype": {"dtype": str(other).removeprefix("torch."), "matmul_peak_gflops": other_peak / 1e9,
                         "rtf_6_chunks": other_rtf},
@@ -270,6 +287,8 @@ def main() -> None:
     rows = [(f"real-time factor (1 stream, {name})", f"{rtf:.2f}", ">= 3.0"),
             (f"  same, {result['other_dtype']['dtype']} (6 chunks)", f"{other_rtf:.2f}", ""),
             ("time to first frame", f"{single['ttff_s']:.3f} s", "<= 0.3 s"),
+            ("chunk: transformer / decode / other", "/".join(f"{100 * breakdown['share'][k]:.0f}" for k in
+                                                             ("transformer", "decode", "other")) + " %", ""),
             (f"chunk {late} / chunk 10 latency", f"{win200 / win10:.3f}", "<= 1.05"),
             ("recompute / cached chunk @21", f"{speedup:.2f}x", ">= 3.5x"),
             ("  same, whole chunk with decode", f"{pipeline_speedup:.2f}x", ""),

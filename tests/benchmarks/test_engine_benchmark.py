@@ -1,0 +1,33 @@
+"""benchmarks/engine.py's chunk breakdown: where a steady-state chunk's wall time goes."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "engine.py"
+
+
+def _engine_benchmark():  # a script beside the benchmarks, not a package
+    spec = importlib.util.spec_from_file_location("bench_engine_breakdown", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_breakdown_uses_steady_state_medians_and_the_rest_is_other() -> None:
+    bench = _engine_benchmark()
+    # Five warm-up chunks (slow, skipped), then chunks of 0.40 s: 250 ms transformer, 100 ms decode.
+    run = {"chunk_s": [2.0] * 5 + [0.40, 0.41, 0.39],
+           "generate_ms": [1500.0] * 5 + [250.0, 260.0, 240.0],
+           "decode_ms": [400.0] * 5 + [100.0, 100.0, 100.0]}
+    out = bench.chunk_breakdown(run)
+    assert out["chunk_s"] == pytest.approx(0.40)
+    assert out["transformer_s"] == pytest.approx(0.25) and out["decode_s"] == pytest.approx(0.10)
+    assert out["other_s"] == pytest.approx(0.05)
+    assert out["share"] == pytest.approx({"transformer": 0.625, "decode": 0.25, "other": 0.125})
+    # Timed parts longer than the wall (clock granularity): "other" is 0, never negative.
+    assert bench.chunk_breakdown({"chunk_s": [0.3], "generate_ms": [250.0], "decode_ms": [100.0]})["other_s"] == 0.0
