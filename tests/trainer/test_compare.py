@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamgen.config import get_preset
+from streamgen.config import Preset, get_preset
 from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.vae import CausalVideoVAE
 from streamgen.model.weights import save_checkpoint
@@ -126,17 +126,23 @@ def test_bad_input_is_a_clear_error(tiny_checkpoints: Path, tmp_path: Path, caps
     assert "unknown split" in capsys.readouterr().err
 
 
-def test_gallery_writes_strips_gifs_and_markdown(tmp_path: Path) -> None:
-    from PIL import Image
-
-    from trainer.gallery import main as gallery_main
-
+def _tiny_gallery_models(tmp_path: Path) -> Preset:
+    """A random test-preset student and VAE as ``s.safetensors`` and ``vae.safetensors`` in ``tmp_path``."""
     preset = get_preset("test")
     save_checkpoint(CausalWanTransformer(preset.model), tmp_path / "s.safetensors", kind="transformer",
                     config=preset.model)
     stats = LatentStats((0.0,) * preset.vae.latent_channels, (1.0,) * preset.vae.latent_channels)
     save_checkpoint(CausalVideoVAE(preset.vae), tmp_path / "vae.safetensors", kind="vae", config=preset.vae,
                     extra_metadata=stats.metadata())
+    return preset
+
+
+def test_gallery_writes_strips_gifs_and_markdown(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from trainer.gallery import main as gallery_main
+
+    preset = _tiny_gallery_models(tmp_path)
     out = tmp_path / "gallery"
     code = gallery_main(["--transformer", str(tmp_path / "s.safetensors"), "--vae", str(tmp_path / "vae.safetensors"),
                          "--preset", "test", "--prompt", "a red mug", "--prompt", "a blue can", "--seconds", "1",
@@ -159,12 +165,7 @@ def test_gallery_draws_captions_per_split_and_captions_what_the_classifier_reads
     from trainer.gallery import describe_reading
     from trainer.gallery import main as gallery_main
 
-    preset = get_preset("test")
-    save_checkpoint(CausalWanTransformer(preset.model), tmp_path / "s.safetensors", kind="transformer",
-                    config=preset.model)
-    stats = LatentStats((0.0,) * preset.vae.latent_channels, (1.0,) * preset.vae.latent_channels)
-    save_checkpoint(CausalVideoVAE(preset.vae), tmp_path / "vae.safetensors", kind="vae", config=preset.vae,
-                    extra_metadata=stats.metadata())
+    _tiny_gallery_models(tmp_path)
     base = ["--transformer", str(tmp_path / "s.safetensors"), "--vae", str(tmp_path / "vae.safetensors"),
             "--preset", "test", "--seconds", "1", "--text-encoder", "hash"]
     out = tmp_path / "drawn"
