@@ -272,6 +272,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from streamgen.config import get_preset
+    from streamgen.precision import resolve_precision
     from trainer.eval import inputs
     from trainer.eval.classifier import load_classifier
     from trainer.eval.reference import ReferenceConfig, summarise_against_reference
@@ -356,7 +357,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            f"{args.seed}; noise seeds {args.seed} + clip index; render seeds from {args.seed + 1000}",
                 "teacher horizon": f"{horizon} latent frames ({preset.pixel_frames(horizon)} pixel frames, "
                                    f"{preset.pixel_frames(horizon) / fps:.2f} s)",
-                "teacher sampler": f"{args.teacher_steps} Euler steps, CFG {args.cfg_scale}",
+                "teacher sampler": f"{args.teacher_steps} Euler steps, CFG {args.cfg_scale}, "
+                                   f"{resolve_precision('auto')[0]} ({resolve_precision('auto')[1]})",
                 "students": f"4 steps, chunked KV-cache generation (rolling window) as served, {args.dtype}",
                 "VAE": str(args.vae), "classifier": str(args.classifier),
                 "bootstrap": f"{args.resamples} resamples, seed {args.seed}",

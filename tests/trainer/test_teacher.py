@@ -174,6 +174,25 @@ def test_teacher_timesteps_and_sampler() -> None:
     torch.testing.assert_close(same, x0, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_teacher_sampling_uses_bf16_only_where_the_cpu_has_it(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The evaluation samples the teacher without saying a precision: on a CPU without bf16 units that must be
+    fp32 (bf16 autocast there is ~30-100x slower), where it has them bf16, as the trainer's ``precision: auto``."""
+    import streamgen.precision
+
+    torch.manual_seed(0)
+    model = CausalWanTransformer(get_preset("test").model).eval()
+    with torch.no_grad():
+        model.proj_out.weight.normal_(std=0.1)
+    noise, cond = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 16, 384)
+    monkeypatch.setattr(streamgen.precision, "cpu_bf16_is_native", lambda: (native, "test"))
+    auto = sample_teacher(model, noise, cond, torch.zeros_like(cond), num_steps=2)
+    fp32 = sample_teacher(model, noise, cond, torch.zeros_like(cond), num_steps=2, bf16=False)
+    bf16 = sample_teacher(model, noise, cond, torch.zeros_like(cond), num_steps=2, bf16=True)
+    assert not torch.equal(fp32, bf16)  # the two precisions really differ here
+    assert torch.equal(auto, bf16 if native else fp32)
+
+
 def test_two_processes_equal_one(tmp_path: Path, tiny_vae_checkpoint: Path, tiny_latents: Path) -> None:
     """``accelerate launch --multi_gpu --num_processes 2`` (gloo, CPU) with the same global batch reaches the
     same weights as one process. Samples, noise and dropout are keyed on global sample indices, so the only
