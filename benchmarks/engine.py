@@ -112,8 +112,8 @@ def chunk_breakdown(run: dict[str, Any], skip: int = 5) -> dict[str, Any]:
     """Where a steady-state chunk's wall time goes (medians over the chunks after the first ``skip``):
     its transformer forwards (4 denoising + the cache write, as the runner times them), its streaming VAE
     decode, and the rest (scheduler, cache bookkeeping, frame conversion, Python)."""
-    chunks = list(zip(run["chunk_s"], run["generate_ms"], run["decode_ms"], strict=True))[skip:] or \
-        list(zip(run["chunk_s"], run["generate_ms"], run["decode_ms"], strict=True))
+    every = list(zip(run["chunk_s"], run["generate_ms"], run["decode_ms"], strict=True))
+    chunks = every[skip:] or every
     wall = statistics.median(c for c, _, _ in chunks)
     parts = {"transformer": statistics.median(g / 1000 for _, g, _ in chunks),
              "decode": statistics.median(d / 1000 for _, _, d in chunks)}

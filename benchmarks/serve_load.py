@@ -231,14 +231,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ttff = [s.first_chunk_s - s.start_s for s in streams if s.first_chunk_s is not None]
     gaps = [b - a for s in streams for a, b in zip(s.chunk_s, s.chunk_s[1:], strict=False)]
     playback_fps = max((s.playback_fps for s in streams), default=0) or math.nan
+    spread = fps_spread(fps)
     report: dict[str, Any] = {
         "clients": args.clients, "duration_s": args.duration_s, "preset": info.preset, "model_id": info.model_id,
         "encoding": args.encoding,
         "paced": args.pace, "dtype": args.dtype, "cpu_count": os.cpu_count(), "wall_s": round(wall_s, 2),
         "fps": {"min": round(min(fps), 2), "p50": round(statistics.median(fps), 2), "max": round(max(fps), 2),
                 "per_stream": [round(f, 2) for f in fps]},
-        "fps_spread": round(fps_spread(fps), 3),
-        "fair": fps_spread(fps) <= FAIR_SPREAD,
+        "fps_spread": round(spread, 3),
+        "fair": spread <= FAIR_SPREAD,
         "realtime_factor": round(statistics.median(fps) / playback_fps, 3),
         "aggregate_fps": round(sum(s.frames for s in streams) / wall_s, 1),
         "ttff_s": {"p50": round(percentile(ttff, 0.5), 3), "p95": round(percentile(ttff, 0.95), 3)},

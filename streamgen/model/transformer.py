@@ -86,7 +86,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """``F.gelu(x, approximate="tanh")`` (Wan's GELU).
 
     On a CPU in float32 outside autograd it is computed as ``x * sigmoid(2u)`` in place on one fresh
-    buffer: the same function (within ~1 ulp-scale rounding, ``tests/model/test_transformer.py``), and
+    buffer: the same function (within twice PyTorch's own float32 error, ``tests/model/test_gelu.py``), and
     on an AVX2 CPU about 3-4x faster than PyTorch's tanh-GELU kernel, which was ~7 % of a default-preset
     chunk there (docs/speed.md). Everywhere else (CUDA's fused kernel, bf16, training) it is ``F.gelu``.
     """

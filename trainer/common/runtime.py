@@ -113,11 +113,15 @@ class Runtime:
 
     def any_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank (so every rank takes the same branch)."""
+        return self.any_each(flag)[0]
+
+    def any_each(self, *flags: bool) -> tuple[bool, ...]:
+        """:meth:`any_true` of each flag, in one all-reduce."""
         if self.world_size == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)  # NCCL reduces device tensors only
+            return tuple(bool(f) for f in flags)
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(t)
-        return bool(t.item() > 0)
+        return tuple(v > 0 for v in t.tolist())
 
     def gather_objects(self, obj: Any) -> list[Any]:
         if self.world_size == 1:
@@ -521,11 +525,12 @@ def run_steps(rt: Runtime, run: RunConfig, optim: OptimConfig, train_step: Train
                 for tag, value in train_step.after_step(step + 1).items():
                     logger.scalar(tag, value, step + 1)
                 over_budget = run.max_minutes is not None and (time.perf_counter() - t_start) > 60 * run.max_minutes
-                over_budget = rt.any_true(over_budget)
-                stopping = rt.any_true(stop.signal_name is not None)  # every rank stops after the same step
+                # Both decided together on every rank, so all stop after the same step.
+                over_budget, stopping = rt.any_each(over_budget, stop.signal_name is not None)
                 if (step + 1) % run.save_every == 0 or step + 1 == run.max_steps or over_budget or stopping:
                     save(step + 1)
                 if stopping and step + 1 < run.max_steps:
+                    # a rank the signal did not reach stops because another did: name it as the launcher's stop
                     raise TrainingInterrupted(stop.signal_name or "SIGTERM", step + 1, result.checkpoint)
                 if over_budget:
                     result.stopped_early = True

@@ -29,6 +29,7 @@ def test_cpu_runtime_is_on_the_cpu_with_the_resolved_precision() -> None:
     assert rt.device == torch.device("cpu") and rt.precision == "fp32" and rt.world_size == 1
     assert rt.accelerator.device.type == "cpu"
     assert rt.any_true(True) and not rt.any_true(False)
+    assert rt.any_each(True, False, True) == (True, False, True)
 
 
 class _FakeAccelerator:
