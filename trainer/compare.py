@@ -18,7 +18,14 @@ Each generated set is then measured against the reference by :mod:`trainer.eval.
 
 Generated clips are stored losslessly in ``OUT/<model>_<split>_<k>x/clips.npz`` and reused by a
 later run made with the same checkpoint (by content hash), prompts, seed and length: generation
-is the slow part on a CPU. Each set also gets the per-set report of :mod:`trainer.eval.report`.
+is the slow part on a CPU. Their latents are stored beside them (``latents.npz``): a run with
+another VAE of the same latent space (a decoder fine-tune: same encoder weights and latent
+stats, :func:`trainer.eval.inputs.latent_space_id`) decodes those instead of generating again.
+Each set also gets the per-set report of :mod:`trainer.eval.report`.
+
+``--vae-row`` adds the row ``vae``: the rendered clips encoded and decoded by the VAE, what any
+model in its latent space could at best score. An attribute the ``vae`` row already loses is the
+VAE's to fix, not the generator's.
 
     python -m trainer.compare --teacher checkpoints/teacher_default.safetensors \\
         --student sfpp=checkpoints/student_default.safetensors --multiples 1 10 \\
@@ -45,6 +52,7 @@ from trainer.eval.reference import STABILITY_CURVES, WINDOWS
 from trainer.eval.stats import MIN_KID_SAMPLES, NOT_SEPARABLE, Interval, order
 
 RENDERED = "rendered"
+VAE_ROW = "vae"  # the rendered clips through the VAE: the ceiling of any model in its latent space
 MIN_STABILITY_CLIPS = 2
 STUDENT_STAGES = ("ode_init", "self_forcing")
 
@@ -60,7 +68,7 @@ def parse_student(text: str) -> ModelSpec:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
         raise ValueError(f"--student takes NAME=CHECKPOINT, got {text!r}")
-    if name in (RENDERED, "teacher"):
+    if name in (RENDERED, VAE_ROW, "teacher"):
         raise ValueError(f"--student name {name!r} is reserved")
     return ModelSpec(name, "student", Path(path))
 
@@ -117,6 +125,7 @@ def clip_meta(m: ModelSpec, prompts: list[str], num_frames: int, args: argparse.
     """What made a set of generated clips: a stored set is reused only when all of it matches."""
     meta: dict[str, Any] = {"model": m.kind, "checkpoint": str(m.checkpoint),
                             "checkpoint_sha256": file_sha256(m.checkpoint), "vae": str(args.vae),
+                            "vae_sha256": file_sha256(args.vae),
                             "preset": args.preset, "prompts": prompts, "seed": args.seed, "num_frames": num_frames,
                             "dtype": "float32" if m.kind == "teacher" else args.dtype,
                             "text_encoder": args.text_encoder}
@@ -285,8 +294,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     models = ([ModelSpec("teacher", "teacher", args.teacher)] if args.teacher else []) + \
         [parse_student(s) for s in args.student]
-    if not models:
-        raise ValueError("nothing to compare: give --teacher and/or --student NAME=CHECKPOINT")
+    if not models and not args.vae_row:
+        raise ValueError("nothing to compare: give --teacher, --student NAME=CHECKPOINT and/or --vae-row")
     for m in models:
         if not m.checkpoint.is_file():
             raise ValueError(f"{m.name}: checkpoint {m.checkpoint} does not exist")
@@ -297,8 +306,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("give --horizon (latent frames) when no --teacher is compared")
     for m in models:
         check_checkpoint(m, horizon)
+    if not Path(args.vae).is_file():
+        raise ValueError(f"VAE checkpoint {args.vae} does not exist")
     out.mkdir(parents=True, exist_ok=True)
     preset = get_preset(args.preset)
+    latent_space = inputs.latent_space_id(args.vae) if models else ""
     fps = float(preset.video.fps)
     classifier = load_classifier(args.classifier)
     long_cfg = SuiteConfig()
@@ -320,11 +332,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             n = split_clips.get(split, args.num_clips) if k == 1 else (args.long_clips or args.num_clips)
             prompts = inputs.split_prompts(split, n, args.seed)
             log(f"rendered reference: {split}, {k}x ({num_frames} frames, {n} clips)")
-            reference = evaluate_set(inputs.render_reference(prompts, num_frames, preset.video.height, fps,
-                                                             args.seed + 1000), classifier, cfg)
+            rendered = inputs.render_reference(prompts, num_frames, preset.video.height, fps, args.seed + 1000)
+            reference = evaluate_set(rendered, classifier, cfg)
             own = summarise_against_reference(reference, reference, rcfg)
             rows[f"{RENDERED}@{split}@{k}x"] = {"model": RENDERED, "split": split, "length": f"{k}x",
                                                 **own.as_dict()}
+            if args.vae_row:
+                log(f"VAE reconstructions of the rendered clips: {split}, {k}x")
+                recon = evaluate_set(inputs.reconstruct_videos(rendered, args.vae, args.preset), classifier, cfg)
+                rows[f"{VAE_ROW}@{split}@{k}x"] = {"model": VAE_ROW, "split": split, "length": f"{k}x",
+                                                   **summarise_against_reference(recon, reference, rcfg).as_dict()}
             for m in models:
                 if m.kind == "teacher" and k != 1:
                     continue  # the bidirectional teacher only exists at its own horizon
@@ -332,14 +349,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 meta = clip_meta(m, prompts, num_frames, args)
                 videos = inputs.load_clips(set_dir, meta)
                 if videos is None:
-                    log(f"generating {m.name}: {split}, {k}x")
-                    if m.kind == "teacher":
-                        videos = inputs.generate_teacher_videos(m.checkpoint, args.vae, args.preset, prompts,
-                                                                num_frames, args.seed, None, args.teacher_steps,
-                                                                args.cfg_scale, text=args.text_encoder)
+                    # The latents do not depend on the decoder: stored ones of the same latent space are decoded.
+                    lmeta = {**{key: v for key, v in meta.items() if key not in ("vae", "vae_sha256")},
+                             "latent_space": latent_space}
+                    stored = inputs.load_latents(set_dir, lmeta)
+                    if stored is not None:
+                        log(f"decoding stored latents of {m.name} with {args.vae}: {split}, {k}x")
+                        videos = inputs.decode_latents(stored, args.vae, args.preset, prompts, num_frames, m.kind)
                     else:
-                        videos = inputs.generate_videos(m.checkpoint, args.vae, args.preset, prompts, num_frames,
-                                                        args.seed, None, args.dtype, args.text_encoder)
+                        log(f"generating {m.name}: {split}, {k}x")
+                        latents: list[Any] = []
+                        if m.kind == "teacher":
+                            videos = inputs.generate_teacher_videos(m.checkpoint, args.vae, args.preset, prompts,
+                                                                    num_frames, args.seed, None, args.teacher_steps,
+                                                                    args.cfg_scale, text=args.text_encoder,
+                                                                    latents_out=latents)
+                        else:
+                            videos = inputs.generate_videos(m.checkpoint, args.vae, args.preset, prompts,
+                                                            num_frames, args.seed, None, args.dtype,
+                                                            args.text_encoder, latents_out=latents)
+                        inputs.save_latents(set_dir, latents, lmeta)
                     inputs.save_clips(set_dir, videos, meta)
                 else:
                     log(f"reusing stored clips of {m.name}: {split}, {k}x")
@@ -392,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="prompt, noise, render and bootstrap seed")
     p.add_argument("--teacher-steps", type=int, default=50, help="teacher Euler steps")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="teacher guidance scale")
+    p.add_argument("--vae-row", action="store_true",
+                   help=f"add a row '{VAE_ROW}': the rendered clips encoded and decoded by the VAE, the best any "
+                   "model in its latent space could score (separates the VAE's losses from the generator's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="student precision (float32: exact everywhere; bf16 is emulated, slow, on AVX2-only CPUs)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")

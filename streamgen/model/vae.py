@@ -285,6 +285,10 @@ class CausalVideoVAE(nn.Module):
         self.register_buffer("latent_std", torch.ones(cfg.latent_channels), persistent=False)
         self._init_weights()
 
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The encoder's weights (what defines the latent space); the rest of the parameters are the decoder's."""
+        return [p for m in (self.enc_in, self.enc_stages, self.enc_out) for p in m.parameters()]
+
     def set_latent_stats(self, mean: list[float] | tuple[float, ...], std: list[float] | tuple[float, ...]) -> None:
         """Set the per-channel diffusion-space normalisation (one value per latent channel, std > 0)."""
         c = self.cfg.latent_channels

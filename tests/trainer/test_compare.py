@@ -97,6 +97,98 @@ def test_compare_teacher_and_student_against_the_rendered_reference(tiny_checkpo
     assert stored["num_frames"] == get_preset("test").pixel_frames(6) and len(stored["checkpoint_sha256"]) == 64
 
 
+def test_vae_row_is_the_rendered_clips_through_the_vae(tiny_checkpoints: Path, tmp_path: Path) -> None:
+    from streamgen.model.weights import load_vae
+    from streamgen.video_io import frames_to_uint8, uint8_to_frames
+    from trainer.eval.inputs import reconstruct_videos, render_reference, split_prompts
+
+    ckpt = tiny_checkpoints
+    preset = get_preset("test")
+    frames = preset.pixel_frames(5)
+    rendered = render_reference(split_prompts("heldout", 3), frames, preset.video.height, 8.0, seed=7)
+    # Chunk by chunk in batches of two (a batch boundary and a chunk boundary inside the clip) equals the
+    # whole-clip decode(encode(x)) of each clip alone, to one grey level.
+    recon = reconstruct_videos(rendered, ckpt / "vae.safetensors", "test", batch_size=2,
+                               chunk_frames=2 * preset.vae.temporal_factor)
+    vae = load_vae(ckpt / "vae.safetensors", expected=preset.vae).eval()
+    for r, v in zip(recon, rendered, strict=True):
+        with torch.no_grad():
+            whole = frames_to_uint8(vae(uint8_to_frames(v.frames)[None])[0])
+        assert r.frames.shape == v.frames.shape and r.prompt == v.prompt and r.object_area is v.object_area
+        assert int(abs(r.frames.astype(int) - whole.astype(int)).max()) <= 1
+    with pytest.raises(ValueError, match="multiple of"):
+        reconstruct_videos(rendered, ckpt / "vae.safetensors", "test", chunk_frames=preset.vae.temporal_factor + 1)
+
+    out = tmp_path / "vae_row"
+    assert main(_args(ckpt, out, "--vae-row", "--horizon", "2", "--multiples", "1", "--num-clips", "8",
+                      "--splits", "heldout")) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert sorted(report["rows"]) == ["rendered@heldout@1x", "vae@heldout@1x"]
+    row = report["rows"]["vae@heldout@1x"]
+    assert row["num_clips"] == 8 and math.isfinite(row["distances"]["first"]["kid"]["value"])
+    assert "| vae | heldout | 1x | 8 |" in (out / "compare.md").read_text()
+    with pytest.raises(ValueError, match="reserved"):
+        parse_student("vae=x.safetensors")
+
+
+def test_stored_latents_are_decoded_by_a_vae_of_the_same_latent_space(
+        tiny_checkpoints: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Another decoder on the same encoder decodes the stored latents (frames equal generating afresh with it);
+    a VAE with another encoder generates again."""
+    import numpy as np
+
+    from streamgen.model.weights import load_vae, read_metadata
+
+    ckpt = tiny_checkpoints
+    preset = get_preset("test")
+    vae = load_vae(ckpt / "vae.safetensors", expected=preset.vae)
+    enc = {id(p) for p in vae.encoder_parameters()}
+    stats = LatentStats((0.0,) * preset.vae.latent_channels, (1.0,) * preset.vae.latent_channels)
+    with torch.no_grad():
+        for p in vae.parameters():
+            if id(p) not in enc:
+                p.add_(torch.randn_like(p) * 0.05)
+    save_checkpoint(vae, tmp_path / "vae_dec.safetensors", kind="vae", config=preset.vae,
+                    extra_metadata=stats.metadata())
+    other = CausalVideoVAE(preset.vae)
+    with torch.no_grad():
+        next(iter(other.encoder_parameters())).add_(1.0)
+    save_checkpoint(other, tmp_path / "vae_enc.safetensors", kind="vae", config=preset.vae,
+                    extra_metadata=stats.metadata())
+    assert read_metadata(tmp_path / "vae_dec.safetensors")["latent_mean"]
+
+    student = ["--teacher", str(ckpt / "teacher.safetensors"), "--student", f"s={ckpt / 'student.safetensors'}",
+               "--multiples", "1", "--num-clips", "8", "--splits", "heldout"]
+
+    def frames(out: Path) -> np.ndarray:
+        return np.concatenate([np.load(out / f"{m}_heldout_1x" / "clips.npz")["frames"] for m in ("s", "teacher")])
+
+    shared = tmp_path / "shared"
+    assert main(_args(ckpt, shared, *student)) == 0
+    assert "generating s" in capsys.readouterr().out
+    args = _args(ckpt, shared, *student)
+    args[args.index("--vae") + 1] = str(tmp_path / "vae_dec.safetensors")
+    assert main(args) == 0
+    logged = capsys.readouterr().out
+    assert "decoding stored latents of s" in logged and "decoding stored latents of teacher" in logged
+    fresh = tmp_path / "fresh"
+    args[args.index("--out") + 1] = str(fresh)
+    assert main(args) == 0
+    assert "generating s" in capsys.readouterr().out
+    assert np.array_equal(frames(shared), frames(fresh))
+    args = _args(ckpt, shared, *student)
+    args[args.index("--vae") + 1] = str(tmp_path / "vae_enc.safetensors")
+    assert main(args) == 0
+    assert "generating s" in capsys.readouterr().out
+    # Stored clips are matched by the VAE file's content, not its path: a file replaced in place is not reused.
+    (tmp_path / "vae_enc.safetensors").write_bytes((ckpt / "vae.safetensors").read_bytes())
+    assert main(args) == 0
+    logged = capsys.readouterr().out
+    assert "reusing stored clips of s" not in logged and "generating s" in logged
+    assert main(args) == 0  # unchanged since: reused
+    assert "reusing stored clips of s" in capsys.readouterr().out
+
+
 def test_bad_input_is_a_clear_error(tiny_checkpoints: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                     ) -> None:
     ckpt = tiny_checkpoints
@@ -191,3 +283,24 @@ def test_gallery_draws_captions_per_split_and_captions_what_the_classifier_reads
     assert gallery_main([*base, "--draw", "1", "--splits", "train", "--out", str(out)]) == 2
     assert gallery_main([*base, "--draw", "1", "--classifier", str(tmp_path / "no.safetensors"),
                          "--out", str(out)]) == 2
+
+
+def test_paired_cli_on_stored_sets(tiny_checkpoints: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                   ) -> None:
+    from trainer.eval import paired
+
+    ckpt = tiny_checkpoints
+    out = tmp_path / "p"
+    assert main(_args(ckpt, out, "--student", f"s={ckpt / 'student.safetensors'}", "--horizon", "2",
+                      "--multiples", "1", "--num-clips", "8", "--splits", "heldout")) == 0
+    capsys.readouterr()
+    one = out / "s_heldout_1x"
+    assert paired.main(["--a", str(one), "--b", str(one), "--classifier", str(ckpt / "clf.safetensors"),
+                        "--resamples", "50", "--out", str(tmp_path / "p.json")]) == 0
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert result["clips"] == 8
+    assert all(r["difference"]["value"] == 0 and r["verdict"] == "not separable"
+               for r in result["windows"]["first"].values())
+    assert "| first | kind |" in capsys.readouterr().out
+    assert paired.main(["--a", str(one), "--b", str(tmp_path), "--classifier", str(ckpt / "clf.safetensors")]) == 2
+    assert "holds no stored clips" in capsys.readouterr().err

@@ -166,6 +166,46 @@ def render_reference(prompts: Sequence[str | None], num_frames: int, size: int, 
     return videos
 
 
+def reconstruct_videos(videos: Sequence[Video], vae_path: str | os.PathLike[str], preset_name: str,
+                       batch_size: int = 8, chunk_frames: int = 16) -> list[Video]:
+    """Each clip encoded and decoded by the VAE (a fresh stream per clip), named ``vae_<i>``.
+
+    What any model working in this VAE's latent space could at best produce for the clip: the
+    row that tells the VAE's share of an attribute the models miss from the generator's share.
+    Prompts and true object areas are kept (the object's pixels are the rendered clip's).
+    """
+    import torch
+
+    from streamgen.config import get_preset
+    from streamgen.model.weights import load_vae
+    from streamgen.video_io import frames_to_uint8, uint8_to_frames
+
+    preset = get_preset(preset_name)
+    tf = preset.vae.temporal_factor
+    if batch_size < 1 or chunk_frames < tf or chunk_frames % tf:
+        raise ValueError(f"batch_size must be >= 1 and chunk_frames a positive multiple of {tf}, "
+                         f"got {batch_size} and {chunk_frames}")
+    vae = load_vae(vae_path, expected=preset.vae).eval()
+    out = []
+    for start in range(0, len(videos), batch_size):
+        group = videos[start:start + batch_size]
+        shapes = {v.frames.shape for v in group}
+        if len(shapes) != 1:
+            raise ValueError(f"clips to reconstruct must share one shape, got {sorted(shapes)}")
+        batch = torch.stack([uint8_to_frames(v.frames) for v in group])  # [B, 3, N, H, W]
+        enc, dec = vae.init_encoder_state(len(group)), vae.init_decoder_state(len(group))
+        pieces = []
+        with torch.no_grad():  # chunk by chunk (equal to the whole-clip pass), so long clips fit in memory
+            for t in range(0, batch.shape[2], chunk_frames):
+                latents, enc = vae.encode_chunk(batch[:, :, t:t + chunk_frames], enc)
+                video, dec = vae.decode_chunk(latents, dec)
+                pieces.append(video)
+        decoded = torch.cat(pieces, dim=2)
+        for j, v in enumerate(group):
+            out.append(Video(f"vae_{start + j:04d}", frames_to_uint8(decoded[j]), v.fps, v.prompt, v.object_area))
+    return out
+
+
 def text_encoder(max_tokens: int, kind: str = "minilm") -> Any:
     """The prompt encoder: ``"minilm"`` (what the models were trained with) or ``"hash"`` (tests only)."""
     from streamgen.model.text import HashTokenEncoder, TextEncoder
@@ -184,8 +224,13 @@ def _finish(frames: np.ndarray, name: str, fps: int, prompt: str, out_dir: Path 
 
 def generate_videos(transformer: str | os.PathLike[str], vae_path: str | os.PathLike[str], preset_name: str,
                     prompts: Sequence[str], num_frames: int, seed: int, out_dir: Path | None = None,
-                    dtype: str = "auto", text: str = "minilm") -> list[Video]:
-    """Generate one clip per prompt with the causal student (seed ``seed + i``); also write MP4s to ``out_dir``."""
+                    dtype: str = "auto", text: str = "minilm", latents_out: list[np.ndarray] | None = None
+                    ) -> list[Video]:
+    """Generate one clip per prompt with the causal student (seed ``seed + i``); also write MP4s to ``out_dir``.
+
+    ``latents_out``: if given, each clip's normalised latents ``[C, F, h, w]`` (float32) are appended
+    to it, so that :func:`decode_latents` can decode them again with another VAE decoder.
+    """
     import torch
 
     from streamgen.config import get_preset
@@ -207,12 +252,16 @@ def generate_videos(transformer: str | os.PathLike[str], vae_path: str | os.Path
         emb, _ = encoder.encode([prompt])
         generator = torch.Generator().manual_seed(seed + i)
         chunks = []
+        pieces = []
         with torch.no_grad():
             context = model.encode_text(emb)
             decoder = vae.init_decoder_state(batch_size=1)
             for latents in generate_latents(model, context, preset, num_latent, generator):
                 video, decoder = vae.decode_chunk(stats.denormalize(latents.float()), decoder)
                 chunks.append(frames_to_uint8(video[0]))
+                pieces.append(latents[0].float())
+        if latents_out is not None:
+            latents_out.append(torch.cat(pieces, dim=1).numpy())
         frames = np.concatenate(chunks)[:num_frames]
         videos.append(_finish(frames, f"generated_{i:04d}.mp4", preset.video.fps, prompt, out_dir))
     return videos
@@ -220,9 +269,11 @@ def generate_videos(transformer: str | os.PathLike[str], vae_path: str | os.Path
 
 def generate_teacher_videos(teacher: str | os.PathLike[str], vae_path: str | os.PathLike[str], preset_name: str,
                             prompts: Sequence[str], num_frames: int, seed: int, out_dir: Path | None = None,
-                            num_steps: int = 50, cfg_scale: float = 4.0, shift: float = 5.0, text: str = "minilm"
-                            ) -> list[Video]:
+                            num_steps: int = 50, cfg_scale: float = 4.0, shift: float = 5.0, text: str = "minilm",
+                            latents_out: list[np.ndarray] | None = None) -> list[Video]:
     """Sample one clip per prompt with the bidirectional teacher (:func:`trainer.sampling.sample_teacher`).
+
+    ``latents_out``: as in :func:`generate_videos` (decoded again by :func:`decode_latents`).
 
     The teacher sees its whole horizon at once, so ``num_frames`` should not exceed what it was
     trained on (``ceil(num_frames / temporal_factor)`` latent frames).
@@ -248,8 +299,88 @@ def generate_teacher_videos(teacher: str | os.PathLike[str], vae_path: str | os.
         uncond, _ = encoder.encode([""])
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
         z = sample_teacher(model, noise, cond, uncond, num_steps=num_steps, cfg_scale=cfg_scale, shift=shift)
+        if latents_out is not None:
+            latents_out.append(z[0].float().numpy())
         with torch.no_grad():
             video = vae.decode(stats.denormalize(z))  # [1, 3, N, H, W]
         frames = frames_to_uint8(video[0])[:num_frames]
         videos.append(_finish(frames, f"teacher_{i:04d}.mp4", preset.video.fps, prompt, out_dir))
     return videos
+
+
+def save_latents(directory: str | os.PathLike[str], latents: Sequence[np.ndarray], meta: dict[str, Any]) -> None:
+    """Store generated clips' normalised latents (``latents.npz``, float32) with what made them (``latents.json``).
+
+    The latents do not depend on the VAE decoder, so a comparison under another decoder (same encoder,
+    same latent space) decodes these instead of generating again: :func:`load_latents`.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "latents.npz", latents=np.stack(latents).astype(np.float32))
+    (out / "latents.json").write_text(json.dumps(meta, indent=1))
+
+
+def load_latents(directory: str | os.PathLike[str], meta: dict[str, Any]) -> np.ndarray | None:
+    """Latents stored by :func:`save_latents` if they were made with exactly ``meta``; else ``None``."""
+    path = Path(directory)
+    if not (path / "latents.npz").is_file() or not (path / "latents.json").is_file():
+        return None
+    if json.loads((path / "latents.json").read_text()) != meta:
+        return None
+    return np.load(path / "latents.npz")["latents"]
+
+
+def decode_latents(latents: np.ndarray, vae_path: str | os.PathLike[str], preset_name: str,
+                   prompts: Sequence[str], num_frames: int, model: str) -> list[Video]:
+    """Decode stored latents ``[B, C, F, h, w]`` as generation decoded them.
+
+    ``model="student"``: chunk by chunk through the streaming decoder (:func:`generate_videos`);
+    ``"teacher"``: the whole horizon at once (:func:`generate_teacher_videos`).
+    """
+    import torch
+
+    from streamgen.config import get_preset
+    from streamgen.generate import plan_chunks
+    from streamgen.model.weights import load_vae
+    from streamgen.video_io import frames_to_uint8
+    from trainer.common.latents import LatentStats
+
+    if model not in ("student", "teacher"):
+        raise ValueError(f"model must be 'student' or 'teacher', got {model!r}")
+    preset = get_preset(preset_name)
+    vae = load_vae(vae_path, expected=preset.vae).eval()
+    stats = LatentStats.from_checkpoint(vae_path)
+    videos = []
+    for z, prompt in zip(latents, prompts, strict=True):
+        pieces = [(0, z.shape[1])] if model == "teacher" else \
+            [(c.start, c.num_frames) for c in plan_chunks(z.shape[1], preset.sampler.chunk_frames)]
+        decoder = vae.init_decoder_state(batch_size=1)
+        chunks = []
+        with torch.no_grad():
+            for start, count in pieces:
+                piece = torch.from_numpy(np.ascontiguousarray(z[None, :, start:start + count]))
+                video, decoder = vae.decode_chunk(stats.denormalize(piece), decoder)
+                chunks.append(frames_to_uint8(video[0]))
+        name = "teacher" if model == "teacher" else "generated"
+        videos.append(Video(f"{name}_{len(videos):04d}.mp4", np.concatenate(chunks)[:num_frames],
+                            float(preset.video.fps), prompt))
+    return videos
+
+
+def latent_space_id(vae_path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a VAE's encoder weights and latent mean/std: equal exactly when two VAEs share a latent space.
+
+    A decoder fine-tune (``trainer.vae`` with ``train_encoder: false``) keeps it; stored latents
+    (:func:`save_latents`) are decoded by another VAE only when its id is theirs.
+    """
+    import hashlib
+
+    from streamgen.model.weights import load_vae
+
+    vae = load_vae(vae_path)
+    digest = hashlib.sha256()
+    for p in vae.encoder_parameters():
+        digest.update(p.detach().float().contiguous().numpy().tobytes())
+    for b in (vae.latent_mean, vae.latent_std):
+        digest.update(b.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -234,7 +234,7 @@ def _window_index(window: str) -> int:
     return 0 if window == "first" else -1
 
 
-def _correct(clips: list[ClipEvaluation], key: str, window: str) -> np.ndarray:
+def correct_per_clip(clips: list[ClipEvaluation], key: str, window: str) -> np.ndarray:
     """Per clip: 1.0 where the classifier's reading at ``window`` matches the caption, NaN without a caption."""
     i = _window_index(window)
     out = np.full(len(clips), np.nan)
@@ -263,8 +263,8 @@ def attribute_adherence(generated: SetEvaluation, reference: SetEvaluation, wind
     _check_paired(generated, reference)
     out = {}
     for key in ATTRIBUTE_KEYS:
-        gen = bootstrap_mean(_correct(generated.clips, key, window), cfg.num_resamples, cfg.level, cfg.seed)
-        ren = bootstrap_mean(_correct(reference.clips, key, window), cfg.num_resamples, cfg.level, cfg.seed)
+        gen = bootstrap_mean(correct_per_clip(generated.clips, key, window), cfg.num_resamples, cfg.level, cfg.seed)
+        ren = bootstrap_mean(correct_per_clip(reference.clips, key, window), cfg.num_resamples, cfg.level, cfg.seed)
         chance = chance_level(reference, key)
         measured = math.isfinite(ren.value) and ren.value >= chance + cfg.readable_kappa * (1.0 - chance)
         out[key] = AttributeAdherence(key, window, gen, ren, chance, measured)
@@ -275,7 +275,7 @@ def mean_adherence(clips: list[ClipEvaluation], keys: list[str], window: str, cf
     """Per clip, the share of ``keys`` read as captioned; mean over clips with its interval."""
     if not keys:
         return Interval(math.nan, math.nan, math.nan, 0, cfg.level)
-    per_clip = np.nanmean(np.stack([_correct(clips, k, window) for k in keys]), axis=0)
+    per_clip = np.nanmean(np.stack([correct_per_clip(clips, k, window) for k in keys]), axis=0)
     return bootstrap_mean(per_clip, cfg.num_resamples, cfg.level, cfg.seed)
 
 

@@ -138,3 +138,49 @@ def test_distances_report_kid_and_refuse_frechet_below_its_sample_count() -> Non
     small = ReferenceConfig(num_resamples=50, frechet_resamples=10, frechet_dims=4)
     d4 = summarise_against_reference(_set(gen_clips), _set(ref_clips), small).distances["first"]
     assert d4.frechet is not None and d4.frechet.value > 0
+
+
+def test_paired_difference_separates_where_set_intervals_overlap() -> None:
+    """Same captions: B misreads colour on 12 of 64 clips more than A, both miss many; the per-clip difference
+    separates from 0 while the two sets' own intervals overlap. Kind is equal in both: not separable."""
+    from trainer.eval.paired import difference_verdict, paired_adherence
+    from trainer.eval.stats import Interval, order
+
+    attrs = _attrs(64)
+    hard = set(range(0, 64, 2))  # half the captions: both read the colour wrong
+    worse = set(range(1, 24, 2))  # 12 more where only B does
+    a_clips, b_clips = [], []
+    for i, at in enumerate(attrs):
+        wrong = {**at, "colour": _other("colour", at["colour"])}
+        a_clips.append(_clip(i, at, {}, first=wrong if i in hard else at))
+        b_clips.append(_clip(i, at, {}, first=wrong if i in hard | worse else at))
+    a, b = _set(a_clips), _set(b_clips)
+    per = paired_adherence(a, b, "first", ("A", "B"), num_resamples=500)
+    colour = per["colour"]
+    assert colour["a"]["value"] == pytest.approx(0.5) and colour["b"]["value"] == pytest.approx(20 / 64)
+    assert colour["difference"]["value"] == pytest.approx(12 / 64) and colour["difference"]["low"] > 0
+    assert colour["verdict"] == "A better than B"
+    ia, ib = (Interval(colour[k]["value"], colour[k]["low"], colour[k]["high"], 64, 0.95) for k in "ab")
+    assert order("A", ia, "B", ib, True) == "not separable"  # the unpaired rule cannot tell
+    assert per["kind"]["difference"]["value"] == 0 and per["kind"]["verdict"] == "not separable"
+    assert difference_verdict("A", "B", Interval(-0.2, -0.3, -0.1, 64, 0.95)) == "B better than A"
+    assert difference_verdict("A", "B", Interval(0.1, 0.0, 0.2, 64, 0.95)) == "not separable"
+    # Sets of other captions (or another order) are refused.
+    with pytest.raises(ValueError, match="do not share a caption"):
+        paired_adherence(a, _set(b_clips[1:] + b_clips[:1]))
+    with pytest.raises(ValueError, match="the same clips"):
+        paired_adherence(a, _set(b_clips[:10]))
+
+
+def test_latent_probe_reads_a_kept_channel_and_not_a_dropped_one() -> None:
+    """Latents that carry R and B linearly but not G: R^2 near 1 for R and B, near 0 (or below) for G."""
+    from trainer.eval.latent_probe import linear_probe_r2
+
+    rng = np.random.default_rng(0)
+    rgb = rng.uniform(0, 255, (150, 3))
+    mix = rng.normal(size=(2, 16))
+    latents = rgb[:, [0, 2]] @ mix + rng.normal(scale=1.0, size=(150, 16))  # G is not in the latents
+    r2 = linear_probe_r2(latents, rgb)
+    assert r2[0] > 0.99 and r2[2] > 0.99 and r2[1] < 0.2
+    with pytest.raises(ValueError, match="too few"):
+        linear_probe_r2(latents[:12], rgb[:12])
