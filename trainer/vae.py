@@ -9,6 +9,14 @@ Loss per clip (all in pixel space [-1, 1] unless noted):
   head), so this pulls every channel to unit scale without fixing its content;
 * the decoder sees ``z + latent_noise * e``: it learns to decode slightly-off latents, which is
   what a diffusion sampler hands it.
+* ``object_weight`` (0 = off): the L1 and L2 terms weight a pixel by ``1 + object_weight *
+  mask`` (the renderer's object mask), normalised by the mean weight. The product is a small part
+  of the frame, so an unweighted loss lets its colour drift while backgrounds dominate.
+
+**Decoder fine-tune** (``init_checkpoint`` + ``train_encoder: false``): the encoder of an exported
+VAE is frozen and only the decoder trains, so the latent space (and with it the teacher and every
+student trained in it, and the latent mean/std, which are carried over unchanged) stays exactly
+the same: a better decoder improves every model's output without retraining any of them.
 
 Training uses random ``crop_size`` crops of full-size clips (the VAE is convolutional, so crops
 teach the same filters at a fraction of the cost) and fp32 (on this CPU the VAE's convs are
@@ -34,12 +42,12 @@ from torch import nn
 
 from streamgen.config import VAEConfig, get_preset, to_dict
 from streamgen.model.vae import CausalVideoVAE
-from streamgen.model.weights import save_checkpoint
+from streamgen.model.weights import load_vae, save_checkpoint
 from trainer.common.config import OptimConfig, RunConfig, check
 from trainer.common.images import save_video_grid
 from trainer.common.latents import LatentStats
 from trainer.common.precision import PRECISIONS, resolve_config_precision
-from trainer.common.preflight import preflight, run_inputs
+from trainer.common.preflight import checkpoint_command, file_input, preflight, run_inputs
 from trainer.common.runtime import (
     LaunchError,
     local_indices,
@@ -49,7 +57,7 @@ from trainer.common.runtime import (
     sample_generator,
     stage_parser,
 )
-from trainer.data.dataset import ClipConfig, render_item
+from trainer.data.dataset import ClipConfig, render_item, render_item_with_mask
 
 EXPORT_DTYPES = ("auto", "fp32", "bf16")
 
@@ -83,9 +91,10 @@ class VAELossConfig:
     edge: float = 0.5
     latent_reg: float = 1e-3
     latent_noise: float = 0.05
+    object_weight: float = 0.0  # extra L1/L2 weight on the product's pixels (renderer mask); 0 = off
 
     def __post_init__(self) -> None:
-        for name in ("l1", "l2", "edge", "latent_reg", "latent_noise"):
+        for name in ("l1", "l2", "edge", "latent_reg", "latent_noise", "object_weight"):
             check(getattr(self, name) >= 0, f"loss.{name} must be >= 0, got {getattr(self, name)}")
         check(self.l1 + self.l2 > 0, "loss.l1 + loss.l2 must be > 0: something must reconstruct")
 
@@ -96,6 +105,10 @@ class VAETrainConfig:
     precision: str = "auto"  # auto: bf16 only on CPUs with native bf16 (trainer.common.precision)
     export_path: str = "checkpoints/vae_default.safetensors"
     export_dtype: str = "auto"  # auto: bf16 if held-out PSNR drops <= 0.2 dB, else fp32
+    # Start from an exported VAE (its weights; a fresh optimizer). With train_encoder false only the
+    # decoder trains and the export keeps the init checkpoint's latent mean/std: the latent space is unchanged.
+    init_checkpoint: str | None = None
+    train_encoder: bool = True
     run: RunConfig = field(default_factory=lambda: RunConfig(name="vae_default"))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50, ema_decay=0.995))
     data: VAEDataConfig = field(default_factory=VAEDataConfig)
@@ -105,6 +118,10 @@ class VAETrainConfig:
         preset = get_preset(self.preset)  # raises ValueError listing valid presets
         check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         check(self.export_dtype in EXPORT_DTYPES, f"export_dtype must be one of {EXPORT_DTYPES}")
+        check(self.train_encoder or self.init_checkpoint is not None,
+              "train_encoder: false fine-tunes the decoder of an exported VAE: set init_checkpoint")
+        check(self.init_checkpoint is None or self.init_checkpoint != self.export_path,
+              f"init_checkpoint and export_path are the same file ({self.export_path}): export to a new path")
         tf, sf = preset.vae.temporal_factor, preset.vae.spatial_factor
         check(self.data.num_frames % tf == 0 and self.data.heldout_frames % tf == 0,
               f"data.num_frames / heldout_frames must be multiples of the VAE temporal factor {tf}")
@@ -139,11 +156,19 @@ def latent_scale_loss(latents: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_loss(video: torch.Tensor, recon: torch.Tensor, latents: torch.Tensor,
-                        cfg: VAELossConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and its parts (see the module docstring)."""
+                        cfg: VAELossConfig, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss and its parts (see the module docstring); ``mask [B, N, H, W]`` in [0, 1] for ``object_weight``."""
     recon = recon.float()
-    l1 = (recon - video).abs().mean()
-    l2 = (recon - video).pow(2).mean()
+    if cfg.object_weight > 0:
+        if mask is None:
+            raise ValueError("loss.object_weight > 0 needs the object mask of every clip")
+        weight = (1.0 + cfg.object_weight * mask.float()).unsqueeze(1)  # [B, 1, N, H, W]
+        weight = weight / weight.mean()
+        l1 = ((recon - video).abs() * weight).mean()
+        l2 = ((recon - video).pow(2) * weight).mean()
+    else:
+        l1 = (recon - video).abs().mean()
+        l2 = (recon - video).pow(2).mean()
     edge = edge_loss(recon, video)
     reg = latent_scale_loss(latents)
     total = cfg.l1 * l1 + cfg.l2 * l2 + cfg.edge * edge + cfg.latent_reg * reg
@@ -159,27 +184,36 @@ class VAEWithLatents(nn.Module):
         self.latent_noise = latent_noise
 
     def forward(self, video: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        latents = self.vae.encode(video)
+        if any(p.requires_grad for p in self.vae.encoder_parameters()):
+            latents = self.vae.encode(video)
+        else:  # decoder fine-tune: the frozen encoder needs no graph
+            with torch.no_grad():
+                latents = self.vae.encode(video)
         return self.vae.decode(latents + self.latent_noise * noise), latents
 
 
 # ---------------------------------------------------------------------------------------------- data
 
 
-def training_batch(cfg: VAETrainConfig, indices: list[int], step: int) -> torch.Tensor:
-    """Clips ``indices`` of the train split, randomly cropped per sample: ``[B, 3, N, S, S]``."""
+def training_batch(cfg: VAETrainConfig, indices: list[int], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips ``indices`` of the train split and their object masks, randomly cropped per sample.
+
+    Returns video ``[B, 3, N, S, S]`` in [-1, 1] and mask ``[B, N, S, S]`` in [0, 1].
+    """
     clip_cfg = cfg.clip_config(cfg.data.num_frames)
-    videos = []
+    videos, masks = [], []
     for i in indices:
-        video = render_item(cfg.data.seed, "train", i, clip_cfg)[0]  # [3, N, H, W]
+        video, mask = render_item_with_mask(cfg.data.seed, "train", i, clip_cfg)  # [3, N, H, W], [N, H, W]
         if cfg.data.crop_size is not None:
             g = sample_generator(cfg.run.seed, step, i, stream=0)
             s = cfg.data.crop_size
             top = int(torch.randint(0, video.shape[2] - s + 1, (1,), generator=g))
             left = int(torch.randint(0, video.shape[3] - s + 1, (1,), generator=g))
             video = video[:, :, top:top + s, left:left + s]
+            mask = mask[:, top:top + s, left:left + s]
         videos.append(video)
-    return torch.stack(videos)
+        masks.append(mask)
+    return torch.stack(videos), torch.stack(masks)
 
 
 def latent_noise_like(latent_shape: tuple[int, ...], indices: list[int], seed: int, step: int) -> torch.Tensor:
@@ -269,13 +303,19 @@ def train(cfg: VAETrainConfig, resume: bool = False, export: bool = True) -> VAE
         raise LaunchError(fsdp_refused)
     cfg = resolve_config_precision(cfg, "vae", log=rt.is_main, device=rt.device)  # recorded in checkpoints
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    vae = CausalVideoVAE(cfg.vae).to(rt.device)
+    vae = CausalVideoVAE(cfg.vae)
+    if cfg.init_checkpoint is not None:
+        vae.load_state_dict(load_vae(cfg.init_checkpoint, expected=cfg.vae).state_dict())
+    if not cfg.train_encoder:
+        for p in vae.encoder_parameters():
+            p.requires_grad_(False)
+    vae.to(rt.device)
     ema = CausalVideoVAE(cfg.vae).requires_grad_(False)
     ema.load_state_dict(vae.state_dict())
     ema.to(rt.device)
     wrapped = VAEWithLatents(vae, cfg.loss.latent_noise)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     wrapped, optimizer = rt.prepare(wrapped, optimizer)
     shape = latent_shape(cfg)
     autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -283,11 +323,12 @@ def train(cfg: VAETrainConfig, resume: bool = False, export: bool = True) -> VAE
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         ids = local_indices(step, cfg.data.global_batch, rt)
-        video = training_batch(cfg, ids, step).to(rt.device)  # drawn on the CPU (seeded per sample), then moved
+        video, mask = training_batch(cfg, ids, step)  # drawn on the CPU (seeded per sample), then moved
+        video, mask = video.to(rt.device), mask.to(rt.device)
         noise = latent_noise_like(shape, ids, cfg.run.seed, step).to(rt.device)
         with autocast:
             recon, latents = wrapped(video, noise)
-        loss, parts = reconstruction_loss(video, recon, latents, cfg.loss)
+        loss, parts = reconstruction_loss(video, recon, latents, cfg.loss, mask)
         if rt.is_main and (step + 1) % cfg.data.eval_every == 0:
             eval_logger.append((step + 1, heldout_psnr(ema.eval(), cfg, min(8, cfg.data.heldout_clips))[0]))
             print(f"\nstep {step + 1}: held-out PSNR (EMA) {eval_logger[-1][1]:.2f} dB", flush=True)
@@ -310,13 +351,19 @@ def export_vae(vae: CausalVideoVAE, cfg: VAETrainConfig, result: VAEResult) -> N
     run_dir = cfg.run.run_dir
     psnr, pairs = heldout_psnr(vae, cfg, cfg.data.heldout_clips)
     psnr_bf16, _ = heldout_psnr(bf16_roundtrip(vae), cfg, cfg.data.heldout_clips)
-    stats = measure_latent_stats(vae, cfg)
+    if cfg.train_encoder:
+        stats = measure_latent_stats(vae, cfg)
+    else:  # the frozen encoder's latent space: every model trained in it keeps its normalisation
+        stats = LatentStats.from_checkpoint(cfg.init_checkpoint)
     if cfg.export_dtype == "auto":
         dtype_name = "bf16" if psnr - psnr_bf16 <= 0.2 else "fp32"
     else:
         dtype_name = cfg.export_dtype
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     extra = {**stats.metadata(), "heldout_psnr_db": f"{psnr:.3f}", "train_steps": str(result.steps)}
+    if cfg.init_checkpoint is not None:
+        extra["init_checkpoint"] = cfg.init_checkpoint
+        extra["train_encoder"] = str(cfg.train_encoder).lower()
     save_checkpoint(vae, cfg.export_path, kind="vae", config=cfg.vae, dtype=dtype, extra_metadata=extra)
     frame_ids = list(range(0, cfg.data.heldout_frames, max(1, cfg.data.heldout_frames // 6)))
     videos, labels = [], []
@@ -345,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run(cfg: VAETrainConfig) -> None:
-        preflight(run_inputs(cfg.run, args.resume), check=args.check)  # renders its own clips: only the run dir
+        found = run_inputs(cfg.run, args.resume)  # renders its own clips: the run dir and an init checkpoint
+        if cfg.init_checkpoint is not None and not args.resume:
+            found.append(file_input("init_checkpoint", cfg.init_checkpoint,
+                                    checkpoint_command("trainer.vae", cfg.init_checkpoint)))
+        preflight(found, check=args.check)
         if not args.check:
             train(cfg, resume=args.resume, export=not args.no_export)
 

@@ -121,3 +121,57 @@ def test_losses_are_finite_and_per_sample() -> None:
     halves = (vae_stage.latent_scale_loss(z[:1]) + vae_stage.latent_scale_loss(z[1:])) / 2
     torch.testing.assert_close(whole, halves)
     assert vae_stage.latent_scale_loss(torch.ones(1, 4, 1, 2, 2)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_decoder_fine_tune_keeps_the_latent_space(tmp_path: Path, tiny_vae_checkpoint: Path) -> None:
+    """``train_encoder: false``: encoder weights and latent stats exactly the init checkpoint's; the decoder moved."""
+    from trainer.common.config import build_config
+
+    base = tiny_vae_config(tmp_path, max_steps=3)
+    cfg = build_config(vae_stage.VAETrainConfig, {
+        **{k: getattr(base, k) for k in ("preset", "export_path")},
+        "init_checkpoint": str(tiny_vae_checkpoint), "train_encoder": False,
+        "run": {"runs_dir": str(tmp_path / "runs"), "name": "dec", "max_steps": 3, "save_every": 3,
+                "num_threads": 1},
+        "optim": {"lr": 1e-2, "warmup_steps": 1},
+        "data": {"num_frames": 4, "crop_size": 16, "global_batch": 4, "heldout_clips": 2, "heldout_frames": 4,
+                 "stats_clips": 2},
+        "loss": {"object_weight": 4.0},
+    })
+    vae_stage.train(cfg)
+    before, after = load_vae(tiny_vae_checkpoint), load_vae(cfg.export_path)
+    enc = {id(p) for p in before.encoder_parameters()}
+    names = {n for n, p in before.named_parameters() if id(p) in enc}
+    a, b = dict(before.named_parameters()), dict(after.named_parameters())
+    assert names and all(torch.equal(a[n], b[n]) for n in names)
+    assert any(not torch.equal(a[n], b[n]) for n in a if n not in names)
+    assert LatentStats.from_checkpoint(cfg.export_path) == LatentStats.from_checkpoint(tiny_vae_checkpoint)
+
+
+def test_decoder_fine_tune_config_errors(tmp_path: Path) -> None:
+    from trainer.common.config import build_config
+
+    with pytest.raises(ValueError, match="set init_checkpoint"):
+        build_config(vae_stage.VAETrainConfig, {"preset": "test", "train_encoder": False})
+    with pytest.raises(ValueError, match="export to a new path"):
+        build_config(vae_stage.VAETrainConfig, {"preset": "test", "init_checkpoint": "x.safetensors",
+                                                "export_path": "x.safetensors"})
+
+
+def test_object_weight_weights_the_product_pixels() -> None:
+    video = torch.zeros(1, 3, 4, 8, 8)
+    mask = torch.zeros(1, 4, 8, 8)
+    mask[..., :2, :2] = 1.0  # 1/16 of the frame is the product
+    z = torch.ones(1, 4, 1, 2, 2)
+    on_object, off_object = video.clone(), video.clone()
+    on_object[..., :2, :2] = 0.5
+    off_object[..., 4:6, 4:6] = 0.5  # the same error on as many background pixels
+    cfg = vae_stage.VAELossConfig(object_weight=4.0, edge=0.0)
+    _, on = vae_stage.reconstruction_loss(video, on_object, z, cfg, mask)
+    _, off = vae_stage.reconstruction_loss(video, off_object, z, cfg, mask)
+    # weights 5 on the product, 1 elsewhere, normalised by their mean (1.25): 4 vs 0.8 per unit error
+    assert on["l1"] == pytest.approx(off["l1"] * 5.0)
+    _, plain = vae_stage.reconstruction_loss(video, on_object, z, vae_stage.VAELossConfig(edge=0.0))
+    assert on["l1"] == pytest.approx(plain["l1"] * 4.0)
+    with pytest.raises(ValueError, match="needs the object mask"):
+        vae_stage.reconstruction_loss(video, on_object, z, cfg)

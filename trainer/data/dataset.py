@@ -67,6 +67,14 @@ def render_item(seed: int, split: str, index: int, config: ClipConfig) -> Item:
     return video_tensor(clip), caption(spec), attribute_dict(spec)
 
 
+def render_item_with_mask(seed: int, split: str, index: int, config: ClipConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip ``index`` of ``split``: video ``[3, N, H, W]`` in [-1, 1] and its object mask ``[N, H, W]`` (0/1)."""
+    spec, render_seed = clip_identity(seed, split, index)
+    clip = render_clip(spec, config.num_frames, height=config.height, width=config.width, fps=config.fps,
+                       seed=render_seed)
+    return video_tensor(clip), torch.from_numpy(clip.mask).float()
+
+
 class ProductClipDataset(Dataset[Item]):
     """Map-style: ``num_clips`` fixed clips of ``split``; use for evaluation sets."""
 
