@@ -55,3 +55,16 @@ def test_horizon_12_configs_roll_out_as_documented() -> None:
             assert cfg.export_path != "checkpoints/student_default.safetensors"
         else:
             assert geom.num_frames == horizon
+
+
+def test_the_served_vae_is_the_decoder_fine_tune_of_stage_1() -> None:
+    """configs/vae_decoder_ft.yaml starts from what configs/vae_default.yaml exports, keeps its encoder and
+    exports the file the default model serves; the committed files agree (same latent space)."""
+    from streamgen.default_model import VAE_FILE, checkpoints_dir
+    from trainer.eval.inputs import latent_space_id
+
+    stage1, ft = stage_config(CONFIGS / "vae_default.yaml"), stage_config(CONFIGS / "vae_decoder_ft.yaml")
+    assert ft.init_checkpoint == stage1.export_path and not ft.train_encoder and ft.loss.object_weight > 0
+    assert Path(ft.export_path).name == VAE_FILE
+    served, init = checkpoints_dir() / VAE_FILE, checkpoints_dir() / Path(stage1.export_path).name
+    assert latent_space_id(served) == latent_space_id(init)

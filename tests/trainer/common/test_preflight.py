@@ -62,7 +62,7 @@ def test_committed_teacher_config_names_the_config_that_makes_its_init(capsys: p
     found = {i.key: i for i in teacher.inputs(cfg, args)}
     if not found["init_checkpoint"].present:
         assert found["init_checkpoint"].make == "python -m trainer.teacher --config configs/teacher_h3.yaml"
-    assert found["data.vae_checkpoint"].make == "python -m trainer.vae --config configs/vae_default.yaml"
+    assert found["data.vae_checkpoint"].make == "python -m trainer.vae --config configs/vae_decoder_ft.yaml"
 
 
 def test_student_check_announces_the_latent_dataset_the_run_would_build(tmp_path: Path, root: Path,
