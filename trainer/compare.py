@@ -149,7 +149,7 @@ def orderings(rows: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
     out = []
     groups: dict[tuple[str, str], list[str]] = {}
     for key, r in rows.items():
-        if r["model"] != RENDERED:
+        if r["model"] not in (RENDERED, VAE_ROW):  # the references are not models to order
             groups.setdefault((r["split"], r["length"]), []).append(key)
     for (split, length), keys in groups.items():
         windows = ["first"] if length == "1x" else list(WINDOWS)
@@ -182,7 +182,11 @@ def _adherence_cell(a: dict[str, Any], rendered: bool) -> str:
 def markdown(rows: dict[str, dict[str, Any]], verdicts: list[dict[str, str]], meta: dict[str, Any]) -> str:
     lines = ["# Teacher and students against the rendered reference", ""]
     lines += [f"- **{k}**: {v}" for k, v in meta.items()]
-    lines += ["", "All intervals are 95 % bootstrap percentile intervals over clips.", "",
+    lines += ["", "All intervals are 95 % bootstrap percentile intervals over clips."]
+    if any(r["model"] == VAE_ROW for r in rows.values()):
+        lines += ["", f"*{VAE_ROW}*: the rendered clips encoded and decoded by the VAE, the best any model in its "
+                  "latent space could score (a reference, not ordered against the models)."]
+    lines += ["",
               "## Distance to the rendered clips of the same captions", "",
               "KID x 1000 (classifier features, unbiased; 0 = same distribution). Frechet distance on the "
               "reference's top principal components (n/a where there are too few clips for them).", "",

@@ -10,7 +10,7 @@ Loss per clip (all in pixel space [-1, 1] unless noted):
 * the decoder sees ``z + latent_noise * e``: it learns to decode slightly-off latents, which is
   what a diffusion sampler hands it.
 * ``object_weight`` (0 = off): the L1 and L2 terms weight a pixel by ``1 + object_weight *
-  mask`` (the renderer's object mask), normalised by the mean weight. The product is a small part
+  mask`` (the renderer's object mask), normalised by each clip's mean weight. The product is a small part
   of the frame, so an unweighted loss lets its colour drift while backgrounds dominate.
 
 **Decoder fine-tune** (``init_checkpoint`` + ``train_encoder: false``): the encoder of an exported
@@ -103,7 +103,8 @@ class VAELossConfig:
 class VAETrainConfig:
     preset: str = "default"  # the VAEConfig and video size come from this streamgen preset
     precision: str = "auto"  # auto: bf16 only on CPUs with native bf16 (trainer.common.precision)
-    export_path: str = "checkpoints/vae_default.safetensors"
+    # Stage 1's export; checkpoints/vae_default.safetensors (served) is the stage-1b decoder fine-tune of it.
+    export_path: str = "checkpoints/vae_stage1.safetensors"
     export_dtype: str = "auto"  # auto: bf16 if held-out PSNR drops <= 0.2 dB, else fp32
     # Start from an exported VAE (its weights; a fresh optimizer). With train_encoder false only the
     # decoder trains and the export keeps the init checkpoint's latent mean/std: the latent space is unchanged.
@@ -163,7 +164,7 @@ def reconstruction_loss(video: torch.Tensor, recon: torch.Tensor, latents: torch
         if mask is None:
             raise ValueError("loss.object_weight > 0 needs the object mask of every clip")
         weight = (1.0 + cfg.object_weight * mask.float()).unsqueeze(1)  # [B, 1, N, H, W]
-        weight = weight / weight.mean()
+        weight = weight / weight.mean(dim=(1, 2, 3, 4), keepdim=True)  # per clip: batch splits do not change it
         l1 = ((recon - video).abs() * weight).mean()
         l2 = ((recon - video).pow(2) * weight).mean()
     else:
@@ -304,7 +305,7 @@ def train(cfg: VAETrainConfig, resume: bool = False, export: bool = True) -> VAE
     cfg = resolve_config_precision(cfg, "vae", log=rt.is_main, device=rt.device)  # recorded in checkpoints
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     vae = CausalVideoVAE(cfg.vae)
-    if cfg.init_checkpoint is not None:
+    if cfg.init_checkpoint is not None and not resume:  # a resumed run restores its own weights
         vae.load_state_dict(load_vae(cfg.init_checkpoint, expected=cfg.vae).state_dict())
     if not cfg.train_encoder:
         for p in vae.encoder_parameters():
@@ -346,6 +347,18 @@ def train(cfg: VAETrainConfig, resume: bool = False, export: bool = True) -> VAE
     return result
 
 
+def checkpoint_dtype(path: str) -> str:
+    """``"bf16"`` or ``"fp32"``: the dtype a streamgen checkpoint's weights are stored in."""
+    from streamgen.model.weights import read_safetensors
+
+    dtypes = {t.dtype for t in read_safetensors(path).values()}
+    if dtypes == {torch.bfloat16}:
+        return "bf16"
+    if dtypes == {torch.float32}:
+        return "fp32"
+    raise ValueError(f"{path} stores weights as {sorted(map(str, dtypes))}; expected all bf16 or all fp32")
+
+
 def export_vae(vae: CausalVideoVAE, cfg: VAETrainConfig, result: VAEResult) -> None:
     """Evaluate, measure latent stats, write the checkpoint, a reconstruction PNG and a JSON report."""
     run_dir = cfg.run.run_dir
@@ -355,7 +368,11 @@ def export_vae(vae: CausalVideoVAE, cfg: VAETrainConfig, result: VAEResult) -> N
         stats = measure_latent_stats(vae, cfg)
     else:  # the frozen encoder's latent space: every model trained in it keeps its normalisation
         stats = LatentStats.from_checkpoint(cfg.init_checkpoint)
-    if cfg.export_dtype == "auto":
+    if not cfg.train_encoder:
+        # The frozen encoder must come out bit-for-bit: stored in the init checkpoint's own dtype, the
+        # round trip init dtype -> fp32 -> init dtype is exact (bf16 of an fp32 init would not be).
+        dtype_name = checkpoint_dtype(cfg.init_checkpoint)
+    elif cfg.export_dtype == "auto":
         dtype_name = "bf16" if psnr - psnr_bf16 <= 0.2 else "fp32"
     else:
         dtype_name = cfg.export_dtype
@@ -393,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(cfg: VAETrainConfig) -> None:
         found = run_inputs(cfg.run, args.resume)  # renders its own clips: the run dir and an init checkpoint
-        if cfg.init_checkpoint is not None and not args.resume:
+        # A resumed run restores its weights, but a frozen encoder's export still reads the init's stats and dtype.
+        if cfg.init_checkpoint is not None and (not args.resume or not cfg.train_encoder):
             found.append(file_input("init_checkpoint", cfg.init_checkpoint,
                                     checkpoint_command("trainer.vae", cfg.init_checkpoint)))
         preflight(found, check=args.check)

@@ -127,6 +127,7 @@ def test_vae_row_is_the_rendered_clips_through_the_vae(tiny_checkpoints: Path, t
     row = report["rows"]["vae@heldout@1x"]
     assert row["num_clips"] == 8 and math.isfinite(row["distances"]["first"]["kid"]["value"])
     assert "| vae | heldout | 1x | 8 |" in (out / "compare.md").read_text()
+    assert report["orderings"] == []  # the VAE row is a reference, never ordered against a model
     with pytest.raises(ValueError, match="reserved"):
         parse_student("vae=x.safetensors")
 
@@ -304,3 +305,9 @@ def test_paired_cli_on_stored_sets(tiny_checkpoints: Path, tmp_path: Path, capsy
     assert "| first | kind |" in capsys.readouterr().out
     assert paired.main(["--a", str(one), "--b", str(tmp_path), "--classifier", str(ckpt / "clf.safetensors")]) == 2
     assert "holds no stored clips" in capsys.readouterr().err
+    longer = out / "s_heldout_3x"  # the same captions at another length cannot be paired
+    assert main(_args(ckpt, out, "--student", f"s={ckpt / 'student.safetensors'}", "--horizon", "2",
+                      "--multiples", "3", "--num-clips", "8", "--splits", "heldout")) == 0
+    capsys.readouterr()
+    assert paired.main(["--a", str(one), "--b", str(longer), "--classifier", str(ckpt / "clf.safetensors")]) == 2
+    assert "differ in ['num_frames']" in capsys.readouterr().err

@@ -68,3 +68,8 @@ def test_the_served_vae_is_the_decoder_fine_tune_of_stage_1() -> None:
     assert Path(ft.export_path).name == VAE_FILE
     served, init = checkpoints_dir() / VAE_FILE, checkpoints_dir() / Path(stage1.export_path).name
     assert latent_space_id(served) == latent_space_id(init)
+    # Stage 1c is another latent space; the teacher that starts retraining in it reads its export.
+    colour, teacher = stage_config(CONFIGS / "vae_colour.yaml"), stage_config(CONFIGS / "teacher_colour_h12.yaml")
+    assert colour.train_encoder and colour.init_checkpoint == stage1.export_path
+    assert teacher.data.vae_checkpoint == colour.export_path
+    assert latent_space_id(checkpoints_dir() / Path(colour.export_path).name) != latent_space_id(init)

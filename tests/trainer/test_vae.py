@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from streamgen.model.weights import load_vae
+from streamgen.model.weights import load_vae, save_checkpoint
 from trainer import vae as vae_stage
 from trainer.common import checkpoint as ckpt
 from trainer.common.latents import LatentStats
@@ -127,6 +127,11 @@ def test_decoder_fine_tune_keeps_the_latent_space(tmp_path: Path, tiny_vae_check
     """``train_encoder: false``: encoder weights and latent stats exactly the init checkpoint's; the decoder moved."""
     from trainer.common.config import build_config
 
+    # An fp32 init: a bf16 export of the fine-tune would round its encoder, so the export keeps the init's dtype.
+    init = tmp_path / "init_fp32.safetensors"
+    save_checkpoint(load_vae(tiny_vae_checkpoint), init, kind="vae", config=load_vae(tiny_vae_checkpoint).cfg,
+                    dtype=torch.float32, extra_metadata=LatentStats.from_checkpoint(tiny_vae_checkpoint).metadata())
+    tiny_vae_checkpoint = init
     base = tiny_vae_config(tmp_path, max_steps=3)
     cfg = build_config(vae_stage.VAETrainConfig, {
         **{k: getattr(base, k) for k in ("preset", "export_path")},
@@ -146,6 +151,7 @@ def test_decoder_fine_tune_keeps_the_latent_space(tmp_path: Path, tiny_vae_check
     assert names and all(torch.equal(a[n], b[n]) for n in names)
     assert any(not torch.equal(a[n], b[n]) for n in a if n not in names)
     assert LatentStats.from_checkpoint(cfg.export_path) == LatentStats.from_checkpoint(tiny_vae_checkpoint)
+    assert vae_stage.checkpoint_dtype(cfg.export_path) == "fp32"
 
 
 def test_decoder_fine_tune_config_errors(tmp_path: Path) -> None:
@@ -175,3 +181,11 @@ def test_object_weight_weights_the_product_pixels() -> None:
     assert on["l1"] == pytest.approx(plain["l1"] * 4.0)
     with pytest.raises(ValueError, match="needs the object mask"):
         vae_stage.reconstruction_loss(video, on_object, z, cfg)
+    # Normalised per clip: a batch's loss is the mean of its clips' losses, however the batch is split
+    # (a clip without the product and one with it, as on two processes).
+    two, recon = torch.zeros(2, 3, 4, 8, 8), torch.rand(2, 3, 4, 8, 8)
+    masks = torch.zeros(2, 4, 8, 8)
+    masks[1, :, 2:6, 2:6] = 1.0
+    whole, _ = vae_stage.reconstruction_loss(two, recon, z.expand(2, -1, -1, -1, -1), cfg, masks)
+    halves = [vae_stage.reconstruction_loss(two[i:i + 1], recon[i:i + 1], z, cfg, masks[i:i + 1])[0] for i in (0, 1)]
+    torch.testing.assert_close(whole, (halves[0] + halves[1]) / 2)

@@ -195,7 +195,7 @@ def reconstruct_videos(videos: Sequence[Video], vae_path: str | os.PathLike[str]
         batch = torch.stack([uint8_to_frames(v.frames) for v in group])  # [B, 3, N, H, W]
         enc, dec = vae.init_encoder_state(len(group)), vae.init_decoder_state(len(group))
         pieces = []
-        with torch.no_grad():  # chunk by chunk (equal to the whole-clip pass), so long clips fit in memory
+        with torch.no_grad():  # chunk by chunk (equal to the whole-clip pass): activations of one chunk at a time
             for t in range(0, batch.shape[2], chunk_frames):
                 latents, enc = vae.encode_chunk(batch[:, :, t:t + chunk_frames], enc)
                 video, dec = vae.decode_chunk(latents, dec)
@@ -368,17 +368,18 @@ def decode_latents(latents: np.ndarray, vae_path: str | os.PathLike[str], preset
 
 
 def latent_space_id(vae_path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a VAE's encoder weights and latent mean/std: equal exactly when two VAEs share a latent space.
+    """SHA-256 of a VAE's config, encoder weights and latent mean/std: equal exactly when two share a latent space.
 
     A decoder fine-tune (``trainer.vae`` with ``train_encoder: false``) keeps it; stored latents
     (:func:`save_latents`) are decoded by another VAE only when its id is theirs.
     """
     import hashlib
 
+    from streamgen.config import to_dict
     from streamgen.model.weights import load_vae
 
     vae = load_vae(vae_path)
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(json.dumps(to_dict(vae.cfg), sort_keys=True).encode())
     for p in vae.encoder_parameters():
         digest.update(p.detach().float().contiguous().numpy().tobytes())
     for b in (vae.latent_mean, vae.latent_std):

@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-MIN_CLIPS = 12
+MIN_CLIPS = 40  # two thirds must exceed the latent channels + 1 with room to spare
 
 
 def linear_probe_r2(features: np.ndarray, targets: np.ndarray, train_fraction: float = 2 / 3) -> np.ndarray:

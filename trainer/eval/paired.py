@@ -10,6 +10,9 @@ captions (some are hard for every model) cancels. A difference is claimed only w
 interval excludes 0; otherwise the verdict is "not separable".
 
 Typical use: the same latents decoded by two VAE decoders, or two students on the same captions.
+The sets must share captions, noise seed, length and frame rate (``clips.json``). Every attribute
+gets a row; whether the classifier can read it at all is the rendered row of ``trainer.compare``
+(an attribute unreadable there is no evidence either way here).
 
     python -m trainer.eval.paired --a runs/eval_new/sfpp_heldout_1x --b runs/eval_old/sfpp_heldout_1x \\
         --names new old --out runs/paired.json
@@ -76,14 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(directory: Path) -> list[Any]:
+PAIRING_KEYS = ("prompts", "seed", "num_frames", "fps")  # what two stored sets must share to be paired
+
+
+def _load(directory: Path) -> tuple[list[Any], dict[str, Any]]:
     from trainer.eval.inputs import load_clips
 
     if not (directory / "clips.npz").is_file() or not (directory / "clips.json").is_file():
         raise ValueError(f"{directory} holds no stored clips (clips.npz + clips.json, written by trainer.compare)")
     videos = load_clips(directory, {})
     assert videos is not None  # both files exist and an empty meta matches any record
-    return videos
+    return videos, json.loads((directory / "clips.json").read_text())
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,7 +100,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if not Path(args.classifier).is_file():
         raise ValueError(f"classifier {args.classifier} does not exist")
-    va, vb = _load(args.a), _load(args.b)
+    (va, meta_a), (vb, meta_b) = _load(args.a), _load(args.b)
+    differ = [k for k in PAIRING_KEYS if meta_a.get(k) != meta_b.get(k)]
+    if differ:
+        raise ValueError(f"{args.a} and {args.b} differ in {differ}: a paired comparison needs the same captions, "
+                         "noise seed, length and frame rate")
     classifier = load_classifier(args.classifier)
     cfg = dataclasses.replace(SuiteConfig(), oracle_metrics=False)  # adherence needs the classifier only
     ea, eb = evaluate_set(va, classifier, cfg), evaluate_set(vb, classifier, cfg)
