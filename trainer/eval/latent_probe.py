@@ -35,22 +35,25 @@ def linear_probe_r2(features: np.ndarray, targets: np.ndarray, train_fraction: f
     return 1.0 - ((pred - test) ** 2).sum(0) / ((test - test.mean(0)) ** 2).sum(0)
 
 
-def object_latents(vae_path: str, num_clips: int, seed: int, frames: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def object_latents(vae_path: str, num_clips: int, seed: int, frames: int = 4, preset_name: str = "default"
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Mean latent on the object ``[N, C]`` and the object's mean RGB ``[N, 3]`` of rendered clips."""
     import torch
     import torch.nn.functional as F
 
+    from streamgen.config import get_preset
     from streamgen.model.weights import load_vae
     from streamgen.video_io import uint8_to_frames
     from trainer.data.dataset import clip_identity
     from trainer.data.renderer import render_clip
 
-    vae = load_vae(vae_path).eval()
-    sf = vae.cfg.spatial_factor
+    preset = get_preset(preset_name)
+    vae = load_vae(vae_path, expected=preset.vae).eval()
+    sf, video = vae.cfg.spatial_factor, preset.video
     feats, rgb = [], []
     for i in range(num_clips):
         spec, render_seed = clip_identity(seed, "train", i)
-        clip = render_clip(spec, frames, height=128, width=128, fps=16.0, seed=render_seed)
+        clip = render_clip(spec, frames, height=video.height, width=video.width, fps=float(video.fps), seed=render_seed)
         on = F.avg_pool2d(torch.from_numpy(clip.mask[:frames].mean(0)).float()[None, None], sf)[0, 0] > 0.5
         if not on.any():
             continue  # the object covers no latent pixel (out of frame or tiny)
@@ -66,11 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae", required=True, help="VAE checkpoint")
     p.add_argument("--num-clips", type=int, default=240, help="rendered clips (those with no object pixel are skipped)")
     p.add_argument("--seed", type=int, default=7, help="dataset seed of the rendered clips")
+    p.add_argument("--preset", default="default", help="preset whose VAE config and frame size the clips use")
     args = p.parse_args(argv)
     try:
         if args.num_clips < MIN_CLIPS:
             raise ValueError(f"--num-clips must be >= {MIN_CLIPS}")
-        feats, rgb = object_latents(args.vae, args.num_clips, args.seed)
+        feats, rgb = object_latents(args.vae, args.num_clips, args.seed, preset_name=args.preset)
         r2 = linear_probe_r2(feats, rgb)
     except ValueError as exc:
         print(f"trainer.eval.latent_probe: error: {exc}", file=sys.stderr)
