@@ -10,7 +10,9 @@ captions (some are hard for every model) cancels. A difference is claimed only w
 interval excludes 0; otherwise the verdict is "not separable".
 
 Typical use: the same latents decoded by two VAE decoders, or two students on the same captions.
-The sets must share captions, noise seed, length and frame rate (``clips.json``). Every attribute
+The sets must share captions, noise seed, length and frame rate (``clips.json``); sets of different
+lengths pair on the first window only (``--windows first``, the default): it is the classifier's first
+frames from frame 0 in both, so two models trained at different horizons compare there. Every attribute
 gets a row; whether the classifier can read it at all is the rendered row of ``trainer.compare``
 (an attribute unreadable there is no evidence either way here).
 
@@ -82,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
 PAIRING_KEYS = ("prompts", "seed", "num_frames", "fps")  # what two stored sets must share to be paired
 
 
+def pairing_mismatch(meta_a: dict[str, Any], meta_b: dict[str, Any], windows: list[str]) -> list[str]:
+    """The ``clips.json`` keys two sets differ in that forbid pairing them on ``windows``.
+
+    The length (``num_frames``) only matters past the first window: the first window is the same span (the
+    classifier's first frames from frame 0) in clips of any length, so sets of different lengths pair there.
+    """
+    keys = [k for k in PAIRING_KEYS if k != "num_frames" or list(windows) != ["first"]]
+    return [k for k in keys if meta_a.get(k) != meta_b.get(k)]
+
+
 def _load(directory: Path) -> tuple[list[Any], dict[str, Any]]:
     from trainer.eval.inputs import load_clips
 
@@ -101,16 +113,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not Path(args.classifier).is_file():
         raise ValueError(f"classifier {args.classifier} does not exist")
     (va, meta_a), (vb, meta_b) = _load(args.a), _load(args.b)
-    differ = [k for k in PAIRING_KEYS if meta_a.get(k) != meta_b.get(k)]
+    differ = pairing_mismatch(meta_a, meta_b, args.windows)
     if differ:
         raise ValueError(f"{args.a} and {args.b} differ in {differ}: a paired comparison needs the same captions, "
-                         "noise seed, length and frame rate")
+                         "noise seed and frame rate, and the same length unless only the first window is compared")
     classifier = load_classifier(args.classifier)
     cfg = dataclasses.replace(SuiteConfig(), oracle_metrics=False)  # adherence needs the classifier only
     ea, eb = evaluate_set(va, classifier, cfg), evaluate_set(vb, classifier, cfg)
     name_a, name_b = args.names
     result: dict[str, Any] = {"a": str(args.a), "b": str(args.b), "names": [name_a, name_b], "clips": len(va),
-                              "windows": {}}
+                              "num_frames": [meta_a.get("num_frames"), meta_b.get("num_frames")], "windows": {}}
     for window in args.windows:
         result["windows"][window] = paired_adherence(ea, eb, window, (name_a, name_b), args.resamples, args.seed)
     return result

@@ -184,3 +184,16 @@ def test_latent_probe_reads_a_kept_channel_and_not_a_dropped_one() -> None:
     assert r2[0] > 0.99 and r2[2] > 0.99 and r2[1] < 0.2
     with pytest.raises(ValueError, match="too few"):
         linear_probe_r2(latents[:12], rgb[:12])
+
+
+def test_pairing_needs_equal_lengths_past_the_first_window() -> None:
+    from trainer.eval.paired import pairing_mismatch
+
+    a = {"prompts": ["p", "q"], "seed": 0, "num_frames": 48, "fps": 16}
+    assert pairing_mismatch(a, dict(a), ["first"]) == []
+    longer = {**a, "num_frames": 24}  # a model of another horizon: its first window is the same span
+    assert pairing_mismatch(a, longer, ["first"]) == []
+    assert pairing_mismatch(a, longer, ["first", "last"]) == ["num_frames"]
+    assert pairing_mismatch(a, longer, ["last"]) == ["num_frames"]
+    assert pairing_mismatch(a, {**longer, "prompts": ["q", "p"]}, ["first"]) == ["prompts"]
+    assert pairing_mismatch(a, {**a, "seed": 1, "fps": 8}, ["first"]) == ["seed", "fps"]
