@@ -305,9 +305,15 @@ def test_paired_cli_on_stored_sets(tiny_checkpoints: Path, tmp_path: Path, capsy
     assert "| first | kind |" in capsys.readouterr().out
     assert paired.main(["--a", str(one), "--b", str(tmp_path), "--classifier", str(ckpt / "clf.safetensors")]) == 2
     assert "holds no stored clips" in capsys.readouterr().err
-    longer = out / "s_heldout_3x"  # the same captions at another length cannot be paired
+    longer = out / "s_heldout_3x"  # the same captions at another length pair on the first window only
     assert main(_args(ckpt, out, "--student", f"s={ckpt / 'student.safetensors'}", "--horizon", "2",
                       "--multiples", "3", "--num-clips", "8", "--splits", "heldout")) == 0
     capsys.readouterr()
-    assert paired.main(["--a", str(one), "--b", str(longer), "--classifier", str(ckpt / "clf.safetensors")]) == 2
+    assert paired.main(["--a", str(one), "--b", str(longer), "--classifier", str(ckpt / "clf.safetensors"),
+                        "--resamples", "50", "--out", str(tmp_path / "first.json")]) == 0
+    first = json.loads((tmp_path / "first.json").read_text())
+    assert first["num_frames"][0] < first["num_frames"][1] and list(first["windows"]) == ["first"]
+    capsys.readouterr()
+    assert paired.main(["--a", str(one), "--b", str(longer), "--classifier", str(ckpt / "clf.safetensors"),
+                        "--windows", "first", "last"]) == 2
     assert "differ in ['num_frames']" in capsys.readouterr().err
