@@ -122,12 +122,19 @@ def file_sha256(path: Path) -> str:
 
 
 def clip_meta(m: ModelSpec, prompts: list[str], num_frames: int, args: argparse.Namespace) -> dict[str, Any]:
-    """What made a set of generated clips: a stored set is reused only when all of it matches."""
+    """What made a set of generated clips: a stored set is reused only when all of it matches.
+
+    ``dtype``: the students' ``--dtype``; the teacher samples under the trainer's ``precision: auto``
+    (bf16 autocast on a CPU with native bf16, else float32), so its record says which it was.
+    """
+    from streamgen.precision import resolve_precision
+
+    teacher_dtype = "bfloat16 autocast" if resolve_precision("auto")[0] == "bf16" else "float32"
     meta: dict[str, Any] = {"model": m.kind, "checkpoint": str(m.checkpoint),
                             "checkpoint_sha256": file_sha256(m.checkpoint), "vae": str(args.vae),
                             "vae_sha256": file_sha256(args.vae),
                             "preset": args.preset, "prompts": prompts, "seed": args.seed, "num_frames": num_frames,
-                            "dtype": "float32" if m.kind == "teacher" else args.dtype,
+                            "dtype": teacher_dtype if m.kind == "teacher" else args.dtype,
                             "text_encoder": args.text_encoder}
     if m.kind == "teacher":
         meta.update({"teacher_steps": args.teacher_steps, "cfg_scale": args.cfg_scale})

@@ -160,16 +160,15 @@ def reconstruction_loss(video: torch.Tensor, recon: torch.Tensor, latents: torch
                         cfg: VAELossConfig, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and its parts (see the module docstring); ``mask [B, N, H, W]`` in [0, 1] for ``object_weight``."""
     recon = recon.float()
+    weight: torch.Tensor | float = 1.0
     if cfg.object_weight > 0:
         if mask is None:
             raise ValueError("loss.object_weight > 0 needs the object mask of every clip")
         weight = (1.0 + cfg.object_weight * mask.float()).unsqueeze(1)  # [B, 1, N, H, W]
         weight = weight / weight.mean(dim=(1, 2, 3, 4), keepdim=True)  # per clip: batch splits do not change it
-        l1 = ((recon - video).abs() * weight).mean()
-        l2 = ((recon - video).pow(2) * weight).mean()
-    else:
-        l1 = (recon - video).abs().mean()
-        l2 = (recon - video).pow(2).mean()
+    err = recon - video
+    l1 = (err.abs() * weight).mean()
+    l2 = (err.pow(2) * weight).mean()
     edge = edge_loss(recon, video)
     reg = latent_scale_loss(latents)
     total = cfg.l1 * l1 + cfg.l2 * l2 + cfg.edge * edge + cfg.latent_reg * reg
@@ -364,18 +363,15 @@ def export_vae(vae: CausalVideoVAE, cfg: VAETrainConfig, result: VAEResult) -> N
     run_dir = cfg.run.run_dir
     psnr, pairs = heldout_psnr(vae, cfg, cfg.data.heldout_clips)
     psnr_bf16, _ = heldout_psnr(bf16_roundtrip(vae), cfg, cfg.data.heldout_clips)
-    if cfg.train_encoder:
-        stats = measure_latent_stats(vae, cfg)
-    else:  # the frozen encoder's latent space: every model trained in it keeps its normalisation
-        stats = LatentStats.from_checkpoint(cfg.init_checkpoint)
     if not cfg.train_encoder:
-        # The frozen encoder must come out bit-for-bit: stored in the init checkpoint's own dtype, the
-        # round trip init dtype -> fp32 -> init dtype is exact (bf16 of an fp32 init would not be).
+        # The frozen encoder's latent space: every model trained in it keeps its normalisation, and the encoder
+        # must come out bit-for-bit: stored in the init checkpoint's own dtype, the round trip init dtype ->
+        # fp32 -> init dtype is exact (bf16 of an fp32 init would not be).
+        stats = LatentStats.from_checkpoint(cfg.init_checkpoint)
         dtype_name = checkpoint_dtype(cfg.init_checkpoint)
-    elif cfg.export_dtype == "auto":
-        dtype_name = "bf16" if psnr - psnr_bf16 <= 0.2 else "fp32"
     else:
-        dtype_name = cfg.export_dtype
+        stats = measure_latent_stats(vae, cfg)
+        dtype_name = cfg.export_dtype if cfg.export_dtype != "auto" else "bf16" if psnr - psnr_bf16 <= 0.2 else "fp32"
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     extra = {**stats.metadata(), "heldout_psnr_db": f"{psnr:.3f}", "train_steps": str(result.steps)}
     if cfg.init_checkpoint is not None:

@@ -85,22 +85,15 @@ _GELU_CUBIC = _GELU_LINEAR * 0.044715
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """``F.gelu(x, approximate="tanh")`` (Wan's GELU).
 
-    On a CPU outside autograd it is computed in float32 as ``x * sigmoid(2u)`` in place on one fresh
+    On a CPU in float32 outside autograd it is computed as ``x * sigmoid(2u)`` in place on one fresh
     buffer: the same function (within twice PyTorch's own float32 error, ``tests/model/test_gelu.py``), and
     on an AVX2 CPU about 3-4x faster than PyTorch's tanh-GELU kernel, which was ~7 % of a default-preset
-    chunk there (docs/speed.md). A bfloat16 input is widened, computed so and rounded back: PyTorch's bf16
-    kernel also computes in float32 and rounds once, so the two differ by one bf16 step on ~0.2 % of values
-    (and for x < -4, where the tanh form rounds to -0, this keeps the true tiny value; ``tests/model/test_gelu.py``),
-    and on an AVX512-BF16 CPU this is ~1.7x faster than that kernel (it was ~5 % of a bf16 chunk). Everywhere else
-    (CUDA's fused kernel, other dtypes, training) it is ``F.gelu``.
+    chunk there (docs/speed.md). Everywhere else (CUDA's fused kernel, bf16, training) it is ``F.gelu``.
     """
-    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
-            or (torch.is_grad_enabled() and x.requires_grad)):
+    if x.device.type != "cpu" or x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
         return F.gelu(x, approximate="tanh")
-    wide = x.float()  # x itself when float32; never written to
-    y = wide * wide
-    y = y.mul_(_GELU_CUBIC).add_(_GELU_LINEAR).mul_(wide).sigmoid_().mul_(wide)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    y = x * x
+    return y.mul_(_GELU_CUBIC).add_(_GELU_LINEAR).mul_(x).sigmoid_().mul_(x)
 
 
 class TimestepEmbedding(nn.Module):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -39,38 +37,6 @@ def test_training_and_other_dtypes_use_torch_gelu() -> None:
     F.gelu(ref_x, approximate="tanh").sum().backward()
     assert torch.equal(y, F.gelu(ref_x, approximate="tanh"))
     assert torch.equal(x.grad, ref_x.grad)
-    xh = torch.randn(1000).half()
+    xb = torch.randn(1000).bfloat16()
     with torch.no_grad():
-        assert torch.equal(gelu_tanh(xh), F.gelu(xh, approximate="tanh"))
-    xb = torch.randn(1000).bfloat16().requires_grad_(True)
-    assert torch.equal(gelu_tanh(xb), F.gelu(xb, approximate="tanh"))  # autograd (training): torch's kernel
-
-
-def test_bf16_fast_form_rounds_like_torch_bf16_gelu() -> None:
-    """bf16 on a CPU: widened, the float32 fast form, rounded back. torch's bf16 kernel also computes in float32
-    and rounds once, so the two differ where the float32 values straddle a rounding boundary (by one bf16 step) and
-    far left, where torch's tanh form rounds to -0 and the sigmoid form keeps the true tiny value: never further
-    from the true value than torch's result plus one step."""
-    x = _inputs().bfloat16()
-    before = x.clone()
-    with torch.no_grad():
-        fast = gelu_tanh(x)
-    assert fast.dtype == torch.bfloat16 and x.equal(before)
-    ref = F.gelu(x, approximate="tanh")
-    finite = ref.isfinite()
-    assert torch.equal(finite, fast.isfinite())  # no new inf/nan
-    f, r = fast[finite].double(), ref[finite].double()
-    # float64 in the sigmoid form: the same function without the tanh form's cancellation in 1 + tanh(u), which
-    # reads exactly 0 for x < ~-5.5 even in float64 where the true value is tiny but not 0
-    xd = x.double()[finite]
-    exact = xd * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (xd + 0.044715 * xd**3))
-    # per value: never further from the true value than torch's bf16 result plus one bf16 step
-    ulp = exact.abs() * 2.0**-7
-    assert ((f - exact).abs() <= (r - exact).abs() + ulp * 1.01).all()
-    assert (f - exact).abs().max() <= (r - exact).abs().max() * 1.01
-    # where torch's form does not saturate (|x| < 4), the two differ on ~0.2 % of values (by one step, above)
-    spread = torch.randn(200_000, generator=torch.Generator().manual_seed(1)).mul(3).bfloat16()
-    spread = spread[spread.float().abs() < 4]
-    with torch.no_grad():
-        share = (gelu_tanh(spread) != F.gelu(spread, approximate="tanh")).float().mean()
-    assert share < 5e-3
+        assert torch.equal(gelu_tanh(xb), F.gelu(xb, approximate="tanh"))

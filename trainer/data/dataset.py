@@ -60,18 +60,21 @@ def video_tensor(clip: RenderedClip) -> torch.Tensor:
     return frames.float().div_(127.5).sub_(1.0)
 
 
-def render_item(seed: int, split: str, index: int, config: ClipConfig) -> Item:
+def render_dataset_clip(seed: int, split: str, index: int, config: ClipConfig) -> tuple[ClipSpec, RenderedClip]:
+    """Clip ``index`` of ``split`` of the dataset seeded ``seed``: its spec and its rendering."""
     spec, render_seed = clip_identity(seed, split, index)
-    clip = render_clip(spec, config.num_frames, height=config.height, width=config.width, fps=config.fps,
-                       seed=render_seed)
+    return spec, render_clip(spec, config.num_frames, height=config.height, width=config.width, fps=config.fps,
+                             seed=render_seed)
+
+
+def render_item(seed: int, split: str, index: int, config: ClipConfig) -> Item:
+    spec, clip = render_dataset_clip(seed, split, index, config)
     return video_tensor(clip), caption(spec), attribute_dict(spec)
 
 
 def render_item_with_mask(seed: int, split: str, index: int, config: ClipConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip ``index`` of ``split``: video ``[3, N, H, W]`` in [-1, 1] and its object mask ``[N, H, W]`` (0/1)."""
-    spec, render_seed = clip_identity(seed, split, index)
-    clip = render_clip(spec, config.num_frames, height=config.height, width=config.width, fps=config.fps,
-                       seed=render_seed)
+    clip = render_dataset_clip(seed, split, index, config)[1]
     return video_tensor(clip), torch.from_numpy(clip.mask).float()
 
 

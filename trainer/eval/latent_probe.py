@@ -44,16 +44,15 @@ def object_latents(vae_path: str, num_clips: int, seed: int, frames: int = 4, pr
     from streamgen.config import get_preset
     from streamgen.model.weights import load_vae
     from streamgen.video_io import uint8_to_frames
-    from trainer.data.dataset import clip_identity
-    from trainer.data.renderer import render_clip
+    from trainer.data.dataset import ClipConfig, render_dataset_clip
 
     preset = get_preset(preset_name)
     vae = load_vae(vae_path, expected=preset.vae).eval()
     sf, video = vae.cfg.spatial_factor, preset.video
+    clip_cfg = ClipConfig(num_frames=frames, height=video.height, width=video.width, fps=float(video.fps))
     feats, rgb = [], []
     for i in range(num_clips):
-        spec, render_seed = clip_identity(seed, "train", i)
-        clip = render_clip(spec, frames, height=video.height, width=video.width, fps=float(video.fps), seed=render_seed)
+        clip = render_dataset_clip(seed, "train", i, clip_cfg)[1]
         on = F.avg_pool2d(torch.from_numpy(clip.mask[:frames].mean(0)).float()[None, None], sf)[0, 0] > 0.5
         if not on.any():
             continue  # the object covers no latent pixel (out of frame or tiny)
