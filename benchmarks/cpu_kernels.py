@@ -1,7 +1,10 @@
-"""The transformer's kernels at a chunk's shapes, in float32 and bfloat16 side by side: where a CPU chunk goes.
+"""The transformer's CPU kernels at a chunk's shapes, in float32 and bfloat16 side by side: where a CPU chunk goes.
 
-    python benchmarks/kernels.py                 # default preset, 2 threads
-    python benchmarks/kernels.py --threads 1
+    python benchmarks/cpu_kernels.py                 # default preset, 2 threads
+    python benchmarks/cpu_kernels.py --threads 1
+
+(Not ``kernels.py``: the benchmarks folder is on the tests' import path, where that name would shadow the
+``kernels`` package that transformers and diffusers import.)
 
 Times, for one block of the preset at a steady-state chunk (``chunk_frames`` query frames against the
 rolling window's ``window_frames`` key frames), each kernel in both dtypes: the self-attention through
