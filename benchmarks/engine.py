@@ -48,8 +48,8 @@ from typing import Any
 
 import torch
 
-from streamgen.attention import BackendUnavailableError, get_backend
-from streamgen.config import CacheConfig, Preset, get_preset
+from streamgen.attention import BackendUnavailableError, get_backend, resolve_attention
+from streamgen.config import ATTENTION_CHOICES, CacheConfig, Preset, get_preset
 from streamgen.device import DEVICE_HELP, device_info, resolve_device, synchronize
 from streamgen.engine.engine import Engine, EngineConfig
 from streamgen.engine.request import GenerationRequest
@@ -171,8 +171,8 @@ def main() -> None:
                         help="INT8 linear layers (CPU, float32); the other-dtype run stays unquantised")
     parser.add_argument("--hash-text", action="store_true",
                         help="skip MiniLM (hash embeddings of the preset's text width; needed for wan-1.3b's 4096)")
-    parser.add_argument("--attention", default="sdpa",
-                        help="attention backend, as `streamgen serve --attention` (sdpa, flex, xformers, flash); "
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                        help="attention backend, as `streamgen serve --attention` (auto: gemm on a CPU); "
                              "the JSON counts which paged path its calls took")
     parser.add_argument("--kv-memory-mb", type=float, default=256,
                         help="KV pool per engine (wan-1.3b in bf16: ~288 MiB a latent frame)")
@@ -180,17 +180,19 @@ def main() -> None:
     try:  # before anything loads: a bad --device is one line and exit 2
         device = resolve_device(args.device)
         choice = resolve_dtype(args.dtype, device)
-        get_backend(args.attention)  # an unknown or unavailable backend: its own one-line reason
+        attention, attention_reason = resolve_attention(args.attention, device)
+        get_backend(attention)  # an unavailable backend: its own one-line reason
     except (ValueError, BackendUnavailableError) as exc:
         print(f"benchmarks/engine.py: error: {exc}", file=sys.stderr)
         sys.exit(2)
     torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
     dtype = choice.dtype
-    print(f"device: {device_info(device).describe()}; dtype: {choice.name} ({choice.reason})", file=sys.stderr)
+    print(f"device: {device_info(device).describe()}; dtype: {choice.name} ({choice.reason}); "
+          f"attention: {attention} ({attention_reason})", file=sys.stderr)
     other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
     engine_kw: dict[str, Any] = {"device": device, "kv_memory_bytes": int(args.kv_memory_mb * 2**20),
-                                 "attention": args.attention}
+                                 "attention": attention}
     hashed = HashTokenEncoder(preset.model.text_dim) if args.hash_text else None
     text = TextEncoder(preset.model.text_max_tokens, token_encoder=hashed)
     if not args.hash_text:
@@ -244,7 +246,7 @@ def main() -> None:
     p21 = dataclasses.replace(preset, cache=CacheConfig(window_frames=window, sink_frames=0))
     torch.manual_seed(0)
     with device:
-        model = CausalWanTransformer(preset.model, args.attention)
+        model = CausalWanTransformer(preset.model, attention)
     model = quantize_transformer(model.to(dtype).eval(), args.quantize)
     repeats = 3 if args.quick else 7
     # No cache: every denoising forward runs over context + chunk under the block-causal mask.
@@ -271,7 +273,8 @@ def main() -> None:
     result = {
         "preset": preset.name, "device": device_info(device).describe(), "threads": args.threads, "dtype": name,
         "dtype_reason": choice.reason,
-        "quantize": args.quantize, "attention": args.attention, "paged_attention_calls": paged_calls,
+        "quantize": args.quantize, "attention": attention, "attention_reason": attention_reason,
+        "paged_attention_calls": paged_calls,
         "matmul_peak_gflops": peak / 1e9,
         "rtf": rtf, "rtf_target": rtf_target, "generated_fps": rtf * fps, "ttff_s": single["ttff_s"],
         "chunk10_s": win10, "chunk200_s": win200, "chunk_index_late": late, "chunk_breakdown": breakdown,
@@ -298,7 +301,8 @@ def main() -> None:
             ("4 streams / 1 stream fps", f"{batch_ratio:.2f}x", ""),
             ("joining stream ttff, first chunk first", f"{join['first_chunk_first']:.3f} s", "<= 0.3 s"),
             ("  same, batched with the others", f"{join['batched']:.3f} s", ""),
-            (f"MFU, 12-frame forward ({name} peak)", f"{100 * mfu:.1f} %", ">= 50 %"),
+            (f"MFU, 12-frame forward ({'int8' if args.quantize == 'int8' else name} peak)", f"{100 * mfu:.1f} %",
+             ">= 50 %"),
             ("MFU, 3-frame chunk forward", f"{100 * mfu3:.1f} %", "")]
     print(f"\n{'metric':38} {'measured':>12} {'target':>10}")
     for row_name, value, target in rows:

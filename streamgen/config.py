@@ -233,6 +233,11 @@ def _build_presets() -> dict[str, Preset]:
 
 PRESETS: dict[str, Preset] = _build_presets()
 
+# Attention backends by name (``streamgen.attention.AttentionBackendName``, kept equal by a test), here so
+# the CLIs list them without importing torch; ``auto`` picks one for the device (``resolve_attention``).
+ATTENTION_NAMES: tuple[str, ...] = ("sdpa", "gemm", "flex", "xformers", "flash")
+ATTENTION_CHOICES: tuple[str, ...] = ("auto", *ATTENTION_NAMES)
+
 
 def get_preset(name: str) -> Preset:
     """Return the preset called ``name``; unknown names raise ``ValueError`` listing valid ones."""

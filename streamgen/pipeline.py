@@ -106,7 +106,7 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
-                        dtype: torch.dtype | str = torch.float32, attention: str = "sdpa",
+                        dtype: torch.dtype | str = torch.float32, attention: str = "auto",
                         text_dtype: torch.dtype | str | None = None) -> Pipeline:
         """Load a streamgen model directory (``model.json``; see :mod:`streamgen.model_dir`).
 
@@ -115,10 +115,14 @@ class Pipeline:
             device: where the models run. The offline loop draws its noise on the CPU (so a seed
                 gives the same video everywhere); only ``"cpu"`` is tested.
             dtype: transformer precision, ``float32`` or ``bfloat16``.
+            attention: attention backend (``streamgen.config.ATTENTION_CHOICES``); ``auto`` picks one for
+                ``device`` (``streamgen.attention.resolve_attention``).
             text_dtype: precision of a UMT5 prompt encoder (default float32).
         """
+        from streamgen.attention import resolve_attention
         from streamgen.model_dir import load_model_dir
 
+        attention, _ = resolve_attention(attention, device)
         parts = load_model_dir(path, device=device, dtype=_dtype(dtype), attention=attention,
                                text_dtype=None if text_dtype is None else _dtype(text_dtype))
         return cls(parts.preset, parts.transformer, parts.vae, parts.text, dtype=dtype, device=device,

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from streamgen.attention.paged_common import HostLengths
+from streamgen.config import ATTENTION_CHOICES
 
 
 class BackendUnavailableError(RuntimeError):
@@ -23,6 +24,7 @@ class BackendUnavailableError(RuntimeError):
 
 class AttentionBackendName(enum.StrEnum):
     SDPA = "sdpa"
+    GEMM = "gemm"
     FLEX = "flex"
     XFORMERS = "xformers"
     FLASH = "flash"
@@ -71,10 +73,28 @@ class AttentionBackend(Protocol):
 
 _MODULES: dict[AttentionBackendName, str] = {
     AttentionBackendName.SDPA: "streamgen.attention.sdpa",
+    AttentionBackendName.GEMM: "streamgen.attention.gemm",
     AttentionBackendName.FLEX: "streamgen.attention.flex",
     AttentionBackendName.XFORMERS: "streamgen.attention.xformers",
     AttentionBackendName.FLASH: "streamgen.attention.flash",
 }
+
+
+# ``auto`` (the CLIs' default; ATTENTION_CHOICES lives in streamgen.config so --help needs no torch) is not a
+# backend: :func:`resolve_attention` turns it into one for a device.
+
+
+def resolve_attention(name: str, device: torch.device | str) -> tuple[str, str]:
+    """The backend to build for ``name`` on ``device``, and why: ``auto`` is ``gemm`` on a CPU (GEMM - softmax
+    - GEMM where it beats PyTorch's CPU kernel, that kernel elsewhere; docs/speed.md) and ``sdpa`` on other
+    devices (PyTorch's fused kernels). Any other name is checked and returned as given."""
+    if name == "auto":
+        if torch.device(device).type == "cpu":
+            return "gemm", "auto: CPU (bf16 attention as two GEMMs around a softmax, else SDPA)"
+        return "sdpa", f"auto: {torch.device(device).type} (PyTorch's fused SDPA kernels)"
+    if name not in ATTENTION_CHOICES:
+        raise ValueError(f"unknown attention backend {name!r}; valid: {', '.join(ATTENTION_CHOICES)}")
+    return name, "asked for"
 
 
 def get_backend(name: str | AttentionBackendName, **options: Any) -> AttentionBackend:

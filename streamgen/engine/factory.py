@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from streamgen.attention import resolve_attention
+from streamgen.config import ATTENTION_CHOICES
 from streamgen.engine.engine import Engine, EngineConfig
 from streamgen.precision import DTYPE_NAMES, resolve_dtype
 
@@ -35,7 +37,7 @@ class ModelSource:
     vae: Path | None = None
     random_init: bool = False
     dtype: str = "auto"  # streamgen.precision.DTYPE_NAMES
-    attention: str = "sdpa"
+    attention: str = "auto"  # streamgen.attention.ATTENTION_CHOICES; auto is resolved for the device at load
     text_encoder: str | None = None  # None: the model directory's, else minilm; "hash": tests and benchmarks only
     threads: int = 0
     model_dir: Path | None = None  # a streamgen model directory: replaces preset, checkpoints and encoder
@@ -54,6 +56,8 @@ class ModelSource:
             raise ValueError("give --transformer and --vae checkpoints, or --random-init for random weights")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
         if self.quantize not in ("none", "int8"):
             raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
         if self.text_encoder not in (None, "minilm", "hash"):
@@ -93,6 +97,9 @@ def load_model(source: ModelSource, report: Report | None = None, *, init_seed: 
     device = resolve_device(source.device)  # CUDA asked for without CUDA: ValueError, before any load
     report("device", device=device_info(device).describe())
     choice = _dtype(source, device, report)
+    attention, why = resolve_attention(source.attention, device)
+    report("attention", backend=attention, reason=why)
+    source = replace(source, attention=attention)
     if source.threads > 0:
         torch.set_num_threads(source.threads)
     if source.model_dir is not None:

@@ -35,7 +35,7 @@ def device_dtype(name: str) -> tuple[str, torch.dtype, float]:
 
 
 def test_unknown_backend_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match="valid backends: sdpa, flex, xformers, flash"):
+    with pytest.raises(ValueError, match="valid backends: sdpa, gemm, flex, xformers, flash"):
         get_backend("cudnn")
 
 

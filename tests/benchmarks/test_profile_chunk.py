@@ -1,0 +1,35 @@
+"""benchmarks/profile_chunk.py: every profiled operator lands in one group, and the shares add up."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import profile_chunk  # noqa: E402
+
+
+@pytest.mark.parametrize(("op", "group"), [
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"), ("aten::bmm", "attention"),
+    ("aten::_softmax", "attention"), ("aten::addmm", "gemm"), ("quantized::linear_dynamic", "gemm"),
+    ("aten::mkldnn_convolution", "convolution"), ("aten::native_layer_norm", "normalisation"),
+    ("aten::index_copy_", "cache"), ("aten::copy_", "cast_copy"), ("aten::gelu", "elementwise"),
+    ("aten::view", "other"),
+])
+def test_operators_fall_in_their_group(op: str, group: str) -> None:
+    assert profile_chunk.group_of(op) == group
+
+
+def test_a_profile_of_the_test_preset_accounts_for_all_its_time(capsys: pytest.CaptureFixture[str]) -> None:
+    result = profile_chunk.main(["--preset", "test", "--threads", "1", "--warmup", "2", "--chunks", "2",
+                                 "--dtype", "float32", "--top", "5"])
+    shares = result["groups_share"]
+    assert isinstance(shares, dict)
+    assert abs(sum(shares.values()) - 1) < 1e-9
+    assert shares["gemm"] > 0 and shares["attention"] > 0 and shares["convolution"] > 0  # transformer and VAE
+    assert len(result["top_ops"]) == 5 and result["attention"] == "gemm"  # auto on a CPU
+    assert "ms per chunk (profiled)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        profile_chunk.main(["--chunks", "0"])
