@@ -53,6 +53,7 @@ from typing import Any
 
 from clients.stream import OK_REASONS, RETRYABLE_CODES, StreamClient, StreamError, StreamRequest, StreamTrace
 from streamgen.api.v1 import pb
+from streamgen.config import ATTENTION_CHOICES
 from streamgen.device import DEVICE_HELP, resolve_device
 from streamgen.server.health import check
 
@@ -133,7 +134,8 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
     cmd = [sys.executable, "-m", "streamgen.cli", "serve", "--preset", args.preset, "--random-init",
            "--text-encoder", args.text_encoder, "--port", "0", "--metrics-port", "-1",
            "--max-sessions", str(args.clients), "--kv-memory-mb", str(args.kv_memory_mb),
-           "--drain-timeout-s", "5", "--dtype", args.dtype, "--device", args.device]
+           "--drain-timeout-s", "5", "--dtype", args.dtype, "--device", args.device,
+           "--attention", args.attention]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if not args.pace:
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--text-encoder", default="hash", choices=["hash", "minilm"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=0, help="server torch threads (0 = default)")
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                        help="server attention backend, as `streamgen serve --attention` (default: auto)")
     parser.add_argument("--device", default="auto", help="server device when the script starts it: " + DEVICE_HELP)
     parser.add_argument("--kv-memory-mb", type=float, default=256)
     parser.add_argument("--warmup-s", type=float, default=3.0, help="warm-up load before measuring (default: 3)")
@@ -235,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "clients": args.clients, "duration_s": args.duration_s, "preset": info.preset, "model_id": info.model_id,
         "encoding": args.encoding,
-        "paced": args.pace, "dtype": args.dtype, "cpu_count": os.cpu_count(), "wall_s": round(wall_s, 2),
+        "paced": args.pace, "dtype": args.dtype, "attention": args.attention, "cpu_count": os.cpu_count(),
+        "wall_s": round(wall_s, 2),
         "fps": {"min": round(min(fps), 2), "p50": round(statistics.median(fps), 2), "max": round(max(fps), 2),
                 "per_stream": [round(f, 2) for f in fps]},
         "fps_spread": round(spread, 3),
