@@ -287,6 +287,8 @@ def _print_choice(name: str, **fields: object) -> None:
     """``generate`` prints the choices made while loading (device, dtype and why) on stderr."""
     if name == "dtype":
         print(f"dtype: {fields['dtype']} ({fields['reason']})", file=sys.stderr)
+    elif name == "attention":
+        print(f"attention: {fields['backend']} ({fields['reason']})", file=sys.stderr)
     else:
         print(f"{name}: " + " ".join(str(v) for v in fields.values()), file=sys.stderr)
 

@@ -23,7 +23,9 @@ def test_generate_writes_requested_frames(tmp_path: Path, capsys: pytest.Capture
     assert code == 0
     frames = read_video(out)
     assert frames.shape == (14, 32, 32, 3)
-    assert '"frames": 14' in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert '"frames": 14' in captured.out
+    assert "attention: gemm (auto: CPU" in captured.err  # the choice and why, as for the dtype
 
 
 @pytest.mark.parametrize(
@@ -42,6 +44,13 @@ def test_generate_bad_input(args: list[str], message: str, tmp_path: Path, capsy
     argv = ["generate", "--random-init"] + [x for kv in base.items() for x in kv]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_unknown_attention_backend_exits_2_listing_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--random-init", "--preset", "test", "--prompt", "a can", "--attention", "fast"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'fast' (choose from 'auto', 'sdpa', 'gemm'" in capsys.readouterr().err
 
 
 def test_generate_requires_weights_or_random_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
