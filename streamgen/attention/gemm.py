@@ -1,16 +1,16 @@
 """CPU backend: attention written as two batched GEMMs around a softmax, in query blocks.
 
 At a CPU chunk's shapes (a few hundred queries against a window of a few hundred to a few thousand
-keys, head dim 64) PyTorch's CPU flash-attention kernel runs bfloat16 at about a third of the rate of
-a bfloat16 GEMM: it gains little from the CPU's bf16 units, because it multiplies small tiles and
+keys, head dim 64) PyTorch's CPU flash-attention kernel runs bfloat16 at a fifth to a third of the rate
+of a bfloat16 GEMM: it gains little from the CPU's bf16 units, because it multiplies small tiles and
 rescales its running softmax between them. Here the scores of a block of queries against all keys are
 one batched GEMM (``Q K^T``), the softmax one vectorised pass over them, and the output a second
 batched GEMM (``P V``); both GEMMs run at the BLAS's full rate. docs/speed.md has the measurements.
 
-The backend takes this path only where it is faster (:func:`prefers_gemm`: bfloat16 on a CPU, against
-at least :data:`MIN_KEYS` keys) and hands every other call (float32, a GPU, cross-attention's few text
-tokens) to SDPA's kernel, so ``--attention gemm`` is never slower than ``sdpa`` by design; it is the CPU's
-``auto`` choice.
+The backend takes this path only where it measured faster (:func:`prefers_gemm`: bfloat16 on a CPU,
+against at least :data:`MIN_KEYS` keys; 1.2-2.1x at 64-576 keys, 0.8-1.9x at the default window's 768,
+between runs) and hands every other call (float32, a GPU, cross-attention's few text tokens) to SDPA's
+kernel unchanged. It is the CPU's ``auto`` choice: in the engine a bf16 chunk is 1.13-1.27x faster.
 
 Precision: in bfloat16 the scores and the probabilities are rounded to bfloat16 between the steps
 (flash-attention keeps the scores in float32 and rounds only the probabilities), so the error is a
@@ -30,9 +30,9 @@ import torch
 
 from streamgen.attention.sdpa import SDPABackend
 
-# Score elements per block (B x H x queries x keys): 4 Mi values is 8 MiB in bf16, cache-friendly on a
-# CPU and far below any machine's memory, while a whole steady-state chunk of the default preset
-# (1 x 4 x 192 x 768 = 0.6 Mi) is one block.
+# Score elements per block (B x H x queries x keys): 4 Mi values is 8 MiB in bf16, far below any machine's
+# memory, while a steady-state chunk of the default preset (1 x 4 x 192 x 768 = 0.6 Mi; four batched
+# streams 2.4 Mi) is one block: smaller blocks measured slower (more, smaller GEMMs).
 SCORE_BUDGET = 4 * 2**20
 # Fewest keys for which the GEMM path beats SDPA in bf16 (cross-attention's text tokens stay on SDPA).
 MIN_KEYS = 128
