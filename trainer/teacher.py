@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,10 @@ class TeacherDataConfig:
     clip_latent_frames: int | None = None
     global_batch: int = 8
     prompt_dropout: float = 0.1
+    # Share of (non-dropped) samples trained on a partial caption: the colour word or the kind word left out
+    # (trainer.data.captions.partial_caption, each half the time), so kind and colour are each learnt on
+    # their own as well as in the pairs the data holds. 0 = always the full caption (as before).
+    attribute_dropout: float = 0.0
     encode_batch: int = 8
 
     def __post_init__(self) -> None:
@@ -101,6 +106,8 @@ class TeacherDataConfig:
               f"got {self.clip_latent_frames}")
         check(self.global_batch > 0, f"data.global_batch must be > 0, got {self.global_batch}")
         check(0 <= self.prompt_dropout < 1, f"data.prompt_dropout must lie in [0, 1), got {self.prompt_dropout}")
+        check(0 <= self.attribute_dropout <= 1,
+              f"data.attribute_dropout must lie in [0, 1], got {self.attribute_dropout}")
         check(self.encode_batch > 0, f"data.encode_batch must be > 0, got {self.encode_batch}")
 
 
@@ -198,8 +205,14 @@ def sample_timestep(g: torch.Generator, flow: FlowConfig) -> float:
 class Batcher:
     """Builds the local batch of a step from global sample indices (order, noise, t, dropout per sample)."""
 
-    def __init__(self, data: latent_data.LatentDataset, cfg: TeacherTrainConfig) -> None:
+    def __init__(self, data: latent_data.LatentDataset, cfg: TeacherTrainConfig,
+                 partial_emb: torch.Tensor | None = None) -> None:
+        """``partial_emb``: ``[N, 2, L, D]``, each clip's partial captions' embeddings (colour left out, kind
+        left out; :func:`partial_caption_embeddings`); needed when ``data.attribute_dropout > 0``."""
         self.data, self.cfg = data, cfg
+        if cfg.data.attribute_dropout > 0 and (partial_emb is None or partial_emb.shape[:2] != (len(data), 2)):
+            raise ValueError("data.attribute_dropout > 0 needs every clip's two partial caption embeddings")
+        self.partial_emb = partial_emb
         self.clip_index = EpochOrder(len(data), cfg.run.seed, stream=7)
         self.horizon = cfg.data.num_latent_frames
         if data.latents.shape[2] < self.horizon:
@@ -228,11 +241,31 @@ class Batcher:
             noises.append(torch.randn(x0.shape, generator=g))
             ts.append(sample_timestep(g, self.cfg.flow))
             dropped = torch.rand((), generator=g).item() < self.cfg.data.prompt_dropout
-            embs.append(zero if dropped else self.data.text_emb[self.data.caption_ids[clip]])
+            emb = zero if dropped else self.data.text_emb[self.data.caption_ids[clip]]
+            if self.partial_emb is not None and not dropped:  # drawn after the others: old runs keep their draws
+                u = torch.rand((), generator=g).item()
+                if u < self.cfg.data.attribute_dropout:  # which one: the lower or the upper half of that share
+                    emb = self.partial_emb[clip, int(u >= self.cfg.data.attribute_dropout / 2)]
+            embs.append(emb)
             x0s.append(x0)
         x0, noise = torch.stack(x0s), torch.stack(noises)
         t = torch.tensor(ts)
         return add_noise(x0, noise, t), t, torch.stack(embs), velocity_target(x0, noise)
+
+
+def partial_caption_embeddings(data: latent_data.LatentDataset, max_tokens: int,
+                               token_encoder: Any = None) -> torch.Tensor:
+    """``[N, 2, L, D]``: every clip's caption with its colour left out and with its kind left out, embedded by
+    the prompt encoder the dataset's captions were embedded with (tests pass a hash encoder)."""
+    from trainer.data.attributes import ClipSpec
+    from trainer.data.captions import PARTIAL_ATTRIBUTES, partial_caption
+
+    texts = [partial_caption(ClipSpec(**attrs), without) for attrs in data.attributes for without in PARTIAL_ATTRIBUTES]
+    unique = sorted(set(texts))
+    emb, _ = TextEncoder(max_tokens, token_encoder=token_encoder).encode(unique)
+    index = {t: i for i, t in enumerate(unique)}
+    ids = torch.tensor([index[t] for t in texts]).view(len(data), len(PARTIAL_ATTRIBUTES))
+    return emb.float()[ids]
 
 
 @dataclass
@@ -262,7 +295,9 @@ def train(cfg: TeacherTrainConfig, resume: bool = False, export: bool = True) ->
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
     wrapped, optimizer = rt.prepare(TeacherForward(model), optimizer)
-    batcher = Batcher(data, cfg)
+    partial = (partial_caption_embeddings(data, cfg.model.text_max_tokens) if cfg.data.attribute_dropout > 0
+               else None)
+    batcher = Batcher(data, cfg, partial)
     # Batches and noise are drawn on the CPU from per-sample generators (same samples on any device or
     # number of processes), then moved; on CUDA accelerate's mixed precision also wraps the forward.
     autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")

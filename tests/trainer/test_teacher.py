@@ -344,3 +344,57 @@ def test_precision_auto_is_resolved_printed_and_recorded(tmp_path: Path, tiny_va
     assert latest is not None and ckpt.load(latest).config["precision"] == expected
     with pytest.raises(ValueError, match="precision must be one of"):
         tiny_teacher_config(tmp_path, tiny_vae_checkpoint, tiny_latents, precision="fp16")
+
+
+def test_partial_captions_leave_out_exactly_one_attribute() -> None:
+    from trainer.data.attributes import ClipSpec
+    from trainer.data.captions import caption, parse_caption, partial_caption
+
+    spec = ClipSpec(kind="bottle", colour="purple", material="glossy", background="white_table", motion="slow",
+                    camera="static", lighting="soft", tint="warm")
+    full = caption(spec)
+    assert partial_caption(spec, "colour") == full.replace("purple ", "")
+    assert partial_caption(spec, "kind") == full.replace("bottle", "object")
+    for without in ("colour", "kind"):
+        with pytest.raises(ValueError, match="not a product-clip caption"):
+            parse_caption(partial_caption(spec, without))  # never mistaken for a full caption by the evaluation
+    with pytest.raises(ValueError, match="without must be one of"):
+        partial_caption(spec, "camera")
+
+
+def test_attribute_dropout_swaps_in_partial_captions_at_its_rate_and_leaves_other_draws_alone(
+        tiny_latents: Path, tiny_vae_checkpoint: Path, tmp_path: Path) -> None:
+    from streamgen.model.text import HashTokenEncoder
+
+    cfg = tiny_teacher_config(tmp_path, tiny_vae_checkpoint, tiny_latents)
+    data = latent_data.load(tiny_latents, cfg.dataset_spec())
+    partial = teacher_stage.partial_caption_embeddings(data, cfg.model.text_max_tokens, HashTokenEncoder())
+    assert partial.shape == (len(data), 2, *data.text_emb.shape[1:])
+    with_ad = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, attribute_dropout=0.5))
+    plain, mixed = teacher_stage.Batcher(data, cfg), teacher_stage.Batcher(data, with_ad, partial)
+    counts = {"full": 0, "no_colour": 0, "no_kind": 0, "none": 0}
+    for step in range(60):
+        ids = [0, 1, 2, 3]
+        a, b = plain(step, ids), mixed(step, ids)
+        for x, y in zip(a[:2] + a[3:], b[:2] + b[3:], strict=True):  # noise, timesteps, targets: the same draws
+            assert torch.equal(x, y)
+        for row, i in enumerate(ids):
+            clip = plain.clip_index(i)
+            emb = b[2][row]
+            if not a[2][row].any():  # prompt dropout: the same samples drop in both
+                assert not emb.any()
+                counts["none"] += 1
+            elif torch.equal(emb, data.text_emb[data.caption_ids[clip]]):
+                counts["full"] += 1
+            elif torch.equal(emb, partial[clip, 0]):
+                counts["no_colour"] += 1
+            else:
+                assert torch.equal(emb, partial[clip, 1])
+                counts["no_kind"] += 1
+    kept = counts["full"] + counts["no_colour"] + counts["no_kind"]
+    assert 0.35 < (counts["no_colour"] + counts["no_kind"]) / kept < 0.65  # 0.5 of the kept prompts
+    assert counts["no_colour"] > 0.3 * (kept - counts["full"]) and counts["no_kind"] > 0.3 * (kept - counts["full"])
+    with pytest.raises(ValueError, match="two partial caption embeddings"):
+        teacher_stage.Batcher(data, with_ad)
+    with pytest.raises(ValueError, match="attribute_dropout must lie in"):
+        dataclasses.replace(cfg.data, attribute_dropout=1.5)

@@ -51,6 +51,27 @@ def caption(spec: ClipSpec) -> str:
     )
 
 
+# Attributes a training caption may leave out (``partial_caption``), and the word a missing kind becomes.
+PARTIAL_ATTRIBUTES: tuple[str, ...] = ("colour", "kind")
+UNNAMED_KIND = "object"
+
+
+def partial_caption(spec: ClipSpec, without: str) -> str:
+    """:func:`caption` with one attribute left out, for training only (``parse_caption`` refuses it):
+    ``without="colour"`` drops the colour word ("a glossy bottle ..."), ``"kind"`` names the product only as
+    an object ("a glossy red object ..."), so a model trained on both learns each word's effect on its own
+    instead of only the (kind, colour) pairs it saw."""
+    if without not in PARTIAL_ATTRIBUTES:
+        raise ValueError(f"without must be one of {list(PARTIAL_ATTRIBUTES)}, got {without!r}")
+    colour = "" if without == "colour" else f"{spec.colour} "
+    kind = UNNAMED_KIND if without == "kind" else spec.kind
+    return (
+        f"a {spec.material} {colour}{kind} {MOTION_PHRASES[spec.motion]} "
+        f"{BACKGROUND_PHRASES[spec.background]}, {CAMERA_PHRASES[spec.camera]}, "
+        f"{spec.lighting} {TINT_WORDS[spec.tint]}lighting"
+    )
+
+
 def _alternation(words: Iterable[str]) -> str:
     # Longest first, so "zoom_in"-style prefixes never shadow a longer phrase.
     return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
