@@ -94,7 +94,7 @@ def pairing_mismatch(meta_a: dict[str, Any], meta_b: dict[str, Any], windows: li
     return [k for k in keys if meta_a.get(k) != meta_b.get(k)]
 
 
-def _load(directory: Path) -> tuple[list[Any], dict[str, Any]]:
+def load_set(directory: Path) -> tuple[list[Any], dict[str, Any]]:
     from trainer.eval.inputs import load_clips
 
     if not (directory / "clips.npz").is_file() or not (directory / "clips.json").is_file():
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if not Path(args.classifier).is_file():
         raise ValueError(f"classifier {args.classifier} does not exist")
-    (va, meta_a), (vb, meta_b) = _load(args.a), _load(args.b)
+    (va, meta_a), (vb, meta_b) = load_set(args.a), load_set(args.b)
     differ = pairing_mismatch(meta_a, meta_b, args.windows)
     if differ:
         raise ValueError(f"{args.a} and {args.b} differ in {differ}: a paired comparison needs the same captions, "

@@ -228,7 +228,7 @@ class AttributeAdherence:
                 "measured": self.measured, "of_rendered": ratio}
 
 
-def _window_index(window: str) -> int:
+def window_index(window: str) -> int:
     if window not in WINDOWS:
         raise ValueError(f"unknown window {window!r}; valid: {list(WINDOWS)}")
     return 0 if window == "first" else -1
@@ -236,7 +236,7 @@ def _window_index(window: str) -> int:
 
 def correct_per_clip(clips: list[ClipEvaluation], key: str, window: str) -> np.ndarray:
     """Per clip: 1.0 where the classifier's reading at ``window`` matches the caption, NaN without a caption."""
-    i = _window_index(window)
+    i = window_index(window)
     out = np.full(len(clips), np.nan)
     for n, c in enumerate(clips):
         if c.classifier is None:
@@ -285,7 +285,7 @@ def mean_adherence(clips: list[ClipEvaluation], keys: list[str], window: str, cf
 
 def window_features(s: SetEvaluation, window: str) -> np.ndarray:
     """Classifier features ``[N, D]`` of every clip's first or last window."""
-    i = _window_index(window)
+    i = window_index(window)
     rows = []
     for c in s.clips:
         if c.classifier is None:
