@@ -10,7 +10,8 @@ Times, for one block of the preset at a steady-state chunk (``chunk_frames`` que
 rolling window's ``window_frames`` key frames), each kernel in both dtypes: the self-attention through
 ``F.scaled_dot_product_attention`` (what the engine's CPU backend calls), the same attention written out
 (float32 scores and softmax as flash-attention keeps them, then P.V in the model's dtype: the
-alternative docs/speed.md reports as not reliably faster), the QKV and FFN GEMMs, and the tanh-GELU as
+alternative docs/speed.md reports as not reliably faster), the CPU backend's GEMM - softmax - GEMM path
+(:func:`streamgen.attention.gemm.attention_gemm`, bf16 scores), the QKV and FFN GEMMs, and the tanh-GELU as
 PyTorch computes it against the float32 sigmoid form (:func:`streamgen.model.transformer.gelu_tanh`; for
 bf16, widened to float32 and rounded back, the variant docs/speed.md reports as not kept). Each timing is the median of
 ``--repeats`` calls, the kernels interleaved so load from other jobs hits them alike; GFLOP/s figures
@@ -30,6 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from streamgen.attention.gemm import attention_gemm
 from streamgen.config import get_preset
 from streamgen.model.transformer import gelu_tanh
 from streamgen.perf import matmul_peak_flops, utilisation
@@ -60,10 +62,13 @@ def kernels(preset_name: str, dtype: torch.dtype) -> dict[str, tuple[Callable[[]
     w_down = torch.randn(m.dim, m.ffn_dim, generator=g).to(dtype)
     h = torch.randn(lq, m.ffn_dim, generator=g).to(dtype)
     attn_flops = 4.0 * m.num_heads * lq * lk * m.head_dim
+    q_blhd, k_blhd, v_blhd = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     with torch.no_grad():
         return {
             "attention_sdpa": (lambda: F.scaled_dot_product_attention(q, k, v), attn_flops),
             "attention_explicit": (lambda: explicit_attention(q, k, v), attn_flops),
+            # The CPU backend's path (``--attention gemm``), on the [B, L, H, D] layout the model hands it.
+            "attention_gemm": (lambda: attention_gemm(q_blhd, k_blhd, v_blhd), attn_flops),
             "gemm_qkv": (lambda: F.linear(x, w_qkv), 2.0 * lq * m.dim * 3 * m.dim),
             "gemm_ffn_up": (lambda: F.linear(x, w_up), 2.0 * lq * m.dim * m.ffn_dim),
             "gemm_ffn_down": (lambda: F.linear(h, w_down), 2.0 * lq * m.ffn_dim * m.dim),
