@@ -252,11 +252,11 @@ def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -
     capsys.readouterr()  # drop what the test's own setup printed
     assert cli.main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    # The error is the last line, alone (before it at most generate's "device: ..." / "dtype: ..."
-    # notes; no traceback).
+    # The error is the last line, alone (before it at most generate's "device: ..." / "dtype: ..." /
+    # "attention: ..." notes; no traceback).
     err = lines[-1]
     assert err.startswith(f"streamgen {argv[0]}: error: "), lines
-    assert all(line.startswith(("device: ", "dtype: ")) for line in lines[:-1]), lines
+    assert all(line.startswith(("device: ", "dtype: ", "attention: ")) for line in lines[:-1]), lines
     for needle in needles:
         assert needle in err, err
     return err
