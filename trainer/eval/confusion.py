@@ -14,7 +14,6 @@ read by the same classifier, are the instrument's own confusion: pass them as a 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -87,12 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"trainer.eval.confusion: error: {exc}", file=sys.stderr)
         return 2
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
-    for name, conf in result["sets"].items():
-        print("\n" + table(name, conf, args.attribute))
+    from trainer.eval.paired import emit
+
+    emit(result, args.out, "\n".join("\n" + table(name, conf, args.attribute) for name, conf in result["sets"].items()))
     return 0
 
 

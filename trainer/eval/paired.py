@@ -149,12 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"trainer.eval.paired: error: {exc}", file=sys.stderr)
         return 2
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
-    print(table(result))
+    emit(result, args.out, table(result))
     return 0
+
+
+def emit(result: dict[str, Any], out: Path | None, text: str) -> None:
+    """An evaluation CLI's output: the JSON on stdout (and in ``out`` when given), then its table."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    print(text)
 
 
 if __name__ == "__main__":
