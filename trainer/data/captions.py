@@ -44,8 +44,12 @@ TINT_WORDS: dict[str, str] = {"neutral": "", "warm": "warm ", "cool": "cool "}
 
 def caption(spec: ClipSpec) -> str:
     """The caption of ``spec`` (deterministic, lower case, no trailing period)."""
+    return _template(spec, f"{spec.colour} ", spec.kind)
+
+
+def _template(spec: ClipSpec, colour: str, kind: str) -> str:
     return (
-        f"a {spec.material} {spec.colour} {spec.kind} {MOTION_PHRASES[spec.motion]} "
+        f"a {spec.material} {colour}{kind} {MOTION_PHRASES[spec.motion]} "
         f"{BACKGROUND_PHRASES[spec.background]}, {CAMERA_PHRASES[spec.camera]}, "
         f"{spec.lighting} {TINT_WORDS[spec.tint]}lighting"
     )
@@ -63,13 +67,8 @@ def partial_caption(spec: ClipSpec, without: str) -> str:
     instead of only the (kind, colour) pairs it saw."""
     if without not in PARTIAL_ATTRIBUTES:
         raise ValueError(f"without must be one of {list(PARTIAL_ATTRIBUTES)}, got {without!r}")
-    colour = "" if without == "colour" else f"{spec.colour} "
-    kind = UNNAMED_KIND if without == "kind" else spec.kind
-    return (
-        f"a {spec.material} {colour}{kind} {MOTION_PHRASES[spec.motion]} "
-        f"{BACKGROUND_PHRASES[spec.background]}, {CAMERA_PHRASES[spec.camera]}, "
-        f"{spec.lighting} {TINT_WORDS[spec.tint]}lighting"
-    )
+    return _template(spec, "" if without == "colour" else f"{spec.colour} ",
+                     UNNAMED_KIND if without == "kind" else spec.kind)
 
 
 def _alternation(words: Iterable[str]) -> str:
