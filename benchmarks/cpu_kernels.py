@@ -46,12 +46,13 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return torch.matmul(torch.softmax(scores, -1).to(q.dtype), v)
 
 
-def kernels(preset_name: str, dtype: torch.dtype) -> dict[str, tuple[Callable[[], object], float]]:
+def kernels(preset_name: str, dtype: torch.dtype,
+            keys: int | None = None) -> dict[str, tuple[Callable[[], object], float]]:
     """name -> (a call, its matmul FLOPs) at the preset's steady-state chunk shapes."""
     preset = get_preset(preset_name)
     m = preset.model
     tokens = preset.tokens_per_frame
-    lq, lk = tokens * preset.sampler.chunk_frames, tokens * (preset.cache.window_frames or 12)
+    lq, lk = tokens * preset.sampler.chunk_frames, keys or tokens * (preset.cache.window_frames or 12)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, m.num_heads, lq, m.head_dim, generator=g).to(dtype)
     k = torch.randn(1, m.num_heads, lk, m.head_dim, generator=g).to(dtype)
@@ -96,15 +97,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--preset", default="default")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--keys", type=int, help="attention keys (default: the preset's full rolling window)")
     args = p.parse_args(argv)
-    if args.threads < 1 or args.repeats < 1:
-        p.error("--threads and --repeats must be >= 1")
+    if args.threads < 1 or args.repeats < 1 or (args.keys is not None and args.keys < 1):
+        p.error("--threads, --repeats and --keys must be >= 1")
     torch.set_num_threads(args.threads)
     report: dict[str, object] = {"cpu": cpu_description(), "preset": args.preset, "threads": args.threads,
+                                 "keys": args.keys,
                                  "dtypes": {}}
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
-        table = kernels(args.preset, dtype)
+        table = kernels(args.preset, dtype, args.keys)
         seconds = time_interleaved({k: call for k, (call, _) in table.items()}, args.repeats)
         peak = matmul_peak_flops(dtype)
         per = {}

@@ -8,9 +8,10 @@ one batched GEMM (``Q K^T``), the softmax one vectorised pass over them, and the
 batched GEMM (``P V``); both GEMMs run at the BLAS's full rate. docs/speed.md has the measurements.
 
 The backend takes this path only where it measured faster (:func:`prefers_gemm`: bfloat16 on a CPU,
-against at least :data:`MIN_KEYS` keys; 1.2-2.1x at 64-576 keys, 0.8-1.9x at the default window's 768,
-between runs) and hands every other call (float32, a GPU, cross-attention's few text tokens) to SDPA's
-kernel unchanged. It is the CPU's ``auto`` choice: in the engine a bf16 chunk is 1.13-1.27x faster.
+against at least :data:`MIN_KEYS` keys; alone, 0.87-2.1x SDPA's speed depending on the run and the key
+count, ``benchmarks/cpu_kernels.py --keys``) and hands every other call (float32, a GPU, cross-attention's
+few text tokens) to SDPA's kernel unchanged. It is the CPU's ``auto`` choice: in the engine a bf16 chunk is
+1.13-1.27x faster, in every alternated round but one (``benchmarks/attention_ab.py``; docs/speed.md).
 
 Precision: in bfloat16 the scores and the probabilities are rounded to bfloat16 between the steps
 (flash-attention keeps the scores in float32 and rounds only the probabilities), so the error is a
