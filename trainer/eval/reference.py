@@ -310,6 +310,23 @@ class DistanceResult:
                                    "features", "note": self.note}
 
 
+def frechet_interval(point: float, draws: np.ndarray, num_samples: int, level: float) -> Interval:
+    """Bias-corrected percentile interval of a Frechet distance from its bootstrap ``draws``.
+
+    A resample with replacement repeats clips, which shrinks its covariance estimates and raises
+    its Frechet distance: the plain percentiles of the draws sit above the point estimate (on 64
+    clips a teacher read 24.1 with a percentile interval [28.9, 42.4]). The interval is shifted by
+    the bootstrap's estimate of that bias (mean draw minus the point) and floored at 0.
+    """
+    finite = draws[np.isfinite(draws)]
+    if len(finite) == 0:
+        return Interval(point, math.nan, math.nan, num_samples, level)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(finite, [alpha, 1.0 - alpha])
+    bias = float(finite.mean()) - point
+    return Interval(point, max(0.0, float(lo) - bias), max(0.0, float(hi) - bias), num_samples, level)
+
+
 def distances(generated: SetEvaluation, reference: SetEvaluation, window: str, cfg: ReferenceConfig | None = None
               ) -> DistanceResult:
     """KID on the full classifier features; Frechet on the reference's top ``frechet_dims`` components."""
@@ -333,9 +350,7 @@ def distances(generated: SetEvaluation, reference: SetEvaluation, window: str, c
         for _ in range(cfg.frechet_resamples):
             gi, ri = rng.integers(0, len(gp), len(gp)), rng.integers(0, len(rp), len(rp))
             draws.append(frechet_distance(gp[gi], rp[ri]).distance)
-        alpha = (1.0 - cfg.level) / 2.0
-        lo, hi = np.quantile(draws, [alpha, 1.0 - alpha])
-        frechet_result = Interval(point, float(lo), float(hi), min(len(g), len(r)), cfg.level)
+        frechet_result = frechet_interval(point, np.asarray(draws), min(len(g), len(r)), cfg.level)
     else:
         notes.append(f"Frechet on {dims} components needs {need} clips per set, got {min(len(g), len(r))}")
     return DistanceResult(kid_result, frechet_result, dims, "; ".join(notes))

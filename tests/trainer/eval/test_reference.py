@@ -197,3 +197,22 @@ def test_pairing_needs_equal_lengths_past_the_first_window() -> None:
     assert pairing_mismatch(a, longer, ["last"]) == ["num_frames"]
     assert pairing_mismatch(a, {**longer, "prompts": ["q", "p"]}, ["first"]) == ["prompts"]
     assert pairing_mismatch(a, {**a, "seed": 1, "fps": 8}, ["first"]) == ["seed", "fps"]
+
+
+def test_frechet_interval_is_bias_corrected_and_holds_its_point() -> None:
+    """Resamples with repeated clips read a larger distance than the sets themselves: the plain
+    percentile interval lies above the point estimate; the reported one is shifted back and holds it."""
+    from trainer.eval.frechet import frechet_distance
+    from trainer.eval.reference import frechet_interval
+
+    rng = np.random.default_rng(5)
+    g, r = rng.normal(size=(64, 16)), rng.normal(size=(64, 16)) + 0.3
+    point = frechet_distance(g, r).distance
+    draws = np.array([frechet_distance(g[rng.integers(0, 64, 64)], r[rng.integers(0, 64, 64)]).distance
+                      for _ in range(200)])
+    assert np.quantile(draws, 0.025) > point  # the uncorrected interval misses its own point
+    iv = frechet_interval(point, draws, 64, 0.95)
+    assert iv.low < point < iv.high
+    assert iv.high - iv.low == pytest.approx(np.quantile(draws, 0.975) - np.quantile(draws, 0.025))
+    assert frechet_interval(0.1, np.array([5.0, 6.0, 7.0]), 8, 0.95).low == 0.0  # floored at 0
+    assert math.isnan(frechet_interval(1.0, np.array([np.nan]), 8, 0.95).low)
