@@ -2,9 +2,12 @@
 
     python benchmarks/profile_chunk.py                       # default preset, dtype auto, 2 threads
     python benchmarks/profile_chunk.py --dtype float32 --chunks 8 --top 25
+    python benchmarks/profile_chunk.py --streams 8                # 8 streams batched, as a loaded server runs
 
 Builds the engine as ``benchmarks/engine.py`` does (random weights: speed does not depend on them), runs
-``--warmup`` chunks so the rolling window is full, then profiles ``--chunks`` chunks of the same stream.
+``--warmup`` chunks so the rolling window is full, then profiles ``--chunks`` chunks of the same stream (with ``--streams N``, N streams started
+together, batched by the scheduler as a loaded server batches them; a "chunk" is then one chunk of
+every stream, and the per-chunk figures are for all N).
 Every operator's *self* time is put in one group (GEMMs, attention, element-wise, dtype casts and copies,
 normalisation, the paged cache's gathers and writes, convolutions, other) so the shares add up to 100 %
 of the profiled operators' time; the wall time per chunk is printed beside it (the profiler's own
@@ -64,22 +67,27 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--warmup", type=int, default=6, help="chunks before profiling (fills the rolling window)")
     p.add_argument("--chunks", type=int, default=6, help="chunks profiled")
     p.add_argument("--top", type=int, default=15, help="operators listed by self time")
+    p.add_argument("--streams", type=int, default=1, help="concurrent streams, batched by the scheduler")
     args = p.parse_args(argv)
-    if args.chunks < 1 or args.warmup < 0:
-        p.error("--chunks must be >= 1 and --warmup >= 0")
+    if args.chunks < 1 or args.warmup < 0 or args.streams < 1:
+        p.error("--chunks and --streams must be >= 1 and --warmup >= 0")
     torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
     choice = resolve_dtype(args.dtype, torch.device("cpu"))
     text = TextEncoder(preset.model.text_max_tokens, token_encoder=HashTokenEncoder(preset.model.text_dim))
     attention, _ = resolve_attention(args.attention, torch.device("cpu"))
-    engine = build(preset, text, choice.dtype, args.quantize, attention=attention)
+    engine = build(preset, text, choice.dtype, args.quantize, attention=attention,
+                   max_sessions=max(8, args.streams))
     frames_per_chunk = preset.pixel_frames(preset.sampler.chunk_frames)
     total = args.warmup + args.chunks
-    engine.add_request(GenerationRequest(PROMPTS[0], seed=0, num_frames=(total + 1) * frames_per_chunk))
+    for i in range(args.streams):
+        engine.add_request(GenerationRequest(PROMPTS[i % len(PROMPTS)], seed=i,
+                                             num_frames=(total + 2) * frames_per_chunk))
 
     def chunks(n: int) -> float:
+        """Run until every stream delivered ``n`` more chunks (one chunk = one chunk of each stream)."""
         t0, done = time.perf_counter(), 0
-        while done < n:
+        while done < n * args.streams:
             done += sum(1 for out in engine.step() if len(out.frames))
         return time.perf_counter() - t0
 
@@ -94,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:args.top]
     result: dict[str, object] = {
         "cpu": cpu_description(), "preset": args.preset, "threads": args.threads, "dtype": choice.name,
-        "dtype_reason": choice.reason, "quantize": args.quantize, "attention": attention, "chunks": args.chunks,
+        "dtype_reason": choice.reason, "quantize": args.quantize, "attention": attention, "streams": args.streams,
+        "chunks": args.chunks,
         "wall_s_per_chunk": wall / args.chunks,
         "groups_share": {g: v / total_us for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
         "top_ops": [{"op": e.key, "group": group_of(e.key), "calls_per_chunk": e.count / args.chunks,
@@ -103,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     }
     print(json.dumps(result, indent=2))
     print(f"\n{result['cpu']}; {choice.name}, attention {attention}, {args.threads} threads; "
-          f"{result['wall_s_per_chunk'] * 1e3:.1f} ms per chunk (profiled)")
+          f"{args.streams} stream(s); {result['wall_s_per_chunk'] * 1e3:.1f} ms per chunk (profiled)")
     for g, share in result["groups_share"].items():  # type: ignore[union-attr]
         print(f"  {g:<14} {100 * share:5.1f} %")
     print(f"\n{'operator':<44} {'group':<13} {'calls':>6} {'ms/chunk':>9} {'share':>7}")

@@ -33,3 +33,15 @@ def test_a_profile_of_the_test_preset_accounts_for_all_its_time(capsys: pytest.C
     assert "ms per chunk (profiled)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         profile_chunk.main(["--chunks", "0"])
+
+
+def test_streams_are_profiled_batched() -> None:
+    """Two streams started together share their forwards: a round of both streams' chunks makes as many
+    linear-layer calls as one stream's chunk (two separate streams would make twice as many)."""
+    def addmm_calls(streams: int) -> float:
+        result = profile_chunk.main(["--preset", "test", "--threads", "1", "--warmup", "1", "--chunks", "2",
+                                     "--dtype", "float32", "--top", "40", "--streams", str(streams)])
+        assert result["streams"] == streams
+        return next(r["calls_per_chunk"] for r in result["top_ops"] if r["op"] == "aten::addmm")
+
+    assert addmm_calls(2) == addmm_calls(1)
