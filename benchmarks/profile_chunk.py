@@ -5,9 +5,9 @@
     python benchmarks/profile_chunk.py --streams 8                # 8 streams batched, as a loaded server runs
 
 Builds the engine as ``benchmarks/engine.py`` does (random weights: speed does not depend on them), runs
-``--warmup`` chunks so the rolling window is full, then profiles ``--chunks`` chunks of the same stream (with ``--streams N``, N streams started
-together, batched by the scheduler as a loaded server batches them; a "chunk" is then one chunk of
-every stream, and the per-chunk figures are for all N).
+``--warmup`` chunks so the rolling window is full, then profiles ``--chunks`` chunks of the same stream
+(with ``--streams N``, N streams started together, batched by the scheduler as a loaded server batches
+them; a "chunk" is then one chunk of every stream, and the per-chunk figures are for all N).
 Every operator's *self* time is put in one group (GEMMs, attention, element-wise, dtype casts and copies,
 normalisation, the paged cache's gathers and writes, convolutions, other) so the shares add up to 100 %
 of the profiled operators' time; the wall time per chunk is printed beside it (the profiler's own
