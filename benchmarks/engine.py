@@ -54,7 +54,7 @@ from streamgen.device import DEVICE_HELP, device_info, resolve_device, synchroni
 from streamgen.engine.engine import Engine, EngineConfig
 from streamgen.engine.request import GenerationRequest
 from streamgen.model.masks import block_causal_mask
-from streamgen.model.quantize import QUANTIZE_MODES, quantize_transformer
+from streamgen.model.quantize import QUANTIZE_MODES, check_quantize, quantize_transformer
 from streamgen.model.text import HashTokenEncoder, TextEncoder
 from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.vae import CausalVideoVAE
@@ -182,6 +182,7 @@ def main() -> None:
         choice = resolve_dtype(args.dtype, device)
         attention, attention_reason = resolve_attention(args.attention, device)
         get_backend(attention)  # an unavailable backend: its own one-line reason
+        check_quantize(args.quantize, device, choice.dtype)  # e.g. INT8 of a bf16 model: say what to use
     except (ValueError, BackendUnavailableError) as exc:
         print(f"benchmarks/engine.py: error: {exc}", file=sys.stderr)
         sys.exit(2)

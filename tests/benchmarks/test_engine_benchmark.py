@@ -31,3 +31,16 @@ def test_breakdown_uses_steady_state_medians_and_the_rest_is_other() -> None:
     assert out["share"] == pytest.approx({"transformer": 0.625, "decode": 0.25, "other": 0.125})
     # Timed parts longer than the wall (clock granularity): "other" is 0, never negative.
     assert bench.chunk_breakdown({"chunk_s": [0.3], "generate_ms": [250.0], "decode_ms": [100.0]})["other_s"] == 0.0
+
+
+def test_int8_of_a_bf16_model_exits_2_naming_what_to_use() -> None:
+    """--quantize int8 quantises float32 weights: with bf16 forced the script says so in one line, before it
+    builds anything, instead of a traceback from inside the peak measurement."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--hash-text", "--dtype", "bfloat16",
+                           "--quantize", "int8"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "benchmarks/engine.py: error: --quantize int8 needs the float32 model" in proc.stderr
+    assert "use --dtype float32" in proc.stderr and "Traceback" not in proc.stderr
