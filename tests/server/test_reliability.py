@@ -294,7 +294,9 @@ def test_malformed_messages_are_invalid_argument_with_one_warning_and_no_traceba
         (Code.INVALID_ARGUMENT, "malformed GenerateRequest: Wire format was corrupt"),
         (Code.INVALID_ARGUMENT, "malformed GenerateRequest: String field had bad UTF-8"),
         (Code.INVALID_ARGUMENT, "malformed GenerateRequest: Wire format was corrupt")]
-    assert results[2][0] == ["started"]  # refused mid-stream, no StreamEnded
+    # Refused mid-stream, no StreamEnded; a fast server may have sent the first chunk before it read the
+    # corrupt second message.
+    assert results[2][0][0] == "started" and set(results[2][0][1:]) <= {"chunk"}
     paced.wait_metric("streamgen:request_outcome_total", lambda v: v == invalid + 4, timeout_s=2.0,
                       labels='reason="invalid_argument"')
     assert paced.metric("streamgen:request_outcome_total", 'reason="error"') == errors
