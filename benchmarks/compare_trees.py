@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -46,8 +47,14 @@ print(json.dumps({"chunk_s_median": statistics.median(result["chunk_s"][5:]), "t
 """
 
 
+# Kernel-ISA caps of the three CPU kernel libraries torch uses (ATen's own loops, oneDNN, MKL): set together, an
+# AVX512 machine runs the kernels an AVX2-only CPU runs (``--emulate-avx2`` of engine.py / serve_load.py).
+AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
 def cpu_description() -> str:
-    """The CPU model and its native-bf16 flags (:func:`streamgen.precision.cpu_bf16_flags`)."""
+    """The CPU model, its native-bf16 flags (:func:`streamgen.precision.cpu_bf16_flags`) and any kernel-ISA cap
+    in the environment (so an emulated AVX2 figure never reads as the machine's own)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -56,7 +63,16 @@ def cpu_description() -> str:
                  platform.processor() or "unknown CPU")
     flags = cpu_bf16_flags()
     bf16 = "bf16 flags unreadable" if flags is None else ", ".join(flags) or "no avx512_bf16/amx_bf16"
-    return f"{model} ({bf16})"
+    caps = [f"{k}={os.environ[k]}" for k in (*AVX2_CAPS, "DNNL_MAX_CPU_ISA") if os.environ.get(k)]
+    return f"{model} ({bf16})" + (f"; kernels capped: {' '.join(caps)}" if caps else "")
+
+
+def emulate_avx2(argv: list[str]) -> None:
+    """Re-run this script with :data:`AVX2_CAPS` set (they must be set before torch starts its kernels); returns
+    only when they already are."""
+    if all(os.environ.get(k) == v for k, v in AVX2_CAPS.items()):
+        return
+    os.execve(sys.executable, [sys.executable, *argv], {**os.environ, **AVX2_CAPS})
 
 
 def measure(tree: Path, threads: int, chunks: int, dtype: str = "float32") -> tuple[float, float]:

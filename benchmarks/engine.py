@@ -4,6 +4,7 @@
     python benchmarks/engine.py --quick          # fewer chunks (smoke run)
     python benchmarks/engine.py --dtype float32  # force a dtype (auto: bf16 only with native CPU bf16)
     python benchmarks/engine.py --device cuda --preset wan-1.3b --hash-text --quick  # on a GPU (bf16)
+    python benchmarks/engine.py --quick --emulate-avx2   # an AVX2-only CPU's kernels (float32) on this machine
 
 Everything is measured side by side in one run (these machines are noisy), and printed
 as one JSON document followed by a short table:
@@ -34,6 +35,13 @@ as one JSON document followed by a short table:
   stream batched from the start, side by side.
 * ``other_dtype``: the same single stream for a few chunks in the other dtype (and its peak),
   so the dtype choice is visible side by side.
+* ``linear_aten``: with the prepacked oneDNN linears (``--linear auto`` on a CPU), 6 chunks of the same
+  stream with ``F.linear`` and 6 with the prepacked ones, one after the other.
+
+``--emulate-avx2`` re-runs the script with ATen, oneDNN and MKL capped at AVX2 (``ATEN_CPU_CAPABILITY``,
+``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INSTRUCTIONS``) and ``--dtype auto`` meaning float32, as on an AVX2-only CPU:
+the same kernels on this machine's cores, caches and memory (not the same machine; ``cpu`` in the JSON says
+the caps were on). The peaks are measured under the same caps.
 """
 
 from __future__ import annotations
@@ -53,13 +61,18 @@ from streamgen.config import ATTENTION_CHOICES, CacheConfig, Preset, get_preset
 from streamgen.device import DEVICE_HELP, device_info, resolve_device, synchronize
 from streamgen.engine.engine import Engine, EngineConfig
 from streamgen.engine.request import GenerationRequest
+from streamgen.model.compile import prepare_for_inference
 from streamgen.model.masks import block_causal_mask
-from streamgen.model.quantize import QUANTIZE_MODES, check_quantize, quantize_transformer
+from streamgen.model.prepack import LINEAR_KERNELS, resolve_linear
+from streamgen.model.quantize import QUANTIZE_MODES, check_quantize
 from streamgen.model.text import HashTokenEncoder, TextEncoder
 from streamgen.model.transformer import CausalWanTransformer
 from streamgen.model.vae import CausalVideoVAE
-from streamgen.perf import matmul_peak_flops, realtime_factor, transformer_forward_flops, utilisation
-from streamgen.precision import DTYPE_NAMES, resolve_dtype
+from streamgen.perf import best_matmul_peak_flops, realtime_factor, transformer_forward_flops, utilisation
+from streamgen.precision import DTYPE_NAMES, DtypeChoice, resolve_dtype
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from compare_trees import cpu_description, emulate_avx2  # noqa: E402  (a sibling script)
 
 PROMPTS = ["a glossy red bottle turning slowly on a white table", "a matte blue mug on a wooden table",
            "a green can on a kitchen counter, camera zooming in", "a white box in a dark studio"]
@@ -67,7 +80,9 @@ PROMPTS = ["a glossy red bottle turning slowly on a white table", "a matte blue 
 
 def build(preset: Preset, text: TextEncoder, dtype: torch.dtype, quantize: str = "none",
           device: torch.device | None = None, kv_memory_bytes: int = 256 * 2**20, attention: str = "sdpa",
-          **engine_kw: Any) -> Engine:
+          linear: str = "aten", **engine_kw: Any) -> Engine:
+    """An engine over random weights, prepared as ``streamgen serve`` prepares its model (``linear``: the
+    resolved kernel, onednn or aten)."""
     device = device or torch.device("cpu")
     torch.manual_seed(0)
     # Built and drawn on the device: random weights only set the speed, and initialising wan-1.3b's 1.4B
@@ -77,10 +92,15 @@ def build(preset: Preset, text: TextEncoder, dtype: torch.dtype, quantize: str =
         with torch.no_grad():  # random weights with a non-zero head, so the math is not degenerate
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
-    model = quantize_transformer(model.to(dtype), quantize)
+    model = prepare_model(model.to(dtype).eval(), preset, quantize, linear)
     return Engine(preset, model, CausalVideoVAE(preset.vae), text,
                   EngineConfig(kv_memory_bytes=kv_memory_bytes, max_frames=None, **engine_kw), dtype=dtype,
                   device=device)
+
+
+def prepare_model(model: CausalWanTransformer, preset: Preset, quantize: str, linear: str) -> CausalWanTransformer:
+    return prepare_for_inference(model, quantize=quantize, linear=linear,  # type: ignore[return-value]
+                                 rows_hint=preset.sampler.chunk_frames * preset.tokens_per_frame)
 
 
 def run_streams(engine: Engine, num_streams: int, num_chunks: int) -> dict[str, Any]:
@@ -174,15 +194,28 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
                         help="attention backend, as `streamgen serve --attention` (auto: gemm on a CPU); "
                              "the JSON counts which paged path its calls took")
+    parser.add_argument("--linear", default="auto", choices=LINEAR_KERNELS,
+                        help="linear-layer kernel, as `streamgen serve --linear` (auto: onednn on a CPU); with onednn "
+                             "the JSON also has the same stream with aten linears, side by side")
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="ATen/oneDNN/MKL kernels capped at AVX2 and auto = float32: an AVX2-only CPU's kernels")
     parser.add_argument("--kv-memory-mb", type=float, default=256,
                         help="KV pool per engine (wan-1.3b in bf16: ~288 MiB a latent frame)")
     args = parser.parse_args()
+    if args.emulate_avx2:
+        emulate_avx2(sys.argv)  # re-executes with the caps set, unless they are
     try:  # before anything loads: a bad --device is one line and exit 2
         device = resolve_device(args.device)
-        choice = resolve_dtype(args.dtype, device)
+        if args.emulate_avx2 and device.type != "cpu":
+            raise ValueError("--emulate-avx2 is a CPU emulation; drop it for --device cuda")
+        if args.emulate_avx2 and args.dtype == "auto":
+            choice = DtypeChoice(torch.float32, "auto under --emulate-avx2: an AVX2-only CPU has no native bf16")
+        else:
+            choice = resolve_dtype(args.dtype, device)
         attention, attention_reason = resolve_attention(args.attention, device)
         get_backend(attention)  # an unavailable backend: its own one-line reason
         check_quantize(args.quantize, device, choice.dtype)  # e.g. INT8 of a bf16 model: say what to use
+        linear = resolve_linear(args.linear, device, dtype=choice.dtype, quantize=args.quantize)
     except (ValueError, BackendUnavailableError) as exc:
         print(f"benchmarks/engine.py: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -190,10 +223,10 @@ def main() -> None:
     preset = get_preset(args.preset)
     dtype = choice.dtype
     print(f"device: {device_info(device).describe()}; dtype: {choice.name} ({choice.reason}); "
-          f"attention: {attention} ({attention_reason})", file=sys.stderr)
+          f"attention: {attention} ({attention_reason}); linear: {linear.kernel} ({linear.reason})", file=sys.stderr)
     other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
     engine_kw: dict[str, Any] = {"device": device, "kv_memory_bytes": int(args.kv_memory_mb * 2**20),
-                                 "attention": attention}
+                                 "attention": attention, "linear": linear.kernel}
     hashed = HashTokenEncoder(preset.model.text_dim) if args.hash_text else None
     text = TextEncoder(preset.model.text_max_tokens, token_encoder=hashed)
     if not args.hash_text:
@@ -204,8 +237,8 @@ def main() -> None:
     tokens = preset.tokens_per_frame
     window_frames = preset.cache.window_frames or 12
 
-    peak = matmul_peak_flops(dtype, quantize=args.quantize, device=device)
-    other_peak = matmul_peak_flops(other, device=device)
+    peak = best_matmul_peak_flops(dtype, device, args.quantize)
+    other_peak = best_matmul_peak_flops(other, device)
     # A lower bound on the transformer work per pixel frame (4 denoising forwards + 1 cache write, each
     # attending at least to the chunk itself): the real-time factor's guard against impossible timings.
     chunk_flops = 5 * transformer_forward_flops(preset.model, tokens, chunk, chunk).total
@@ -227,10 +260,19 @@ def main() -> None:
     breakdown = chunk_breakdown(single)
 
     # 1b. The same stream for a few chunks in the other dtype, side by side.
-    other_run = run_streams(build(preset, text, other, **engine_kw), 1, 6)
+    # Its linears as auto picks them for that dtype (oneDNN packs bf16 only on AVX512/AVX-NE-CONVERT CPUs).
+    other_linear = resolve_linear("aten" if args.linear == "aten" else "auto", device, dtype=other)
+    other_run = run_streams(build(preset, text, other, **{**engine_kw, "linear": other_linear.kernel}), 1, 6)
     # Measured again: load drifts on a shared machine.
-    other_peak = max(other_peak, matmul_peak_flops(other, device=device))
+    other_peak = max(other_peak, best_matmul_peak_flops(other, device))
     other_rtf = realtime_factor(other_run["frames"], other_run["wall_s"], fps, flops_per_frame, other_peak)
+    # 1c. With prepacked linears: the same stream with F.linear, a few chunks in the same dtype, side by side.
+    aten_rtf = onednn_rtf6 = None
+    if linear.kernel == "onednn":
+        aten_run = run_streams(build(preset, text, dtype, args.quantize, **{**engine_kw, "linear": "aten"}), 1, 6)
+        quick_run = run_streams(build(preset, text, dtype, args.quantize, **engine_kw), 1, 6)
+        aten_rtf = realtime_factor(aten_run["frames"], aten_run["wall_s"], fps, flops_per_frame, peak)
+        onednn_rtf6 = realtime_factor(quick_run["frames"], quick_run["wall_s"], fps, flops_per_frame, peak)
 
     # 2. Four streams batched vs one stream, same length, same engine settings.
     n_batch_chunks = 8 if args.quick else 20
@@ -248,7 +290,7 @@ def main() -> None:
     torch.manual_seed(0)
     with device:
         model = CausalWanTransformer(preset.model, attention)
-    model = quantize_transformer(model.to(dtype).eval(), args.quantize)
+    model = prepare_model(model.to(dtype).eval(), preset, args.quantize, linear.kernel)
     repeats = 3 if args.quick else 7
     # No cache: every denoising forward runs over context + chunk under the block-causal mask.
     mask = block_causal_mask(window, tokens, [window - chunk, chunk])
@@ -262,7 +304,7 @@ def main() -> None:
 
     # 4. MFU of the transformer forward: 12 frames under full attention, and one 3-frame chunk.
     # Again, just before the timed forwards.
-    peak = max(peak, matmul_peak_flops(dtype, quantize=args.quantize, device=device))
+    peak = max(peak, best_matmul_peak_flops(dtype, device, args.quantize))
     fwd = time_forward(model, preset, window_frames, repeats)
     flops = transformer_forward_flops(preset.model, tokens, window_frames, window_frames).total
     mfu = utilisation(flops, fwd, peak)
@@ -273,14 +315,18 @@ def main() -> None:
     rtf_target = 5.0 if device.type == "cpu" and dtype == torch.bfloat16 else 3.0
     result = {
         "preset": preset.name, "device": device_info(device).describe(), "threads": args.threads, "dtype": name,
+        "cpu": cpu_description() if device.type == "cpu" else None,
         "dtype_reason": choice.reason,
         "quantize": args.quantize, "attention": attention, "attention_reason": attention_reason,
+        "linear": linear.kernel, "linear_reason": linear.reason,
+        "linear_aten": None if aten_rtf is None else {"rtf_6_chunks": aten_rtf, "onednn_rtf_6_chunks": onednn_rtf6},
         "paged_attention_calls": paged_calls,
         "matmul_peak_gflops": peak / 1e9,
         "rtf": rtf, "rtf_target": rtf_target, "generated_fps": rtf * fps, "ttff_s": single["ttff_s"],
         "chunk10_s": win10, "chunk200_s": win200, "chunk_index_late": late, "chunk_breakdown": breakdown,
         "latency_ratio_200_10": win200 / win10,
         "other_dtype": {"dtype": str(other).removeprefix("torch."), "matmul_peak_gflops": other_peak / 1e9,
+                        "linear": other_linear.kernel,
                         "rtf_6_chunks": other_rtf},
         "batch1_fps": one["frames"] / one["wall_s"], "batch4_fps": four["frames"] / four["wall_s"],
         "batch4_over_1": batch_ratio, "join_ttff_s": join,
@@ -293,6 +339,8 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     rows = [(f"real-time factor (1 stream, {name})", f"{rtf:.2f}", f">= {rtf_target:.1f}"),
             (f"  same, {result['other_dtype']['dtype']} (6 chunks)", f"{other_rtf:.2f}", ""),
+            *([(f"  6 chunks, {name}: onednn / aten linears", f"{onednn_rtf6:.2f} / {aten_rtf:.2f}", "")]
+              if aten_rtf is not None else []),
             ("time to first frame", f"{single['ttff_s']:.3f} s", "<= 0.3 s"),
             ("chunk: transformer / decode / other", "/".join(f"{100 * breakdown['share'][k]:.0f}" for k in
                                                              ("transformer", "decode", "other")) + " %", ""),

@@ -33,6 +33,7 @@ from engine import PROMPTS, build  # noqa: E402
 from streamgen.attention import resolve_attention  # noqa: E402
 from streamgen.config import ATTENTION_CHOICES, get_preset  # noqa: E402
 from streamgen.engine.request import GenerationRequest  # noqa: E402
+from streamgen.model.prepack import LINEAR_KERNELS, resolve_linear  # noqa: E402
 from streamgen.model.quantize import QUANTIZE_MODES  # noqa: E402
 from streamgen.model.text import HashTokenEncoder, TextEncoder  # noqa: E402
 from streamgen.precision import DTYPE_NAMES, resolve_dtype  # noqa: E402
@@ -40,7 +41,7 @@ from streamgen.precision import DTYPE_NAMES, resolve_dtype  # noqa: E402
 # Operator name -> group; the first pattern contained in the name wins, so the specific ones come first.
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax", "bmm")),
-    ("gemm", ("addmm", "aten::mm", "matmul", "linear", "quantized::linear")),
+    ("gemm", ("addmm", "aten::mm", "matmul", "linear", "quantized::linear")),  # mkldnn::_linear_pointwise too
     ("convolution", ("conv", "mkldnn_convolution")),
     ("normalisation", ("layer_norm", "rms_norm", "group_norm", "native_layer_norm", "norm")),
     ("cache", ("index_select", "index_copy", "index_put", "gather", "scatter", "aten::cat", "aten::stack")),
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--chunks", type=int, default=6, help="chunks profiled")
     p.add_argument("--top", type=int, default=15, help="operators listed by self time")
     p.add_argument("--streams", type=int, default=1, help="concurrent streams, batched by the scheduler")
+    p.add_argument("--linear", choices=LINEAR_KERNELS, default="auto", help="as `streamgen serve --linear`")
     args = p.parse_args(argv)
     if args.chunks < 1 or args.warmup < 0 or args.streams < 1:
         p.error("--chunks and --streams must be >= 1 and --warmup >= 0")
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     choice = resolve_dtype(args.dtype, torch.device("cpu"))
     text = TextEncoder(preset.model.text_max_tokens, token_encoder=HashTokenEncoder(preset.model.text_dim))
     attention, _ = resolve_attention(args.attention, torch.device("cpu"))
-    engine = build(preset, text, choice.dtype, args.quantize, attention=attention,
+    linear = resolve_linear(args.linear, torch.device("cpu"), dtype=choice.dtype, quantize=args.quantize).kernel
+    engine = build(preset, text, choice.dtype, args.quantize, attention=attention, linear=linear,
                    max_sessions=max(8, args.streams))
     frames_per_chunk = preset.pixel_frames(preset.sampler.chunk_frames)
     total = args.warmup + args.chunks
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:args.top]
     result: dict[str, object] = {
         "cpu": cpu_description(), "preset": args.preset, "threads": args.threads, "dtype": choice.name,
-        "dtype_reason": choice.reason, "quantize": args.quantize, "attention": attention, "streams": args.streams,
+        "dtype_reason": choice.reason, "quantize": args.quantize, "attention": attention, "linear": linear,
+        "streams": args.streams,
         "chunks": args.chunks,
         "wall_s_per_chunk": wall / args.chunks,
         "groups_share": {g: v / total_us for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},

@@ -57,6 +57,9 @@ from streamgen.config import ATTENTION_CHOICES
 from streamgen.device import DEVICE_HELP, resolve_device
 from streamgen.server.health import check
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare_trees import AVX2_CAPS, cpu_description  # noqa: E402  (a sibling script)
+
 RSS_GROWTH_BOUND_MIB = 100.0
 FAIR_SPREAD = 0.10  # issue 17: with more streams than the machine serves in real time, each within 10 % of the others
 PROMPTS = ["a glossy red bottle turning slowly on a white table", "a matte blue mug on a wooden table",
@@ -135,12 +138,13 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
            "--text-encoder", args.text_encoder, "--port", "0", "--metrics-port", "-1",
            "--max-sessions", str(args.clients), "--kv-memory-mb", str(args.kv_memory_mb),
            "--drain-timeout-s", "5", "--dtype", args.dtype, "--device", args.device,
-           "--attention", args.attention]
+           "--attention", args.attention, "--linear", args.linear]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if not args.pace:
         cmd.append("--no-pace")
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    env = {**os.environ, **AVX2_CAPS} if args.emulate_avx2 else None
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     found: dict[str, Any] = {}
 
     def read_log() -> None:  # keeps draining stderr for the whole run, so the server never blocks on it
@@ -194,6 +198,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=0, help="server torch threads (0 = default)")
     parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
                         help="server attention backend, as `streamgen serve --attention` (default: auto)")
+    parser.add_argument("--linear", default="auto", choices=["auto", "onednn", "aten"],
+                        help="server linear-layer kernel, as `streamgen serve --linear` (default: auto)")
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="start the server with ATen/oneDNN/MKL capped at AVX2 and --dtype auto meaning float32: "
+                             "an AVX2-only CPU's kernels on this machine (as benchmarks/engine.py --emulate-avx2)")
     parser.add_argument("--device", default="auto", help="server device when the script starts it: " + DEVICE_HELP)
     parser.add_argument("--kv-memory-mb", type=float, default=256)
     parser.add_argument("--warmup-s", type=float, default=3.0, help="warm-up load before measuring (default: 3)")
@@ -202,6 +211,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.clients < 1 or not 0 < args.duration_s <= 600:
         parser.error("--clients must be >= 1 and --duration-s in (0, 600]")
+    if args.emulate_avx2 and args.server is not None:
+        parser.error("--emulate-avx2 applies to the server this script starts; drop --server/--target")
+    if args.emulate_avx2 and args.dtype == "auto":
+        args.dtype = "float32"  # what auto picks on an AVX2-only CPU
 
     proc = None
     address = args.server
@@ -239,7 +252,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "clients": args.clients, "duration_s": args.duration_s, "preset": info.preset, "model_id": info.model_id,
         "encoding": args.encoding,
-        "paced": args.pace, "dtype": args.dtype, "attention": args.attention, "cpu_count": os.cpu_count(),
+        "paced": args.pace, "dtype": args.dtype, "attention": args.attention, "linear": args.linear,
+        "cpu_count": os.cpu_count(),
+        "cpu": None if args.server is not None else (
+            cpu_description() + (" (server: " + " ".join(f"{k}={v}" for k, v in AVX2_CAPS.items()) + ")"
+                                 if args.emulate_avx2 else "")),
         "wall_s": round(wall_s, 2),
         "fps": {"min": round(min(fps), 2), "p50": round(statistics.median(fps), 2), "max": round(max(fps), 2),
                 "per_stream": [round(f, 2) for f in fps]},

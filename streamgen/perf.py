@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from streamgen.config import ModelConfig
 
@@ -59,7 +59,7 @@ def transformer_forward_flops(model: ModelConfig, tokens_per_frame: int, query_f
 
 
 def matmul_peak_flops(dtype: torch.dtype, size: int | None = None, seconds: float = 1.0, quantize: str = "none",
-                      windows: int = 3, device: torch.device | str = "cpu") -> float:
+                      windows: int = 3, device: torch.device | str = "cpu", linear: str = "aten") -> float:
     """Sustained FLOP/s of the model's GEMM (``F.linear`` with a bias) in ``dtype`` on ``device``: MFU's denominator.
 
     ``F.linear``, not ``a @ b``: on a CPU without native bf16 the two take different kernels (measured
@@ -68,7 +68,9 @@ def matmul_peak_flops(dtype: torch.dtype, size: int | None = None, seconds: floa
     ``windows`` timing windows is kept, so a burst of load from other processes lowers the peak less
     (a peak measured too low makes a true figure look impossible). At least two GEMMs per window even
     where the dtype is emulated. ``size`` defaults to 512 on a CPU and 4096 on CUDA (a small GEMM
-    leaves a GPU idle between launches); on CUDA each window ends with a synchronize.
+    leaves a GPU idle between launches); on CUDA each window ends with a synchronize. ``linear="onednn"``
+    times the prepacked oneDNN linear (:mod:`streamgen.model.prepack`) instead of ``F.linear``: on some
+    CPUs it is the faster kernel, and a peak must be the fastest GEMM the model could run.
     """
     import torch
 
@@ -80,26 +82,45 @@ def matmul_peak_flops(dtype: torch.dtype, size: int | None = None, seconds: floa
             torch.cuda.synchronize(device)
 
     a = torch.randn(size, size, device=device).to(dtype)
-    linear = torch.nn.Linear(size, size, device=device).to(dtype)
+    layer: Any = torch.nn.Linear(size, size, device=device).to(dtype)
     if quantize != "none":
         from streamgen.model.quantize import quantize_transformer
 
         holder = torch.nn.Module()
-        holder.blocks = torch.nn.Sequential(linear)
-        linear = quantize_transformer(holder, quantize).blocks
+        holder.blocks = torch.nn.Sequential(layer)
+        layer = quantize_transformer(holder, quantize).blocks
+    elif linear == "onednn":
+        from streamgen.model.prepack import PrepackedLinear
+
+        layer = PrepackedLinear(layer.requires_grad_(False), size)
+    elif linear != "aten":
+        raise ValueError(f"linear must be aten or onednn, got {linear!r}")
     best = 0.0
     with torch.no_grad():
-        linear(a)  # warm-up: dispatch, packing, thread pool start (on CUDA: the cuBLAS handle)
+        layer(a)  # warm-up: dispatch, packing, thread pool start (on CUDA: the cuBLAS handle)
         sync()
         for _ in range(windows):
             n, t0 = 0, time.perf_counter()
             while n < 2 or time.perf_counter() - t0 < seconds / windows:
-                linear(a)
+                layer(a)
                 n += 1
                 if device.type == "cuda" and n % 8 == 0:
                     sync()  # queued kernels are not done work: check the clock against finished GEMMs
             sync()
             best = max(best, n * 2 * size**3 / (time.perf_counter() - t0))
+    return best
+
+
+def best_matmul_peak_flops(dtype: torch.dtype, device: torch.device | str = "cpu", quantize: str = "none") -> float:
+    """The fastest GEMM ``device`` runs in ``dtype`` (INT8: the quantised linear): ``F.linear`` and, on a CPU where
+    it runs, the prepacked oneDNN linear, whichever is faster -- MFU's denominator never rests on a slow kernel."""
+    import torch
+
+    from streamgen.model.prepack import onednn_unavailable
+
+    best = matmul_peak_flops(dtype, quantize=quantize, device=device)
+    if quantize == "none" and torch.device(device).type == "cpu" and onednn_unavailable(dtype) is None:
+        best = max(best, matmul_peak_flops(dtype, device=device, linear="onednn"))
     return best
 
 

@@ -107,7 +107,7 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], *, device: torch.device | str = "cpu",
                         dtype: torch.dtype | str = torch.float32, attention: str = "auto",
-                        text_dtype: torch.dtype | str | None = None) -> Pipeline:
+                        text_dtype: torch.dtype | str | None = None, linear: str = "auto") -> Pipeline:
         """Load a streamgen model directory (``model.json``; see :mod:`streamgen.model_dir`).
 
         Args:
@@ -118,14 +118,22 @@ class Pipeline:
             attention: attention backend (``streamgen.config.ATTENTION_CHOICES``); ``auto`` picks one for
                 ``device`` (``streamgen.attention.resolve_attention``).
             text_dtype: precision of a UMT5 prompt encoder (default float32).
+            linear: the transformer's linear-layer kernel, as ``streamgen generate --linear``: ``auto`` (oneDNN
+                prepacked weights on a CPU where they run, else ``F.linear``), ``onednn`` or ``aten``
+                (:mod:`streamgen.model.prepack`); the same choice as the CLI gives the same frames.
         """
         from streamgen.attention import resolve_attention
+        from streamgen.model.compile import prepare_for_inference
+        from streamgen.model.prepack import resolve_linear
         from streamgen.model_dir import load_model_dir
 
         attention, _ = resolve_attention(attention, device)
         parts = load_model_dir(path, device=device, dtype=_dtype(dtype), attention=attention,
                                text_dtype=None if text_dtype is None else _dtype(text_dtype))
-        return cls(parts.preset, parts.transformer, parts.vae, parts.text, dtype=dtype, device=device,
+        kernel = resolve_linear(linear, device, dtype=_dtype(dtype)).kernel
+        rows = parts.preset.sampler.chunk_frames * parts.preset.tokens_per_frame
+        transformer = prepare_for_inference(parts.transformer.eval(), linear=kernel, rows_hint=rows)
+        return cls(parts.preset, transformer, parts.vae, parts.text, dtype=dtype, device=device,
                    description=parts.description)
 
     # ------------------------------------------------------------------ offline

@@ -26,6 +26,15 @@ def test_generate_writes_requested_frames(tmp_path: Path, capsys: pytest.Capture
     captured = capsys.readouterr()
     assert '"frames": 14' in captured.out
     assert "attention: gemm (auto: CPU" in captured.err  # the choice and why, as for the dtype
+    assert "linear: onednn (auto: CPU" in captured.err
+
+
+def test_prepacked_linears_with_int8_exit_2_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["generate", "--preset", "test", "--random-init", "--prompt", "a can", "--num-frames", "4",
+                 "--out", str(tmp_path / "o.mp4"), "--dtype", "float32", "--quantize", "int8", "--linear", "onednn"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--linear onednn cannot run here: --quantize int8" in err and "use --linear aten" in err
 
 
 @pytest.mark.parametrize(

@@ -67,3 +67,23 @@ def test_realtime_factor_is_guarded_by_the_peak() -> None:
 def test_peak_is_measured_in_the_requested_dtype() -> None:
     assert matmul_peak_flops(torch.float32, size=64, seconds=0.01) > 0
     assert matmul_peak_flops(torch.float32, size=64, seconds=0.01, quantize="int8") > 0
+
+
+def test_the_best_peak_is_the_faster_of_both_linear_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MFU's denominator is the fastest GEMM of the dtype: with prepacked linears faster than F.linear, a peak
+    measured on F.linear alone would let a true figure read as over 100 %."""
+    import streamgen.perf as perf
+    from streamgen.model.prepack import onednn_unavailable
+
+    if onednn_unavailable() is not None:
+        pytest.skip(f"needs oneDNN: {onednn_unavailable()}")
+    assert matmul_peak_flops(torch.float32, size=64, seconds=0.01, linear="onednn") > 0
+    with pytest.raises(ValueError, match="aten or onednn"):
+        matmul_peak_flops(torch.float32, size=64, seconds=0.01, linear="mkl")
+    fake = {"aten": 100e9, "onednn": 250e9}
+    monkeypatch.setattr(perf, "matmul_peak_flops", lambda dtype, quantize="none", device="cpu", linear="aten":
+                        fake[linear] if quantize == "none" else 50e9)
+    assert perf.best_matmul_peak_flops(torch.float32) == 250e9
+    assert perf.best_matmul_peak_flops(torch.float32, quantize="int8") == 50e9  # INT8 runs its own linear
+    fake["aten"] = 300e9
+    assert perf.best_matmul_peak_flops(torch.float32) == 300e9

@@ -43,6 +43,7 @@ class ModelSource:
     model_dir: Path | None = None  # a streamgen model directory: replaces preset, checkpoints and encoder
     quantize: str = "none"  # streamgen.model.quantize.QUANTIZE_MODES
     compile: bool = False  # torch.compile the transformer blocks
+    linear: str = "auto"  # streamgen.model.prepack.LINEAR_KERNELS: auto | onednn | aten
     device: str = "auto"  # streamgen.device: auto | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
@@ -60,6 +61,8 @@ class ModelSource:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
         if self.quantize not in ("none", "int8"):
             raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
+        if self.linear not in ("auto", "onednn", "aten"):
+            raise ValueError(f"linear must be auto, onednn or aten, got {self.linear!r}")
         if self.text_encoder not in (None, "minilm", "hash"):
             raise ValueError(f"text encoder must be minilm or hash, got {self.text_encoder!r}")
 
@@ -124,7 +127,7 @@ def load_model(source: ModelSource, report: Report | None = None, *, init_seed: 
         weights += " text=hash (not a language model)"
     text = TextEncoder(preset.model.text_max_tokens, token_encoder=token_encoder, device=device)
     text.encode(["warm-up"])  # load MiniLM now, not on the first client's clock
-    model = _prepare(model.eval().to(device=device, dtype=choice.dtype), source, report)
+    model = _prepare(model.eval().to(device=device, dtype=choice.dtype), source, report, preset)
     return LoadedModel(preset, model, vae.to(device), text, choice.dtype, device, weights)
 
 
@@ -158,14 +161,21 @@ def _load_model_dir(source: ModelSource, device: Any, choice: Any, report: Repor
                            text_dtype=choice.dtype)
     weights = parts.description + (" text=hash (not a language model)" if token_encoder is not None else "")
     parts.text.encode(["warm-up"])  # load the prompt encoder now, not on the first client's clock
-    model = _prepare(parts.transformer.eval().to(device=device, dtype=choice.dtype), source, report)
+    model = _prepare(parts.transformer.eval().to(device=device, dtype=choice.dtype), source, report, parts.preset)
     return LoadedModel(parts.preset, model, parts.vae, parts.text, choice.dtype, device, weights)
 
 
-def _prepare(model: Any, source: ModelSource, report: Report) -> Any:
-    """INT8 and compilation as asked (after the dtype cast); a combination that cannot run is a ValueError."""
+def _prepare(model: Any, source: ModelSource, report: Report, preset: Any) -> Any:
+    """INT8, prepacked linears and compilation as asked (after the dtype cast); a combination that cannot run
+    is a ValueError."""
     from streamgen.model.compile import prepare_for_inference
+    from streamgen.model.prepack import resolve_linear
 
+    param = next(model.parameters())
+    linear = resolve_linear(source.linear, param.device, dtype=param.dtype, quantize=source.quantize,
+                            compile=source.compile)
+    report("linear", kernel=linear.kernel, reason=linear.reason)
     if source.quantize != "none" or source.compile:
         report("speedups", quantize=source.quantize, compile=source.compile)
-    return prepare_for_inference(model, quantize=source.quantize, compile=source.compile)
+    return prepare_for_inference(model, quantize=source.quantize, compile=source.compile, linear=linear.kernel,
+                                 rows_hint=preset.sampler.chunk_frames * preset.tokens_per_frame)

@@ -72,12 +72,25 @@ def compile_options(device: torch.device) -> dict[str, object]:
     return {"dynamic": True}
 
 
-def prepare_for_inference(model: nn.Module, *, quantize: str = "none", compile: bool = False) -> nn.Module:
-    """The serving speed-ups a user asked for, in their only valid order: INT8 first, then compile.
+def prepare_for_inference(model: nn.Module, *, quantize: str = "none", compile: bool = False, linear: str = "aten",
+                          rows_hint: int | None = None) -> nn.Module:
+    """The serving speed-ups a user asked for, in their only valid order: INT8 or prepacked linears, then compile.
 
     ``model`` must already be in its serving dtype and device (INT8 needs float32 on a CPU and says so).
+    ``linear``: the *resolved* kernel (:func:`streamgen.model.prepack.resolve_linear`), ``"onednn"`` or
+    ``"aten"``; ``"onednn"`` needs ``rows_hint``, the chunk's token count.
     """
+    from streamgen.model.prepack import prepack_linears, resolve_linear
     from streamgen.model.quantize import quantize_transformer
 
+    if linear not in ("onednn", "aten"):
+        raise ValueError(f"prepare_for_inference takes a resolved linear kernel (onednn or aten), got {linear!r}")
+    if linear == "onednn":  # the same checks as resolving it: a combination that cannot run is a ValueError
+        param = next(model.parameters())
+        resolve_linear("onednn", param.device, dtype=param.dtype, quantize=quantize, compile=compile)
+        if rows_hint is None:
+            raise ValueError("linear=onednn needs rows_hint (the chunk's token count)")
     model = quantize_transformer(model, quantize)
+    if linear == "onednn":
+        prepack_linears(model, rows_hint)  # type: ignore[arg-type]
     return compile_blocks(model) if compile else model

@@ -44,3 +44,33 @@ def test_int8_of_a_bf16_model_exits_2_naming_what_to_use() -> None:
     assert proc.returncode == 2
     assert "benchmarks/engine.py: error: --quantize int8 needs the float32 model" in proc.stderr
     assert "use --dtype float32" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_prepacked_linears_with_int8_exit_2_naming_what_to_use() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--hash-text", "--dtype", "float32",
+                           "--quantize", "int8", "--linear", "onednn"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--linear onednn cannot run here: --quantize int8 replaces the linear layers" in proc.stderr
+    assert "use --linear aten" in proc.stderr
+
+
+def test_avx2_emulation_is_named_in_every_cpu_description(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--emulate-avx2 figures must never read as the machine's own: the caps show in the CPU description, and
+    with them already set the re-exec is a no-op."""
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import compare_trees
+
+    for key in (*compare_trees.AVX2_CAPS, "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(key, raising=False)
+    assert "kernels capped" not in compare_trees.cpu_description()
+    for key, value in compare_trees.AVX2_CAPS.items():
+        monkeypatch.setenv(key, value)
+    described = compare_trees.cpu_description()
+    assert described.endswith("kernels capped: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 "
+                              "MKL_ENABLE_INSTRUCTIONS=AVX2")
+    compare_trees.emulate_avx2(["never-run.py"])  # caps set: returns instead of re-executing
