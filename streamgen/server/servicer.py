@@ -215,6 +215,10 @@ class StreamGenServicer(pb_grpc.StreamGenServicer):
                                    default_keyframe_interval_s=self.config.keyframe_interval_s,
                                    default_jpeg_quality=self.config.jpeg_quality)
         call.encoding = plan.encoding.value
+        try:  # all but the start image, before a place is taken: a bad request is INVALID_ARGUMENT on a full server too
+            self.engine.engine.validate(plan.request)
+        except ValueError as exc:
+            raise convert.invalid(str(exc)) from None
         self._reserve(call)
         video = self.preset.video
         if plan.image_bytes:
