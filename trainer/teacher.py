@@ -115,11 +115,16 @@ class TeacherDataConfig:
 class FlowConfig:
     timestep_sampling: str = "shifted"  # shifted: u ~ U(0, 1) warped by `shift`; logit_normal: sigmoid(N(0, 1))
     shift: float = 5.0
+    # Weight of a second MSE on the frame-to-frame differences of the velocity error (0: off). An error that is
+    # the same in every frame (a static picture where the clip moves is not) costs nothing there, so it weighs
+    # what changes between frames: camera moves and turning, which the plain loss lets the teacher ignore.
+    temporal_weight: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.timestep_sampling in TIMESTEP_SAMPLING,
               f"flow.timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {self.timestep_sampling!r}")
         check(self.shift > 0, f"flow.shift must be > 0, got {self.shift}")
+        check(self.temporal_weight >= 0, f"flow.temporal_weight must be >= 0, got {self.temporal_weight}")
 
 
 @dataclass(frozen=True)
@@ -253,6 +258,16 @@ class Batcher:
         return add_noise(x0, noise, t), t, torch.stack(embs), velocity_target(x0, noise)
 
 
+def flow_loss(v: torch.Tensor, target: torch.Tensor, temporal_weight: float = 0.0) -> torch.Tensor:
+    """Velocity MSE, plus ``temporal_weight`` x the MSE of the error's frame-to-frame differences (``[B, C, F, h, w]``;
+    a single frame has no differences and gets the plain loss)."""
+    loss = F.mse_loss(v, target)
+    if temporal_weight > 0 and v.shape[2] > 1:
+        error = v - target
+        loss = loss + temporal_weight * error.diff(dim=2).square().mean()
+    return loss
+
+
 def partial_caption_embeddings(data: latent_data.LatentDataset, max_tokens: int,
                                token_encoder: Any = None) -> torch.Tensor:
     """``[N, 2, L, D]``: every clip's caption with its colour left out and with its kind left out, embedded by
@@ -307,7 +322,7 @@ def train(cfg: TeacherTrainConfig, resume: bool = False, export: bool = True) ->
         x_t, t, emb, target = (x.to(rt.device, non_blocking=True) for x in batch)
         with autocast:
             v = wrapped(x_t, t, emb)
-        loss = F.mse_loss(v.float(), target)
+        loss = flow_loss(v.float(), target, cfg.flow.temporal_weight)
         if rt.is_main and cfg.sample.every is not None and step > 0 and step % cfg.sample.every == 0:
             write_samples(ema.eval(), cfg, cfg.run.run_dir / f"samples_{step:06d}.png")
         return loss, {}

@@ -9,6 +9,10 @@ Loss per clip (all in pixel space [-1, 1] unless noted):
   head), so this pulls every channel to unit scale without fixing its content;
 * the decoder sees ``z + latent_noise * e``: it learns to decode slightly-off latents, which is
   what a diffusion sampler hands it.
+* ``temporal * |diff_t x - diff_t x'|`` (0 = off): L1 between frame-to-frame differences, so the motion
+  between consecutive frames is reconstructed, not only each frame: without it the decoder learnt to hold
+  two of every four frames nearly still and jump on the fourth (a small per-frame error, visible judder;
+  docs/quality.md).
 * ``object_weight`` (0 = off): the L1 and L2 terms weight a pixel by ``1 + object_weight *
   mask`` (the renderer's object mask), normalised by each clip's mean weight. The product is a small part
   of the frame, so an unweighted loss lets its colour drift while backgrounds dominate.
@@ -92,9 +96,10 @@ class VAELossConfig:
     latent_reg: float = 1e-3
     latent_noise: float = 0.05
     object_weight: float = 0.0  # extra L1/L2 weight on the product's pixels (renderer mask); 0 = off
+    temporal: float = 0.0  # L1 between frame-to-frame differences of the clip and its reconstruction; 0 = off
 
     def __post_init__(self) -> None:
-        for name in ("l1", "l2", "edge", "latent_reg", "latent_noise", "object_weight"):
+        for name in ("l1", "l2", "edge", "latent_reg", "latent_noise", "object_weight", "temporal"):
             check(getattr(self, name) >= 0, f"loss.{name} must be >= 0, got {getattr(self, name)}")
         check(self.l1 + self.l2 > 0, "loss.l1 + loss.l2 must be > 0: something must reconstruct")
 
@@ -172,7 +177,20 @@ def reconstruction_loss(video: torch.Tensor, recon: torch.Tensor, latents: torch
     edge = edge_loss(recon, video)
     reg = latent_scale_loss(latents)
     total = cfg.l1 * l1 + cfg.l2 * l2 + cfg.edge * edge + cfg.latent_reg * reg
-    return total, {"l1": l1.item(), "l2": l2.item(), "edge": edge.item(), "latent_reg": reg.item()}
+    parts = {"l1": l1.item(), "l2": l2.item(), "edge": edge.item(), "latent_reg": reg.item()}
+    if cfg.temporal > 0:
+        temporal = temporal_loss(recon, video)
+        total = total + cfg.temporal * temporal
+        parts["temporal"] = temporal.item()
+    return total, parts
+
+
+def temporal_loss(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+    """L1 between the frame-to-frame differences of ``recon`` and ``video`` (``[B, 3, N, H, W]``): zero for a
+    reconstruction that moves exactly as the clip does, whatever its per-frame offset."""
+    if video.shape[2] < 2:
+        return recon.new_zeros(())
+    return (recon.diff(dim=2) - video.diff(dim=2)).abs().mean()
 
 
 class VAEWithLatents(nn.Module):

@@ -398,3 +398,23 @@ def test_attribute_dropout_swaps_in_partial_captions_at_its_rate_and_leaves_othe
         teacher_stage.Batcher(data, with_ad)
     with pytest.raises(ValueError, match="attribute_dropout must lie in"):
         dataclasses.replace(cfg.data, attribute_dropout=1.5)
+
+
+def test_temporal_weight_prices_only_what_changes_between_frames() -> None:
+    """flow.temporal_weight adds the MSE of the velocity error's frame-to-frame differences: an error that is the
+    same in every frame (a static prediction of a static clip's bias) costs nothing extra, one that changes
+    between frames (a static prediction of a moving clip) costs the weight times its squared differences."""
+    target = torch.randn(2, 4, 5, 3, 3)
+    static_error = torch.randn(2, 4, 1, 3, 3).expand(-1, -1, 5, -1, -1)
+    plain = torch.nn.functional.mse_loss(target + static_error, target)
+    assert torch.allclose(teacher_stage.flow_loss(target + static_error, target, 0.0), plain)
+    assert torch.allclose(teacher_stage.flow_loss(target + static_error, target, 2.0), plain)  # no change: no cost
+    moving = torch.zeros_like(target)
+    moving[:, :, 1::2] = 1.0  # the error flips between 0 and 1 from frame to frame
+    expected = moving.square().mean() + 0.5 * moving.diff(dim=2).square().mean()
+    assert torch.allclose(teacher_stage.flow_loss(target + moving, target, 0.5), expected)
+    one_frame = torch.randn(2, 4, 1, 3, 3)
+    zeros = torch.zeros_like(one_frame)
+    assert torch.allclose(teacher_stage.flow_loss(one_frame, zeros, 3.0), one_frame.square().mean())
+    with pytest.raises(ValueError, match="flow.temporal_weight must be >= 0"):
+        teacher_stage.FlowConfig(temporal_weight=-1.0)

@@ -189,3 +189,25 @@ def test_object_weight_weights_the_product_pixels() -> None:
     whole, _ = vae_stage.reconstruction_loss(two, recon, z.expand(2, -1, -1, -1, -1), cfg, masks)
     halves = [vae_stage.reconstruction_loss(two[i:i + 1], recon[i:i + 1], z, cfg, masks[i:i + 1])[0] for i in (0, 1)]
     torch.testing.assert_close(whole, (halves[0] + halves[1]) / 2)
+
+
+def test_temporal_loss_prices_judder_not_offsets() -> None:
+    """loss.temporal compares frame-to-frame differences: a reconstruction that holds frames still and jumps
+    (the judder it is there to remove) costs more than one that moves smoothly with a constant offset, which
+    costs nothing; it enters the total only when its weight is set."""
+    torch.manual_seed(0)
+    n = 12
+    ramp = torch.linspace(-0.5, 0.5, n).view(1, 1, n, 1, 1).expand(2, 3, n, 8, 8)  # a steady brightening
+    stepped = ramp[:, :, (torch.arange(n) // 4) * 4]  # held for 4 frames, then a jump
+    offset = ramp + 0.1
+    assert vae_stage.temporal_loss(offset, ramp).item() < 1e-7
+    judder = vae_stage.temporal_loss(stepped, ramp).item()
+    assert judder > 0.05
+    latents = torch.randn(2, 4, 3, 2, 2)
+    on = vae_stage.VAELossConfig(temporal=2.0)
+    total_on, parts_on = vae_stage.reconstruction_loss(ramp, stepped, latents, on)
+    total_off, parts_off = vae_stage.reconstruction_loss(ramp, stepped, latents, vae_stage.VAELossConfig())
+    assert "temporal" not in parts_off and parts_on["temporal"] == pytest.approx(judder)
+    assert total_on.item() == pytest.approx(total_off.item() + 2.0 * judder, rel=1e-5)
+    with pytest.raises(ValueError, match="loss.temporal must be >= 0"):
+        vae_stage.VAELossConfig(temporal=-1.0)
