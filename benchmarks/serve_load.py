@@ -133,7 +133,8 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], str, dict[str, Any]]:
+    """Start ``streamgen serve``; its process, address and start-up choices (the ``linear`` event's fields)."""
     cmd = [sys.executable, "-m", "streamgen.cli", "serve", "--preset", args.preset, "--random-init",
            "--text-encoder", args.text_encoder, "--port", "0", "--metrics-port", "-1",
            "--max-sessions", str(args.clients), "--kv-memory-mb", str(args.kv_memory_mb),
@@ -146,10 +147,14 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
     env = {**os.environ, **AVX2_CAPS} if args.emulate_avx2 else None
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     found: dict[str, Any] = {}
+    choices: dict[str, Any] = {}
 
     def read_log() -> None:  # keeps draining stderr for the whole run, so the server never blocks on it
         assert proc.stderr is not None
         for line in proc.stderr:
+            if not choices and '"event": "linear"' in line:
+                event = json.loads(line)
+                choices.update(linear={"kernel": event.get("kernel"), "reason": event.get("reason")})
             if not found and '"event": "serving"' in line:
                 found.update(json.loads(line))
 
@@ -160,7 +165,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
             proc.kill()
             raise RuntimeError("streamgen serve did not start")
         time.sleep(0.1)
-    return proc, str(found["address"])
+    return proc, str(found["address"]), choices
 
 
 def fps_spread(fps: list[float]) -> float:
@@ -217,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.dtype = "float32"  # what auto picks on an AVX2-only CPU
 
     proc = None
+    server_choices: dict[str, Any] = {}
     address = args.server
     if address is None:
         try:  # one line and exit 2 now, rather than "did not start" after the server's own exit 2
@@ -224,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except ValueError as exc:
             print(f"benchmarks/serve_load.py: error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
-        proc, address = start_server(args)
+        proc, address, server_choices = start_server(args)
     if check(address) != "SERVING":
         raise RuntimeError(f"{address} is not SERVING")
     info = asyncio.run(model_info(address))  # what actually serves (behind --target: the replicas' model)
@@ -253,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "clients": args.clients, "duration_s": args.duration_s, "preset": info.preset, "model_id": info.model_id,
         "encoding": args.encoding,
         "paced": args.pace, "dtype": args.dtype, "attention": args.attention, "linear": args.linear,
+        "server_linear": server_choices.get("linear"),  # what the server chose (its start-up log)
         "cpu_count": os.cpu_count(),
         "cpu": None if args.server is not None else (
             cpu_description() + (" (server: " + " ".join(f"{k}={v}" for k, v in AVX2_CAPS.items()) + ")"

@@ -120,7 +120,9 @@ class Pipeline:
             text_dtype: precision of a UMT5 prompt encoder (default float32).
             linear: the transformer's linear-layer kernel, as ``streamgen generate --linear``: ``auto`` (oneDNN
                 prepacked weights on a CPU where they run, else ``F.linear``), ``onednn`` or ``aten``
-                (:mod:`streamgen.model.prepack`); the same choice as the CLI gives the same frames.
+                (:mod:`streamgen.model.prepack`); the same choice as the CLI gives the same frames. Prepacked,
+                the transformer is inference-only (frozen weights, no gradients) and cannot be deep-copied;
+                pass ``linear="aten"`` to fine-tune or copy it.
         """
         from streamgen.attention import resolve_attention
         from streamgen.model.compile import prepare_for_inference
@@ -128,9 +130,9 @@ class Pipeline:
         from streamgen.model_dir import load_model_dir
 
         attention, _ = resolve_attention(attention, device)
+        kernel = resolve_linear(linear, device, dtype=_dtype(dtype)).kernel  # before any weights load
         parts = load_model_dir(path, device=device, dtype=_dtype(dtype), attention=attention,
                                text_dtype=None if text_dtype is None else _dtype(text_dtype))
-        kernel = resolve_linear(linear, device, dtype=_dtype(dtype)).kernel
         rows = parts.preset.sampler.chunk_frames * parts.preset.tokens_per_frame
         transformer = prepare_for_inference(parts.transformer.eval(), linear=kernel, rows_hint=rows)
         return cls(parts.preset, transformer, parts.vae, parts.text, dtype=dtype, device=device,

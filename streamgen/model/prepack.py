@@ -13,8 +13,11 @@ Results: bf16 outputs are bitwise equal to ``F.linear``'s on the measured machin
 by summation order only (~3e-6 relative). ``tests/model/test_prepack.py`` checks the whole transformer
 against the unpacked one. Inference only: the packed weight is an opaque oneDNN tensor with no gradient,
 so the swapped layers' weights are frozen (``requires_grad=False``) and a forward that would need a
-gradient (an input that requires one) is refused. The original ``weight``/``bias`` stay as attributes (for
-``state_dict`` and anything that reads them); the packed copy adds one weight's memory per layer.
+gradient (an input that requires one) is refused. A weight moved, cast, replaced or written in place after
+packing is refused as stale (device, dtype, storage and version counter are checked per call); a write
+through ``.data`` bypasses the version counter and is *not* seen, so load weights before packing. The
+original ``weight``/``bias`` stay as attributes (for ``state_dict`` and anything that reads them); the packed
+copy adds one weight's memory per layer.
 
 Applied after the dtype cast, never inside the model: :func:`prepack_linears` swaps ``nn.Linear``
 modules for :class:`PrepackedLinear`. Nothing here runs at import.

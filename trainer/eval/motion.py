@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the JSON here too")
     args = p.parse_args(argv)
     try:
-        if args.frames < 2 * args.window or args.window < 1 or args.group < 1:
-            raise ValueError("need --window >= 1, --group >= 1 and --frames >= 2 x --window")
+        if args.frames < 2 * args.window or args.window < 6 or args.group < 1:
+            raise ValueError("need --window >= 6 (a window needs 6 reliable frames), --group >= 1 and "
+                             "--frames >= 2 x --window")
         from trainer.eval.paired import load_set
 
         results: dict[str, Any] = {}
@@ -155,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             rendered = render_reference(first_meta["prompts"], args.frames, size, float(first_meta["fps"]),
                                         int(first_meta.get("seed", 0)) + 1000)
             clips = np.stack([v.frames for v in rendered])
-            results["rendered"] = measure(clips, first_meta["prompts"], args.window, args.group)
+            captions = [v.prompt for v in rendered]  # a free-text prompt was rendered from a spec with a caption
+            results["rendered"] = measure(clips, captions, args.window, args.group)
             for vae in args.vae_row:
                 rebuilt = reconstruct_videos(rendered, vae, args.preset)
-                results[f"vae row {vae}"] = measure(np.stack([v.frames for v in rebuilt]), first_meta["prompts"],
+                results[f"vae row {vae}"] = measure(np.stack([v.frames for v in rebuilt]), captions,
                                                     args.window, args.group)
     except ValueError as exc:
         print(f"trainer.eval.motion: error: {exc}", file=sys.stderr)

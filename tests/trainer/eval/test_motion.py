@@ -80,5 +80,7 @@ def test_cli_reports_a_stored_set_and_refuses_bad_windows(tmp_path: Path, capsys
     assert "| zoom_out | 1 |" in capsys.readouterr().out
     assert motion.main([str(set_dir), "--frames", "24", "--window", "13"]) == 2
     assert "--frames >= 2 x --window" in capsys.readouterr().err
+    assert motion.main([str(set_dir), "--frames", "24", "--window", "5"]) == 2  # could never hold 6 reliable frames
+    assert "--window >= 6" in capsys.readouterr().err
     assert motion.main([str(set_dir), "--frames", "30", "--window", "6"]) == 2
     assert "clips shorter than --frames 30" in capsys.readouterr().err
