@@ -100,7 +100,7 @@ def build(preset: Preset, text: TextEncoder, dtype: torch.dtype, quantize: str =
 
 def prepare_model(model: CausalWanTransformer, preset: Preset, quantize: str, linear: str) -> CausalWanTransformer:
     return prepare_for_inference(model, quantize=quantize, linear=linear,  # type: ignore[return-value]
-                                 rows_hint=preset.sampler.chunk_frames * preset.tokens_per_frame)
+                                 rows_hint=preset.chunk_tokens)
 
 
 def run_streams(engine: Engine, num_streams: int, num_chunks: int) -> dict[str, Any]:

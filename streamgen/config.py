@@ -196,6 +196,11 @@ class Preset:
         _, ph, pw = self.model.patch_size
         return (self.latent_height // ph) * (self.latent_width // pw)
 
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens of one chunk of one stream: the row count of the chunk's GEMMs."""
+        return self.sampler.chunk_frames * self.tokens_per_frame
+
     def pixel_frames(self, num_latent_frames: int) -> int:
         return num_latent_frames * self.vae.temporal_factor
 

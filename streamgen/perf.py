@@ -82,6 +82,10 @@ def matmul_peak_flops(dtype: torch.dtype, size: int | None = None, seconds: floa
             torch.cuda.synchronize(device)
 
     a = torch.randn(size, size, device=device).to(dtype)
+    if linear not in ("aten", "onednn"):
+        raise ValueError(f"linear must be aten or onednn, got {linear!r}")
+    if quantize != "none" and linear != "aten":
+        raise ValueError(f"quantize={quantize!r} times its own INT8 linear; linear={linear!r} does not apply")
     layer: Any = torch.nn.Linear(size, size, device=device).to(dtype)
     if quantize != "none":
         from streamgen.model.quantize import quantize_transformer
@@ -93,8 +97,6 @@ def matmul_peak_flops(dtype: torch.dtype, size: int | None = None, seconds: floa
         from streamgen.model.prepack import PrepackedLinear
 
         layer = PrepackedLinear(layer.requires_grad_(False), size)
-    elif linear != "aten":
-        raise ValueError(f"linear must be aten or onednn, got {linear!r}")
     best = 0.0
     with torch.no_grad():
         layer(a)  # warm-up: dispatch, packing, thread pool start (on CUDA: the cuBLAS handle)

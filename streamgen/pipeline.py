@@ -133,8 +133,8 @@ class Pipeline:
         kernel = resolve_linear(linear, device, dtype=_dtype(dtype)).kernel  # before any weights load
         parts = load_model_dir(path, device=device, dtype=_dtype(dtype), attention=attention,
                                text_dtype=None if text_dtype is None else _dtype(text_dtype))
-        rows = parts.preset.sampler.chunk_frames * parts.preset.tokens_per_frame
-        transformer = prepare_for_inference(parts.transformer.eval(), linear=kernel, rows_hint=rows)
+        transformer = prepare_for_inference(parts.transformer.eval(), linear=kernel,
+                                            rows_hint=parts.preset.chunk_tokens)
         return cls(parts.preset, transformer, parts.vae, parts.text, dtype=dtype, device=device,
                    description=parts.description)
 

@@ -80,6 +80,8 @@ def test_the_best_peak_is_the_faster_of_both_linear_kernels(monkeypatch: pytest.
     assert matmul_peak_flops(torch.float32, size=64, seconds=0.01, linear="onednn") > 0
     with pytest.raises(ValueError, match="aten or onednn"):
         matmul_peak_flops(torch.float32, size=64, seconds=0.01, linear="mkl")
+    with pytest.raises(ValueError, match="does not apply"):  # INT8 times its own linear: never silently ignored
+        matmul_peak_flops(torch.float32, size=64, seconds=0.01, quantize="int8", linear="onednn")
     fake = {"aten": 100e9, "onednn": 250e9}
     monkeypatch.setattr(perf, "matmul_peak_flops", lambda dtype, quantize="none", device="cpu", linear="aten":
                         fake[linear] if quantize == "none" else 50e9)

@@ -178,4 +178,4 @@ def _prepare(model: Any, source: ModelSource, report: Report, preset: Any) -> An
     if source.quantize != "none" or source.compile:
         report("speedups", quantize=source.quantize, compile=source.compile)
     return prepare_for_inference(model, quantize=source.quantize, compile=source.compile, linear=linear.kernel,
-                                 rows_hint=preset.sampler.chunk_frames * preset.tokens_per_frame)
+                                 rows_hint=preset.chunk_tokens)

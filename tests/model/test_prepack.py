@@ -52,7 +52,7 @@ def test_prepacked_transformer_matches_the_unpacked_one(dtype: torch.dtype, test
                                                         tiny_model: MakeModel) -> None:
     model = tiny_model(test_preset.model, seed=None, scale=0.05).to(dtype).eval()
     packed = copy.deepcopy(model)
-    rows = test_preset.sampler.chunk_frames * test_preset.tokens_per_frame
+    rows = test_preset.chunk_tokens
     n_linear = sum(1 for m in model.modules() if type(m) is nn.Linear)
     assert prepack_linears(packed, rows) == n_linear > 0
     assert not any(type(m) is nn.Linear for m in packed.modules())

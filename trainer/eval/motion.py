@@ -48,15 +48,13 @@ def phase_profile(clips: np.ndarray, group: int = 4) -> dict[str, Any]:
 
 
 def subject_track(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per frame: subject area (share of the frame), centroid x (share of the width), reliable mask."""
+    """Per frame: subject area (share of the frame), centroid x (share of the width), reliable mask
+    (:func:`trainer.eval.oracle.subject_geometry` on :func:`trainer.eval.segment.segment_object`)."""
+    from trainer.eval.oracle import subject_geometry
     from trainer.eval.segment import segment_object
 
     seg = segment_object(frames)
-    area = seg.mask.mean(axis=(1, 2))
-    cols = np.arange(seg.mask.shape[2], dtype=np.float64)
-    col_mass = seg.mask.sum(axis=1)  # [F, W]
-    total = col_mass.sum(axis=1)
-    x = np.where(total > 0, (col_mass * cols).sum(axis=1) / np.maximum(total, 1), np.nan) / seg.mask.shape[2]
+    area, x, _ = subject_geometry(seg)
     return area, x, seg.reliable
 
 

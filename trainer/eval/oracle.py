@@ -350,20 +350,30 @@ def camera_path(camera: str, num_frames: int, fps: float) -> tuple[np.ndarray, n
     return zoom, -(pan - pan0) * zoom / 2.0
 
 
+def subject_geometry(seg: Segmentation) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per frame: the object's area (fraction of the frame) and its centroid ``x, y`` (fractions of the width and
+    height, pixel centres); the centroid is NaN where the mask is empty."""
+    s = seg.mask.shape[1]
+    area = seg.mask.mean(axis=(1, 2)).astype(np.float64)
+    coords = (np.arange(s) + 0.5) / s
+    pixels = seg.mask.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cx = np.where(pixels > 0, (seg.mask.sum(axis=1) * coords).sum(axis=1) / np.maximum(pixels, 1), np.nan)
+        cy = np.where(pixels > 0, (seg.mask.sum(axis=2) * coords).sum(axis=1) / np.maximum(pixels, 1), np.nan)
+    return area, cx, cy
+
+
 def subject_drift(seg: Segmentation, fps: float, cfg: OracleConfig, camera: str | None = None) -> MetricResult:
     """Object centroid / area vs the first window, minus what the prompt's ``camera`` move explains.
 
     Frames whose mask is unreliable (the object reaches the border columns) are NaN; the
     verdict on shift and size needs at least half of the last window to be reliable.
     """
-    n, s = seg.num_frames, seg.mask.shape[1]
-    area = seg.mask.mean(axis=(1, 2)).astype(np.float64)  # fraction of the frame
+    n = seg.num_frames
+    area, cx, cy = subject_geometry(seg)
     present = area >= cfg.min_object_fraction
     usable = present & seg.reliable
-    coords = (np.arange(s) + 0.5) / s
-    pixels = np.maximum(seg.mask.sum(axis=(1, 2)), 1)
-    cx = np.where(usable, (seg.mask.sum(axis=1) * coords).sum(axis=1) / pixels, np.nan)
-    cy = np.where(usable, (seg.mask.sum(axis=2) * coords).sum(axis=1) / pixels, np.nan)
+    cx, cy = np.where(usable, cx, np.nan), np.where(usable, cy, np.nan)
     zoom, shift_x = camera_path(camera, n, fps) if camera is not None else (np.ones(n), np.zeros(n))
     ref = frames_for(cfg.reference_seconds, fps, n)
     # Normalise the area by the camera's zoom, the position by its pan; then compare with the start.
