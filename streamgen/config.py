@@ -70,6 +70,11 @@ class VAEConfig:
     temporal_factor: int = 4
     temporal_kernel: int = 3
     num_res_blocks: int = 1  # residual blocks per encoder/decoder stage
+    # Residual blocks after the decoder's last TemporalGrow, at the full frame rate (0 = none, the layout of
+    # every VAE trained before 2026-12-07). Without them each pair of pixel frames comes out of one feature
+    # frame through a per-pixel linear split and only the RGB head follows, so motion arrives in steps.
+    # A decoder-only field: the encoder and the latent space do not depend on it.
+    post_grow_blocks: int = 0
 
     def __post_init__(self) -> None:
         _check(self.latent_channels > 0, "VAEConfig.latent_channels must be > 0")
@@ -80,6 +85,9 @@ class VAEConfig:
                f"VAEConfig.temporal_factor must be 1, 2 or 4, got {self.temporal_factor}")
         _check(self.temporal_kernel >= 1, "VAEConfig.temporal_kernel must be >= 1")
         _check(self.num_res_blocks >= 0, f"VAEConfig.num_res_blocks must be >= 0, got {self.num_res_blocks}")
+        _check(self.post_grow_blocks >= 0, f"VAEConfig.post_grow_blocks must be >= 0, got {self.post_grow_blocks}")
+        _check(self.post_grow_blocks == 0 or self.temporal_factor > 1,
+               "VAEConfig.post_grow_blocks needs temporal_factor > 1 (without it the decoder has no TemporalGrow)")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ This module must never change the VAE architecture (that lives in ``streamgen.mo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -115,6 +116,13 @@ class VAETrainConfig:
     # decoder trains and the export keeps the init checkpoint's latent mean/std: the latent space is unchanged.
     init_checkpoint: str | None = None
     train_encoder: bool = True
+    # Residual blocks after the decoder's last TemporalGrow (streamgen.config.VAEConfig.post_grow_blocks);
+    # null = the preset's. Blocks the init checkpoint lacks start as the identity, so a fine-tune starts
+    # from exactly the init's reconstruction.
+    post_grow_blocks: int | None = None
+    # With train_encoder false: the decoder starts from this run's fresh initialisation instead of the init
+    # checkpoint's decoder (the frozen encoder and the latent stats still come from the checkpoint).
+    fresh_decoder: bool = False
     run: RunConfig = field(default_factory=lambda: RunConfig(name="vae_default"))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50, ema_decay=0.995))
     data: VAEDataConfig = field(default_factory=VAEDataConfig)
@@ -126,6 +134,8 @@ class VAETrainConfig:
         check(self.export_dtype in EXPORT_DTYPES, f"export_dtype must be one of {EXPORT_DTYPES}")
         check(self.train_encoder or self.init_checkpoint is not None,
               "train_encoder: false fine-tunes the decoder of an exported VAE: set init_checkpoint")
+        check(not self.fresh_decoder or not self.train_encoder,
+              "fresh_decoder trains a new decoder for a frozen encoder: set train_encoder: false")
         check(self.init_checkpoint is None or self.init_checkpoint != self.export_path,
               f"init_checkpoint and export_path are the same file ({self.export_path}): export to a new path")
         tf, sf = preset.vae.temporal_factor, preset.vae.spatial_factor
@@ -138,7 +148,10 @@ class VAETrainConfig:
 
     @property
     def vae(self) -> VAEConfig:
-        return get_preset(self.preset).vae
+        vae = get_preset(self.preset).vae
+        if self.post_grow_blocks is None:
+            return vae
+        return dataclasses.replace(vae, post_grow_blocks=self.post_grow_blocks)
 
     def clip_config(self, num_frames: int) -> ClipConfig:
         video = get_preset(self.preset).video
@@ -323,7 +336,7 @@ def train(cfg: VAETrainConfig, resume: bool = False, export: bool = True) -> VAE
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     vae = CausalVideoVAE(cfg.vae)
     if cfg.init_checkpoint is not None and not resume:  # a resumed run restores its own weights
-        vae.load_state_dict(load_vae(cfg.init_checkpoint, expected=cfg.vae).state_dict())
+        load_init(vae, cfg.init_checkpoint, decoder=not cfg.fresh_decoder)
     if not cfg.train_encoder:
         for p in vae.encoder_parameters():
             p.requires_grad_(False)
@@ -362,6 +375,28 @@ def train(cfg: VAETrainConfig, resume: bool = False, export: bool = True) -> VAE
         export_vae(ema.eval(), cfg, result)
     rt.barrier()
     return result
+
+
+def load_init(vae: CausalVideoVAE, path: str, decoder: bool = True) -> None:
+    """Load an exported VAE into ``vae``. Only post-grow blocks may differ: blocks the file has beyond
+    ``vae``'s are an error, blocks it lacks keep ``vae``'s identity initialisation. ``decoder=False``
+    loads the encoder only (the decoder keeps ``vae``'s own initialisation)."""
+    init = load_vae(path, expected=vae.cfg)
+    if not decoder:
+        encoder = {id(p) for p in init.encoder_parameters()}
+        state = {n: p for n, p in init.named_parameters() if id(p) in encoder}
+        vae.load_state_dict(state, strict=False)  # the same encoder layout: every encoder weight is replaced
+        return
+    have, want = init.cfg.post_grow_blocks, vae.cfg.post_grow_blocks
+    if have > want:
+        raise ValueError(f"init_checkpoint {path} has {have} post-grow decoder blocks, this run builds {want}: "
+                         f"set post_grow_blocks: {have} (or more)")
+    missing, unexpected = vae.load_state_dict(init.state_dict(), strict=False)
+    new_blocks = {name for name in vae.state_dict() if ".post_blocks." in name
+                  and int(name.split(".post_blocks.")[1].split(".")[0]) >= have}
+    if unexpected or set(missing) != new_blocks:
+        raise ValueError(f"init_checkpoint {path} does not fit this VAE: missing {sorted(set(missing) - new_blocks)}, "
+                         f"unexpected {sorted(unexpected)}")
 
 
 def checkpoint_dtype(path: str) -> str:

@@ -17,6 +17,13 @@ Design choices (and why):
   (ESPCN) and the decoder's RGB head works from half resolution, so no decoder conv runs
   on full-resolution frames. The temporal conv is factorised: ``(k, 1, 1)`` in time, 3x3
   in space. Default preset: 1.4 M parameters, 4.0 GFLOP to decode 3 latent frames.
+* **Work after the last time grow** (``VAEConfig.post_grow_blocks``, default 0). A
+  :class:`TemporalGrow` splits each feature frame into two frames by a per-pixel linear map; in the
+  default layout only the RGB head follows the last one, so each pair of pixel frames comes from one
+  feature frame and motion arrives in steps at the latent rate (docs/quality.md, "How the clips move").
+  Post-grow blocks are residual blocks at the full frame rate between that grow and the head. They are
+  decoder-only: the encoder, the latent space and the state layout of a 0-block VAE are unchanged, and a
+  new block starts as the identity, so it can be added to a trained VAE and fine-tuned (trainer.vae).
 * **Streaming.** ``decode_chunk`` takes any number of latent frames; ``encode_chunk`` any
   multiple of ``tf`` pixel frames (pooling never straddles a latent frame's group).
 * **Zero left-padding at the start of a stream.** A fresh state is all zeros, so states
@@ -224,13 +231,17 @@ class EncoderStage(nn.Module):
 
 
 class DecoderStage(nn.Module):
-    """Residual blocks, optional time growing, then (except in the last stage) an :class:`UpConv`."""
+    """Residual blocks, optional time growing, residual blocks at the grown frame rate (``post_blocks``, the
+    last stage only: :attr:`VAEConfig.post_grow_blocks`), then (except in the last stage) an :class:`UpConv`."""
 
     def __init__(self, cfg: VAEConfig, c_in: int, c_out: int, level_in: int, grow_time: bool, up: bool,
                  last: bool) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(ResBlock(c_in, cfg.temporal_kernel, level_in) for _ in range(cfg.num_res_blocks))
         self.grow = TemporalGrow(c_in) if grow_time else None
+        # Registered after ``blocks``: the decoder's temporal convs (and so its stream state) are listed in this order.
+        num_post = cfg.post_grow_blocks if last else 0
+        self.post_blocks = nn.ModuleList(ResBlock(c_in, cfg.temporal_kernel, level_in) for _ in range(num_post))
         self.up = None if last else UpConv(c_in, c_out, up)
 
 
@@ -488,6 +499,9 @@ class CausalVideoVAE(nn.Module):
                 new_past.append(p)
             if stage.grow is not None:
                 x = stage.grow(x)  # [B*N*2, C, H, W]
+            for block in stage.post_blocks:  # temporal and spatial work between the frames the grow split
+                x, p = block(x, next(past), b)
+                new_past.append(p)
             if stage.up is not None:
                 x = F.relu(stage.up(x))  # [B*N, C', 2H, 2W] (or [B*N, C', H, W])
         video = self.dec_out(x)  # [B*N, 3, H, W]

@@ -28,9 +28,10 @@ def _randomise(vae: CausalVideoVAE, seed: int = 0) -> CausalVideoVAE:
     return vae.eval()
 
 
-@pytest.fixture
-def vae(test_preset: Preset) -> CausalVideoVAE:
-    return _randomise(CausalVideoVAE(test_preset.vae))
+@pytest.fixture(params=[0, 1], ids=["blocks_before_grow", "post_grow_block"])
+def vae(test_preset: Preset, request: pytest.FixtureRequest) -> CausalVideoVAE:
+    """Both decoder layouts: the streaming, causality and batching guarantees hold for each."""
+    return _randomise(CausalVideoVAE(dataclasses.replace(test_preset.vae, post_grow_blocks=request.param)))
 
 
 def _latents(preset: Preset, batch_size: int, num_frames: int) -> torch.Tensor:
@@ -157,8 +158,9 @@ def test_encode_image_is_a_static_first_latent_frame(vae: CausalVideoVAE, test_p
         torch.testing.assert_close(vae.encode_image(image), vae.encode(video), atol=0, rtol=0)
 
 
-def test_fresh_init_decodes_each_latent_frame_to_identical_frames(test_preset: Preset) -> None:
-    vae = CausalVideoVAE(test_preset.vae).eval()
+@pytest.mark.parametrize("post_grow_blocks", [0, 2])
+def test_fresh_init_decodes_each_latent_frame_to_identical_frames(test_preset: Preset, post_grow_blocks: int) -> None:
+    vae = CausalVideoVAE(dataclasses.replace(test_preset.vae, post_grow_blocks=post_grow_blocks)).eval()
     tf = test_preset.vae.temporal_factor
     with torch.no_grad():
         video = vae.decode(_latents(test_preset, 1, 2))  # [1, 3, 2 * tf, H, W]
@@ -206,3 +208,26 @@ def test_bad_shapes_raise(vae: CausalVideoVAE, test_preset: Preset) -> None:
 def test_config_rejects_negative_res_blocks() -> None:
     with pytest.raises(ValueError, match="num_res_blocks"):
         dataclasses.replace(get_preset("test").vae, num_res_blocks=-1)
+    with pytest.raises(ValueError, match="post_grow_blocks must be >= 0"):
+        dataclasses.replace(get_preset("test").vae, post_grow_blocks=-1)
+    with pytest.raises(ValueError, match="needs temporal_factor > 1"):
+        dataclasses.replace(get_preset("test").vae, temporal_factor=1, post_grow_blocks=1)
+
+
+def test_post_grow_blocks_run_at_the_full_frame_rate(test_preset: Preset) -> None:
+    """The post-grow block sits between the two frames the last grow splits: with a temporal conv that adds the
+    previous pixel frame, the second frame of a pair changes while the old layout keeps pairs tied to one
+    feature frame (a per-pixel linear split)."""
+    cfg = dataclasses.replace(test_preset.vae, post_grow_blocks=1)
+    vae = _randomise(CausalVideoVAE(cfg))
+    (block,) = vae.dec_stages[-1].post_blocks
+    assert vae._dec_temporal[-1] is block.temporal
+    assert len(vae._dec_temporal) == len(CausalVideoVAE(test_preset.vae)._dec_temporal) + 1
+    latents = _latents(test_preset, 1, 2)
+    with torch.no_grad():
+        before = vae.decode(latents)
+        c = block.temporal.channels
+        block.temporal.linear.weight[:, -2 * c:-c] += torch.eye(c)  # + the previous pixel frame's features
+        after = vae.decode(latents)
+    assert torch.equal(after[:, :, 0], before[:, :, 0])  # frame 0 has no previous frame (zero padding)
+    assert not torch.allclose(after[:, :, 1], before[:, :, 1], atol=1e-4)

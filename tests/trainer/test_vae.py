@@ -211,3 +211,67 @@ def test_temporal_loss_prices_judder_not_offsets() -> None:
     assert total_on.item() == pytest.approx(total_off.item() + 2.0 * judder, rel=1e-5)
     with pytest.raises(ValueError, match="loss.temporal must be >= 0"):
         vae_stage.VAELossConfig(temporal=-1.0)
+
+
+def test_decoder_fine_tune_adds_post_grow_blocks_starting_from_the_init(tmp_path: Path,
+                                                                      tiny_vae_checkpoint: Path) -> None:
+    """``post_grow_blocks: 1`` on a 0-block init: the new block starts as the identity (the init's decode, bit
+    for bit), the encoder and latent stats stay the init's, and the export loads for the preset."""
+    import dataclasses
+
+    from streamgen.config import get_preset
+    from streamgen.model.vae import CausalVideoVAE
+    from trainer.common.config import build_config
+
+    init = load_vae(tiny_vae_checkpoint).eval()
+    assert init.cfg.post_grow_blocks == 0
+    grown = CausalVideoVAE(dataclasses.replace(init.cfg, post_grow_blocks=1)).eval()
+    vae_stage.load_init(grown, str(tiny_vae_checkpoint))
+    z = torch.randn(1, init.cfg.latent_channels, 2, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(grown.decode(z), init.decode(z))
+
+    cfg = build_config(vae_stage.VAETrainConfig, {
+        "preset": "test", "export_path": str(tmp_path / "grown.safetensors"),
+        "init_checkpoint": str(tiny_vae_checkpoint), "train_encoder": False, "post_grow_blocks": 1,
+        "run": {"runs_dir": str(tmp_path / "runs"), "name": "grow", "max_steps": 2, "save_every": 2,
+                "num_threads": 1},
+        "optim": {"lr": 1e-2, "warmup_steps": 1},
+        "data": {"num_frames": 4, "crop_size": 16, "global_batch": 2, "heldout_clips": 2, "heldout_frames": 4,
+                 "stats_clips": 2},
+        "loss": {"temporal": 1.0},
+    })
+    vae_stage.train(cfg)
+    after = load_vae(cfg.export_path, expected=get_preset("test").vae)  # another decoder layout, same latent space
+    assert after.cfg.post_grow_blocks == 1
+    enc = dict(init.named_parameters())
+    names = [n for n, p in after.named_parameters() if n.startswith(("enc_in", "enc_stages", "enc_out"))]
+    assert names and all(torch.equal(dict(after.named_parameters())[n], enc[n]) for n in names)
+    assert any(".post_blocks.0." in n for n, _ in after.named_parameters())
+    assert LatentStats.from_checkpoint(cfg.export_path) == LatentStats.from_checkpoint(tiny_vae_checkpoint)
+
+    # Back to fewer blocks than the file has: refused, naming the setting.
+    with pytest.raises(ValueError, match="has 1 post-grow decoder blocks, this run builds 0: set post_grow_blocks: 1"):
+        vae_stage.load_init(CausalVideoVAE(init.cfg), cfg.export_path)
+    # The other architecture fields still have to match the preset.
+    with pytest.raises(ValueError, match="base_channels"):
+        load_vae(cfg.export_path, expected=dataclasses.replace(get_preset("test").vae, base_channels=16))
+
+
+def test_fresh_decoder_loads_only_the_encoder(tiny_vae_checkpoint: Path) -> None:
+    from streamgen.model.vae import CausalVideoVAE
+    from trainer.common.config import build_config
+
+    init = load_vae(tiny_vae_checkpoint)
+    torch.manual_seed(0)
+    fresh = CausalVideoVAE(init.cfg)
+    reference = {n: p.clone() for n, p in fresh.named_parameters()}
+    vae_stage.load_init(fresh, str(tiny_vae_checkpoint), decoder=False)
+    enc = {id(p) for p in fresh.encoder_parameters()}
+    init_params = dict(init.named_parameters())
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, init_params[name] if id(p) in enc else reference[name]), name
+    assert any(not torch.equal(reference[n], init_params[n]) for n, p in fresh.named_parameters() if id(p) in enc)
+    with pytest.raises(ValueError, match="fresh_decoder trains a new decoder for a frozen encoder"):
+        build_config(vae_stage.VAETrainConfig, {"preset": "test", "init_checkpoint": str(tiny_vae_checkpoint),
+                                                "fresh_decoder": True})

@@ -12,7 +12,7 @@ of the same captions (``--rendered``) so every number has its reference:
   phase ``t mod --group`` of the pixel frames (``--group`` = the VAE's temporal factor, so each phase is one
   position inside a latent frame's pixel frames), and ``judder`` = the largest phase over the mean of the
   phases: ~1 for motion spread evenly over frames, large where frames are held and the motion comes in
-  one jump.
+  one jump; printed with its 95 % bootstrap interval (clips resampled).
 
     python -m trainer.eval.motion runs/eval_x/teacher_in_distribution_1x --rendered
     python -m trainer.eval.motion SET_DIR [SET_DIR ...] --frames 48 --out motion.json
@@ -36,15 +36,25 @@ import numpy as np
 CAMERAS = ("static", "zoom_in", "zoom_out", "pan_left", "pan_right")
 
 
+def _judder(diff: np.ndarray, group: int) -> tuple[list[float], float]:
+    """Per-phase median (over clips and latent frames) of ``diff [N, F - 1]`` and largest / mean phase."""
+    phases = [float(np.median(diff[:, p::group])) for p in range(group)]
+    mean = float(np.mean(phases))
+    return phases, (max(phases) / mean if mean > 0 else float("nan"))
+
+
 def phase_profile(clips: np.ndarray, group: int = 4) -> dict[str, Any]:
-    """``clips: uint8 [N, F, H, W, 3]`` -> per-phase median frame-to-frame change and the judder ratio."""
+    """``clips: uint8 [N, F, H, W, 3]`` -> per-phase median frame-to-frame change and the judder ratio,
+    with the judder's 95 % bootstrap interval over clips (``judder_interval``: [low, high])."""
+    from trainer.eval.stats import bootstrap
+
     if clips.ndim != 5 or clips.shape[1] < group + 1:
         raise ValueError(f"need clips [N, F, H, W, 3] with more than {group} frames, got {clips.shape}")
     diff = np.abs(np.diff(clips.astype(np.float32), axis=1)).mean(axis=(2, 3, 4))  # [N, F - 1]
-    phases = [float(np.median(diff[:, p::group])) for p in range(group)]
-    mean = float(np.mean(phases))
-    return {"mean_change": float(diff.mean()), "phase_median_change": phases,
-            "judder": max(phases) / mean if mean > 0 else float("nan")}
+    phases, judder = _judder(diff, group)
+    interval = bootstrap(lambda idx: _judder(diff[idx], group)[1], len(diff), num_resamples=1000)
+    return {"mean_change": float(diff.mean()), "phase_median_change": phases, "judder": judder,
+            "judder_interval": [interval.low, interval.high]}
 
 
 def subject_track(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -102,7 +112,8 @@ def measure(clips: np.ndarray, prompts: Sequence[str | None], window: int, group
 def table(name: str, result: dict[str, Any]) -> str:
     j = result["judder"]
     lines = [f"{name}: {result['clips']} clips x {result['frames']} frames; frame-to-frame change by phase "
-             + " / ".join(f"{p:.2f}" for p in j["phase_median_change"]) + f", judder {j['judder']:.2f}",
+             + " / ".join(f"{p:.2f}" for p in j["phase_median_change"])
+             + f", judder {j['judder']:.2f} [{j['judder_interval'][0]:.2f}, {j['judder_interval'][1]:.2f}]",
              "| camera | clips | area last / first, median [p25, p75] | centroid shift (widths) |", "|---|---|---|---|"]
     for camera in CAMERAS:
         c = result["camera"][camera]

@@ -61,6 +61,11 @@ def test_judder_tells_held_frames_from_smooth_motion() -> None:
     p_held = motion.phase_profile(np.stack([held] * 3), group=4)
     assert p_smooth["judder"] == pytest.approx(1.0)
     assert p_held["judder"] > 3.5
+    assert p_held["judder_interval"][0] > p_smooth["judder_interval"][1]  # identical clips: degenerate intervals
+    # Clips that disagree give an interval that holds the point and has width.
+    mixed = motion.phase_profile(np.stack([smooth, held, smooth, held, held, smooth]), group=4)
+    low, high = mixed["judder_interval"]
+    assert low <= mixed["judder"] <= high and high - low > 0.1
     assert sum(v == 0 for v in p_held["phase_median_change"]) == 3  # three phases hold, one jumps
     with pytest.raises(ValueError, match="more than 4 frames"):
         motion.phase_profile(np.stack([smooth[:4]]), group=4)
