@@ -75,6 +75,11 @@ class VAEConfig:
     # frame through a per-pixel linear split and only the RGB head follows, so motion arrives in steps.
     # A decoder-only field: the encoder and the latent space do not depend on it.
     post_grow_blocks: int = 0
+    # Residual blocks before the encoder's first TemporalPool, at the full frame rate (0 = none, as every VAE
+    # trained before 2026-12-07): the encoder's first stage otherwise pools each pair of frames after one 3x3
+    # conv, so motion inside a pair has to survive a per-pixel linear map. An encoder field: it defines a
+    # latent space of its own.
+    pre_pool_blocks: int = 0
 
     def __post_init__(self) -> None:
         _check(self.latent_channels > 0, "VAEConfig.latent_channels must be > 0")
@@ -88,6 +93,9 @@ class VAEConfig:
         _check(self.post_grow_blocks >= 0, f"VAEConfig.post_grow_blocks must be >= 0, got {self.post_grow_blocks}")
         _check(self.post_grow_blocks == 0 or self.temporal_factor > 1,
                "VAEConfig.post_grow_blocks needs temporal_factor > 1 (without it the decoder has no TemporalGrow)")
+        _check(self.pre_pool_blocks >= 0, f"VAEConfig.pre_pool_blocks must be >= 0, got {self.pre_pool_blocks}")
+        _check(self.pre_pool_blocks == 0 or self.temporal_factor > 1,
+               "VAEConfig.pre_pool_blocks needs temporal_factor > 1 (without it the encoder has no TemporalPool)")
 
 
 @dataclass(frozen=True)

@@ -184,8 +184,9 @@ def load_vae(md: ModelDir) -> Any:
     else:
         from streamgen.model.weights import load_vae as load_streamgen_vae
 
-        vae = load_streamgen_vae(md.vae, expected=md.preset.vae)  # its post-grow decoder blocks are its own
-    want = dataclasses.replace(md.preset.vae, post_grow_blocks=vae.cfg.post_grow_blocks)
+        vae = load_streamgen_vae(md.vae, expected=md.preset.vae)  # its pre-pool/post-grow blocks are its own
+    want = dataclasses.replace(md.preset.vae, post_grow_blocks=vae.cfg.post_grow_blocks,
+                               pre_pool_blocks=vae.cfg.pre_pool_blocks)
     if vae.cfg != want:
         raise ValueError(f"{md.vae}: VAE config {to_dict(vae.cfg)} differs from model.json's {to_dict(md.preset.vae)}")
     return vae.eval()

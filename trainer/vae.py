@@ -120,6 +120,9 @@ class VAETrainConfig:
     # null = the preset's. Blocks the init checkpoint lacks start as the identity, so a fine-tune starts
     # from exactly the init's reconstruction.
     post_grow_blocks: int | None = None
+    # Residual blocks before the encoder's first TemporalPool (VAEConfig.pre_pool_blocks); null = the preset's.
+    # An encoder change: needs train_encoder (new blocks start as the identity, like post-grow ones).
+    pre_pool_blocks: int | None = None
     # With train_encoder false: the decoder starts from this run's fresh initialisation instead of the init
     # checkpoint's decoder (the frozen encoder and the latent stats still come from the checkpoint).
     fresh_decoder: bool = False
@@ -134,6 +137,8 @@ class VAETrainConfig:
         check(self.export_dtype in EXPORT_DTYPES, f"export_dtype must be one of {EXPORT_DTYPES}")
         check(self.train_encoder or self.init_checkpoint is not None,
               "train_encoder: false fine-tunes the decoder of an exported VAE: set init_checkpoint")
+        check(self.train_encoder or self.pre_pool_blocks is None,
+              "pre_pool_blocks changes the encoder (a new latent space): set train_encoder: true")
         check(not self.fresh_decoder or not self.train_encoder,
               "fresh_decoder trains a new decoder for a frozen encoder: set train_encoder: false")
         check(self.init_checkpoint is None or self.init_checkpoint != self.export_path,
@@ -149,9 +154,11 @@ class VAETrainConfig:
     @property
     def vae(self) -> VAEConfig:
         vae = get_preset(self.preset).vae
-        if self.post_grow_blocks is None:
-            return vae
-        return dataclasses.replace(vae, post_grow_blocks=self.post_grow_blocks)
+        if self.post_grow_blocks is not None:
+            vae = dataclasses.replace(vae, post_grow_blocks=self.post_grow_blocks)
+        if self.pre_pool_blocks is not None:
+            vae = dataclasses.replace(vae, pre_pool_blocks=self.pre_pool_blocks)
+        return vae
 
     def clip_config(self, num_frames: int) -> ClipConfig:
         video = get_preset(self.preset).video
@@ -378,22 +385,24 @@ def train(cfg: VAETrainConfig, resume: bool = False, export: bool = True) -> VAE
 
 
 def load_init(vae: CausalVideoVAE, path: str, decoder: bool = True) -> None:
-    """Load an exported VAE into ``vae``. Only post-grow blocks may differ: blocks the file has beyond
-    ``vae``'s are an error, blocks it lacks keep ``vae``'s identity initialisation. ``decoder=False``
+    """Load an exported VAE into ``vae``. Only post-grow and pre-pool blocks may differ: blocks the file has
+    beyond ``vae``'s are an error, blocks it lacks keep ``vae``'s identity initialisation. ``decoder=False``
     loads the encoder only (the decoder keeps ``vae``'s own initialisation)."""
     init = load_vae(path, expected=vae.cfg)
+    for field, part in (("post_grow_blocks", "post-grow decoder"), ("pre_pool_blocks", "pre-pool encoder")):
+        have, want = getattr(init.cfg, field), getattr(vae.cfg, field)
+        if have > want:
+            raise ValueError(f"init_checkpoint {path} has {have} {part} blocks, this run builds {want}: "
+                             f"set {field}: {have} (or more)")
     if not decoder:
         encoder = {id(p) for p in init.encoder_parameters()}
         state = {n: p for n, p in init.named_parameters() if id(p) in encoder}
         vae.load_state_dict(state, strict=False)  # the same encoder layout: every encoder weight is replaced
         return
-    have, want = init.cfg.post_grow_blocks, vae.cfg.post_grow_blocks
-    if have > want:
-        raise ValueError(f"init_checkpoint {path} has {have} post-grow decoder blocks, this run builds {want}: "
-                         f"set post_grow_blocks: {have} (or more)")
     missing, unexpected = vae.load_state_dict(init.state_dict(), strict=False)
-    new_blocks = {name for name in vae.state_dict() if ".post_blocks." in name
-                  and int(name.split(".post_blocks.")[1].split(".")[0]) >= have}
+    first_new = {".post_blocks.": init.cfg.post_grow_blocks, ".pre_blocks.": init.cfg.pre_pool_blocks}
+    new_blocks = {name for name in vae.state_dict() for tag, have in first_new.items()
+                  if tag in name and int(name.split(tag)[1].split(".")[0]) >= have}
     if unexpected or set(missing) != new_blocks:
         raise ValueError(f"init_checkpoint {path} does not fit this VAE: missing {sorted(set(missing) - new_blocks)}, "
                          f"unexpected {sorted(unexpected)}")

@@ -24,6 +24,9 @@ Design choices (and why):
   Post-grow blocks are residual blocks at the full frame rate between that grow and the head. They are
   decoder-only: the encoder, the latent space and the state layout of a 0-block VAE are unchanged, and a
   new block starts as the identity, so it can be added to a trained VAE and fine-tuned (trainer.vae).
+* **Work before the first time pool** (``VAEConfig.pre_pool_blocks``, default 0): the mirror image on
+  the encoder side, residual blocks at the full frame rate before its first :class:`TemporalPool`. It
+  changes the encoder, so a VAE with it has a latent space of its own.
 * **Streaming.** ``decode_chunk`` takes any number of latent frames; ``encode_chunk`` any
   multiple of ``tf`` pixel frames (pooling never straddles a latent frame's group).
 * **Zero left-padding at the start of a stream.** A fresh state is all zeros, so states
@@ -221,10 +224,16 @@ class UpConv(nn.Module):
 
 
 class EncoderStage(nn.Module):
-    """Optional time pooling, optional stride-2 downsampling conv, then residual blocks."""
+    """Residual blocks at the input frame rate (``pre_blocks``, the first stage only:
+    :attr:`VAEConfig.pre_pool_blocks`), optional time pooling, optional stride-2 downsampling conv, then
+    residual blocks."""
 
-    def __init__(self, cfg: VAEConfig, c_in: int, c_out: int, level_out: int, pool_time: bool, down: bool) -> None:
+    def __init__(self, cfg: VAEConfig, c_in: int, c_out: int, level_in: int, level_out: int, pool_time: bool,
+                 down: bool, first: bool) -> None:
         super().__init__()
+        # Registered first: the encoder's temporal convs (and so its stream state) are listed in this order.
+        num_pre = cfg.pre_pool_blocks if first else 0
+        self.pre_blocks = nn.ModuleList(ResBlock(c_in, cfg.temporal_kernel, level_in) for _ in range(num_pre))
         self.pool = TemporalPool(c_in) if pool_time else None
         self.conv = _conv3x3(c_in, c_out, stride=2 if down else 1)
         self.blocks = nn.ModuleList(ResBlock(c_out, cfg.temporal_kernel, level_out) for _ in range(cfg.num_res_blocks))
@@ -269,8 +278,8 @@ class CausalVideoVAE(nn.Module):
         level = 0
         for i in range(num_stages):
             down = i < num_space
-            enc_stages.append(EncoderStage(cfg, self.widths[level], self.widths[level + down], level + down,
-                                           pool_time=i < num_time, down=down))
+            enc_stages.append(EncoderStage(cfg, self.widths[level], self.widths[level + down], level, level + down,
+                                           pool_time=i < num_time, down=down, first=i == 0))
             level += down
         self.enc_stages = nn.ModuleList(enc_stages)
         self.enc_out = _conv3x3(self.widths[-1], cfg.latent_channels)
@@ -445,6 +454,9 @@ class CausalVideoVAE(nn.Module):
         new_past: list[torch.Tensor] = []
         x = F.relu(self.enc_in(_to_frames(video)))  # [B*N, w0, H, W]
         for stage in self.enc_stages:
+            for block in stage.pre_blocks:  # temporal and spatial work on the frames the pool will merge
+                x, p = block(x, next(past), b)
+                new_past.append(p)
             if stage.pool is not None:
                 x = stage.pool(x)  # [B*N/2, C, H, W]
             x = F.relu(stage.conv(x))

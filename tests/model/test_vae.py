@@ -28,10 +28,12 @@ def _randomise(vae: CausalVideoVAE, seed: int = 0) -> CausalVideoVAE:
     return vae.eval()
 
 
-@pytest.fixture(params=[0, 1], ids=["blocks_before_grow", "post_grow_block"])
+@pytest.fixture(params=[(0, 0), (0, 1), (1, 1)], ids=["base_layout", "post_grow_block", "pre_pool_and_post_grow"])
 def vae(test_preset: Preset, request: pytest.FixtureRequest) -> CausalVideoVAE:
-    """Both decoder layouts: the streaming, causality and batching guarantees hold for each."""
-    return _randomise(CausalVideoVAE(dataclasses.replace(test_preset.vae, post_grow_blocks=request.param)))
+    """Every layout (pre-pool encoder blocks, post-grow decoder blocks): the streaming, causality and batching
+    guarantees hold for each."""
+    pre, post = request.param
+    return _randomise(CausalVideoVAE(dataclasses.replace(test_preset.vae, pre_pool_blocks=pre, post_grow_blocks=post)))
 
 
 def _latents(preset: Preset, batch_size: int, num_frames: int) -> torch.Tensor:
@@ -158,9 +160,9 @@ def test_encode_image_is_a_static_first_latent_frame(vae: CausalVideoVAE, test_p
         torch.testing.assert_close(vae.encode_image(image), vae.encode(video), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("post_grow_blocks", [0, 2])
-def test_fresh_init_decodes_each_latent_frame_to_identical_frames(test_preset: Preset, post_grow_blocks: int) -> None:
-    vae = CausalVideoVAE(dataclasses.replace(test_preset.vae, post_grow_blocks=post_grow_blocks)).eval()
+@pytest.mark.parametrize("blocks", [0, 2])
+def test_fresh_init_decodes_each_latent_frame_to_identical_frames(test_preset: Preset, blocks: int) -> None:
+    vae = CausalVideoVAE(dataclasses.replace(test_preset.vae, pre_pool_blocks=blocks, post_grow_blocks=blocks)).eval()
     tf = test_preset.vae.temporal_factor
     with torch.no_grad():
         video = vae.decode(_latents(test_preset, 1, 2))  # [1, 3, 2 * tf, H, W]
@@ -212,6 +214,10 @@ def test_config_rejects_negative_res_blocks() -> None:
         dataclasses.replace(get_preset("test").vae, post_grow_blocks=-1)
     with pytest.raises(ValueError, match="needs temporal_factor > 1"):
         dataclasses.replace(get_preset("test").vae, temporal_factor=1, post_grow_blocks=1)
+    with pytest.raises(ValueError, match="pre_pool_blocks must be >= 0"):
+        dataclasses.replace(get_preset("test").vae, pre_pool_blocks=-1)
+    with pytest.raises(ValueError, match="encoder has no TemporalPool"):
+        dataclasses.replace(get_preset("test").vae, temporal_factor=1, pre_pool_blocks=1)
 
 
 def test_post_grow_blocks_run_at_the_full_frame_rate(test_preset: Preset) -> None:
@@ -231,3 +237,18 @@ def test_post_grow_blocks_run_at_the_full_frame_rate(test_preset: Preset) -> Non
         after = vae.decode(latents)
     assert torch.equal(after[:, :, 0], before[:, :, 0])  # frame 0 has no previous frame (zero padding)
     assert not torch.allclose(after[:, :, 1], before[:, :, 1], atol=1e-4)
+
+
+def test_pre_pool_blocks_see_each_frame_before_the_pool(test_preset: Preset) -> None:
+    """The pre-pool block runs on full-rate frames: its temporal conv's previous-frame tap changes the latent of
+    the first latent frame (frames 1-3 have a previous frame inside the group), and the state carries it."""
+    vae = _randomise(CausalVideoVAE(dataclasses.replace(test_preset.vae, pre_pool_blocks=1)))
+    (block,) = vae.enc_stages[0].pre_blocks
+    assert vae._enc_temporal[0] is block.temporal
+    video = _video(test_preset, 1, 8)
+    with torch.no_grad():
+        before = vae.encode(video)
+        c = block.temporal.channels
+        block.temporal.linear.weight[:, -2 * c:-c] += torch.eye(c)
+        after = vae.encode(video)
+    assert not torch.allclose(after[:, :, 0], before[:, :, 0], atol=1e-4)

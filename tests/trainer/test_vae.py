@@ -253,6 +253,13 @@ def test_decoder_fine_tune_adds_post_grow_blocks_starting_from_the_init(tmp_path
     # Back to fewer blocks than the file has: refused, naming the setting.
     with pytest.raises(ValueError, match="has 1 post-grow decoder blocks, this run builds 0: set post_grow_blocks: 1"):
         vae_stage.load_init(CausalVideoVAE(init.cfg), cfg.export_path)
+    # An encoder that grows pre-pool blocks (train_encoder) starts from the init's latents exactly.
+    both = CausalVideoVAE(dataclasses.replace(init.cfg, pre_pool_blocks=1, post_grow_blocks=1)).eval()
+    vae_stage.load_init(both, cfg.export_path)
+    video = torch.rand(1, 3, 4, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(both.encode(video), after.encode(video))
+        assert torch.equal(both.decode(z), after.decode(z))
     # The other architecture fields still have to match the preset.
     with pytest.raises(ValueError, match="base_channels"):
         load_vae(cfg.export_path, expected=dataclasses.replace(get_preset("test").vae, base_channels=16))
@@ -272,6 +279,9 @@ def test_fresh_decoder_loads_only_the_encoder(tiny_vae_checkpoint: Path) -> None
     for name, p in fresh.named_parameters():
         assert torch.equal(p, init_params[name] if id(p) in enc else reference[name]), name
     assert any(not torch.equal(reference[n], init_params[n]) for n, p in fresh.named_parameters() if id(p) in enc)
+    with pytest.raises(ValueError, match="pre_pool_blocks changes the encoder"):
+        build_config(vae_stage.VAETrainConfig, {"preset": "test", "init_checkpoint": str(tiny_vae_checkpoint),
+                                                "train_encoder": False, "pre_pool_blocks": 1})
     with pytest.raises(ValueError, match="fresh_decoder trains a new decoder for a frozen encoder"):
         build_config(vae_stage.VAETrainConfig, {"preset": "test", "init_checkpoint": str(tiny_vae_checkpoint),
                                                 "fresh_decoder": True})
