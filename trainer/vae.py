@@ -389,11 +389,11 @@ def load_init(vae: CausalVideoVAE, path: str, decoder: bool = True) -> None:
     beyond ``vae``'s are an error, blocks it lacks keep ``vae``'s identity initialisation. ``decoder=False``
     loads the encoder only (the decoder keeps ``vae``'s own initialisation)."""
     init = load_vae(path, expected=vae.cfg)
-    for field, part in (("post_grow_blocks", "post-grow decoder"), ("pre_pool_blocks", "pre-pool encoder")):
-        have, want = getattr(init.cfg, field), getattr(vae.cfg, field)
+    for name, part in (("post_grow_blocks", "post-grow decoder"), ("pre_pool_blocks", "pre-pool encoder")):
+        have, want = getattr(init.cfg, name), getattr(vae.cfg, name)
         if have > want:
             raise ValueError(f"init_checkpoint {path} has {have} {part} blocks, this run builds {want}: "
-                             f"set {field}: {have} (or more)")
+                             f"set {name}: {have} (or more)")
     if not decoder:
         encoder = {id(p) for p in init.encoder_parameters()}
         state = {n: p for n, p in init.named_parameters() if id(p) in encoder}
