@@ -123,26 +123,30 @@ def test_losses_are_finite_and_per_sample() -> None:
     assert vae_stage.latent_scale_loss(torch.ones(1, 4, 1, 2, 2)).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def decoder_fine_tune_config(tmp_path: Path, init: Path, name: str, **changes: object) -> vae_stage.VAETrainConfig:
+    """A 3-step ``train_encoder: false`` run of the ``test`` preset from ``init``, exporting to ``tmp_path``."""
+    from trainer.common.config import build_config
+
+    return build_config(vae_stage.VAETrainConfig, {
+        "preset": "test", "export_path": str(tmp_path / f"{name}.safetensors"),
+        "init_checkpoint": str(init), "train_encoder": False,
+        "run": {"runs_dir": str(tmp_path / "runs"), "name": name, "max_steps": 3, "save_every": 3, "num_threads": 1},
+        "optim": {"lr": 1e-2, "warmup_steps": 1},
+        "data": {"num_frames": 4, "crop_size": 16, "global_batch": 4, "heldout_clips": 2, "heldout_frames": 4,
+                 "stats_clips": 2},
+        **changes,
+    })
+
+
 def test_decoder_fine_tune_keeps_the_latent_space(tmp_path: Path, tiny_vae_checkpoint: Path) -> None:
     """``train_encoder: false``: encoder weights and latent stats exactly the init checkpoint's; the decoder moved."""
-    from trainer.common.config import build_config
 
     # An fp32 init: a bf16 export of the fine-tune would round its encoder, so the export keeps the init's dtype.
     init = tmp_path / "init_fp32.safetensors"
     save_checkpoint(load_vae(tiny_vae_checkpoint), init, kind="vae", config=load_vae(tiny_vae_checkpoint).cfg,
                     dtype=torch.float32, extra_metadata=LatentStats.from_checkpoint(tiny_vae_checkpoint).metadata())
     tiny_vae_checkpoint = init
-    base = tiny_vae_config(tmp_path, max_steps=3)
-    cfg = build_config(vae_stage.VAETrainConfig, {
-        **{k: getattr(base, k) for k in ("preset", "export_path")},
-        "init_checkpoint": str(tiny_vae_checkpoint), "train_encoder": False,
-        "run": {"runs_dir": str(tmp_path / "runs"), "name": "dec", "max_steps": 3, "save_every": 3,
-                "num_threads": 1},
-        "optim": {"lr": 1e-2, "warmup_steps": 1},
-        "data": {"num_frames": 4, "crop_size": 16, "global_batch": 4, "heldout_clips": 2, "heldout_frames": 4,
-                 "stats_clips": 2},
-        "loss": {"object_weight": 4.0},
-    })
+    cfg = decoder_fine_tune_config(tmp_path, tiny_vae_checkpoint, "dec", loss={"object_weight": 4.0})
     vae_stage.train(cfg)
     before, after = load_vae(tiny_vae_checkpoint), load_vae(cfg.export_path)
     enc = {id(p) for p in before.encoder_parameters()}
@@ -221,7 +225,6 @@ def test_decoder_fine_tune_adds_post_grow_blocks_starting_from_the_init(tmp_path
 
     from streamgen.config import get_preset
     from streamgen.model.vae import CausalVideoVAE
-    from trainer.common.config import build_config
 
     init = load_vae(tiny_vae_checkpoint).eval()
     assert init.cfg.post_grow_blocks == 0
@@ -231,16 +234,7 @@ def test_decoder_fine_tune_adds_post_grow_blocks_starting_from_the_init(tmp_path
     with torch.no_grad():
         assert torch.equal(grown.decode(z), init.decode(z))
 
-    cfg = build_config(vae_stage.VAETrainConfig, {
-        "preset": "test", "export_path": str(tmp_path / "grown.safetensors"),
-        "init_checkpoint": str(tiny_vae_checkpoint), "train_encoder": False, "post_grow_blocks": 1,
-        "run": {"runs_dir": str(tmp_path / "runs"), "name": "grow", "max_steps": 2, "save_every": 2,
-                "num_threads": 1},
-        "optim": {"lr": 1e-2, "warmup_steps": 1},
-        "data": {"num_frames": 4, "crop_size": 16, "global_batch": 2, "heldout_clips": 2, "heldout_frames": 4,
-                 "stats_clips": 2},
-        "loss": {"temporal": 1.0},
-    })
+    cfg = decoder_fine_tune_config(tmp_path, tiny_vae_checkpoint, "grow", loss={"temporal": 1.0}, post_grow_blocks=1)
     vae_stage.train(cfg)
     after = load_vae(cfg.export_path, expected=get_preset("test").vae)  # another decoder layout, same latent space
     assert after.cfg.post_grow_blocks == 1
