@@ -121,7 +121,8 @@ class VAETrainConfig:
     # from exactly the init's reconstruction.
     post_grow_blocks: int | None = None
     # Residual blocks before the encoder's first TemporalPool (VAEConfig.pre_pool_blocks); null = the preset's.
-    # An encoder change: needs train_encoder (new blocks start as the identity, like post-grow ones).
+    # An encoder layout: with train_encoder false it must be the init checkpoint's (new blocks start as the
+    # identity, like post-grow ones, so they would never leave it).
     pre_pool_blocks: int | None = None
     # With train_encoder false: the decoder starts from this run's fresh initialisation instead of the init
     # checkpoint's decoder (the frozen encoder and the latent stats still come from the checkpoint).
@@ -137,8 +138,6 @@ class VAETrainConfig:
         check(self.export_dtype in EXPORT_DTYPES, f"export_dtype must be one of {EXPORT_DTYPES}")
         check(self.train_encoder or self.init_checkpoint is not None,
               "train_encoder: false fine-tunes the decoder of an exported VAE: set init_checkpoint")
-        check(self.train_encoder or self.pre_pool_blocks is None,
-              "pre_pool_blocks changes the encoder (a new latent space): set train_encoder: true")
         check(not self.fresh_decoder or not self.train_encoder,
               "fresh_decoder trains a new decoder for a frozen encoder: set train_encoder: false")
         check(self.init_checkpoint is None or self.init_checkpoint != self.export_path,
@@ -343,7 +342,7 @@ def train(cfg: VAETrainConfig, resume: bool = False, export: bool = True) -> VAE
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     vae = CausalVideoVAE(cfg.vae)
     if cfg.init_checkpoint is not None and not resume:  # a resumed run restores its own weights
-        load_init(vae, cfg.init_checkpoint, decoder=not cfg.fresh_decoder)
+        load_init(vae, cfg.init_checkpoint, decoder=not cfg.fresh_decoder, encoder_frozen=not cfg.train_encoder)
     if not cfg.train_encoder:
         for p in vae.encoder_parameters():
             p.requires_grad_(False)
@@ -384,11 +383,15 @@ def train(cfg: VAETrainConfig, resume: bool = False, export: bool = True) -> VAE
     return result
 
 
-def load_init(vae: CausalVideoVAE, path: str, decoder: bool = True) -> None:
+def load_init(vae: CausalVideoVAE, path: str, decoder: bool = True, encoder_frozen: bool = False) -> None:
     """Load an exported VAE into ``vae``. Only post-grow and pre-pool blocks may differ: blocks the file has
     beyond ``vae``'s are an error, blocks it lacks keep ``vae``'s identity initialisation. ``decoder=False``
-    loads the encoder only (the decoder keeps ``vae``'s own initialisation)."""
+    loads the encoder only (the decoder keeps ``vae``'s own initialisation); ``encoder_frozen`` requires the
+    file's encoder layout (a frozen encoder keeps its latent space)."""
     init = load_vae(path, expected=vae.cfg)
+    if encoder_frozen and init.cfg.pre_pool_blocks != vae.cfg.pre_pool_blocks:
+        raise ValueError(f"train_encoder: false keeps the encoder of {path}, which has {init.cfg.pre_pool_blocks} "
+                         f"pre-pool blocks: set pre_pool_blocks: {init.cfg.pre_pool_blocks}")
     for name, part in (("post_grow_blocks", "post-grow decoder"), ("pre_pool_blocks", "pre-pool encoder")):
         have, want = getattr(init.cfg, name), getattr(vae.cfg, name)
         if have > want:
