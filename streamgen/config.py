@@ -81,6 +81,12 @@ class VAEConfig:
     # latent space of its own.
     pre_pool_blocks: int = 0
 
+    def with_layout_of(self, other: VAEConfig) -> VAEConfig:
+        """This config with ``other``'s pre-pool and post-grow block counts: the layout a checkpoint carries as
+        its own (neither changes the latent shape or the video geometry a preset fixes)."""
+        return dataclasses.replace(self, post_grow_blocks=other.post_grow_blocks,
+                                   pre_pool_blocks=other.pre_pool_blocks)
+
     def __post_init__(self) -> None:
         _check(self.latent_channels > 0, "VAEConfig.latent_channels must be > 0")
         _check(self.base_channels > 0, "VAEConfig.base_channels must be > 0")

@@ -25,7 +25,6 @@ file and what is wrong, and nothing falls back to random weights.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -185,9 +184,7 @@ def load_vae(md: ModelDir) -> Any:
         from streamgen.model.weights import load_vae as load_streamgen_vae
 
         vae = load_streamgen_vae(md.vae, expected=md.preset.vae)  # its pre-pool/post-grow blocks are its own
-    want = dataclasses.replace(md.preset.vae, post_grow_blocks=vae.cfg.post_grow_blocks,
-                               pre_pool_blocks=vae.cfg.pre_pool_blocks)
-    if vae.cfg != want:
+    if vae.cfg != md.preset.vae.with_layout_of(vae.cfg):
         raise ValueError(f"{md.vae}: VAE config {to_dict(vae.cfg)} differs from model.json's {to_dict(md.preset.vae)}")
     return vae.eval()
 

@@ -9,10 +9,10 @@ Loss per clip (all in pixel space [-1, 1] unless noted):
   head), so this pulls every channel to unit scale without fixing its content;
 * the decoder sees ``z + latent_noise * e``: it learns to decode slightly-off latents, which is
   what a diffusion sampler hands it.
-* ``temporal * |diff_t x - diff_t x'|`` (0 = off): L1 between frame-to-frame differences, so the motion
-  between consecutive frames is reconstructed, not only each frame: without it the decoder learnt to hold
-  two of every four frames nearly still and jump on the fourth (a small per-frame error, visible judder;
-  docs/quality.md).
+* ``temporal * |diff_t x - diff_t x'|`` (0 = off): L1 between frame-to-frame differences, which prices the
+  motion between consecutive frames, not only each frame. Every VAE here holds some of the four frames of a
+  latent frame nearly still and jumps on the next (a small per-frame error, visible judder); this term, at
+  the weights tried, has not removed that (docs/quality.md, "How the clips move").
 * ``object_weight`` (0 = off): the L1 and L2 terms weight a pixel by ``1 + object_weight *
   mask`` (the renderer's object mask), normalised by each clip's mean weight. The product is a small part
   of the frame, so an unweighted loss lets its colour drift while backgrounds dominate.

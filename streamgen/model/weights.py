@@ -27,7 +27,6 @@ Wan original                      streamgen / diffusers
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -203,13 +202,9 @@ def load_vae(path: str | os.PathLike[str], expected: VAEConfig | None = None) ->
 
     state, cfg_dict = read_checkpoint(path, "vae")
     cfg = from_dict(VAEConfig, cfg_dict)
-    if expected is not None:
-        # The blocks after the decoder's last grow and before the encoder's first pool are the checkpoint's own
-        # layout: they change neither the latent shape nor the video geometry, so any count serves a preset
-        # (a model is tied to the VAE file it was trained with, not to its layout).
-        expected = dataclasses.replace(expected, post_grow_blocks=cfg.post_grow_blocks,
-                                       pre_pool_blocks=cfg.pre_pool_blocks)
-    _check_config(path, cfg, expected)
+    # The pre-pool / post-grow block counts are the checkpoint's own layout (a model is tied to the VAE file it
+    # was trained with, not to its layout): any count serves a preset.
+    _check_config(path, cfg, None if expected is None else expected.with_layout_of(cfg))
     vae = CausalVideoVAE(cfg)
     load_state_strict(vae, {k: v.float() for k, v in state.items()}, what=f"checkpoint {path}")
     metadata = read_metadata(path)

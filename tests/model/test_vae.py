@@ -218,6 +218,10 @@ def test_config_rejects_negative_res_blocks() -> None:
         dataclasses.replace(get_preset("test").vae, pre_pool_blocks=-1)
     with pytest.raises(ValueError, match="encoder has no TemporalPool"):
         dataclasses.replace(get_preset("test").vae, temporal_factor=1, pre_pool_blocks=1)
+    # A checkpoint's layout counts are its own; every other field stays the preset's.
+    base = get_preset("test").vae
+    grown = dataclasses.replace(base, post_grow_blocks=2, pre_pool_blocks=1, base_channels=16)
+    assert base.with_layout_of(grown) == dataclasses.replace(base, post_grow_blocks=2, pre_pool_blocks=1)
 
 
 def test_post_grow_blocks_run_at_the_full_frame_rate(test_preset: Preset) -> None:
@@ -241,7 +245,8 @@ def test_post_grow_blocks_run_at_the_full_frame_rate(test_preset: Preset) -> Non
 
 def test_pre_pool_blocks_see_each_frame_before_the_pool(test_preset: Preset) -> None:
     """The pre-pool block runs on full-rate frames: its temporal conv's previous-frame tap changes the latent of
-    the first latent frame (frames 1-3 have a previous frame inside the group), and the state carries it."""
+    the first latent frame (frames 1-3 have a previous frame inside the group). Its stream state is covered by
+    the streaming tests, which run on this layout too."""
     vae = _randomise(CausalVideoVAE(dataclasses.replace(test_preset.vae, pre_pool_blocks=1)))
     (block,) = vae.enc_stages[0].pre_blocks
     assert vae._enc_temporal[0] is block.temporal

@@ -147,9 +147,11 @@ def main(argv: list[str] | None = None) -> int:
 
         results: dict[str, Any] = {}
         first_meta: dict[str, Any] | None = None
+        size = 0  # the first set's frame size, for its rendered reference
         for directory in args.sets:
             videos, meta = load_set(directory)
-            first_meta = first_meta or meta
+            if first_meta is None:
+                first_meta, size = meta, int(videos[0].frames.shape[1])
             if min(v.frames.shape[0] for v in videos) < args.frames:
                 raise ValueError(f"{directory}: clips shorter than --frames {args.frames}")
             clips = np.stack([v.frames[:args.frames] for v in videos])
@@ -161,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.eval.inputs import reconstruct_videos, render_reference
 
             assert first_meta is not None
-            size = int(np.load(args.sets[0] / "clips.npz")["frames"].shape[2])
             rendered = render_reference(first_meta["prompts"], args.frames, size, float(first_meta["fps"]),
                                         int(first_meta.get("seed", 0)) + 1000)
             clips = np.stack([v.frames for v in rendered])
