@@ -41,10 +41,20 @@ class ModelConfig:
     eps: float = 1e-6
     cross_attn_norm: bool = True
     rope_theta: float = 10000.0
+    # Learned embeddings of a frame's absolute position since the start of the clip or stream (0 = none, as
+    # Wan): added to the frame's time embedding, so every block's modulation knows how far into the clip the
+    # frame is, which RoPE (relative only) cannot say; positions past the last embedding share it. Starts at
+    # zero, so a checkpoint trained without it loads into one with it and predicts exactly as before.
+    frame_embeddings: int = 0
 
     @property
     def dim(self) -> int:
         return self.num_heads * self.head_dim
+
+    def with_layout_of(self, other: ModelConfig) -> ModelConfig:
+        """This config with ``other``'s frame-embedding count: the layout a checkpoint carries as its own (it
+        changes no shape a preset fixes)."""
+        return dataclasses.replace(self, frame_embeddings=other.frame_embeddings)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_heads", "head_dim", "ffn_dim", "latent_channels",
@@ -58,6 +68,7 @@ class ModelConfig:
         _check(self.head_dim % 2 == 0 and self.head_dim >= 6,
                f"ModelConfig.head_dim must be even and >= 6 for 3-D RoPE, got {self.head_dim}")
         _check(self.freq_dim % 2 == 0, f"ModelConfig.freq_dim must be even, got {self.freq_dim}")
+        _check(self.frame_embeddings >= 0, f"ModelConfig.frame_embeddings must be >= 0, got {self.frame_embeddings}")
 
 
 @dataclass(frozen=True)

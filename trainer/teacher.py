@@ -22,6 +22,7 @@ This module must never change the model's architecture or the VAE.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -154,6 +155,11 @@ class TeacherTrainConfig:
     export_dtype: str = "bf16"  # weights as stored (loaders upcast to fp32); bf16 halves the committed file
     # Start from these weights (e.g. a shorter-horizon teacher) instead of a random init; ignored on --resume.
     init_checkpoint: str | None = None
+    # ModelConfig.frame_embeddings (0 = none, the preset's layout): learned embeddings of a frame's position
+    # since the start of its clip (a crop from latent frame s trains at positions s, s + 1, ...), so the model
+    # knows how far into a clip it is -- the renderer's camera moves slow down with it. An init without them
+    # starts with them at zero.
+    frame_embeddings: int = 0
     run: RunConfig = field(default_factory=lambda: RunConfig(name="teacher_default"))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, betas=(0.9, 0.99), weight_decay=0.01,
                                                                    warmup_steps=200, ema_decay=0.999))
@@ -166,10 +172,11 @@ class TeacherTrainConfig:
         check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         check(self.export_dtype in EXPORT_DTYPES,
               f"export_dtype must be one of {EXPORT_DTYPES}, got {self.export_dtype!r}")
+        check(self.frame_embeddings >= 0, f"frame_embeddings must be >= 0, got {self.frame_embeddings}")
 
     @property
     def model(self) -> ModelConfig:
-        return get_preset(self.preset).model
+        return dataclasses.replace(get_preset(self.preset).model, frame_embeddings=self.frame_embeddings)
 
     @property
     def clip_latent_frames(self) -> int:
@@ -192,8 +199,9 @@ class TeacherForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        return self.model(x_t, timesteps, self.model.encode_text(text_emb))
+    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor,
+                frame_offsets: torch.Tensor | int = 0) -> torch.Tensor:
+        return self.model(x_t, timesteps, self.model.encode_text(text_emb), frame_offsets=frame_offsets)
 
 
 def sample_timestep(g: torch.Generator, flow: FlowConfig) -> float:
@@ -236,7 +244,9 @@ class Batcher:
         return int(torch.randint(span + 1, (), generator=g))
 
     def __call__(self, step: int, ids: list[int]) -> tuple[torch.Tensor, ...]:
-        x0s, noises, ts, embs = [], [], [], []
+        """``(x_t, t, prompt embeddings, velocity target, frame offsets)``; the offsets are the crops' first latent
+        frames where the model has frame embeddings, else 0 (RoPE alone is relative: the offset changes nothing)."""
+        x0s, noises, ts, embs, starts = [], [], [], [], []
         zero = torch.zeros_like(self.data.text_emb[0])
         for i in ids:
             clip = self.clip_index(i)
@@ -253,9 +263,11 @@ class Batcher:
                     emb = self.partial_emb[clip, int(u >= self.cfg.data.attribute_dropout / 2)]
             embs.append(emb)
             x0s.append(x0)
+            starts.append(start if self.cfg.frame_embeddings else 0)
         x0, noise = torch.stack(x0s), torch.stack(noises)
         t = torch.tensor(ts)
-        return add_noise(x0, noise, t), t, torch.stack(embs), velocity_target(x0, noise)
+        return (add_noise(x0, noise, t), t, torch.stack(embs), velocity_target(x0, noise),
+                torch.tensor(starts, dtype=torch.long))
 
 
 def flow_loss(v: torch.Tensor, target: torch.Tensor, temporal_weight: float = 0.0) -> torch.Tensor:
@@ -283,6 +295,23 @@ def partial_caption_embeddings(data: latent_data.LatentDataset, max_tokens: int,
     return emb.float()[ids]
 
 
+def load_init(model: CausalWanTransformer, path: str) -> None:
+    """Load ``path``'s weights into ``model``. A checkpoint without frame embeddings initialises a model with
+    them (they stay at their zero init: the model predicts exactly as the checkpoint); any other layout
+    difference raises."""
+    init = load_transformer(path, expected=model.cfg)
+    have, want = init.cfg.frame_embeddings, model.cfg.frame_embeddings
+    if have == want:
+        model.load_state_dict(init.state_dict())
+        return
+    if have != 0:
+        raise ValueError(f"init_checkpoint {path} has {have} frame embeddings, the config asks for {want}: "
+                         "only a checkpoint without them can start a run with them")
+    missing, unexpected = model.load_state_dict(init.state_dict(), strict=False)
+    if unexpected or missing != ["condition_embedder.frame_embedding.weight"]:
+        raise ValueError(f"init_checkpoint {path}: unexpected {unexpected}, missing {missing}")
+
+
 @dataclass
 class TeacherResult:
     steps: int
@@ -301,7 +330,7 @@ def train(cfg: TeacherTrainConfig, resume: bool = False, export: bool = True) ->
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = CausalWanTransformer(cfg.model).set_gradient_checkpointing(cfg.run.gradient_checkpointing)
     if cfg.init_checkpoint is not None:
-        model.load_state_dict(load_transformer(cfg.init_checkpoint, expected=cfg.model).state_dict())
+        load_init(model, cfg.init_checkpoint)
     model.to(rt.device)  # before the optimizer is built over its parameters
     ema = CausalWanTransformer(cfg.model).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
@@ -319,9 +348,9 @@ def train(cfg: TeacherTrainConfig, resume: bool = False, export: bool = True) ->
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = batcher(step, local_indices(step, cfg.data.global_batch, rt))
-        x_t, t, emb, target = (x.to(rt.device, non_blocking=True) for x in batch)
+        x_t, t, emb, target, offsets = (x.to(rt.device, non_blocking=True) for x in batch)
         with autocast:
-            v = wrapped(x_t, t, emb)
+            v = wrapped(x_t, t, emb, offsets)
         loss = flow_loss(v.float(), target, cfg.flow.temporal_weight)
         if rt.is_main and cfg.sample.every is not None and step > 0 and step % cfg.sample.every == 0:
             write_samples(ema.eval(), cfg, cfg.run.run_dir / f"samples_{step:06d}.png")

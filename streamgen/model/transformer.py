@@ -123,13 +123,23 @@ class ConditionEmbedder(nn.Module):
         self.time_embedder = TimestepEmbedding(cfg.freq_dim, cfg.dim)
         self.time_proj = nn.Linear(cfg.dim, 6 * cfg.dim)
         self.text_embedder = TextProjection(cfg.text_dim, cfg.dim)
+        # ModelConfig.frame_embeddings: absolute frame position -> a vector added to the time embedding.
+        self.frame_embedding = nn.Embedding(cfg.frame_embeddings, cfg.dim) if cfg.frame_embeddings else None
 
-    def time(self, timesteps: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``timesteps: [B, F]`` -> ``temb: [B, F, dim]``, ``proj: [B, F, 6, dim]``."""
+    def time(self, timesteps: torch.Tensor, dtype: torch.dtype,
+             positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``timesteps: [B, F]`` (and absolute frame ``positions: [B, F]``, read only with frame embeddings)
+        -> ``temb: [B, F, dim]``, ``proj: [B, F, 6, dim]``."""
         batch, num_frames = timesteps.shape
         freq = timestep_embedding(timesteps.flatten(), self.freq_dim)
         freq = freq.to(self.time_embedder.linear_1.weight.dtype)
-        temb = self.time_embedder(freq).to(dtype)  # [B*F, dim]
+        temb = self.time_embedder(freq)  # [B*F, dim]
+        if self.frame_embedding is not None:
+            if positions is None or positions.shape != timesteps.shape:
+                raise ValueError("a model with frame embeddings needs every frame's absolute position [B, F]")
+            index = positions.clamp(0, self.frame_embedding.num_embeddings - 1).flatten()
+            temb = temb + self.frame_embedding(index).to(temb.dtype)
+        temb = temb.to(dtype)
         proj = self.time_proj(F.silu(temb))  # [B*F, 6*dim]
         return temb.view(batch, num_frames, -1), proj.view(batch, num_frames, 6, -1)
 
@@ -308,6 +318,10 @@ class CausalWanTransformer(nn.Module):
         for block in self.blocks:
             nn.init.normal_(block.scale_shift_table, std=dim**-0.5)
         nn.init.normal_(self.scale_shift_table, std=dim**-0.5)
+        # Frame embeddings: zero, so the model starts as one without them (and a checkpoint without them
+        # loads into it unchanged).
+        if self.condition_embedder.frame_embedding is not None:
+            nn.init.zeros_(self.condition_embedder.frame_embedding.weight)
         # Output head: zero, so an untrained model predicts zero velocity (DiT's adaLN-zero spirit).
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
@@ -364,7 +378,8 @@ class CausalWanTransformer(nn.Module):
             timesteps: ``[B]`` or ``[B, F]`` in ``[0, 1000]`` (per-frame noise levels).
             context: from :meth:`encode_text`.
             frame_offsets: absolute index of ``x``'s first frame (int or ``[B]``), or explicit
-                absolute positions of every frame ``[B, F]``; used for RoPE.
+                absolute positions of every frame ``[B, F]``; used for RoPE and, where the config has
+                them, the frame embeddings.
             kv_cache: past keys/values (chunked streaming); ``None`` attends within ``x`` only.
             attn_mask: bool ``[F*T, F*T]`` (True = may attend) when ``kv_cache`` is ``None``;
                 ``None`` = full bidirectional attention (the teacher).
@@ -395,7 +410,7 @@ class CausalWanTransformer(nn.Module):
 
         h = self.patch_embedding(x.to(dtype))  # [B, dim, F, gh, gw]
         h = h.flatten(2).transpose(1, 2).contiguous()  # [B, F*gh*gw, dim]
-        temb, temb_proj = self.condition_embedder.time(timesteps, dtype)  # [B, F, dim], [B, F, 6, dim]
+        temb, temb_proj = self.condition_embedder.time(timesteps, dtype, positions)  # [B, F, dim], [B, F, 6, dim]
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for i, block in enumerate(self.blocks):
             text = (context.keys[i], context.values[i])

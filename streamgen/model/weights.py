@@ -190,7 +190,9 @@ def load_transformer(path: str | os.PathLike[str], expected: ModelConfig | None 
 
     state, cfg_dict = read_checkpoint(path, "transformer")
     cfg = from_dict(ModelConfig, cfg_dict)
-    _check_config(path, cfg, expected)
+    # The frame-embedding count is the checkpoint's own layout (ModelConfig.with_layout_of): any count serves
+    # a preset.
+    _check_config(path, cfg, None if expected is None else expected.with_layout_of(cfg))
     model = CausalWanTransformer(cfg, attention_backend)
     load_state_strict(model, {k: v.float() for k, v in state.items()}, what=f"checkpoint {path}")
     return model.to(dtype)

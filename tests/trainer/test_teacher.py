@@ -300,8 +300,8 @@ def test_random_crops_are_keyed_within_the_clip_and_at_positions_from_zero(
     assert starts != [other_seed.crop_start(step, i) for step in range(20) for i in range(4)]
     # The batch holds exactly the crop: x_t = x0 + s (e - x0) with target e - x0, so x0 = x_t - s * target.
     step, ids = 3, [0, 1, 2, 3]
-    x_t, t, _, target = a(step, ids)
-    assert x_t.shape[2] == horizon
+    x_t, t, _, target, offsets = a(step, ids)
+    assert x_t.shape[2] == horizon and torch.equal(offsets, torch.zeros(len(ids), dtype=torch.long))
     for row, i in enumerate(ids):
         start = a.crop_start(step, i)
         x0 = data.latents[a.clip_index(i), :, start:start + horizon]
@@ -320,6 +320,15 @@ def test_random_crops_are_keyed_within_the_clip_and_at_positions_from_zero(
         teacher_stage.TeacherForward(model)(x_t, t, torch.randn(len(ids), cfg.model.text_max_tokens,
                                                                 cfg.model.text_dim))
     assert len(seen) == 1 and torch.equal(seen[0], torch.arange(horizon).expand(len(ids), horizon))
+    # With frame embeddings the crop is presented where it lies in its clip: positions start..start + H - 1.
+    with_frames = dataclasses.replace(cfg, frame_embeddings=LONG_CLIP_LATENT_FRAMES)
+    framed = teacher_stage.Batcher(data, with_frames)
+    x_t, t, emb, _, offsets = framed(step, ids)
+    assert offsets.tolist() == [framed.crop_start(step, i) for i in ids] and offsets.any()
+    seen.clear()
+    with torch.no_grad():
+        teacher_stage.TeacherForward(CausalWanTransformer(with_frames.model))(x_t, t, emb, offsets)
+    assert torch.equal(seen[0], offsets[:, None] + torch.arange(horizon)[None, :])
 
 
 def test_crop_training_resumes_bit_exactly(tmp_path: Path, tiny_vae_checkpoint: Path, tiny_long_latents: Path,

@@ -1,0 +1,332 @@
+"""``python -m trainer.eval.conditioning``: how much of each caption attribute's effect a teacher has learnt.
+
+The attribute classifier reads generated clips, so a low reading cannot say whether the generator ignores a
+word or renders it in a way the classifier misreads, and it needs the whole sampler. This instrument asks the
+denoiser directly, at the one noise level where the right answer is known exactly: at ``t = 1000`` the input
+is pure noise, independent of the clip, so the ideal (MSE-optimal) prediction of ``x_0`` given a caption is the
+mean clip of that caption. Averaged over the clips that share an attribute value, the model's predictions
+should therefore reproduce the data's group means for that value.
+
+For one attribute with values ``v`` (groups of ``n_v`` clips out of ``N``), clips ``X_i`` (latent crops) and
+predictions ``P_i`` (the teacher's ``x_0`` at ``t = 1000`` from clip ``i``'s caption and its own noise):
+
+* the data's between-group sum of squares ``B_xx = sum_v n_v |mean_v X - mean X|^2`` is biased upwards by the
+  within-group scatter (a finite group's mean is noisy); the classical one-way ANOVA correction
+  ``B_xx - (K - 1) W_xx / (N - K)`` (``K`` values, ``W_xx`` the within-group sum of squares) makes it unbiased
+  for ``sum_v n_v |mu_v - mu|^2``;
+* the same correction of the cross products ``B_px``, ``W_px`` (``<P, X>`` in place of ``|X|^2``) removes the
+  share another attribute contributes through an unbalanced group composition;
+* **share** = corrected ``B_px`` / corrected ``B_xx``: the slope of the model's group effects on the data's.
+  1 = the model moves its mean clip by the attribute as the data do; 0 = it ignores the word; between, the
+  part of the effect it has learnt (a model whose effect has another shape gets only its projection).
+
+Each attribute is read three ways: **total**; **static**, the clips' mean over frames (where and how large
+the product is, its colour, the background); **temporal**, each frame minus that mean (how the clip changes
+from frame to frame: the camera move itself, the product's turning). The parts are orthogonal. Intervals are
+95 % percentile bootstraps over clips (resampled with replacement, seeded); a part whose corrected data
+effect is not above 0 in the bootstrap is **unreadable** (the data give no reference there) and gets no
+share.
+
+The clips are the teacher's own training latents (a latent dataset of ``trainer.teacher``): this measures
+what the teacher learnt of its training distribution, not generalisation. Only a denoiser trained over the
+whole noise range (a ``trainer.teacher`` export) has the mean clip as its ``t = 1000`` answer; a distilled
+student's first step does not, and is refused.
+
+    python -m trainer.eval.conditioning --checkpoint checkpoints/teacher_colour_h12.safetensors \\
+        --latents runs/latents_colour_h12_10s_1024 --out runs/conditioning_teacher.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.data.attributes import ATTRIBUTE_KEYS
+from trainer.eval.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, Interval
+
+PARTS = ("total", "static", "temporal")
+MIN_PER_GROUP = 2  # a value needs two clips for a within-group scatter
+
+
+@dataclass(frozen=True)
+class Grams:
+    """Inner products between clips: ``xx[i, j] = <X_i, X_j>``, ``px[i, j] = <P_i, X_j>`` (``[N, N]`` float64)."""
+
+    xx: np.ndarray
+    px: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.xx.ndim != 2 or self.xx.shape[0] != self.xx.shape[1] or self.px.shape != self.xx.shape:
+            raise ValueError(f"Grams need two [N, N] matrices, got {self.xx.shape} and {self.px.shape}")
+
+
+def grams(data: torch.Tensor, predictions: torch.Tensor) -> dict[str, Grams]:
+    """Gram matrices of the three parts for clips ``data`` and predictions ``predictions`` (``[N, C, F, H, W]``)."""
+    if data.shape != predictions.shape or data.ndim != 5:
+        raise ValueError(f"data and predictions must both be [N, C, F, H, W], got {tuple(data.shape)} and "
+                         f"{tuple(predictions.shape)}")
+    x, p = data.double(), predictions.double()
+    frames = x.shape[2]
+    parts = {
+        "total": (x, p),
+        # the frame mean broadcast over the frames: its inner products are F x those of the means
+        "static": (x.mean(dim=2) * frames ** 0.5, p.mean(dim=2) * frames ** 0.5),
+        "temporal": (x - x.mean(dim=2, keepdim=True), p - p.mean(dim=2, keepdim=True)),
+    }
+    out = {}
+    for name, (a, b) in parts.items():
+        a, b = a.flatten(1), b.flatten(1)
+        out[name] = Grams(xx=(a @ a.T).numpy(), px=(b @ a.T).numpy())
+    return out
+
+
+def _group_index(labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    values = sorted(set(labels))
+    if len(values) < 2:
+        raise ValueError(f"the attribute takes one value ({values}) in these clips: no effect to measure")
+    groups = np.array([values.index(v) for v in labels])
+    counts = np.bincount(groups, minlength=len(values))
+    if counts.min() < MIN_PER_GROUP:
+        small = [f"{values[k]} ({counts[k]})" for k in range(len(values)) if counts[k] < MIN_PER_GROUP]
+        raise ValueError(f"every value needs >= {MIN_PER_GROUP} clips, got {', '.join(small)}: measure more clips")
+    return values, groups
+
+
+def _between(sums: np.ndarray, self_pairs: np.ndarray, n_v: np.ndarray, pairs: np.ndarray) -> float:
+    """Unbiased ``sum_v pi_v <a_v, b_v> - <sum_v pi_v a_v, sum_u pi_u b_u>`` from pairs of distinct clips.
+
+    ``sums[v, u]`` is the weighted sum of ``<A_i, B_j>`` over ``i`` in group ``v`` and ``j`` in ``u``;
+    ``a_v``/``b_v`` are the expected A/B of group ``v``, ``pi_v`` its share of the clips. Group ``v``'s own
+    term averages over ordered pairs ``i != j`` inside the group (``self_pairs`` and ``pairs`` remove the
+    same-clip pairs), the cross terms over pairs in different groups, so no clip is ever paired with itself:
+    that pair would put the clip's own scatter into the estimate (biased upwards) and, for ``<P_i, X_i>``, the
+    effect of every other attribute of its caption. Bootstrap copies of one clip are one clip (their pairs are
+    left out too), as in :func:`trainer.eval.stats.kid`.
+    """
+    inner = sums / np.outer(n_v, n_v)
+    np.fill_diagonal(inner, (np.diag(sums) - self_pairs) / pairs)
+    pi = n_v / n_v.sum()
+    return float(pi @ np.diag(inner) - pi @ inner @ pi)
+
+
+def _statistics(gram: Grams, blocks: list[slice], indicator: np.ndarray,
+                weights: np.ndarray) -> tuple[list[tuple[float, float]], float]:
+    """Per attribute ``(between of px, between of xx)`` and the clips' variance, under clip ``weights``."""
+    ind = indicator * weights[None, :]  # [sum K, N]
+    n_all, w2 = weights.sum(), weights ** 2
+    out = []
+    sums = {name: ind @ g @ ind.T for name, g in (("px", gram.px), ("xx", gram.xx))}
+    self_pairs = {name: (indicator * w2[None, :]) @ np.diag(g) for name, g in (("px", gram.px), ("xx", gram.xx))}
+    n_v_all = ind.sum(axis=1)
+    pairs_all = n_v_all ** 2 - (indicator * w2[None, :]).sum(axis=1)
+    for block in blocks:
+        out.append(tuple(_between(sums[name][block, block], self_pairs[name][block], n_v_all[block],
+                                  pairs_all[block]) for name in ("px", "xx")))
+    diag = np.diag(gram.xx)
+    cross = (weights @ gram.xx @ weights - w2 @ diag) / (n_all ** 2 - w2.sum())
+    return out, float(weights @ diag / n_all - cross)  # type: ignore[return-value]
+
+
+def measure(parts: dict[str, Grams], attributes: Sequence[dict[str, str]], keys: Sequence[str] = ATTRIBUTE_KEYS,
+            num_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
+            level: float = DEFAULT_LEVEL) -> dict[str, dict[str, Any]]:
+    """Share of each attribute's data effect that the predictions reproduce, per part (:data:`PARTS`).
+
+    Returns ``{attribute: {part: {"share": Interval | None, "data_effect": Interval, "readable": bool}}}`` for
+    every attribute in ``keys`` that takes >= 2 values in the clips. ``data_effect`` is the data's
+    between-group variance over their whole variance in that part (how much of the clips the attribute
+    explains: the reference's own size); ``share`` is None where that effect is not above 0 in the bootstrap.
+    One set of clip resamples serves every attribute and part.
+    """
+    n = len(attributes)
+    for part in PARTS:
+        if parts[part].xx.shape[0] != n:
+            raise ValueError(f"{n} clips' attributes for {parts[part].xx.shape[0]} clips")
+    used, blocks, rows = [], [], []
+    for key in keys:
+        if any(key not in a for a in attributes):
+            continue  # an attribute these clips do not record
+        labels = [a[key] for a in attributes]
+        if len(set(labels)) < 2:
+            continue
+        values, groups = _group_index(labels)
+        blocks.append(slice(len(rows), len(rows) + len(values)))
+        rows += [groups == v for v in range(len(values))]
+        used.append((key, groups))
+    if not used:
+        raise ValueError("no attribute takes two values in these clips")
+    indicator = np.stack(rows).astype(np.float64)  # [sum K, N]
+    rng = np.random.default_rng(seed)
+    draws = [np.ones(n)]
+    while len(draws) < num_resamples + 1:
+        w = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+        if all(np.bincount(g, weights=(w > 0).astype(np.float64)).min() >= MIN_PER_GROUP for _, g in used):
+            draws.append(w)  # a group of fewer than two distinct clips has no pair inside it: drawn again
+    tail = (1.0 - level) / 2.0
+    out: dict[str, dict[str, Any]] = {key: {} for key, _ in used}
+    for part in PARTS:
+        per_draw = [_statistics(parts[part], blocks, indicator, w) for w in draws]
+        for a, (key, _) in enumerate(used):
+            bxy, bxx = per_draw[0][0][a]
+            shares = np.array([s[a][0] / s[a][1] if s[a][1] > 0 else np.nan for s, _ in per_draw[1:]])
+            effects = np.array([s[a][1] / var for s, var in per_draw[1:]])
+            data_effect = Interval(bxx / per_draw[0][1], float(np.quantile(effects, tail)),
+                                   float(np.quantile(effects, 1 - tail)), n, level)
+            readable = bool(bxx > 0 and data_effect.low > 0)
+            share = None
+            if readable:
+                finite = shares[np.isfinite(shares)]
+                share = Interval(bxy / bxx, float(np.quantile(finite, tail)), float(np.quantile(finite, 1 - tail)),
+                                 n, level)
+            out[key][part] = {"share": share, "data_effect": data_effect, "readable": readable}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+def check_teacher(checkpoint: Path, dataset_vae: str) -> int | None:
+    """The checkpoint's recorded horizon (latent frames; None if it records none); ``ValueError`` for anything
+    but a teacher of that latent space."""
+    from streamgen.model.weights import read_metadata
+
+    if not checkpoint.is_file():
+        raise ValueError(f"checkpoint {checkpoint} does not exist")
+    meta = read_metadata(checkpoint)
+    if meta.get("kind") != "transformer":
+        raise ValueError(f"{checkpoint} is a {meta.get('kind', 'unknown')!r} checkpoint, not a transformer")
+    if "stage" in meta:
+        raise ValueError(f"{checkpoint} is a distilled student (stage {meta['stage']!r}): its prediction from pure "
+                         "noise is not the mean clip; pass a trainer.teacher export")
+    if meta.get("vae_checkpoint") != dataset_vae:
+        raise ValueError(f"{checkpoint} was trained in the latent space of {meta.get('vae_checkpoint')!r}, the "
+                         f"latent dataset is of {dataset_vae!r}: the clips and predictions would not compare")
+    return int(meta["num_latent_frames"]) if "num_latent_frames" in meta else None
+
+
+@torch.no_grad()
+def predict_mean_clips(model: torch.nn.Module, text_emb: torch.Tensor, shape: Sequence[int], seed: int,
+                       start: int = 0, batch: int = 8, progress: bool = True) -> torch.Tensor:
+    """The model's ``x_0`` at ``t = 1000`` for each caption embedding (``[N, L, D]``), from seeded noise
+    (clip ``i`` draws from seed ``seed + i``, so a subset or another batch size gives the same predictions),
+    for crops whose first frame is ``start`` latent frames into the clip (what frame embeddings read)."""
+    from tqdm import tqdm
+
+    from streamgen.model.sampler import x0_from_velocity
+
+    out = []
+    bar = tqdm(total=len(text_emb), desc="teacher at t=1000", unit="clip", disable=not progress, mininterval=2.0)
+    for start in range(0, len(text_emb), batch):
+        emb = text_emb[start:start + batch]
+        noise = torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed + start + j))
+                             for j in range(len(emb))])
+        t = torch.full((len(emb),), 1000.0)
+        v = model(noise, t, model.encode_text(emb), frame_offsets=start)
+        out.append(x0_from_velocity(noise, v, t).float())
+        bar.update(len(emb))
+    bar.close()
+    return torch.cat(out)
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    lines = ["| attribute | total: share [95 %] | static | temporal | data: % of the clips' variance, "
+             "total / static / temporal |", "|---|---|---|---|---|"]
+    for key, parts in results.items():
+        cells = []
+        for part in PARTS:
+            r = parts[part]
+            cells.append(r["share"].format(2) if r["readable"] else "unreadable")
+        effects = " / ".join(f"{100 * parts[p]['data_effect'].value:.2f}" for p in PARTS)
+        lines.append(f"| {key} | {' | '.join(cells)} | {effects} |")
+    return "\n".join(lines)
+
+
+def _jsonable(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {key: {part: {"share": None if r["share"] is None else r["share"].as_dict(),
+                         "data_effect": r["data_effect"].as_dict(), "readable": r["readable"]}
+                  for part, r in parts.items()} for key, parts in results.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.eval.conditioning", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="a trainer.teacher export")
+    p.add_argument("--latents", type=Path, required=True,
+                   help="a latent dataset directory of trainer.teacher (latents.safetensors + manifest.json)")
+    p.add_argument("--num-clips", type=int, default=None, help="the first N clips (default: all)")
+    p.add_argument("--start", type=int, default=0, help="first latent frame of each clip's crop (0 = openings)")
+    p.add_argument("--horizon", type=int, default=None, help="latent frames per crop (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0, help="noise and bootstrap seed")
+    p.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", type=Path, help="write the JSON here too")
+    args = p.parse_args(argv)
+    try:
+        results, meta = run(args)
+    except ValueError as exc:
+        print(f"trainer.eval.conditioning: error: {exc}", file=sys.stderr)
+        return 2
+    doc = {"meta": meta, "attributes": _jsonable(results)}
+    print(json.dumps(doc, indent=2))
+    print("\n" + table(results))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=2))
+    return 0
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    from streamgen.model.weights import load_transformer
+
+    manifest_path, tensors_path = args.latents / "manifest.json", args.latents / "latents.safetensors"
+    if not manifest_path.is_file() or not tensors_path.is_file():
+        raise ValueError(f"{args.latents} holds no latent dataset (manifest.json and latents.safetensors)")
+    manifest = json.loads(manifest_path.read_text())
+    recorded = check_teacher(args.checkpoint, manifest["spec"]["vae_checkpoint"])
+    horizon = args.horizon if args.horizon is not None else recorded
+    if horizon is None:
+        raise ValueError(f"{args.checkpoint} records no horizon (num_latent_frames); pass --horizon")
+    if horizon < 1:
+        raise ValueError(f"--horizon must be >= 1, got {horizon}")
+    if args.resamples < 100:
+        raise ValueError(f"--resamples must be >= 100 for a 95 % interval, got {args.resamples}")
+    tensors = load_file(str(tensors_path))
+    latents, text_emb, caption_ids = tensors["latents"], tensors["text_emb"], tensors["caption_ids"]
+    n = len(latents) if args.num_clips is None else args.num_clips
+    if not 1 <= n <= len(latents):
+        raise ValueError(f"--num-clips must be in [1, {len(latents)}], got {n}")
+    if args.start < 0 or args.start + horizon > latents.shape[2]:
+        raise ValueError(f"a crop of {horizon} latent frames from frame {args.start} does not fit clips of "
+                         f"{latents.shape[2]} frames")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = load_transformer(args.checkpoint).eval()
+    if model.cfg.latent_channels != latents.shape[1]:
+        raise ValueError(f"{args.checkpoint} has {model.cfg.latent_channels} latent channels, the dataset "
+                         f"{latents.shape[1]}")
+    data = latents[:n, :, args.start:args.start + horizon].float()
+    t0 = time.perf_counter()
+    predictions = predict_mean_clips(model, text_emb[caption_ids[:n]].float(), data.shape[1:], args.seed,
+                                     start=args.start)
+    seconds = time.perf_counter() - t0
+    results = measure(grams(data, predictions), manifest["attributes"][:n], num_resamples=args.resamples,
+                      seed=args.seed)
+    meta = {"checkpoint": str(args.checkpoint), "latents": str(args.latents), "clips": n, "start": args.start,
+            "horizon": horizon, "timestep": 1000, "noise seed": args.seed, "bootstrap resamples": args.resamples,
+            "model seconds": round(seconds, 1)}
+    return results, meta
+
+
+if __name__ == "__main__":
+    sys.exit(main())
