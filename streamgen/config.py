@@ -41,10 +41,12 @@ class ModelConfig:
     eps: float = 1e-6
     cross_attn_norm: bool = True
     rope_theta: float = 10000.0
-    # Learned embeddings of a frame's absolute position since the start of the clip or stream (0 = none, as
-    # Wan): added to the frame's time embedding, so every block's modulation knows how far into the clip the
-    # frame is, which RoPE (relative only) cannot say; positions past the last embedding share it. Starts at
-    # zero, so a checkpoint trained without it loads into one with it and predicts exactly as before.
+    # Frame-position embedding (0 = none, as Wan): a frame's absolute position since the start of the clip or
+    # stream, embedded like a timestep and mapped by a learned linear layer onto the frame's time embedding, so
+    # every block's modulation knows how far into the clip the frame is, which RoPE (relative only) cannot say.
+    # The value is the number of distinct positions: positions past ``frame_embeddings - 1`` share its
+    # embedding. The map starts at zero, so a checkpoint trained without it loads into one with it and
+    # predicts exactly as before.
     frame_embeddings: int = 0
 
     @property

@@ -46,7 +46,7 @@ def export_student(cfg: SelfForcingConfig, preset: Preset, geom: Geometry, model
             "window_frames": str(geom.window_frames), "num_latent_frames": str(geom.teacher_horizon)}
     if "vae_checkpoint" in models.teacher_meta:
         meta["vae_checkpoint"] = models.teacher_meta["vae_checkpoint"]
-    save_checkpoint(models.ema, cfg.export_path, kind="transformer", config=cfg.model, extra_metadata=meta,
+    save_checkpoint(models.ema, cfg.export_path, kind="transformer", config=models.ema.cfg, extra_metadata=meta,
                     dtype=torch.bfloat16 if cfg.export_dtype == "bf16" else None)
     report = {"mode": cfg.mode, "steps": result.steps, "generator_steps": result.generator_steps,
               "final_critic_loss": result.losses[-1] if result.losses else None,

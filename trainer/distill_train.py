@@ -61,7 +61,7 @@ def load_models(cfg: SelfForcingConfig, preset: Preset, device: torch.device | s
     teacher.eval().requires_grad_(False)
     for trained in (student, critic):  # forwards through a KV cache (the rollout's) never checkpoint
         trained.set_gradient_checkpointing(cfg.run.gradient_checkpointing)
-    ema = CausalWanTransformer(cfg.model).requires_grad_(False)
+    ema = CausalWanTransformer(student.cfg).requires_grad_(False)  # the student's own layout (frame embeddings)
     ema.load_state_dict(student.state_dict())
     gan_head = None
     if cfg.losses.gan > 0:

@@ -440,11 +440,13 @@ def train(cfg: OdeInitConfig, resume: bool = False, export: bool = True) -> OdeI
     pairs = load_pairs(Path(cfg.pairs.dir))
     bf16 = cfg.precision == "bf16"
     teacher_model, _ = load_for_preset(cfg.teacher, preset, "teacher")
-    model = CausalWanTransformer(cfg.model).set_gradient_checkpointing(cfg.run.gradient_checkpointing)
+    # The teacher's layout (ModelConfig.with_layout_of: its frame embeddings, if any) is the student's.
+    model_cfg = cfg.model.with_layout_of(teacher_model.cfg)
+    model = CausalWanTransformer(model_cfg).set_gradient_checkpointing(cfg.run.gradient_checkpointing)
     model.load_state_dict(teacher_model.state_dict())  # same architecture: start from the teacher
     del teacher_model
     model.to(rt.device)
-    ema = CausalWanTransformer(cfg.model).requires_grad_(False)
+    ema = CausalWanTransformer(model_cfg).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     ema.to(rt.device)
     mask = block_causal_mask(horizon, preset.tokens_per_frame, preset.sampler.chunk_frames,
@@ -474,7 +476,7 @@ def train(cfg: OdeInitConfig, resume: bool = False, export: bool = True) -> OdeI
                 "num_latent_frames": str(horizon), "ode_pairs": cfg.pairs.dir, "num_pairs": str(len(pairs))}
         if "vae_checkpoint" in teacher_meta:
             meta["vae_checkpoint"] = teacher_meta["vae_checkpoint"]
-        save_checkpoint(ema, cfg.export_path, kind="transformer", config=cfg.model, extra_metadata=meta,
+        save_checkpoint(ema, cfg.export_path, kind="transformer", config=model_cfg, extra_metadata=meta,
                         dtype=torch.bfloat16 if cfg.export_dtype == "bf16" else None)
         report = {"steps": loop.step, "final_loss": loop.losses[-1] if loop.losses else None,
                   "mean_loss_last_50": sum(loop.losses[-50:]) / max(1, len(loop.losses[-50:])),

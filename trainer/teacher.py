@@ -155,10 +155,10 @@ class TeacherTrainConfig:
     export_dtype: str = "bf16"  # weights as stored (loaders upcast to fp32); bf16 halves the committed file
     # Start from these weights (e.g. a shorter-horizon teacher) instead of a random init; ignored on --resume.
     init_checkpoint: str | None = None
-    # ModelConfig.frame_embeddings (0 = none, the preset's layout): learned embeddings of a frame's position
-    # since the start of its clip (a crop from latent frame s trains at positions s, s + 1, ...), so the model
-    # knows how far into a clip it is -- the renderer's camera moves slow down with it. An init without them
-    # starts with them at zero.
+    # ModelConfig.frame_embeddings (0 = none, the preset's layout): the number of frame positions since the
+    # start of a clip the model embeds (a crop from latent frame s trains at positions s, s + 1, ...), so it
+    # knows how far into a clip it is -- the renderer's camera moves slow down with it. An init without the
+    # embedding starts with its map at zero.
     frame_embeddings: int = 0
     run: RunConfig = field(default_factory=lambda: RunConfig(name="teacher_default"))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, betas=(0.9, 0.99), weight_decay=0.01,
@@ -296,9 +296,9 @@ def partial_caption_embeddings(data: latent_data.LatentDataset, max_tokens: int,
 
 
 def load_init(model: CausalWanTransformer, path: str) -> None:
-    """Load ``path``'s weights into ``model``. A checkpoint without frame embeddings initialises a model with
-    them (they stay at their zero init: the model predicts exactly as the checkpoint); any other layout
-    difference raises."""
+    """Load ``path``'s weights into ``model``. A checkpoint without a frame-position embedding initialises a
+    model with one (its map stays at its zero init: the model predicts exactly as the checkpoint); a different
+    non-zero position count, or any other layout difference, raises."""
     init = load_transformer(path, expected=model.cfg)
     have, want = init.cfg.frame_embeddings, model.cfg.frame_embeddings
     if have == want:
@@ -308,7 +308,8 @@ def load_init(model: CausalWanTransformer, path: str) -> None:
         raise ValueError(f"init_checkpoint {path} has {have} frame embeddings, the config asks for {want}: "
                          "only a checkpoint without them can start a run with them")
     missing, unexpected = model.load_state_dict(init.state_dict(), strict=False)
-    if unexpected or missing != ["condition_embedder.frame_embedding.weight"]:
+    if unexpected or sorted(missing) != ["condition_embedder.frame_embedding.bias",
+                                         "condition_embedder.frame_embedding.weight"]:
         raise ValueError(f"init_checkpoint {path}: unexpected {unexpected}, missing {missing}")
 
 

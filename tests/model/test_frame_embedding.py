@@ -1,7 +1,7 @@
-"""ModelConfig.frame_embeddings: a learned embedding of each frame's absolute position, added to its time
-embedding. Zero at init (a checkpoint without it predicts exactly as before), read at every position the
-forward is given (streaming chunks, re-cached frames), shared past the last embedding, and carried by a
-checkpoint as its own layout."""
+"""ModelConfig.frame_embeddings: each frame's absolute position, embedded like a timestep and mapped by a
+learned linear layer onto its time embedding. Zero at init (a checkpoint without it predicts exactly as
+before), read at every position the forward is given (streaming chunks, re-cached frames), shared past the
+last position, and carried by a checkpoint as its own layout."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def _framed_model(perturb: bool = True) -> tuple[CausalWanTransformer, CausalWan
     plain = seeded_tiny_model(BASE, seed=0)
     framed = CausalWanTransformer(FRAMED).eval()
     missing, unexpected = framed.load_state_dict(plain.state_dict(), strict=False)
-    assert missing == ["condition_embedder.frame_embedding.weight"] and not unexpected
+    assert sorted(missing) == ["condition_embedder.frame_embedding.bias",
+                               "condition_embedder.frame_embedding.weight"] and not unexpected
     if perturb:
         with torch.no_grad():
             framed.condition_embedder.frame_embedding.weight.normal_(0.0, 0.5)
@@ -46,8 +47,8 @@ def _inputs(model: CausalWanTransformer, frames: int, batch: int = 2):
 
 def test_zero_frame_embeddings_predict_exactly_as_the_model_without_them() -> None:
     plain, framed = _framed_model(perturb=False)
-    assert not framed.condition_embedder.frame_embedding.weight.any()
-    assert not CausalWanTransformer(FRAMED).condition_embedder.frame_embedding.weight.any()  # the init
+    fresh = CausalWanTransformer(FRAMED).condition_embedder.frame_embedding  # the init
+    assert not fresh.weight.any() and not fresh.bias.any()
     x, t, ctx = _inputs(plain, 6)
     with torch.no_grad():
         for offset in (0, 3, 50):

@@ -90,3 +90,27 @@ def test_mismatched_teacher_is_refused_before_any_work(tmp_path: Path, root: Pat
     err = capsys.readouterr().err
     assert "does not match preset 'test'" in err and "num_layers" in err
     assert not Path(cfg.pairs.dir).exists() and not cfg.run.run_dir.exists()
+
+
+def test_a_teacher_with_frame_embeddings_passes_them_to_its_student(tmp_path: Path, root: Path) -> None:
+    """ModelConfig.frame_embeddings is the teacher file's own layout: the ODE student starts from it whole
+    and exports it (a student built from the preset alone would refuse the teacher's weights)."""
+    import dataclasses
+
+    preset = get_preset("test")
+    framed_cfg = dataclasses.replace(preset.model, frame_embeddings=5)
+    teacher = load_transformer(str(root / "teacher.safetensors"), expected=preset.model)
+    framed = CausalWanTransformer(framed_cfg)
+    framed.load_state_dict(teacher.state_dict(), strict=False)
+    with torch.no_grad():
+        framed.condition_embedder.frame_embedding.weight.normal_(0.0, 0.1)
+    path = tmp_path / "framed_teacher.safetensors"
+    save_checkpoint(framed, path, kind="transformer", config=framed_cfg,
+                    extra_metadata={k: v for k, v in read_metadata(root / "teacher.safetensors").items()
+                                    if k not in ("config", "kind", "format")})
+    cfg = ode_config(tmp_path, root, teacher=str(path))
+    ode_init.train(cfg)
+    exported = load_transformer(cfg.export_path, expected=preset.model)
+    assert exported.cfg.frame_embeddings == 5
+    assert not torch.equal(exported.condition_embedder.frame_embedding.weight,
+                           torch.zeros_like(exported.condition_embedder.frame_embedding.weight))
