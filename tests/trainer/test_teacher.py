@@ -427,3 +427,23 @@ def test_temporal_weight_prices_only_what_changes_between_frames() -> None:
     assert torch.allclose(teacher_stage.flow_loss(one_frame, zeros, 3.0), one_frame.square().mean())
     with pytest.raises(ValueError, match="flow.temporal_weight must be >= 0"):
         teacher_stage.FlowConfig(temporal_weight=-1.0)
+
+
+def test_frame_deviation_weight_prices_a_slow_trend_that_differences_barely_see() -> None:
+    """flow.frame_deviation_weight adds the MSE of the error's deviation from its frame mean: nothing for an error
+    the same in every frame, and for a linear trend over 12 frames (a zoom a static prediction misses) ~12x what
+    the difference term charges at the same weight."""
+    target = torch.randn(2, 4, 12, 3, 3)
+    static_error = torch.randn(2, 4, 1, 3, 3).expand(-1, -1, 12, -1, -1)
+    plain = torch.nn.functional.mse_loss(target + static_error, target)
+    assert torch.allclose(teacher_stage.flow_loss(target + static_error, target, 0.0, 5.0), plain)
+    trend = torch.linspace(-1.0, 1.0, 12).view(1, 1, 12, 1, 1).expand(2, 4, 12, 3, 3)
+    base = trend.square().mean()
+    deviation = teacher_stage.flow_loss(target + trend, target, 0.0, 1.0) - base
+    difference = teacher_stage.flow_loss(target + trend, target, 1.0, 0.0) - base
+    torch.testing.assert_close(deviation, (trend - trend.mean(dim=2, keepdim=True)).square().mean())
+    assert deviation > 10 * difference
+    both = teacher_stage.flow_loss(target + trend, target, 1.0, 1.0)
+    torch.testing.assert_close(both, base + deviation + difference)
+    with pytest.raises(ValueError, match="flow.frame_deviation_weight must be >= 0"):
+        teacher_stage.FlowConfig(frame_deviation_weight=-0.1)
