@@ -12,11 +12,14 @@ warmup + cosine LR, EMA (exported).
 Whole clips: with ``data.clip_latent_frames`` longer than the horizon, the dataset stores long clips
 and every sample is a random temporal crop of ``num_latent_frames`` frames, its start drawn from the
 sample's keyed generator (so a resumed run replays it). The crop is presented at positions
-``0..H-1``, as the sampler and Self-Forcing's DMD present the teacher's windows.
+``0..H-1``, as the sampler and Self-Forcing's DMD present the teacher's windows -- unless the model has a
+frame-position embedding (``frame_embeddings``), which is there to know where in its clip a frame lies: then
+at its clip positions ``s..s+H-1`` (RoPE is relative, so the offset changes nothing else).
 
 Latents come from :mod:`trainer.latent_data` (built once from the trained VAE, first thing a
 run does if the directory is missing or stale). Sampling lives in :mod:`trainer.sampling`.
-This module must never change the model's architecture or the VAE.
+The model is the preset's; the one layout option a run may add is ``frame_embeddings`` (a zero-initialised
+map, so an init without it predicts unchanged). This module never changes the VAE.
 """
 
 from __future__ import annotations
