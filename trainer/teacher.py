@@ -262,7 +262,7 @@ class Batcher:
         for i in ids:
             clip = self.clip_index(i)
             start = self.crop_start(step, i)
-            x0 = self.data.latents[clip, :, start:start + self.horizon]  # [C, H, h, w]; model positions 0..H-1
+            x0 = self.data.latents[clip, :, start:start + self.horizon]  # [C, H, h, w]
             g = sample_generator(self.cfg.run.seed, step, i, stream=2)
             noises.append(torch.randn(x0.shape, generator=g))
             ts.append(sample_timestep(g, self.cfg.flow))

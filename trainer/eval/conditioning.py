@@ -10,13 +10,14 @@ should therefore reproduce the data's group means for that value.
 For one attribute with values ``v`` (groups of ``n_v`` clips out of ``N``), clips ``X_i`` (latent crops) and
 predictions ``P_i`` (the teacher's ``x_0`` at ``t = 1000`` from clip ``i``'s caption and its own noise):
 
-* the data's between-group sum of squares ``B_xx = sum_v n_v |mean_v X - mean X|^2`` is biased upwards by the
-  within-group scatter (a finite group's mean is noisy); the classical one-way ANOVA correction
-  ``B_xx - (K - 1) W_xx / (N - K)`` (``K`` values, ``W_xx`` the within-group sum of squares) makes it unbiased
-  for ``sum_v n_v |mu_v - mu|^2``;
-* the same correction of the cross products ``B_px``, ``W_px`` (``<P, X>`` in place of ``|X|^2``) removes the
-  share another attribute contributes through an unbalanced group composition;
-* **share** = corrected ``B_px`` / corrected ``B_xx``: the slope of the model's group effects on the data's.
+* the data's between-group variance ``B_xx = sum_v pi_v |mu_v - mu|^2`` (``pi_v = n_v / N``) is estimated from
+  pairs of *distinct* clips only: ``|mu_v|^2`` as the mean of ``<X_i, X_j>`` over ordered pairs ``i != j`` in
+  group ``v``, ``<mu_v, mu_u>`` over pairs across groups. The plug-in ``|mean_v X - mean X|^2`` would pair
+  each clip with itself and be biased upwards by the within-group scatter (a finite group's mean is noisy);
+* the same estimate of the cross products ``B_px`` (``<P_i, X_j>``, ``i != j``) also leaves out the one pair
+  that shares a caption, ``<P_i, X_i>``, through which another attribute of the caption would leak into a
+  group's effect when the group's composition is unbalanced;
+* **share** = ``B_px / B_xx``: the slope of the model's group effects on the data's.
   1 = the model moves its mean clip by the attribute as the data do; 0 = it ignores the word; between, the
   part of the effect it has learnt (a model whose effect has another shape gets only its projection).
 
@@ -167,7 +168,13 @@ def measure(parts: dict[str, Grams], attributes: Sequence[dict[str, str]], keys:
     indicator = np.stack(rows).astype(np.float64)  # [sum K, N]
     rng = np.random.default_rng(seed)
     draws = [np.ones(n)]
+    attempts = 0
     while len(draws) < num_resamples + 1:
+        attempts += 1
+        if attempts > 3 * num_resamples + 100:  # rare values: most resamples would lose them
+            rare = {key: int(np.bincount(g).min()) for key, g in used}
+            raise ValueError(f"too few clips per value for a bootstrap (smallest group per attribute: {rare}): "
+                             "measure more clips")
         w = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
         if all(np.bincount(g, weights=(w > 0).astype(np.float64)).min() >= MIN_PER_GROUP for _, g in used):
             draws.append(w)  # a group of fewer than two distinct clips has no pair inside it: drawn again
@@ -225,9 +232,9 @@ def predict_mean_clips(model: torch.nn.Module, text_emb: torch.Tensor, shape: Se
 
     out = []
     bar = tqdm(total=len(text_emb), desc="teacher at t=1000", unit="clip", disable=not progress, mininterval=2.0)
-    for start in range(0, len(text_emb), batch):
-        emb = text_emb[start:start + batch]
-        noise = torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed + start + j))
+    for first in range(0, len(text_emb), batch):
+        emb = text_emb[first:first + batch]
+        noise = torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed + first + j))
                              for j in range(len(emb))])
         t = torch.full((len(emb),), 1000.0)
         v = model(noise, t, model.encode_text(emb), frame_offsets=start)

@@ -3,6 +3,7 @@ where the right share is known, and the CLI's refusals on a tiny teacher and lat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -114,6 +115,36 @@ def test_bad_inputs_raise() -> None:
         cond.measure(cond.grams(x, means_a), lonely, keys=["A"])
     with pytest.raises(ValueError, match="no attribute"):
         cond.measure(cond.grams(x, means_a), [dict(a, A="a0") for a in attrs], keys=["A"])
+
+
+def test_rare_values_that_most_resamples_lose_raise_instead_of_hanging() -> None:
+    x, means_a, _, attrs = _population(60)
+    rare = [dict(a, A="common") for a in attrs]
+    for i in range(0, 20, 2):  # ten values of two clips each: ~0.4^10 of resamples keep them all
+        rare[i], rare[i + 1] = dict(rare[i], A=f"r{i}"), dict(rare[i + 1], A=f"r{i}")
+    with pytest.raises(ValueError, match="too few clips per value for a bootstrap"):
+        cond.measure(cond.grams(x, means_a), rare, keys=["A"], num_resamples=100)
+
+
+def test_predictions_read_the_crop_start_whatever_the_batch() -> None:
+    """A model with a frame-position embedding is asked at the crop's clip positions, for every clip of every
+    batch, and a clip's prediction does not depend on the batch it is in."""
+    from tests.conftest import seeded_tiny_model
+
+    cfg = dataclasses.replace(get_preset("test").model, frame_embeddings=12)
+    model = seeded_tiny_model(cfg, seed=0)
+    emb = torch.randn(10, cfg.text_max_tokens, cfg.text_dim, generator=torch.Generator().manual_seed(2))
+    shape = (cfg.latent_channels, 3, 4, 4)
+    with torch.no_grad():
+        by8 = cond.predict_mean_clips(model, emb, shape, seed=5, start=4, batch=8, progress=False)
+        by1 = cond.predict_mean_clips(model, emb, shape, seed=5, start=4, batch=1, progress=False)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(5 + 9))[None]
+        t = torch.full((1,), 1000.0)
+        direct = noise - model(noise, t, model.encode_text(emb[9:10]), frame_offsets=4)
+        at_zero = cond.predict_mean_clips(model, emb, shape, seed=5, start=0, batch=8, progress=False)
+    torch.testing.assert_close(by8, by1, rtol=0, atol=1e-5)
+    torch.testing.assert_close(by8[9:10], direct, rtol=0, atol=1e-5)
+    assert (by8 - at_zero).abs().max() > 1e-3  # the embedding is read: another start, another answer
 
 
 # ------------------------------------------------------------------------------------------------- CLI
