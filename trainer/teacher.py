@@ -171,6 +171,9 @@ class TeacherTrainConfig:
     # knows how far into a clip it is -- the renderer's camera moves slow down with it. An init without the
     # embedding starts with its map at zero.
     frame_embeddings: int = 0
+    # The embedding's learning rate over optim.lr's (1 = the same). Its map starts at zero and, on a velocity
+    # loss dominated by copying the noise, grows far slower than the layers around it (docs/quality.md).
+    frame_embedding_lr_scale: float = 1.0
     run: RunConfig = field(default_factory=lambda: RunConfig(name="teacher_default"))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, betas=(0.9, 0.99), weight_decay=0.01,
                                                                    warmup_steps=200, ema_decay=0.999))
@@ -184,6 +187,10 @@ class TeacherTrainConfig:
         check(self.export_dtype in EXPORT_DTYPES,
               f"export_dtype must be one of {EXPORT_DTYPES}, got {self.export_dtype!r}")
         check(self.frame_embeddings >= 0, f"frame_embeddings must be >= 0, got {self.frame_embeddings}")
+        check(self.frame_embedding_lr_scale > 0,
+              f"frame_embedding_lr_scale must be > 0, got {self.frame_embedding_lr_scale}")
+        check(self.frame_embeddings > 0 or self.frame_embedding_lr_scale == 1.0,
+              "frame_embedding_lr_scale needs frame_embeddings > 0 (the model has no frame embedding to scale)")
 
     @property
     def model(self) -> ModelConfig:
@@ -336,6 +343,17 @@ class TeacherResult:
     png: Path | None = None
 
 
+def parameter_groups(model: nn.Module, frame_embedding_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: everything at the scheduled LR, and the frame-position embedding's map at
+    ``frame_embedding_lr_scale`` times it (a group's ``lr_scale``, applied by the training step)."""
+    frame = [p for n, p in model.named_parameters() if n.startswith("condition_embedder.frame_embedding.")]
+    if frame_embedding_lr_scale == 1.0 or not frame:
+        return [{"params": list(model.parameters())}]
+    ids = {id(p) for p in frame}
+    return [{"params": [p for p in model.parameters() if id(p) not in ids]},
+            {"params": frame, "lr_scale": frame_embedding_lr_scale}]
+
+
 def train(cfg: TeacherTrainConfig, resume: bool = False, export: bool = True) -> TeacherResult:
     """Build the latent dataset if needed (rank 0), train or resume to ``run.max_steps``, export on rank 0."""
     rt = make_runtime(cfg.run, cfg.precision)
@@ -353,8 +371,8 @@ def train(cfg: TeacherTrainConfig, resume: bool = False, export: bool = True) ->
     ema.load_state_dict(model.state_dict())
     ema.to(rt.device)
     rt.shard(model)  # FSDP (run.parallel fsdp): before the optimizer is built over its parameters
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.frame_embedding_lr_scale), lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     wrapped, optimizer = rt.prepare(TeacherForward(model), optimizer)
     partial = (partial_caption_embeddings(data, cfg.model.text_max_tokens) if cfg.data.attribute_dropout > 0
                else None)

@@ -447,3 +447,41 @@ def test_frame_deviation_weight_prices_a_slow_trend_that_differences_barely_see(
     torch.testing.assert_close(both, base + deviation + difference)
     with pytest.raises(ValueError, match="flow.frame_deviation_weight must be >= 0"):
         teacher_stage.FlowConfig(frame_deviation_weight=-0.1)
+
+
+def test_frame_embedding_lr_scale_moves_only_the_embedding_faster(tmp_path: Path, tiny_vae_checkpoint: Path,
+                                                                  tiny_long_latents: Path) -> None:
+    """The embedding's first non-zero gradient comes at step 1 (at step 0 the zero-initialised output head passes
+    none back), and AdamW's first move of a weight is lr * m / (sqrt(v) + eps) from that gradient alone. Two
+    steps at ``frame_embedding_lr_scale`` s therefore end with the embedding exactly s times the plain run's and
+    every other weight equal: the embedding is zero in both runs' forwards, so all their gradients agree."""
+    def run(scale: float) -> dict[str, torch.Tensor]:
+        root = tmp_path / f"scale{scale}"
+        cfg = tiny_teacher_config(root, tiny_vae_checkpoint, tiny_long_latents,
+                                  clip_latent_frames=LONG_CLIP_LATENT_FRAMES, max_steps=2, save_every=2)
+        cfg = dataclasses.replace(cfg, frame_embeddings=LONG_CLIP_LATENT_FRAMES, frame_embedding_lr_scale=scale,
+                                  optim=dataclasses.replace(cfg.optim, warmup_steps=0))
+        teacher_stage.train(cfg, export=False)
+        return final_weights(root / "runs" / "teacher")
+
+    plain, scaled = run(1.0), run(7.0)
+    frame_keys = [k for k in plain if k.startswith("condition_embedder.frame_embedding.")]
+    assert len(frame_keys) == 2 and plain[frame_keys[0]].abs().max() > 0
+    for key in plain:
+        if key in frame_keys:
+            torch.testing.assert_close(scaled[key], 7.0 * plain[key], rtol=1e-5, atol=0)
+        else:
+            assert torch.equal(scaled[key], plain[key]), key
+
+
+def test_frame_embedding_lr_scale_is_checked() -> None:
+    base = teacher_stage.TeacherTrainConfig(frame_embeddings=4)
+    with pytest.raises(ValueError, match="frame_embedding_lr_scale must be > 0"):
+        dataclasses.replace(base, frame_embedding_lr_scale=0.0)
+    with pytest.raises(ValueError, match="needs frame_embeddings > 0"):
+        dataclasses.replace(base, frame_embeddings=0, frame_embedding_lr_scale=10.0)
+    model = CausalWanTransformer(dataclasses.replace(get_preset("test").model, frame_embeddings=4))
+    groups = teacher_stage.parameter_groups(model, 10.0)
+    assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, 10.0]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert len(teacher_stage.parameter_groups(model, 1.0)) == 1

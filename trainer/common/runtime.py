@@ -358,7 +358,7 @@ class ModelStep(TrainStep):
 
     def __call__(self, step: int, lr: float, last: Path | None) -> dict[str, float]:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a group's own multiple of the schedule (teacher)
         self.optimizer.zero_grad(set_to_none=True)
         loss, scalars = self.step_fn(step)
         value, norm = optimizer_update(self.rt, loss, self.params, self.optimizer, self.optim.grad_clip, step, last)

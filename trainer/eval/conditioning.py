@@ -35,6 +35,12 @@ student's first step does not, and is refused.
 
     python -m trainer.eval.conditioning --checkpoint checkpoints/teacher_colour_h12.safetensors \\
         --latents runs/latents_colour_h12_10s_1024 --out runs/conditioning_teacher.json
+
+``--per-clip T ...`` reads clips one by one instead of attribute groups: the share of each clip's own static
+and temporal part (slope over all clips, bootstrap over clips) in the model's ``x_0`` from that clip noised to
+each timestep ``T``. At ``T = 1000`` the clip is gone and only its caption speaks -- for a model fine-tuned on
+exactly these clips under distinct captions, the memorised clip is the answer, so it tells whether the model
+*can* make a clip's frames differ by caption at all; below 1000, how much of the clip the denoiser recovers.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ import numpy as np
 import torch
 
 from trainer.data.attributes import ATTRIBUTE_KEYS
-from trainer.eval.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, Interval
+from trainer.eval.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, Interval, bootstrap
 
 PARTS = ("total", "static", "temporal")
 MIN_PER_GROUP = 2  # a value needs two clips for a within-group scatter
@@ -220,28 +226,68 @@ def check_teacher(checkpoint: Path, dataset_vae: str) -> int | None:
     return int(meta["num_latent_frames"]) if "num_latent_frames" in meta else None
 
 
-@torch.no_grad()
 def predict_mean_clips(model: torch.nn.Module, text_emb: torch.Tensor, shape: Sequence[int], seed: int,
                        start: int = 0, batch: int = 8, progress: bool = True) -> torch.Tensor:
     """The model's ``x_0`` at ``t = 1000`` for each caption embedding (``[N, L, D]``), from seeded noise
     (clip ``i`` draws from seed ``seed + i``, so a subset or another batch size gives the same predictions),
     for crops whose first frame is ``start`` latent frames into the clip (what frame embeddings read)."""
+    return predict_x0(model, text_emb, shape, seed, start=start, batch=batch, progress=progress)
+
+
+def predict_x0(model: torch.nn.Module, text_emb: torch.Tensor, shape: Sequence[int], seed: int, start: int = 0,
+               batch: int = 8, progress: bool = True, clips: torch.Tensor | None = None,
+               timestep: float = 1000.0) -> torch.Tensor:
+    """The model's ``x_0`` for each caption embedding from ``x_t = (1 - s) clip + s noise`` at ``timestep``
+    (``s = t / 1000``; clip ``i``'s noise from seed ``seed + i``); at ``t = 1000`` the input is the noise alone
+    and ``clips`` may be None."""
     from tqdm import tqdm
 
-    from streamgen.model.sampler import x0_from_velocity
+    from streamgen.model.sampler import add_noise, x0_from_velocity
 
+    if clips is None and timestep != 1000.0:
+        raise ValueError(f"a prediction at t = {timestep} needs the clips it noises")
     out = []
-    bar = tqdm(total=len(text_emb), desc="teacher at t=1000", unit="clip", disable=not progress, mininterval=2.0)
+    bar = tqdm(total=len(text_emb), desc=f"teacher at t={timestep:g}", unit="clip", disable=not progress,
+               mininterval=2.0)
     for first in range(0, len(text_emb), batch):
         emb = text_emb[first:first + batch]
         noise = torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed + first + j))
                              for j in range(len(emb))])
-        t = torch.full((len(emb),), 1000.0)
-        v = model(noise, t, model.encode_text(emb), frame_offsets=start)
-        out.append(x0_from_velocity(noise, v, t).float())
+        t = torch.full((len(emb),), float(timestep))
+        x_t = noise if clips is None else add_noise(clips[first:first + batch].float(), noise, t)
+        with torch.no_grad():
+            v = model(x_t, t, model.encode_text(emb), frame_offsets=start)
+        out.append(x0_from_velocity(x_t, v, t).float())
         bar.update(len(emb))
     bar.close()
     return torch.cat(out)
+
+
+def per_clip_shares(data: torch.Tensor, predictions: torch.Tensor, num_resamples: int = DEFAULT_RESAMPLES,
+                    seed: int = 0) -> dict[str, Interval]:
+    """How much of each clip's *own* static and temporal part a prediction reproduces: the slope
+    ``sum_i <P_i, X_i> / sum_i |X_i|^2`` per part, with a bootstrap interval over clips. Static: the frame mean
+    about the set's mean clip (the prediction about its own set mean); temporal: each frame minus the frame
+    mean. At ``t = 1000`` a model trained on exactly these clips under distinct captions can reach 1 by
+    memorising them; a model that cannot make a clip's frames differ reads 0 on the temporal part."""
+    if data.shape != predictions.shape or data.ndim != 5:
+        raise ValueError(f"data and predictions must both be [N, C, F, H, W], got {tuple(data.shape)} and "
+                         f"{tuple(predictions.shape)}")
+    if len(data) < 2:
+        raise ValueError(f"per-clip shares need >= 2 clips, got {len(data)}")
+    x, p = data.double(), predictions.double()
+    xs, ps = x.mean(dim=2), p.mean(dim=2)
+    parts = {"static": (xs - xs.mean(dim=0), ps - ps.mean(dim=0)),
+             "temporal": (x - x.mean(dim=2, keepdim=True), p - p.mean(dim=2, keepdim=True))}
+    out = {}
+    for name, (a, b) in parts.items():
+        a, b = a.flatten(1), b.flatten(1)
+        num, den = (a * b).sum(dim=1).numpy(), (a * a).sum(dim=1).numpy()
+        if den.sum() <= 0:
+            raise ValueError(f"the clips have no {name} part to compare with")
+        out[name] = bootstrap(lambda idx, num=num, den=den: num[idx].sum() / max(den[idx].sum(), 1e-300),
+                              len(data), num_resamples=num_resamples, seed=seed)
+    return out
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
@@ -254,6 +300,12 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             cells.append(r["share"].format(2) if r["readable"] else "unreadable")
         effects = " / ".join(f"{100 * parts[p]['data_effect'].value:.2f}" for p in PARTS)
         lines.append(f"| {key} | {' | '.join(cells)} | {effects} |")
+    return "\n".join(lines)
+
+
+def per_clip_table(results: dict[str, dict[str, Interval]]) -> str:
+    lines = ["| t | static: share of each clip's own [95 %] | temporal |", "|---|---|---|"]
+    lines += [f"| {t} | {parts['static'].format(2)} | {parts['temporal'].format(2)} |" for t, parts in results.items()]
     return "\n".join(lines)
 
 
@@ -275,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="noise and bootstrap seed")
     p.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--per-clip", type=float, nargs="+", metavar="T", default=None,
+                   help="instead of attribute shares: the share of each clip's own static and temporal part the "
+                        "model's x_0 reproduces from the clip noised to each timestep T in (0, 1000] (1000 = pure "
+                        "noise: what the caption alone gives; below, what the denoiser recovers from the clip)")
     p.add_argument("--out", type=Path, help="write the JSON here too")
     args = p.parse_args(argv)
     try:
@@ -282,9 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"trainer.eval.conditioning: error: {exc}", file=sys.stderr)
         return 2
-    doc = {"meta": meta, "attributes": _jsonable(results)}
-    print(json.dumps(doc, indent=2))
-    print("\n" + table(results))
+    if args.per_clip is not None:
+        doc = {"meta": meta, "per_clip": {t: {part: r.as_dict() for part, r in parts.items()}
+                                          for t, parts in results.items()}}
+        print(json.dumps(doc, indent=2))
+        print("\n" + per_clip_table(results))
+    else:
+        doc = {"meta": meta, "attributes": _jsonable(results)}
+        print(json.dumps(doc, indent=2))
+        print("\n" + table(results))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=2))
@@ -292,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Attribute shares (or, with ``args.per_clip``, per-clip shares keyed by timestep) and the run's meta."""
     from safetensors.torch import load_file
 
     from streamgen.model.weights import load_transformer
@@ -308,6 +371,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, 
         raise ValueError(f"--horizon must be >= 1, got {horizon}")
     if args.resamples < 100:
         raise ValueError(f"--resamples must be >= 100 for a 95 % interval, got {args.resamples}")
+    per_clip = getattr(args, "per_clip", None)
+    if per_clip is not None and not all(0 < t <= 1000 for t in per_clip):
+        raise ValueError(f"--per-clip timesteps must lie in (0, 1000], got {per_clip}")
     tensors = load_file(str(tensors_path))
     latents, text_emb, caption_ids = tensors["latents"], tensors["text_emb"], tensors["caption_ids"]
     n = len(latents) if args.num_clips is None else args.num_clips
@@ -323,16 +389,22 @@ def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, 
         raise ValueError(f"{args.checkpoint} has {model.cfg.latent_channels} latent channels, the dataset "
                          f"{latents.shape[1]}")
     data = latents[:n, :, args.start:args.start + horizon].float()
+    emb = text_emb[caption_ids[:n]].float()
+    meta = {"checkpoint": str(args.checkpoint), "latents": str(args.latents), "clips": n, "start": args.start,
+            "horizon": horizon, "noise seed": args.seed, "bootstrap resamples": args.resamples}
     t0 = time.perf_counter()
-    predictions = predict_mean_clips(model, text_emb[caption_ids[:n]].float(), data.shape[1:], args.seed,
-                                     start=args.start)
+    if per_clip is not None:
+        shares = {}
+        for t in per_clip:
+            predictions = predict_x0(model, emb, data.shape[1:], args.seed, start=args.start, clips=data,
+                                     timestep=t)
+            shares[f"{t:g}"] = per_clip_shares(data, predictions, num_resamples=args.resamples, seed=args.seed)
+        return shares, {**meta, "timesteps": per_clip, "model seconds": round(time.perf_counter() - t0, 1)}
+    predictions = predict_mean_clips(model, emb, data.shape[1:], args.seed, start=args.start)
     seconds = time.perf_counter() - t0
     results = measure(grams(data, predictions), manifest["attributes"][:n], num_resamples=args.resamples,
                       seed=args.seed)
-    meta = {"checkpoint": str(args.checkpoint), "latents": str(args.latents), "clips": n, "start": args.start,
-            "horizon": horizon, "timestep": 1000, "noise seed": args.seed, "bootstrap resamples": args.resamples,
-            "model seconds": round(seconds, 1)}
-    return results, meta
+    return results, {**meta, "timestep": 1000, "model seconds": round(seconds, 1)}
 
 
 if __name__ == "__main__":

@@ -146,6 +146,49 @@ def test_predictions_read_the_crop_start_whatever_the_batch() -> None:
     assert (by8 - at_zero).abs().max() > 1e-3  # the embedding is read: another start, another answer
 
 
+def test_per_clip_shares_read_a_clips_own_parts() -> None:
+    """A prediction holding each clip's layout and half its move reads static 1 and temporal 0.5; one with the
+    layout in every frame (no frame differs) reads temporal 0; swapping clips' predictions reads ~0."""
+    n = 64
+    g = torch.Generator().manual_seed(4)
+    layout = torch.randn(n, SHAPE[0], 1, *SHAPE[2:], generator=g)
+    move = torch.randn(n, *SHAPE, generator=g)
+    move = move - move.mean(dim=2, keepdim=True)
+    x = layout + move
+    half = cond.per_clip_shares(x, layout + 0.5 * move, num_resamples=200)
+    assert abs(half["static"].value - 1.0) < 1e-9 and abs(half["temporal"].value - 0.5) < 1e-9
+    assert half["temporal"].low <= 0.5 <= half["temporal"].high
+    still = cond.per_clip_shares(x, layout.expand_as(x), num_resamples=200)
+    assert abs(still["temporal"].value) < 1e-12
+    swapped = cond.per_clip_shares(x, x.roll(1, dims=0), num_resamples=200)
+    assert abs(swapped["static"].value) < 0.3 and abs(swapped["temporal"].value) < 0.3
+    with pytest.raises(ValueError, match=">= 2 clips"):
+        cond.per_clip_shares(x[:1], x[:1])
+
+
+def test_predict_x0_noises_the_clip_and_matches_the_mean_clip_prediction_at_1000() -> None:
+    from streamgen.model.sampler import add_noise
+    from tests.conftest import seeded_tiny_model
+
+    cfg = get_preset("test").model
+    model = seeded_tiny_model(cfg, seed=1)
+    emb = torch.randn(5, cfg.text_max_tokens, cfg.text_dim, generator=torch.Generator().manual_seed(3))
+    shape = (cfg.latent_channels, 3, 4, 4)
+    clips = torch.randn(5, *shape, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        at_1000 = cond.predict_x0(model, emb, shape, seed=2, batch=2, progress=False, clips=clips)
+        mean = cond.predict_mean_clips(model, emb, shape, seed=2, batch=3, progress=False)
+        at_500 = cond.predict_x0(model, emb, shape, seed=2, batch=2, progress=False, clips=clips, timestep=500.0)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(2 + 4))[None]
+        t = torch.full((1,), 500.0)
+        x_t = add_noise(clips[4:5], noise, t)
+        direct = x_t - 0.5 * model(x_t, t, model.encode_text(emb[4:5]))
+    torch.testing.assert_close(at_1000, mean, rtol=0, atol=1e-5)  # the clip is gone at t = 1000
+    torch.testing.assert_close(at_500[4:5], direct, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="needs the clips"):
+        cond.predict_x0(model, emb, shape, seed=2, progress=False, timestep=500.0)
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 
 
@@ -195,6 +238,18 @@ def test_cli_measures_a_tiny_teacher(tiny_setup: dict[str, Path], tmp_path: Path
     assert "| colour |" in capsys.readouterr().out
 
 
+def test_cli_per_clip_mode(tiny_setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "p.json"
+    rc = cond.main(["--checkpoint", str(tiny_setup["teacher"]), "--latents", str(tiny_setup["latents"]),
+                    "--resamples", "100", "--num-clips", "3", "--per-clip", "1000", "250", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err  # no attribute groups needed: 3 clips are enough
+    doc = json.loads(out.read_text())
+    assert list(doc["per_clip"]) == ["1000", "250"] and doc["meta"]["timesteps"] == [1000.0, 250.0]
+    # an untrained model's x_0 from a mostly clean clip holds more of the clip than from pure noise
+    assert doc["per_clip"]["250"]["static"]["value"] > doc["per_clip"]["1000"]["static"]["value"]
+    assert "| 250 |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name, extra, message", [
     ("student", [], "distilled student"),
     ("other_vae", [], "latent space"),
@@ -203,6 +258,8 @@ def test_cli_measures_a_tiny_teacher(tiny_setup: dict[str, Path], tmp_path: Path
     ("teacher", ["--num-clips", "0"], "--num-clips"),
     ("teacher", ["--num-clips", "3"], "every value needs"),
     ("teacher", ["--resamples", "10"], "--resamples"),
+    ("teacher", ["--per-clip", "0"], "--per-clip timesteps"),
+    ("teacher", ["--per-clip", "1000", "1200"], "--per-clip timesteps"),
 ])
 def test_cli_refuses_bad_input(tiny_setup: dict[str, Path], name: str, extra: list[str], message: str,
                                capsys: pytest.CaptureFixture[str]) -> None:
