@@ -303,6 +303,14 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def spatial_pool(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``[N, C, F, H, W]`` averaged over ``k x k`` latent pixels (``H`` and ``W`` must be multiples of ``k``)."""
+    if k < 1 or x.shape[-1] % k or x.shape[-2] % k:
+        raise ValueError(f"--pool {k} must be >= 1 and divide the latent size {tuple(x.shape[-2:])}")
+    n, c, f, h, w = x.shape
+    return x.reshape(n, c, f, h // k, k, w // k, k).mean(dim=(4, 6))
+
+
 def per_clip_table(results: dict[str, dict[str, Interval]]) -> str:
     lines = ["| t | static: share of each clip's own [95 %] | temporal |", "|---|---|---|"]
     lines += [f"| {t} | {parts['static'].format(2)} | {parts['temporal'].format(2)} |" for t, parts in results.items()]
@@ -331,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead of attribute shares: the share of each clip's own static and temporal part the "
                         "model's x_0 reproduces from the clip noised to each timestep T in (0, 1000] (1000 = pure "
                         "noise: what the caption alone gives; below, what the denoiser recovers from the clip)")
+    p.add_argument("--pool", type=int, nargs="+", default=[1], metavar="K",
+                   help="with --per-clip: also read clips and predictions averaged over K x K latent pixels "
+                        "(coarser scales: where a camera move's change of size and place lies), one table row per K")
     p.add_argument("--out", type=Path, help="write the JSON here too")
     args = p.parse_args(argv)
     try:
@@ -390,6 +401,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, 
                          f"{latents.shape[1]}")
     data = latents[:n, :, args.start:args.start + horizon].float()
     emb = text_emb[caption_ids[:n]].float()
+    pools = list(getattr(args, "pool", [1]))
+    if per_clip is None and pools != [1]:
+        raise ValueError("--pool needs --per-clip (the attribute shares read the latents as they are)")
+    for k in pools:
+        spatial_pool(data[:1], k)  # a bad --pool fails before the model runs
     meta = {"checkpoint": str(args.checkpoint), "latents": str(args.latents), "clips": n, "start": args.start,
             "horizon": horizon, "noise seed": args.seed, "bootstrap resamples": args.resamples}
     t0 = time.perf_counter()
@@ -398,8 +414,18 @@ def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, 
         for t in per_clip:
             predictions = predict_x0(model, emb, data.shape[1:], args.seed, start=args.start, clips=data,
                                      timestep=t)
-            shares[f"{t:g}"] = per_clip_shares(data, predictions, num_resamples=args.resamples, seed=args.seed)
-        return shares, {**meta, "timesteps": per_clip, "model seconds": round(time.perf_counter() - t0, 1)}
+            for k in pools:
+                key = f"{t:g}" if pools == [1] else f"{t:g}, pool {k}"
+                shares[key] = per_clip_shares(spatial_pool(data, k), spatial_pool(predictions, k),
+                                              num_resamples=args.resamples, seed=args.seed)
+
+        def temporal_energy(x: torch.Tensor) -> float:
+            return float((x - x.mean(dim=2, keepdim=True)).double().pow(2).sum())
+
+        kept = {str(k): temporal_energy(spatial_pool(data, k)) / max(temporal_energy(data), 1e-300) for k in pools}
+        return shares, {**meta, "timesteps": per_clip, "pools": pools,
+                        "data temporal energy kept by each pool": kept,
+                        "model seconds": round(time.perf_counter() - t0, 1)}
     predictions = predict_mean_clips(model, emb, data.shape[1:], args.seed, start=args.start)
     seconds = time.perf_counter() - t0
     results = measure(grams(data, predictions), manifest["attributes"][:n], num_resamples=args.resamples,

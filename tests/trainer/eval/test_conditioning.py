@@ -248,6 +248,22 @@ def test_cli_per_clip_mode(tiny_setup: dict[str, Path], tmp_path: Path, capsys: 
     # an untrained model's x_0 from a mostly clean clip holds more of the clip than from pure noise
     assert doc["per_clip"]["250"]["static"]["value"] > doc["per_clip"]["1000"]["static"]["value"]
     assert "| 250 |" in capsys.readouterr().out
+    rc = cond.main(["--checkpoint", str(tiny_setup["teacher"]), "--latents", str(tiny_setup["latents"]),
+                    "--resamples", "100", "--num-clips", "3", "--per-clip", "1000", "--pool", "1", "2",
+                    "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    assert list(doc["per_clip"]) == ["1000, pool 1", "1000, pool 2"]
+    kept = doc["meta"]["data temporal energy kept by each pool"]
+    assert kept["1"] == 1.0 and 0 < kept["2"] < 1  # i.i.d. constructed clips: averaging 4 pixels keeps ~1/4
+
+
+def test_spatial_pool_averages_blocks() -> None:
+    x = torch.arange(2 * 1 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 1, 4, 4)
+    pooled = cond.spatial_pool(x, 2)
+    assert pooled.shape == (2, 1, 1, 2, 2)
+    assert pooled[0, 0, 0, 0, 0] == (0 + 1 + 4 + 5) / 4 and pooled[1, 0, 0, 1, 1] == (26 + 27 + 30 + 31) / 4
+    assert torch.equal(cond.spatial_pool(x, 1), x)
 
 
 @pytest.mark.parametrize("name, extra, message", [
@@ -260,6 +276,8 @@ def test_cli_per_clip_mode(tiny_setup: dict[str, Path], tmp_path: Path, capsys: 
     ("teacher", ["--resamples", "10"], "--resamples"),
     ("teacher", ["--per-clip", "0"], "--per-clip timesteps"),
     ("teacher", ["--per-clip", "1000", "1200"], "--per-clip timesteps"),
+    ("teacher", ["--per-clip", "1000", "--pool", "3"], "--pool 3"),
+    ("teacher", ["--pool", "2"], "--pool needs --per-clip"),
 ])
 def test_cli_refuses_bad_input(tiny_setup: dict[str, Path], name: str, extra: list[str], message: str,
                                capsys: pytest.CaptureFixture[str]) -> None:
