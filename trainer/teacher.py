@@ -171,8 +171,9 @@ class TeacherTrainConfig:
     # knows how far into a clip it is -- the renderer's camera moves slow down with it. An init without the
     # embedding starts with its map at zero.
     frame_embeddings: int = 0
-    # The embedding's learning rate over optim.lr's (1 = the same). Its map starts at zero and, on a velocity
-    # loss dominated by copying the noise, grows far slower than the layers around it (docs/quality.md).
+    # The embedding's learning rate over optim.lr's (1 = the same): its map starts at zero and grows slowly at a
+    # pretrained model's LR. 30x changed nothing measurable in the diagnostic runs; 300x diverged
+    # (docs/quality.md, "Can the teacher make a caption's frames differ at all?").
     frame_embedding_lr_scale: float = 1.0
     run: RunConfig = field(default_factory=lambda: RunConfig(name="teacher_default"))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, betas=(0.9, 0.99), weight_decay=0.01,

@@ -125,9 +125,8 @@ class ConditionEmbedder(nn.Module):
         self.text_embedder = TextProjection(cfg.text_dim, cfg.dim)
         # ModelConfig.frame_embeddings: absolute frame position -> sinusoidal features (as a timestep's) -> a
         # linear map (zero at init) -> added to the time embedding. A linear map of fixed features rather than a
-        # table of free vectors: each weight is shared by every position, so the map grows faster at a
-        # pretrained model's learning rate than a zero table (whose vectors stayed far below the time
-        # embedding's scale in a first 300-step run), and neighbouring positions stay alike.
+        # table of free vectors: each weight is shared by every position, so every position's gradient moves it,
+        # and neighbouring positions stay alike.
         self.frame_embedding = nn.Linear(cfg.freq_dim, cfg.dim) if cfg.frame_embeddings else None
         self.num_frame_positions = cfg.frame_embeddings
 

@@ -352,12 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.per_clip is not None:
         doc = {"meta": meta, "per_clip": {t: {part: r.as_dict() for part, r in parts.items()}
                                           for t, parts in results.items()}}
-        print(json.dumps(doc, indent=2))
-        print("\n" + per_clip_table(results))
+        text = per_clip_table(results)
     else:
-        doc = {"meta": meta, "attributes": _jsonable(results)}
-        print(json.dumps(doc, indent=2))
-        print("\n" + table(results))
+        doc, text = {"meta": meta, "attributes": _jsonable(results)}, table(results)
+    print(json.dumps(doc, indent=2))
+    print("\n" + text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=2))
@@ -382,7 +381,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, 
         raise ValueError(f"--horizon must be >= 1, got {horizon}")
     if args.resamples < 100:
         raise ValueError(f"--resamples must be >= 100 for a 95 % interval, got {args.resamples}")
-    per_clip = getattr(args, "per_clip", None)
+    per_clip = args.per_clip
     if per_clip is not None and not all(0 < t <= 1000 for t in per_clip):
         raise ValueError(f"--per-clip timesteps must lie in (0, 1000], got {per_clip}")
     tensors = load_file(str(tensors_path))
@@ -401,7 +400,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, 
                          f"{latents.shape[1]}")
     data = latents[:n, :, args.start:args.start + horizon].float()
     emb = text_emb[caption_ids[:n]].float()
-    pools = list(getattr(args, "pool", [1]))
+    pools = list(args.pool)
     if per_clip is None and pools != [1]:
         raise ValueError("--pool needs --per-clip (the attribute shares read the latents as they are)")
     for k in pools:
