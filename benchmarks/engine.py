@@ -25,6 +25,9 @@ as one JSON document followed by a short table:
   ``ChunkTiming.generate_ms``) at the same 21-frame window. Target >= 3.5.
   ``pipeline_speedup_21`` compares whole chunks instead: the baseline plus the same streaming
   VAE decode, over the cached engine's wall time per chunk (scheduler and decode included).
+* ``rtf_ceiling``: the real-time factor a steady-state chunk's transformer forwards (attending to the full
+  window) would give at 100 % of the measured matmul peak, with no VAE decode and no overhead: the most any
+  engine gets from this machine, so a target above it cannot be met here (``rtf_of_ceiling``: ``rtf`` over it).
 * ``batch4_over_1``: aggregate frames/s of 4 batched streams over 1 stream (a CPU forward is
   compute-bound, so this stays near 1.3 there; the batching target is for GPUs).
 * ``mfu``: analytic transformer FLOPs / forward time, over the matmul peak measured in the
@@ -96,6 +99,18 @@ def build(preset: Preset, text: TextEncoder, dtype: torch.dtype, quantize: str =
     return Engine(preset, model, CausalVideoVAE(preset.vae), text,
                   EngineConfig(kv_memory_bytes=kv_memory_bytes, max_frames=None, **engine_kw), dtype=dtype,
                   device=device)
+
+
+def rtf_ceiling(preset: Preset, peak_flops: float) -> float:
+    """The real-time factor of a steady-state chunk's transformer work (4 denoising forwards + 1 cache write,
+    each attending to the full window plus the chunk) at 100 % of ``peak_flops``: no VAE decode, no overhead.
+
+    No engine beats it on a machine with that peak, so it says which targets a CPU can reach at all.
+    """
+    chunk = preset.sampler.chunk_frames
+    window = preset.cache.window_frames or 12
+    steady = 5 * transformer_forward_flops(preset.model, preset.tokens_per_frame, chunk, window + chunk).total
+    return peak_flops * preset.pixel_frames(chunk) / steady / preset.video.fps
 
 
 def prepare_model(model: CausalWanTransformer, preset: Preset, quantize: str, linear: str) -> CausalWanTransformer:
@@ -243,6 +258,7 @@ def main() -> None:
     # attending at least to the chunk itself): the real-time factor's guard against impossible timings.
     chunk_flops = 5 * transformer_forward_flops(preset.model, tokens, chunk, chunk).total
     flops_per_frame = chunk_flops / preset.pixel_frames(chunk)
+    ceiling = rtf_ceiling(preset, peak)
 
     # 1. One stream, long, rolling window (the preset's): RTF, TTFF, chunk 10 vs chunk 200.
     single_engine = build(preset, text, dtype, args.quantize, **engine_kw)
@@ -323,6 +339,7 @@ def main() -> None:
         "paged_attention_calls": paged_calls,
         "matmul_peak_gflops": peak / 1e9,
         "rtf": rtf, "rtf_target": rtf_target, "generated_fps": rtf * fps, "ttff_s": single["ttff_s"],
+        "rtf_ceiling": ceiling, "rtf_of_ceiling": rtf / ceiling,
         "chunk10_s": win10, "chunk200_s": win200, "chunk_index_late": late, "chunk_breakdown": breakdown,
         "latency_ratio_200_10": win200 / win10,
         "other_dtype": {"dtype": str(other).removeprefix("torch."), "matmul_peak_gflops": other_peak / 1e9,
@@ -338,6 +355,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     rows = [(f"real-time factor (1 stream, {name})", f"{rtf:.2f}", f">= {rtf_target:.1f}"),
+            ("  ceiling: transformer alone at the peak", f"{ceiling:.2f}", ""),
             (f"  same, {result['other_dtype']['dtype']} (6 chunks)", f"{other_rtf:.2f}", ""),
             *([(f"  6 chunks, {name}: onednn / aten linears", f"{onednn_rtf6:.2f} / {aten_rtf:.2f}", "")]
               if aten_rtf is not None else []),

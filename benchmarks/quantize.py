@@ -11,7 +11,8 @@ generate the same clip from the same seed, chunk by chunk through the rolling KV
 float32 VAE decodes both. Printed as one JSON document and a short table:
 
 * ``transformer_speedup``: float32 over INT8 transformer seconds per clip, measured interleaved
-  (float32 clip, INT8 clip, next prompt...) so load on a shared machine hits both alike.
+  (float32 clip, INT8 clip, next prompt...) so load on a shared machine hits both alike. The float32
+  model is the one serving runs (``--linear auto``: prepacked oneDNN linears where they run; ``--linear``).
 * ``psnr_db``: PSNR of the INT8 clip's uint8 frames against the float32 clip's, per second of video
   (autoregressive generation compounds small differences, so later seconds drift further).
 * ``adherence``: the attribute classifier (``checkpoints/attr_classifier.safetensors``) on each clip's
@@ -24,7 +25,6 @@ import argparse
 import copy
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,6 +38,7 @@ from streamgen.config import get_preset
 from streamgen.default_model import resolve
 from streamgen.device import DEVICE_HELP, resolve_device
 from streamgen.generate import generate_latents
+from streamgen.model.prepack import LINEAR_KERNELS, prepack_linears, resolve_linear
 from streamgen.model.quantize import check_quantize, quantize_transformer
 from streamgen.model.text import TextEncoder
 from streamgen.model.weights import load_transformer, load_vae
@@ -47,6 +48,8 @@ from trainer.data.captions import caption, caption_attributes
 from trainer.eval.classifier import adherence, labels_from_probs, load_classifier, predict_probs, resize_frames, window
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from compare_trees import cpu_description  # noqa: E402  (a sibling script: the CPU model and its bf16 flags)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -78,6 +81,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--classifier", type=Path, default=REPO / "checkpoints" / "attr_classifier.safetensors")
     parser.add_argument("--device", default="cpu", help=f"{DEVICE_HELP}; INT8 runs on cpu only")
+    parser.add_argument("--linear", choices=LINEAR_KERNELS, default="auto",
+                        help="the float32 model's linear layers, as `streamgen serve --linear`")
     args = parser.parse_args()
     if args.num_prompts <= 0 or args.seconds <= 0:
         parser.error("--num-prompts and --seconds must be > 0")
@@ -92,6 +97,9 @@ def main() -> None:
     assert transformer_path is not None and vae_path is not None
     fp32 = load_transformer(transformer_path, expected=preset.model).eval().float()
     int8 = quantize_transformer(copy.deepcopy(fp32), "int8")
+    linear = resolve_linear(args.linear, "cpu", dtype=torch.float32)
+    if linear.kernel == "onednn":
+        prepack_linears(fp32, preset.tokens_per_frame * preset.sampler.chunk_frames)
     vae = load_vae(vae_path, expected=preset.vae).eval().float()
     classifier = load_classifier(args.classifier)
     text = TextEncoder(preset.model.text_max_tokens)
@@ -126,7 +134,7 @@ def main() -> None:
     per_second = np.array(psnr_by_second)  # [prompts, seconds]
     finite = np.where(np.isfinite(per_second), per_second, 99.0)
     result: dict[str, Any] = {
-        "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "cpu": cpu_description(), "threads": args.threads, "float32_linear": linear.kernel,
         "num_prompts": args.num_prompts, "seconds": args.seconds,
         "transformer_s": times, "transformer_speedup": times["float32"] / times["int8"],
         "psnr_db": {"mean_by_second": finite.mean(axis=0).round(2).tolist(),
@@ -135,7 +143,8 @@ def main() -> None:
         "readings_changed": changed,
     }
     print(json.dumps(result, indent=2))
-    print(f"\nINT8 vs float32, {args.num_prompts} prompts x {args.seconds:g} s, {args.threads} threads")
+    print(f"\nINT8 vs float32 ({linear.kernel} linears), {args.num_prompts} prompts x {args.seconds:g} s, "
+          f"{args.threads} threads, {result['cpu']}")
     print(f"{'transformer speed-up':28} {result['transformer_speedup']:.2f}x")
     print(f"{'PSNR by second (mean, dB)':28} {' '.join(f'{v:.1f}' for v in result['psnr_db']['mean_by_second'])}")
     print(f"{'attribute':12} {'float32':>8} {'int8':>8} {'changed':>8}")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from streamgen.attention import resolve_attention
 from streamgen.cli import build_parser, main
 from streamgen.video_io import read_video
 
@@ -25,7 +26,8 @@ def test_generate_writes_requested_frames(tmp_path: Path, capsys: pytest.Capture
     assert frames.shape == (14, 32, 32, 3)
     captured = capsys.readouterr()
     assert '"frames": 14' in captured.out
-    assert "attention: gemm (auto: CPU" in captured.err  # the choice and why, as for the dtype
+    backend, why = resolve_attention("auto", "cpu")  # gemm on a CPU with native bf16, else sdpa
+    assert f"attention: {backend} ({why})" in captured.err  # the choice and why, as for the dtype
     assert "linear: onednn (auto: CPU" in captured.err
 
 

@@ -85,12 +85,17 @@ _MODULES: dict[AttentionBackendName, str] = {
 
 
 def resolve_attention(name: str, device: torch.device | str) -> tuple[str, str]:
-    """The backend to build for ``name`` on ``device``, and why: ``auto`` is ``gemm`` on a CPU (GEMM - softmax
-    - GEMM where it beats PyTorch's CPU kernel, that kernel elsewhere; docs/speed.md) and ``sdpa`` on other
-    devices (PyTorch's fused kernels). Any other name is checked and returned as given."""
+    """The backend to build for ``name`` on ``device``, and why: ``auto`` is ``gemm`` on a CPU with native bf16
+    GEMMs (GEMM - softmax - GEMM where it beats PyTorch's CPU kernel, that kernel elsewhere; docs/speed.md),
+    ``sdpa`` on a CPU without them (where the GEMM path never wins) and on other devices (PyTorch's fused
+    kernels). Any other name is checked and returned as given."""
     if name == "auto":
         if torch.device(device).type == "cpu":
-            return "gemm", "auto: CPU (bf16 attention as two GEMMs around a softmax, else SDPA)"
+            from streamgen.attention.gemm import bf16_gemms_native
+
+            if bf16_gemms_native():
+                return "gemm", "auto: CPU (bf16 attention as two GEMMs around a softmax, else SDPA)"
+            return "sdpa", "auto: CPU without native bf16 GEMMs (SDPA's kernel is the faster one in every dtype)"
         return "sdpa", f"auto: {torch.device(device).type} (PyTorch's fused SDPA kernels)"
     if name not in ATTENTION_CHOICES:
         raise ValueError(f"unknown attention backend {name!r}; valid: {', '.join(ATTENTION_CHOICES)}")

@@ -7,11 +7,12 @@ rescales its running softmax between them. Here the scores of a block of queries
 one batched GEMM (``Q K^T``), the softmax one vectorised pass over them, and the output a second
 batched GEMM (``P V``); both GEMMs run at the BLAS's full rate. docs/speed.md has the measurements.
 
-The backend takes this path only where it measured faster (:func:`prefers_gemm`: bfloat16 on a CPU,
-against at least :data:`MIN_KEYS` keys; alone, 0.87-2.1x SDPA's speed depending on the run and the key
-count, ``benchmarks/cpu_kernels.py --keys``) and hands every other call (float32, a GPU, cross-attention's
-few text tokens) to SDPA's kernel unchanged. It is the CPU's ``auto`` choice: in the engine a bf16 chunk is
-1.13-1.27x faster, in every alternated round but one (``benchmarks/attention_ab.py``; docs/speed.md).
+The backend takes this path only where it measured faster (:func:`prefers_gemm`: bfloat16 on a CPU with
+native bf16 GEMMs, against at least :data:`MIN_KEYS` keys; alone, 0.87-2.1x SDPA's speed depending on the
+run and the key count, ``benchmarks/cpu_kernels.py --keys``) and hands every other call (float32, a GPU,
+cross-attention's few text tokens, any call on a CPU whose bf16 GEMMs are emulated) to SDPA's kernel
+unchanged. It is the ``auto`` choice of a CPU with native bf16: in the engine a bf16 chunk is 1.13-1.27x
+faster, in every alternated round but one (``benchmarks/attention_ab.py``; docs/speed.md).
 
 Precision: in bfloat16 the scores and the probabilities are rounded to bfloat16 between the steps
 (flash-attention keeps the scores in float32 and rounds only the probabilities), so the error is a
@@ -25,6 +26,7 @@ heads, would need ~1.8 G otherwise). Paged K/V are gathered as for SDPA.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -69,11 +71,25 @@ def attention_gemm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
+@functools.cache
+def bf16_gemms_native() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 / AMX; :func:`streamgen.precision.cpu_bf16_is_native`).
+
+    Where it does not (an AVX2-only CPU), a bf16 GEMM is emulated at ~1 % of the float32 rate, while SDPA's
+    kernel widens bf16 to float32 inside: on a 2-core AVX2 AMD EPYC a chunk's bf16 attention took 110 ms as
+    two GEMMs against 2.0 ms in SDPA (``benchmarks/cpu_kernels.py``)."""
+    from streamgen.precision import cpu_bf16_is_native
+
+    return cpu_bf16_is_native()[0]
+
+
 def prefers_gemm(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether :func:`attention_gemm` is the faster exact path for this call: bfloat16 on a CPU with at least
-    :data:`MIN_KEYS` keys. In float32 SDPA's kernel is as fast (its tiles run at the fp32 GEMM rate
-    already), and against a few keys (the text tokens of cross-attention) its single pass wins."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.shape[1] >= MIN_KEYS
+    """Whether :func:`attention_gemm` is the faster exact path for this call: bfloat16 on a CPU with native
+    bf16 GEMMs (:func:`bf16_gemms_native`), against at least :data:`MIN_KEYS` keys. In float32 SDPA's kernel
+    is as fast (its tiles run at the fp32 GEMM rate already), and against a few keys (the text tokens of
+    cross-attention) its single pass wins."""
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.shape[1] >= MIN_KEYS
+            and bf16_gemms_native())
 
 
 class GemmBackend(SDPABackend):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from streamgen.attention import AttentionBackendName, get_backend, resolve_attention
+from streamgen.attention import gemm as gemm_module
 from streamgen.attention.gemm import MIN_KEYS, attention_gemm, prefers_gemm
 from streamgen.config import ATTENTION_CHOICES, ATTENTION_NAMES
 
@@ -83,7 +84,13 @@ def test_query_blocks_give_the_one_block_result_exactly() -> None:
         attention_gemm(q, k, v, score_budget=0)
 
 
-def test_dispatch_takes_the_gemm_path_only_for_long_bf16_cpu_calls() -> None:
+@pytest.fixture
+def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run as on a CPU with AVX512-BF16 / AMX, whatever this machine has."""
+    monkeypatch.setattr(gemm_module, "bf16_gemms_native", lambda: True)
+
+
+def test_dispatch_takes_the_gemm_path_only_for_long_bf16_cpu_calls(native_bf16: None) -> None:
     gemm = get_backend("gemm")
     sdpa = get_backend("sdpa")
     q, k, v = qkv(16, MIN_KEYS, torch.bfloat16)
@@ -99,7 +106,26 @@ def test_dispatch_takes_the_gemm_path_only_for_long_bf16_cpu_calls() -> None:
     torch.testing.assert_close(gemm.attention(q, k, v), sdpa.attention(q, k, v), atol=0, rtol=0)
 
 
-def test_auto_resolves_per_device_and_names_match_the_enum() -> None:
+def test_without_native_bf16_every_call_goes_to_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an AVX2-only CPU a bf16 GEMM is emulated (~1 % of the float32 rate) while SDPA widens to float32
+    inside: the GEMM path would be ~50x slower there, so it is never taken and ``auto`` builds SDPA."""
+    monkeypatch.setattr(gemm_module, "bf16_gemms_native", lambda: False)
+    q, k, v = qkv(16, 2 * MIN_KEYS, torch.bfloat16)
+    assert not prefers_gemm(q, k)
+    torch.testing.assert_close(get_backend("gemm").attention(q, k, v), get_backend("sdpa").attention(q, k, v),
+                               atol=0, rtol=0)
+    backend, why = resolve_attention("auto", "cpu")
+    assert backend == "sdpa" and "without native bf16" in why
+    assert resolve_attention("gemm", "cpu") == ("gemm", "asked for")
+
+
+def test_the_native_check_follows_the_cpu_flags() -> None:
+    from streamgen.precision import cpu_bf16_is_native
+
+    assert gemm_module.bf16_gemms_native() is cpu_bf16_is_native()[0]
+
+
+def test_auto_resolves_per_device_and_names_match_the_enum(native_bf16: None) -> None:
     assert tuple(b.value for b in AttentionBackendName) == ATTENTION_NAMES
     assert ATTENTION_CHOICES[0] == "auto"
     assert resolve_attention("auto", "cpu")[0] == "gemm"

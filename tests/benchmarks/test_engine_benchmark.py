@@ -74,3 +74,23 @@ def test_avx2_emulation_is_named_in_every_cpu_description(monkeypatch: pytest.Mo
     assert described.endswith("kernels capped: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 "
                               "MKL_ENABLE_INSTRUCTIONS=AVX2")
     compare_trees.emulate_avx2(["never-run.py"])  # caps set: returns instead of re-executing
+
+
+def test_the_ceiling_is_the_steady_chunk_at_the_peak() -> None:
+    """A peak that does a steady-state chunk's transformer FLOPs in exactly the chunk's playback time gives a
+    ceiling of 1.0; the window counts (a shorter window allows more), and the ceiling scales with the peak."""
+    import dataclasses
+
+    from streamgen.config import CacheConfig, get_preset
+    from streamgen.perf import transformer_forward_flops
+
+    bench = _engine_benchmark()
+    preset = get_preset("default")
+    chunk, window = preset.sampler.chunk_frames, preset.cache.window_frames
+    assert window
+    forwards = 5 * transformer_forward_flops(preset.model, preset.tokens_per_frame, chunk, window + chunk).total
+    playback_s = chunk * preset.vae.temporal_factor / preset.video.fps
+    assert bench.rtf_ceiling(preset, forwards / playback_s) == pytest.approx(1.0)
+    assert bench.rtf_ceiling(preset, 3 * forwards / playback_s) == pytest.approx(3.0)
+    short = dataclasses.replace(preset, cache=CacheConfig(window_frames=3, sink_frames=0))
+    assert bench.rtf_ceiling(short, forwards / playback_s) > 1.0
