@@ -109,6 +109,9 @@ class PrepackedLinear(nn.Module):
         super().__init__()
         if linear.weight.device.type != "cpu":
             raise ValueError(f"PrepackedLinear needs a CPU weight, got {linear.weight.device}")
+        why = onednn_unavailable(linear.weight.dtype)
+        if why is not None:
+            raise ValueError(f"cannot prepack this linear layer: {why}; use --linear aten")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # Frozen: the packed copy has no gradient, so the weights it stands for cannot take one either.
         self.weight = linear.weight.requires_grad_(False)

@@ -30,9 +30,13 @@ pytestmark = pytest.mark.skipif(onednn_unavailable() is not None,
 # float32: the same products summed in another order (~1e-6 relative at these widths); bf16: outputs rounded
 # to bf16 (8 bits of mantissa), so one rounding step apart at most.
 TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2}}
+# oneDNN packs bf16 weights only with AVX512-BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only CPU refuses (checked below).
+PACKABLE = [pytest.param(dtype, marks=pytest.mark.skipif(
+    onednn_unavailable(dtype) is not None, reason=f"this CPU cannot pack it: {onednn_unavailable(dtype)}"))
+    for dtype in (torch.float32, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", PACKABLE)
 @pytest.mark.parametrize("shape", [(192, 64), (2, 96, 64), (1, 1, 64), (3, 2, 5, 64), (0, 64)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_prepacked_linear_equals_f_linear(dtype: torch.dtype, shape: tuple[int, ...], bias: bool) -> None:
@@ -47,7 +51,7 @@ def test_prepacked_linear_equals_f_linear(dtype: torch.dtype, shape: tuple[int, 
     torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", PACKABLE)
 def test_prepacked_transformer_matches_the_unpacked_one(dtype: torch.dtype, test_preset: Preset,
                                                         tiny_model: MakeModel) -> None:
     model = tiny_model(test_preset.model, seed=None, scale=0.05).to(dtype).eval()
@@ -93,6 +97,15 @@ def test_a_stream_through_the_engine_matches(test_preset: Preset) -> None:
     assert frames["aten"].shape == frames["onednn"].shape and frames["aten"].numel() > 0
     assert frames["aten"].std() > 1  # real pictures, not a constant that would match trivially
     assert (frames["aten"] - frames["onednn"]).abs().max().item() <= 1.0  # uint8: at most one level apart
+
+
+def test_a_dtype_onednn_cannot_pack_is_refused_naming_what_to_use() -> None:
+    with pytest.raises(ValueError, match="run float32 or bfloat16, not float16; use --linear aten"):
+        PrepackedLinear(nn.Linear(8, 4).half(), rows_hint=4)
+    why = onednn_unavailable(torch.bfloat16)  # an AVX2-only CPU: refused in words, not a oneDNN error
+    if why is not None:
+        with pytest.raises(ValueError, match="oneDNN cannot pack bfloat16 weights on this CPU"):
+            PrepackedLinear(nn.Linear(8, 4).bfloat16(), rows_hint=4)
 
 
 def test_grad_and_stale_weights_are_refused() -> None:
