@@ -20,7 +20,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,40 +27,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import engine_ab  # noqa: E402
 from compare_trees import cpu_description  # noqa: E402
-from engine import PROMPTS, build  # noqa: E402
+from engine import PROMPTS  # noqa: E402
 
-from streamgen.config import ATTENTION_NAMES, get_preset  # noqa: E402
-from streamgen.engine.request import GenerationRequest  # noqa: E402
-from streamgen.model.text import HashTokenEncoder, TextEncoder  # noqa: E402
+from streamgen.config import ATTENTION_NAMES  # noqa: E402
 
 
 def chunk_times(preset_name: str, dtype: torch.dtype, backends: list[str], streams: int, rounds: int,
                 chunks: int) -> dict[str, list[float]]:
-    """Per backend, the seconds per chunk (per stream) of each round."""
-    preset = get_preset(preset_name)
-    text = TextEncoder(preset.model.text_max_tokens, token_encoder=HashTokenEncoder(preset.model.text_dim))
-    frames_per_chunk = preset.pixel_frames(preset.sampler.chunk_frames)
-    total = (6 + rounds * chunks + 2) * frames_per_chunk
-    engines = {}
-    for name in backends:
-        engines[name] = build(preset, text, dtype, attention=name)
-        for i in range(streams):
-            engines[name].add_request(GenerationRequest(PROMPTS[i % len(PROMPTS)], seed=i, num_frames=total))
-
-    def run(name: str, n: int) -> float:  # n chunks of every stream; seconds per chunk of one stream
-        t0, done = time.perf_counter(), 0
-        while done < n * streams:
-            done += sum(1 for out in engines[name].step() if len(out.frames))
-        return (time.perf_counter() - t0) / n
-
-    for name in backends:
-        run(name, 6)  # the rolling window full
-    times: dict[str, list[float]] = {name: [] for name in backends}
-    for r in range(rounds):
-        for name in (backends if r % 2 == 0 else backends[::-1]):
-            times[name].append(run(name, chunks))
-    return times
+    """Per backend, the seconds per chunk (per stream) of each round (``engine_ab.chunk_times``, linears
+    through ``F.linear`` in both engines)."""
+    configs = {name: {"attention": name, "linear": "aten", "quantize": "none"} for name in backends}
+    return engine_ab.chunk_times(preset_name, dtype, configs, streams, rounds, chunks)
 
 
 def frames_psnr(dtype: str, backends: list[str], prompts: int, num_frames: int) -> dict[str, list[float]]:

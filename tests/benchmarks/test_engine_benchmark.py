@@ -94,3 +94,21 @@ def test_the_ceiling_is_the_steady_chunk_at_the_peak() -> None:
     assert bench.rtf_ceiling(preset, 3 * forwards / playback_s) == pytest.approx(3.0)
     short = dataclasses.replace(preset, cache=CacheConfig(window_frames=3, sink_frames=0))
     assert bench.rtf_ceiling(short, forwards / playback_s) > 1.0
+
+
+def test_the_fixed_cost_forward_has_one_token_per_frame(test_preset, tiny_model) -> None:
+    """``time_forward(one_token=True)`` runs the same blocks on frames of a single patch: the forward's fixed
+    cost. The patch embedding sees 1 token per frame there and the preset's full grid otherwise."""
+    bench = _engine_benchmark()
+    model = tiny_model(test_preset.model).eval()
+    tokens: list[int] = []
+    hook = model.patch_embedding.register_forward_hook(
+        lambda _m, _i, out: tokens.append(out.shape[-2] * out.shape[-1]))
+    try:
+        assert bench.time_forward(model, test_preset, 2, repeats=1, one_token=True) > 0
+        assert set(tokens) == {1}
+        tokens.clear()
+        bench.time_forward(model, test_preset, 2, repeats=1)
+        assert set(tokens) == {test_preset.tokens_per_frame} and test_preset.tokens_per_frame > 1
+    finally:
+        hook.remove()
