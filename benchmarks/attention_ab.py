@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,16 +80,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "preset": args.preset, "a": args.a, "b": args.b, "speed": {}}
     for n in args.streams:
         t = chunk_times(args.preset, getattr(torch, args.dtype), backends, n, args.rounds, args.chunks)
-        ratios = [x / y for x, y in zip(t[args.a], t[args.b], strict=True)]
-        result["speed"][str(n)] = {"chunk_s": {k: statistics.median(v) for k, v in t.items()},
-                                   "a_over_b_per_round": ratios, "a_over_b_median": statistics.median(ratios)}
+        result["speed"][str(n)] = engine_ab.summarise(t, args.a, args.b)
     if args.psnr_prompts:
         result["psnr_vs_float32_db"] = frames_psnr(args.dtype, backends, args.psnr_prompts, args.psnr_frames)
     print(json.dumps(result, indent=2))
     print(f"\n{result['cpu']}, {args.threads} threads, {args.dtype}: {args.a} against {args.b}")
     for n, r in result["speed"].items():
         print(f"  {n} stream(s): {args.a}/{args.b} chunk time median {r['a_over_b_median']:.2f} "
-              f"(rounds {min(r['a_over_b_per_round']):.2f}-{max(r['a_over_b_per_round']):.2f})")
+              f"(rounds {min(r['a_over_b_per_round']):.2f}-{max(r['a_over_b_per_round']):.2f}): {r['verdict']}")
     for name, values in result.get("psnr_vs_float32_db", {}).items():
         print(f"  PSNR against float32 sdpa, {name}: " + " / ".join(f"{v:.1f}" for v in values) + " dB")
     return result

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_trees import cpu_description  # noqa: E402
 from engine import PROMPTS, build  # noqa: E402
 
-from streamgen.attention import resolve_attention  # noqa: E402
+from streamgen.attention import BackendUnavailableError, get_backend, resolve_attention  # noqa: E402
 from streamgen.config import ATTENTION_CHOICES, get_preset  # noqa: E402
 from streamgen.engine.request import GenerationRequest  # noqa: E402
 from streamgen.model.prepack import LINEAR_KERNELS, resolve_linear  # noqa: E402
@@ -60,8 +60,12 @@ def resolve_config(config: dict[str, str], dtype: torch.dtype) -> dict[str, str]
     """The kernels serving would build on this CPU for ``config`` (``ValueError`` where one cannot run)."""
     check_quantize(config["quantize"], "cpu", dtype)
     linear = resolve_linear(config["linear"], "cpu", dtype=dtype, quantize=config["quantize"])
-    return {"attention": resolve_attention(config["attention"], "cpu")[0], "linear": linear.kernel,
-            "quantize": config["quantize"]}
+    attention = resolve_attention(config["attention"], "cpu")[0]
+    try:
+        get_backend(attention)  # flex / xformers / flash where they cannot run: their own one-line reason
+    except BackendUnavailableError as exc:
+        raise ValueError(f"attention={attention}: {exc}") from exc
+    return {"attention": attention, "linear": linear.kernel, "quantize": config["quantize"]}
 
 
 def chunk_times(preset_name: str, dtype: torch.dtype, configs: dict[str, dict[str, str]], streams: int,
@@ -103,6 +107,14 @@ def verdict(ratios: list[float], a: str = "a", b: str = "b") -> str:
     return "not separable"
 
 
+def summarise(times: dict[str, list[float]], a: str, b: str) -> dict[str, Any]:
+    """Medians, per-round ``a / b`` ratios and the verdict of :func:`chunk_times`' rounds."""
+    ratios = [x / y for x, y in zip(times[a], times[b], strict=True)]
+    return {"chunk_s": {k: statistics.median(v) for k, v in times.items()}, "a_over_b_per_round": ratios,
+            "a_over_b_median": statistics.median(ratios), "rounds_b_faster": sum(r > 1 for r in ratios),
+            "verdict": verdict(ratios, a, b)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--a", required=True, help="configuration a, e.g. quantize=int8,linear=aten")
@@ -127,11 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"cpu": cpu_description(), "threads": args.threads, "dtype": args.dtype,
                               "preset": args.preset, "a": configs["a"], "b": configs["b"], "speed": {}}
     for n in args.streams:
-        t = chunk_times(args.preset, dtype, configs, n, args.rounds, args.chunks)
-        ratios = [x / y for x, y in zip(t["a"], t["b"], strict=True)]
-        result["speed"][str(n)] = {"chunk_s": {k: statistics.median(v) for k, v in t.items()},
-                                   "a_over_b_per_round": ratios, "a_over_b_median": statistics.median(ratios),
-                                   "rounds_b_faster": sum(r > 1 for r in ratios), "verdict": verdict(ratios)}
+        result["speed"][str(n)] = summarise(chunk_times(args.preset, dtype, configs, n, args.rounds, args.chunks),
+                                            "a", "b")
     print(json.dumps(result, indent=2))
     print(f"\n{result['cpu']}, {args.threads} threads, {args.dtype}\n  a = {configs['a']}\n  b = {configs['b']}")
     for n, r in result["speed"].items():

@@ -88,6 +88,7 @@ def main() -> None:
         parser.error("--num-prompts and --seconds must be > 0")
     try:
         check_quantize("int8", resolve_device(args.device), torch.float32)
+        linear = resolve_linear(args.linear, "cpu", dtype=torch.float32)
     except ValueError as exc:
         print(f"benchmarks/quantize.py: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -97,9 +98,8 @@ def main() -> None:
     assert transformer_path is not None and vae_path is not None
     fp32 = load_transformer(transformer_path, expected=preset.model).eval().float()
     int8 = quantize_transformer(copy.deepcopy(fp32), "int8")
-    linear = resolve_linear(args.linear, "cpu", dtype=torch.float32)
     if linear.kernel == "onednn":
-        prepack_linears(fp32, preset.tokens_per_frame * preset.sampler.chunk_frames)
+        prepack_linears(fp32, preset.chunk_tokens)
     vae = load_vae(vae_path, expected=preset.vae).eval().float()
     classifier = load_classifier(args.classifier)
     text = TextEncoder(preset.model.text_max_tokens)

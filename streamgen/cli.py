@@ -55,8 +55,8 @@ def _add_model(p: argparse._ActionsContainer, random_init_help: str) -> None:
                    help="transformer precision (and KV-cache dtype); auto = bfloat16 only where the CPU multiplies "
                         "it natively (AVX512-BF16/AMX) or on CUDA, else float32")
     p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                   help="attention backend; auto: gemm on a CPU (bf16 attention as two GEMMs around a softmax, "
-                        "PyTorch's SDPA for the rest), sdpa elsewhere")
+                   help="attention backend; auto: gemm on a CPU with AVX512-BF16/AMX (bf16 attention as two GEMMs "
+                        "around a softmax, PyTorch's SDPA for the rest), sdpa elsewhere")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: INT8 linear layers in the transformer blocks (CPU, float32); see docs/speed.md")

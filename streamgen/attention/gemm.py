@@ -77,7 +77,8 @@ def bf16_gemms_native() -> bool:
 
     Where it does not (an AVX2-only CPU), a bf16 GEMM is emulated at ~1 % of the float32 rate, while SDPA's
     kernel widens bf16 to float32 inside: on a 2-core AVX2 AMD EPYC a chunk's bf16 attention took 110 ms as
-    two GEMMs against 2.0 ms in SDPA (``benchmarks/cpu_kernels.py``)."""
+    two GEMMs against 2.0 ms in SDPA (``benchmarks/cpu_kernels.py``). Cached for the process: a test that wants
+    the other answer patches this function (or clears its cache around patched precision helpers)."""
     from streamgen.precision import cpu_bf16_is_native
 
     return cpu_bf16_is_native()[0]

@@ -51,3 +51,16 @@ def test_bad_configurations_exit_2(argv: list[str], message: str, capsys: pytest
     with pytest.raises(SystemExit) as exc:
         engine_ab.main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_backend_that_cannot_run_here_exits_2_with_its_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    from streamgen.attention import BackendUnavailableError, get_backend
+
+    try:
+        get_backend("flash")
+    except BackendUnavailableError as exc:
+        with pytest.raises(SystemExit) as raised:
+            engine_ab.main(["--a", "attention=flash", "--b", "attention=sdpa"])
+        assert raised.value.code == 2 and "attention=flash:" in capsys.readouterr().err and str(exc)
+    else:
+        pytest.skip("flash-attn runs here (a CUDA machine with flash-attn): nothing to refuse")

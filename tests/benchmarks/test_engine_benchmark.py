@@ -78,17 +78,21 @@ def test_avx2_emulation_is_named_in_every_cpu_description(monkeypatch: pytest.Mo
 
 def test_the_ceiling_is_the_steady_chunk_at_the_peak() -> None:
     """A peak that does a steady-state chunk's transformer FLOPs in exactly the chunk's playback time gives a
-    ceiling of 1.0; the window counts (a shorter window allows more), and the ceiling scales with the peak."""
+    ceiling of 1.0. The chunk's keys are counted by the cache policy itself (its visible cached frames far into
+    a stream, plus the chunk: 3 sinks + 6 recent + 3 own on the default preset), not by the benchmark's formula."""
     import dataclasses
 
+    from streamgen.cache.window import visible_cached_frames
     from streamgen.config import CacheConfig, get_preset
     from streamgen.perf import transformer_forward_flops
 
     bench = _engine_benchmark()
     preset = get_preset("default")
-    chunk, window = preset.sampler.chunk_frames, preset.cache.window_frames
-    assert window
-    forwards = 5 * transformer_forward_flops(preset.model, preset.tokens_per_frame, chunk, window + chunk).total
+    chunk = preset.sampler.chunk_frames
+    start = 20 * chunk  # the window long full
+    keys = len(visible_cached_frames(preset.cache, start, start, start + chunk)) + chunk
+    assert keys == 12 and bench.steady_key_frames(preset) == keys
+    forwards = 5 * transformer_forward_flops(preset.model, preset.tokens_per_frame, chunk, keys).total  # 4 + 1
     playback_s = chunk * preset.vae.temporal_factor / preset.video.fps
     assert bench.rtf_ceiling(preset, forwards / playback_s) == pytest.approx(1.0)
     assert bench.rtf_ceiling(preset, 3 * forwards / playback_s) == pytest.approx(3.0)
