@@ -63,8 +63,8 @@ from typing import Any
 
 import torch
 
+from streamgen import precision
 from streamgen.attention import BackendUnavailableError, get_backend, resolve_attention
-from streamgen.attention import gemm as gemm_module
 from streamgen.config import ATTENTION_CHOICES, CacheConfig, Preset, get_preset
 from streamgen.device import DEVICE_HELP, device_info, resolve_device, synchronize
 from streamgen.engine.engine import Engine, EngineConfig
@@ -113,9 +113,14 @@ def peak_held_to(dtype: torch.dtype, device: torch.device, peaks: dict[torch.dty
     attention widens bf16 to float32 inside and the norms run in float32, so such a model outruns its own
     GEMMs (an MFU of 106 % against the bf16 peak on an AVX2-only CPU) and is held to the faster of the peaks.
     """
-    if device.type == "cpu" and dtype == torch.bfloat16 and not gemm_module.bf16_gemms_native():
+    if device.type == "cpu" and dtype == torch.bfloat16 and not precision.bf16_gemms_native():
         return max(peaks.values()), "float32: bf16 emulated"
     return peaks[dtype], str(dtype).removeprefix("torch.")
+
+
+def forwards_per_chunk(preset: Preset) -> int:
+    """Transformer forwards a chunk costs: its denoising steps and the cache write."""
+    return len(preset.sampler.denoising_steps) + 1
 
 
 def steady_key_frames(preset: Preset) -> int:
@@ -130,8 +135,7 @@ def rtf_ceiling(preset: Preset, peak_flops: float) -> float:
     overhead. No engine beats it on a machine with that peak, so it says which targets a CPU can reach at all.
     """
     chunk = preset.sampler.chunk_frames
-    forwards = len(preset.sampler.denoising_steps) + 1
-    steady = forwards * transformer_forward_flops(preset.model, preset.tokens_per_frame, chunk,
+    steady = forwards_per_chunk(preset) * transformer_forward_flops(preset.model, preset.tokens_per_frame, chunk,
                                                   steady_key_frames(preset)).total
     return peak_flops * preset.pixel_frames(chunk) / steady / preset.video.fps
 
@@ -282,7 +286,7 @@ def main() -> None:
     other_peak = best_matmul_peak_flops(other, device)
     # A lower bound on the transformer work per pixel frame (4 denoising forwards + 1 cache write, each
     # attending at least to the chunk itself): the real-time factor's guard against impossible timings.
-    chunk_flops = 5 * transformer_forward_flops(preset.model, tokens, chunk, chunk).total
+    chunk_flops = forwards_per_chunk(preset) * transformer_forward_flops(preset.model, tokens, chunk, chunk).total
     flops_per_frame = chunk_flops / preset.pixel_frames(chunk)
 
     # 1. One stream, long, rolling window (the preset's): RTF, TTFF, chunk 10 vs chunk 200.
@@ -362,7 +366,7 @@ def main() -> None:
 
     name = str(dtype).removeprefix("torch.")
     # 5.0 is the target of CPUs with native bf16; one without it is held to the float32 target, forced bf16 or not.
-    native_bf16 = device.type == "cpu" and dtype == torch.bfloat16 and gemm_module.bf16_gemms_native()
+    native_bf16 = device.type == "cpu" and dtype == torch.bfloat16 and precision.bf16_gemms_native()
     rtf_target = 5.0 if native_bf16 else 3.0
     result = {
         "preset": preset.name, "device": device_info(device).describe(), "threads": args.threads, "dtype": name,

@@ -87,6 +87,15 @@ def cpu_bf16_is_native() -> tuple[bool, str]:
     return slowdown < 1.0, f"GEMM probe on {platform.machine() or 'this CPU'}: bf16 takes {slowdown:.2f}x fp32"
 
 
+@functools.cache
+def bf16_gemms_native() -> bool:
+    """:func:`cpu_bf16_is_native`'s answer, cached for the process: the hot paths' question (the attention
+    backend asks it per call). Where it is False (an AVX2-only CPU) a bf16 GEMM is emulated at ~1 % of the
+    float32 rate, while PyTorch's attention and the float32 norms are not: a bf16 model there outruns its own
+    GEMMs. A test that wants the other answer patches this function (or clears its cache around patched flags)."""
+    return cpu_bf16_is_native()[0]
+
+
 def resolve_dtype(name: str, device: torch.device | str = "cpu") -> DtypeChoice:
     """Turn ``auto`` / ``float32`` / ``bfloat16`` into a dtype for ``device``.
 

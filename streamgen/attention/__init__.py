@@ -91,9 +91,9 @@ def resolve_attention(name: str, device: torch.device | str) -> tuple[str, str]:
     kernels). Any other name is checked and returned as given."""
     if name == "auto":
         if torch.device(device).type == "cpu":
-            from streamgen.attention.gemm import bf16_gemms_native
+            from streamgen import precision
 
-            if bf16_gemms_native():
+            if precision.bf16_gemms_native():
                 return "gemm", "auto: CPU (bf16 attention as two GEMMs around a softmax, else SDPA)"
             return "sdpa", "auto: CPU without native bf16 GEMMs (SDPA's kernel is the faster one in every dtype)"
         return "sdpa", f"auto: {torch.device(device).type} (PyTorch's fused SDPA kernels)"

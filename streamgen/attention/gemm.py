@@ -26,11 +26,11 @@ heads, would need ~1.8 G otherwise). Paged K/V are gathered as for SDPA.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
+from streamgen import precision
 from streamgen.attention.sdpa import SDPABackend
 
 # Score elements per block (B x H x queries x keys): 4 Mi values is 8 MiB in bf16, far below any machine's
@@ -71,26 +71,14 @@ def attention_gemm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
-@functools.cache
-def bf16_gemms_native() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 / AMX; :func:`streamgen.precision.cpu_bf16_is_native`).
-
-    Where it does not (an AVX2-only CPU), a bf16 GEMM is emulated at ~1 % of the float32 rate, while SDPA's
-    kernel widens bf16 to float32 inside: on a 2-core AVX2 AMD EPYC a chunk's bf16 attention took 110 ms as
-    two GEMMs against 2.0 ms in SDPA (``benchmarks/cpu_kernels.py``). Cached for the process: a test that wants
-    the other answer patches this function (or clears its cache around patched precision helpers)."""
-    from streamgen.precision import cpu_bf16_is_native
-
-    return cpu_bf16_is_native()[0]
-
-
 def prefers_gemm(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether :func:`attention_gemm` is the faster exact path for this call: bfloat16 on a CPU with native
-    bf16 GEMMs (:func:`bf16_gemms_native`), against at least :data:`MIN_KEYS` keys. In float32 SDPA's kernel
-    is as fast (its tiles run at the fp32 GEMM rate already), and against a few keys (the text tokens of
-    cross-attention) its single pass wins."""
+    bf16 GEMMs (:func:`streamgen.precision.bf16_gemms_native`), against at least :data:`MIN_KEYS` keys. Without
+    them the GEMMs are emulated: a chunk's bf16 attention took 110 ms this way against 2.0 ms in SDPA on a 2-core
+    AVX2 AMD EPYC (``benchmarks/cpu_kernels.py``). In float32 SDPA's kernel is as fast (its tiles run at the
+    fp32 GEMM rate already), and against a few keys (the text tokens of cross-attention) its single pass wins."""
     return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.shape[1] >= MIN_KEYS
-            and bf16_gemms_native())
+            and precision.bf16_gemms_native())
 
 
 class GemmBackend(SDPABackend):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from streamgen import precision
 from streamgen.attention import AttentionBackendName, get_backend, resolve_attention
-from streamgen.attention import gemm as gemm_module
 from streamgen.attention.gemm import MIN_KEYS, attention_gemm, prefers_gemm
 from streamgen.config import ATTENTION_CHOICES, ATTENTION_NAMES
 
@@ -21,7 +21,7 @@ def qkv(lq: int, lk: int, dtype: torch.dtype, b: int = 2, h: int = 4, d: int = 6
 @pytest.fixture
 def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     """Run as on a CPU with AVX512-BF16 / AMX, whatever this machine has."""
-    monkeypatch.setattr(gemm_module, "bf16_gemms_native", lambda: True)
+    monkeypatch.setattr(precision, "bf16_gemms_native", lambda: True)
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,7 +111,7 @@ def test_dispatch_takes_the_gemm_path_only_for_long_bf16_cpu_calls(native_bf16: 
 def test_without_native_bf16_every_call_goes_to_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
     """On an AVX2-only CPU a bf16 GEMM is emulated (~1 % of the float32 rate) while SDPA widens to float32
     inside: the GEMM path would be ~50x slower there, so it is never taken and ``auto`` builds SDPA."""
-    monkeypatch.setattr(gemm_module, "bf16_gemms_native", lambda: False)
+    monkeypatch.setattr(precision, "bf16_gemms_native", lambda: False)
     q, k, v = qkv(16, 2 * MIN_KEYS, torch.bfloat16)
     assert not prefers_gemm(q, k)
     torch.testing.assert_close(get_backend("gemm").attention(q, k, v), get_backend("sdpa").attention(q, k, v),
@@ -124,17 +124,15 @@ def test_without_native_bf16_every_call_goes_to_sdpa(monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize(("flags", "native"), [((), False), (("avx512_bf16",), True), (("amx_bf16",), True)])
 def test_the_native_check_follows_the_cpu_flags(flags: tuple[str, ...], native: bool,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import streamgen.precision as precision
-
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: flags)
-    gemm_module.bf16_gemms_native.cache_clear()
+    precision.bf16_gemms_native.cache_clear()
     try:
-        assert gemm_module.bf16_gemms_native() is native
+        assert precision.bf16_gemms_native() is native
         q, k, _ = qkv(16, 2 * MIN_KEYS, torch.bfloat16)
         assert prefers_gemm(q, k) is native
         assert resolve_attention("auto", "cpu")[0] == ("gemm" if native else "sdpa")
     finally:
-        gemm_module.bf16_gemms_native.cache_clear()  # the next caller reads this machine's flags again
+        precision.bf16_gemms_native.cache_clear()  # the next caller reads this machine's flags again
 
 
 def test_auto_resolves_per_device_and_names_match_the_enum(native_bf16: None) -> None:

@@ -123,15 +123,15 @@ def test_a_bf16_model_on_emulated_bf16_is_held_to_the_faster_peak(monkeypatch: p
     attention and norms run in float32): it is held to the faster peak there, and only there."""
     import torch
 
-    from streamgen.attention import gemm as gemm_module
+    from streamgen import precision
 
     bench = _engine_benchmark()
     cpu, peaks = torch.device("cpu"), {torch.float32: 150e9, torch.bfloat16: 15e9}
-    monkeypatch.setattr(gemm_module, "bf16_gemms_native", lambda: False)
+    monkeypatch.setattr(precision, "bf16_gemms_native", lambda: False)
     assert bench.peak_held_to(torch.bfloat16, cpu, peaks) == (150e9, "float32: bf16 emulated")
     assert bench.peak_held_to(torch.float32, cpu, peaks) == (150e9, "float32")
     assert bench.peak_held_to(torch.bfloat16, torch.device("cuda"), peaks) == (15e9, "bfloat16")  # no CPU flags
-    monkeypatch.setattr(gemm_module, "bf16_gemms_native", lambda: True)
+    monkeypatch.setattr(precision, "bf16_gemms_native", lambda: True)
     native = {torch.float32: 200e9, torch.bfloat16: 800e9}
     assert bench.peak_held_to(torch.bfloat16, cpu, native) == (800e9, "bfloat16")
     assert bench.peak_held_to(torch.float32, cpu, native) == (200e9, "float32")  # never the other dtype's
