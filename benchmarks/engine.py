@@ -16,7 +16,11 @@ as one JSON document followed by a short table:
 * ``chunk_breakdown``: a steady-state chunk's wall time split into its transformer forwards, its
   streaming VAE decode and the rest (scheduler, bookkeeping, frame conversion, Python), medians.
 * ``ttff_s``: request added -> first decoded frames (prompt encoding included; the text
-  model is loaded beforehand, as the server does at start). Target <= 0.3 s.
+  model is loaded and the engine warmed up beforehand, ``warm_up_s``, as the server does before it reports
+  SERVING: ``streamgen serve --warm-up-chunks``). Target <= 0.3 s. The engine delivers a stream's
+  first latent frame before the rest of its chunk (``EngineConfig.early_first_frames``); ``ttff_early_s`` and
+  ``ttff_whole_s`` are medians over fresh streams in two engines, alternated, with the first chunk delivered so
+  and whole.
 * ``latency_ratio_200_10``: per-chunk time at chunk 200 over chunk 10 with the rolling
   window full. Target <= 1.05.
 * ``cache_speedup_21``: per-chunk transformer time of a no-cache baseline that recomputes the
@@ -157,15 +161,22 @@ def run_streams(engine: Engine, num_streams: int, num_chunks: int) -> dict[str, 
     decode_ms: list[float] = []
     last = t0
     total_frames = 0
+    part_ms = [0.0, 0.0]  # a chunk delivered in parts (a stream's first): its forwards and decode so far
     while engine.has_unfinished():
         for out in engine.step():
             total_frames += len(out.frames)
             if out.session_id == sids[0] and len(out.frames):
                 now = time.perf_counter()
                 first = first if first is not None else now - t0
+                part_ms[0] += out.timing.generate_ms
+                part_ms[1] += out.timing.decode_ms
+                tensors = out.session.tensors  # type: ignore[union-attr]  # None once the session ended
+                if tensors is not None and tensors.undecoded is not None:
+                    continue  # the first latent frame, out early: its chunk ends with the next part
                 chunk_times.append(now - last)
-                generate_ms.append(out.timing.generate_ms)
-                decode_ms.append(out.timing.decode_ms)
+                generate_ms.append(part_ms[0])
+                decode_ms.append(part_ms[1])
+                part_ms = [0.0, 0.0]
                 last = now
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "frames": total_frames, "ttff_s": first, "chunk_s": chunk_times,
@@ -199,6 +210,24 @@ def join_ttff(engine: Engine, running: int = 3, warm_chunks: int = 2) -> float:
     while True:
         if any(out.session_id == sid and len(out.frames) for out in engine.step()):
             return time.perf_counter() - t0
+
+
+def first_frames_pair(engines: dict[str, Engine], rounds: int) -> dict[str, float]:
+    """Median seconds from adding a fresh stream to its first frames in each engine (the engines alternate, a
+    new prompt and seed every round; each stream is stopped once its first frames are out)."""
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for r in range(rounds):
+        for name, engine in engines.items():
+            frames = 40 * engine.preset.pixel_frames(engine.preset.sampler.chunk_frames)
+            t0 = time.perf_counter()
+            sid = engine.add_request(GenerationRequest(f"{PROMPTS[r % 4]}, take {r}", seed=100 + r, num_frames=frames))
+            while not any(out.session_id == sid and len(out.frames) for out in engine.step()):
+                pass
+            times[name].append(time.perf_counter() - t0)
+            engine.abort(sid)
+            while engine.has_unfinished():
+                engine.step()
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def time_forward(model: CausalWanTransformer, preset: Preset, num_frames: int, repeats: int,
@@ -291,6 +320,7 @@ def main() -> None:
 
     # 1. One stream, long, rolling window (the preset's): RTF, TTFF, chunk 10 vs chunk 200.
     single_engine = build(preset, text, dtype, args.quantize, **engine_kw)
+    warm_up_s = single_engine.warm_up()  # as `streamgen serve` does before SERVING
     single = run_streams(single_engine, 1, long_chunks)
     usage = single_engine.kv.usage()
     paged_calls = {"direct": usage.paged_direct_calls, "split": usage.paged_split_calls,
@@ -330,6 +360,11 @@ def main() -> None:
     # 2b. A stream joining three running ones: its first chunk first (the CPU default) vs all batched.
     join = {mode: join_ttff(build(preset, text, dtype, args.quantize, first_chunk_first=flag, **engine_kw))
             for mode, flag in (("first_chunk_first", True), ("batched", False))}
+
+    # 2c. A fresh stream's first frames: its first latent frame early (the default) vs its first chunk whole.
+    first_frames = first_frames_pair({"early": build(preset, text, dtype, args.quantize, **engine_kw),
+                                      "whole": build(preset, text, dtype, args.quantize, early_first_frames=False,
+                                                     **engine_kw)}, rounds=3 if args.quick else 7)
 
     # 3. Cached chunk vs recomputing a 21-frame visible context (Self-Forcing's comparison).
     window = 21
@@ -378,6 +413,7 @@ def main() -> None:
         "paged_attention_calls": paged_calls,
         "matmul_peak_gflops": peak / 1e9, "mfu_peak": held_name, "mfu_peak_gflops": held / 1e9,
         "rtf": rtf, "rtf_target": rtf_target, "generated_fps": rtf * fps, "ttff_s": single["ttff_s"],
+        "ttff_early_s": first_frames["early"], "ttff_whole_s": first_frames["whole"], "warm_up_s": warm_up_s,
         "rtf_ceiling": ceiling, "rtf_of_ceiling": rtf / ceiling,
         "chunk10_s": win10, "chunk200_s": win200, "chunk_index_late": late, "chunk_breakdown": breakdown,
         "latency_ratio_200_10": win200 / win10,
@@ -400,6 +436,8 @@ def main() -> None:
             *([(f"  6 chunks, {name}: onednn / aten linears", f"{onednn_rtf6:.2f} / {aten_rtf:.2f}", "")]
               if aten_rtf is not None else []),
             ("time to first frame", f"{single['ttff_s']:.3f} s", "<= 0.3 s"),
+            ("  fresh streams, median: first frame early / chunk whole",
+             f"{first_frames['early']:.3f} / {first_frames['whole']:.3f} s", ""),
             ("chunk: transformer / decode / other", "/".join(f"{100 * breakdown['share'][k]:.0f}" for k in
                                                              ("transformer", "decode", "other")) + " %", ""),
             (f"chunk {late} / chunk 10 latency", f"{win200 / win10:.3f}", "<= 1.05"),

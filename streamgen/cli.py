@@ -61,8 +61,9 @@ def _add_model(p: argparse._ActionsContainer, random_init_help: str) -> None:
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: INT8 linear layers in the transformer blocks (CPU, float32); see docs/speed.md")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the transformer blocks (faster chunks, but the first chunk waits for "
-                        "compilation, ~100 s on 2 CPU cores); see docs/speed.md")
+                   help="torch.compile the transformer blocks (faster chunks, but compiling takes ~100 s on 2 CPU "
+                        "cores: `serve` does it in its warm-up before SERVING, `generate` on its first chunk); see "
+                        "docs/speed.md")
     p.add_argument("--linear", choices=["auto", "onednn", "aten"], default="auto",
                    help="kernel of the transformer's linear layers; auto: onednn on a CPU (weights reordered once "
                         "at load into oneDNN's layout, 1.3-3x faster GEMMs), aten (F.linear) elsewhere or with "
@@ -130,6 +131,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         help="per-stream chunks between engine and network; a full buffer pauses that session")
     stream.add_argument("--keyframe-interval-s", type=float, default=2.0,
                         help="default H.264 keyframe interval in seconds of video (clients may override)")
+    stream.add_argument("--warm-up-chunks", type=int, default=2,
+                        help="chunks of a throwaway stream run before the server reports SERVING, so the first "
+                             "client does not pay one-time costs (kernel packing, CUDA start-up, --compile's "
+                             "compilation); 0 = none")
     stream.add_argument("--jpeg-quality", type=int, default=90, help="default JPEG quality (clients may override)")
     stream.add_argument("--h264-crf", type=int, default=18, help="x264 constant rate factor (lower = better)")
     out = p.add_argument_group("logging")
@@ -391,6 +396,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} {path} is not a file")
     if args.kv_memory_mb <= 0:
         raise ValueError(f"--kv-memory-mb must be > 0, got {args.kv_memory_mb}")
+    if args.warm_up_chunks < 0:
+        raise ValueError(f"--warm-up-chunks must be >= 0 (0 = no warm-up), got {args.warm_up_chunks}")
     if args.pace and not (args.max_lead_s > 0):
         raise ValueError(f"--max-lead-s must be > 0, got {args.max_lead_s}")
 
@@ -419,7 +426,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  drain_timeout_s=args.drain_timeout_s, stall_timeout_s=args.stall_timeout_s,
                                  max_buffered_chunks=args.max_buffered_chunks,
                                  keyframe_interval_s=args.keyframe_interval_s, jpeg_quality=args.jpeg_quality,
-                                 h264_crf=args.h264_crf)
+                                 h264_crf=args.h264_crf, warm_up_chunks=args.warm_up_chunks)
     return run(source, engine_config, server_config, log_format=args.log_format, log_level=args.log_level)
 
 

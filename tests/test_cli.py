@@ -109,6 +109,12 @@ def test_serving_docs_flag_table_lists_exactly_the_serve_flags() -> None:
     assert documented == flags
 
 
+def test_serve_refuses_a_negative_warm_up_before_loading(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--preset", "test", "--random-init", "--port", "0", "--warm-up-chunks", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "streamgen serve: error: --warm-up-chunks must be >= 0 (0 = no warm-up), got -1"
+
+
 def test_info_prints_derived_sizes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--preset", "default"]) == 0
     out = capsys.readouterr().out

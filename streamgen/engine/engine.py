@@ -52,6 +52,9 @@ class EngineConfig:
     # A new stream's first chunk before the others' work (SchedulerConfig.first_chunk_first);
     # None = where a batched forward costs about as much as its streams one by one: on a CPU.
     first_chunk_first: bool | None = None
+    # A stream's first latent frame delivered as soon as it is denoised, the rest of its first chunk in the
+    # next round (ModelRunner.early_first_frames): the same frames, the first of them one decode sooner.
+    early_first_frames: bool = True
 
     def __post_init__(self) -> None:
         if self.max_sessions <= 0:
@@ -112,7 +115,8 @@ class Engine:
         # Page size: the preset's (CacheConfig.block_size_tokens; whole frames unless it says otherwise).
         self.kv = PagedKVCacheManager.from_preset(preset, model.backend, memory_budget_bytes=config.kv_memory_bytes,
                                                   dtype=dtype, device=self.device)
-        self.runner = ModelRunner(preset, self.model, self.vae, text, self.kv, dtype, self.device)
+        self.runner = ModelRunner(preset, self.model, self.vae, text, self.kv, dtype, self.device,
+                                  early_first_frames=config.early_first_frames)
         sched_cfg = SchedulerConfig(num_steps=len(preset.sampler.denoising_steps),
                                     chunk_frames=preset.sampler.chunk_frames, max_running=config.max_sessions,
                                     max_queue_wait_s=config.max_queue_wait_s, max_lead_s=config.max_lead_s,
@@ -266,6 +270,28 @@ class Engine:
                 session.finish_reason = FinishReason.LIMIT
             outputs.append(self._release(session))
         return outputs
+
+    def warm_up(self, chunks: int = 2) -> float:
+        """Run a throwaway stream of ``chunks`` chunks through the whole path of a stream (prompt encoding, a
+        first chunk's forwards, its cache write, a chunk attending to it, the streaming decode) and drop it, so
+        the first client does not pay one-time costs: kernel selection and weight packing, allocator growth,
+        CUDA's lazy initialisation, ``torch.compile``'s compilation. Returns its seconds.
+
+        Only on an engine with no session. It leaves none, and its pages are free again; a failed warm-up is a
+        ``RuntimeError`` (a server should not start on an engine that cannot run a stream).
+        """
+        if chunks < 1:
+            raise ValueError(f"warm_up needs at least 1 chunk, got {chunks}")
+        if self.scheduler.sessions:
+            raise RuntimeError(f"warm_up runs on an idle engine; {len(self.scheduler.sessions)} sessions are open")
+        start = time.perf_counter()
+        frames = self.preset.pixel_frames(chunks * self.preset.sampler.chunk_frames)
+        # Unpaced (the highest playback rate a request may ask for), so no chunk waits for a playback clock.
+        sid = self.add_request(GenerationRequest("warm-up", seed=0, num_frames=frames, fps=240.0), "warm-up")
+        end = self.run_until_done()[sid][-1]
+        if end.finish_reason is not FinishReason.COMPLETED:
+            raise RuntimeError(f"warm-up stream ended with {end.finish_reason}: {end.error}")
+        return time.perf_counter() - start
 
     def run_until_done(self, max_steps: int = 1_000_000) -> dict[str, list[ChunkOutput]]:
         """Drive the loop until every session ended (tests, benchmarks, offline use)."""

@@ -11,10 +11,16 @@ which the runner attaches to the session and reads through each work item's sess
 Between forwards every session goes through :class:`~streamgen.engine.step.ChunkStep` with
 its own generator, the step the offline generator and the trainer's rollout call, so a
 session batched with others produces the frames it would produce alone.
+
+A chunk is decoded and delivered after its last denoising step, before the forward that writes its
+K/V. A stream's first chunk goes out in two parts (``early_first_frames``): its first latent frame at
+once, the rest in the next round, beside that cache-writing forward. The streaming VAE decodes any
+split of a stream to the same frames, so only the time of the first frame changes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,8 +51,11 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, preset: Preset, model: CausalWanTransformer, vae: CausalVideoVAE, text: TextEncoder,
-                 kv: PagedKVCacheManager, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 kv: PagedKVCacheManager, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 early_first_frames: bool = True) -> None:
         self.preset = preset
+        # Deliver a stream's first latent frame as soon as it is denoised (see the module docstring).
+        self.early_first_frames = early_first_frames
         self.device = torch.device(device)
         self.model = model
         self.vae = vae
@@ -124,12 +133,33 @@ class ModelRunner:
         # A chunk's last denoising step has its clean latents: decode and deliver them now; the forward that
         # writes the chunk's K/V (COMMIT) runs in the next round, after the frames went out.
         done = [it for it in batch.items if it.step == self.step.num_steps - 1]
-        decoded = {id(r.item): r for r in self._decode(done, [it.session.state.x0 for it in done], share_ms)} \
-            if done else {}
+        latents = []
+        for it in done:
+            x0 = it.session.state.x0
+            self._notify(it, x0)  # type: ignore[arg-type]
+            if self._splits_first_chunk(it):
+                it.session.state.undecoded = x0[:, :, 1:]  # type: ignore[index]  # decoded beside its COMMIT
+                x0 = x0[:, :, :1]  # type: ignore[index]
+            latents.append(x0)
+        decoded = {id(r.item): r for r in self._decode(done, latents, share_ms)} if done else {}
         return [decoded.get(id(it)) or StepResult(it, None, share_ms) for it in batch.items]
 
+    def _splits_first_chunk(self, item: WorkItem) -> bool:
+        """Whether ``item`` (a chunk's last denoising step) delivers its first latent frame alone: a stream's
+        first chunk, with more than one frame, that a COMMIT follows (a bounded stream's last chunk has none,
+        so a one-chunk stream decodes whole)."""
+        s = item.session
+        last = s.total_latent_frames is not None and item.start_frame + item.num_frames >= s.total_latent_frames
+        return self.early_first_frames and item.start_frame == 0 and item.num_frames > 1 and not last
+
     def _commit(self, batch: ForwardBatch) -> list[StepResult]:
-        """Write the chunk's K/V (its frames were decoded and delivered after its last denoising step)."""
+        """Write the chunk's K/V (its frames were decoded and delivered after its last denoising step, a
+        stream's first chunk but for its first latent frame: those are decoded here, before the forward)."""
+        rest = [it for it in batch.items if it.session.state.undecoded is not None]
+        decoded = {id(r.item): r for r in self._decode(rest, [it.session.state.undecoded for it in rest], 0.0)} \
+            if rest else {}
+        for it in rest:
+            it.session.state.undecoded = None
         clean = [it.session.state.x0 for it in batch.items]
         inputs = [self.step.commit_input(x0, it.session.state.generator)  # type: ignore[arg-type]
                   for x0, it in zip(clean, batch.items, strict=True)]
@@ -138,7 +168,8 @@ class ModelRunner:
         self._forward(batch, torch.cat(inputs), t, commit=True)
         share_ms = (time.perf_counter() - start) * 1000 / len(batch.items)
         self._keep(list(batch.items), clean)  # type: ignore[arg-type]
-        return [StepResult(it, None, share_ms) for it in batch.items]
+        return [dataclasses.replace(decoded[id(it)], forward_ms=share_ms) if id(it) in decoded
+                else StepResult(it, None, share_ms) for it in batch.items]
 
     def _image(self, batch: ForwardBatch) -> list[StepResult]:
         latents = []
@@ -152,6 +183,8 @@ class ModelRunner:
         self._forward(batch, torch.cat(latents), t, commit=True)
         share_ms = (time.perf_counter() - start) * 1000 / len(batch.items)
         self._keep(list(batch.items), latents)
+        for it, latent in zip(batch.items, latents, strict=True):
+            self._notify(it, latent)
         return self._decode(list(batch.items), latents, share_ms)
 
     def _remember(self, item: WorkItem, x0: torch.Tensor) -> None:
@@ -172,6 +205,11 @@ class ModelRunner:
         for item, x0 in zip(items, latents, strict=True):
             self._remember(item, x0)
 
+    def _notify(self, item: WorkItem, x0: torch.Tensor) -> None:
+        """Hand a finished chunk's clean latents (all of them, once) to the commit listeners."""
+        for listener in self.commit_listeners:
+            listener(item, x0)
+
     def _decode(self, items: list[WorkItem], latents: list[torch.Tensor], forward_ms: float) -> list[StepResult]:
         """Decode the chunks in one batched streaming-VAE call (one call per session for a VAE that cannot
         batch streams, ``vae.batched_decode`` False).
@@ -180,9 +218,6 @@ class ModelRunner:
         after it, so a session decodes exactly what it would decode alone (the decoder has no
         cross-batch ops). One call over B sessions costs well under B single calls in bf16.
         """
-        for item, x0 in zip(items, latents, strict=True):
-            for listener in self.commit_listeners:
-                listener(item, x0)
         states = [it.session.state.decoder for it in items]
         start = time.perf_counter()
         z = self.vae.from_diffusion(torch.cat(latents).to(self.vae_dtype))  # [B, C, F, h, w]

@@ -47,6 +47,7 @@ class SessionTensors:
     pending_prompt: str | None = None
     x: torch.Tensor | None = None        # current noisy chunk [1, C, F, h, w]
     x0: torch.Tensor | None = None       # latest clean prediction
+    undecoded: torch.Tensor | None = None  # the first chunk's latents after its first frame, decoded at its COMMIT
     resident: dict[int, torch.Tensor] = field(default_factory=dict)  # frame -> clean latent [C, h, w]
     chunk_of: dict[int, int] = field(default_factory=dict)          # frame -> index of its chunk
     num_chunks: int = 0

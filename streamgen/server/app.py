@@ -191,6 +191,9 @@ def run(source: ModelSource, engine_config: EngineConfig, server_config: ServerC
     t0 = time.monotonic()
     engine, weights = build_engine(source, engine_config, lambda name, **fields: event(log, name, **fields))
     event(log, "engine_ready", preset=engine.preset.name, weights=weights, load_s=round(time.monotonic() - t0, 2))
+    if server_config.warm_up_chunks:  # before SERVING: the first client does not pay the one-time costs
+        event(log, "warm_up", chunks=server_config.warm_up_chunks,
+              seconds=round(engine.warm_up(server_config.warm_up_chunks), 2))
     async_engine = AsyncEngine(engine, max_buffered_chunks=server_config.max_buffered_chunks)
     server = StreamGenServer(async_engine, server_config, weights)
     asyncio.run(serve_until_signal(server))

@@ -34,6 +34,7 @@ class ServerConfig:
     h264_crf: int = DEFAULT_CRF
     max_image_pixels: int = 40_000_000   # start images larger than this are refused before decoding
     image_decode_workers: int = 2        # processes decoding start images (off the loop and the GIL); bounds their CPU
+    warm_up_chunks: int = 2              # chunks of a throwaway stream run before SERVING (Engine.warm_up); 0 = none
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -44,6 +45,8 @@ class ServerConfig:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.warm_up_chunks < 0:
+            raise ValueError(f"warm_up_chunks must be >= 0, got {self.warm_up_chunks}")
         if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
             raise ValueError("the bearer token must be non-empty and contain no whitespace")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -135,3 +135,25 @@ def test_a_bf16_model_on_emulated_bf16_is_held_to_the_faster_peak(monkeypatch: p
     native = {torch.float32: 200e9, torch.bfloat16: 800e9}
     assert bench.peak_held_to(torch.bfloat16, cpu, native) == (800e9, "bfloat16")
     assert bench.peak_held_to(torch.float32, cpu, native) == (200e9, "float32")  # never the other dtype's
+
+
+def test_a_first_chunk_in_two_parts_counts_as_one_chunk(test_preset) -> None:
+    """The engine delivers a stream's first latent frame early; ``run_streams`` still times whole chunks (one
+    entry per chunk, its forwards and decodes summed), and ``first_frames_pair`` leaves its engines empty."""
+    import torch
+
+    from streamgen.model.text import HashTokenEncoder, TextEncoder
+
+    bench = _engine_benchmark()
+    text = TextEncoder(test_preset.model.text_max_tokens, token_encoder=HashTokenEncoder(test_preset.model.text_dim))
+    engine = bench.build(test_preset, text, torch.float32, kv_memory_bytes=2**22)
+    run = bench.run_streams(engine, 1, 3)
+    assert run["frames"] == 3 * test_preset.pixel_frames(test_preset.sampler.chunk_frames)
+    assert len(run["chunk_s"]) == len(run["generate_ms"]) == len(run["decode_ms"]) == 3
+    assert 0 < run["ttff_s"] < run["chunk_s"][0]  # the first frames came out before the first chunk ended
+    assert all(ms > 0 for ms in run["generate_ms"] + run["decode_ms"])
+    engines = {"early": engine, "whole": bench.build(test_preset, text, torch.float32, kv_memory_bytes=2**22,
+                                                     early_first_frames=False)}
+    medians = bench.first_frames_pair(engines, rounds=2)
+    assert set(medians) == {"early", "whole"} and all(v > 0 for v in medians.values())
+    assert all(not e.has_unfinished() and e.kv.usage().num_used_blocks == 0 for e in engines.values())

@@ -78,6 +78,44 @@ def test_batched_equals_alone_equals_offline(tiny_engine: MakeEngine, device: to
     assert batched.kv.usage().num_used_blocks == 0
 
 
+def test_first_latent_frame_goes_out_before_the_rest_of_its_chunk(tiny_engine: MakeEngine) -> None:
+    preset = _preset()
+    request = GenerationRequest("a glossy red bottle", seed=3, num_frames=9 * 4)  # 3 chunks of 3 latent frames
+    frames, latents, timeline = {}, {}, {}
+    for early in (True, False):
+        engine = tiny_engine(preset, early_first_frames=early)
+        latents[early] = _capture_latents(engine)
+        engine.add_request(request, "s")
+        outputs: list[np.ndarray] = []
+        timeline[early] = []
+        step = 0
+        while engine.has_unfinished():
+            step += 1
+            for c in engine.step():
+                if len(c.frames):
+                    timeline[early].append((step, c.first_frame_index, len(c.frames)))
+                    outputs.append(c.frames)
+        frames[early] = np.concatenate(outputs)
+    # Whole: chunk 0 after its 4th denoising forward (step 4), the COMMIT in step 5, chunk 1's 4 steps, ...
+    assert timeline[False] == [(4, 0, 12), (9, 12, 12), (14, 24, 12)]
+    # Early: the first latent frame's 4 frames in the same step, the other 8 beside the COMMIT one step later.
+    assert timeline[True] == [(4, 0, 4), (5, 4, 8), (9, 12, 12), (14, 24, 12)]
+    # The same frames (the streaming decoder decodes any split alike) and the same whole chunks' latents.
+    assert np.abs(frames[True].astype(int) - frames[False].astype(int)).max() <= 1
+    assert frames[True].std() > 1
+    assert [x.shape[2] for x in latents[True]["s"]] == [3, 3, 3]
+    assert all(torch.equal(a, b) for a, b in zip(latents[True]["s"], latents[False]["s"], strict=True))
+
+
+def test_a_one_chunk_stream_is_delivered_whole(tiny_engine: MakeEngine) -> None:
+    """No COMMIT follows a bounded stream's last chunk, so its only chunk is not split."""
+    engine = tiny_engine(_preset())
+    engine.add_request(GenerationRequest("a white box", seed=1, num_frames=12), "one")
+    outputs = engine.run_until_done()["one"]
+    assert [(c.first_frame_index, len(c.frames)) for c in outputs] == [(0, 12), (12, 0)]
+    assert outputs[-1].finish_reason is FinishReason.COMPLETED
+
+
 class _Capture:
     """A SelfAttentionCache that records each layer's keys and attends under a frame mask."""
 
@@ -214,3 +252,30 @@ def test_window_visibility_matches_rolling_policy() -> None:
     """The engine's window (6 incl. 3 sinks) is the one the offline mask describes."""
     vis = frame_visibility(12, 3, 6, 3)
     assert vis[9].nonzero().flatten().tolist() == [0, 1, 2, 9, 10, 11]
+
+
+def test_warm_up_runs_a_whole_stream_and_leaves_the_engine_as_it_was(tiny_engine: MakeEngine) -> None:
+    preset = _preset()
+    request = GenerationRequest("a matte blue mug", seed=4, num_frames=6 * 4)
+    cold = tiny_engine(preset)
+    cold.add_request(request, "s")
+    expected = np.concatenate([c.frames for c in cold.run_until_done()["s"]])
+
+    engine = tiny_engine(preset)
+    kinds: list[str] = []
+    execute = engine.runner.execute
+    engine.runner.execute = lambda batch: kinds.append(batch.kind.value) or execute(batch)  # type: ignore[method-assign]
+    assert engine.warm_up(chunks=2) > 0
+    # Chunk 0's 4 denoising forwards and its cache write, then chunk 1's 4 (a bounded stream's last chunk is
+    # not committed): every kind of forward a stream without a start image runs.
+    assert kinds == ["denoise"] * 4 + ["commit"] + ["denoise"] * 4
+    assert not engine.has_unfinished() and not engine.sessions and engine.kv.usage().num_used_blocks == 0
+    engine.add_request(request, "s")
+    frames = np.concatenate([c.frames for c in engine.run_until_done()["s"]])
+    assert np.array_equal(frames, expected)  # a warmed engine makes the very same frames
+
+    engine.add_request(request, "busy")
+    with pytest.raises(RuntimeError, match="idle engine"):
+        engine.warm_up()
+    with pytest.raises(ValueError, match="at least 1 chunk"):
+        tiny_engine(preset).warm_up(chunks=0)

@@ -150,8 +150,10 @@ def test_metrics_count_frames_and_outcomes(server: ServerHarness) -> None:
 def test_unbounded_stream_ends_with_limit_reached_at_max_frames(server: ServerHarness) -> None:
     responses = _stream(server.address, pb.ENCODING_JPEG, num_frames=0)  # 0 = unbounded; the server's limit is 96
     kinds = [r.WhichOneof("response") for r in responses]
-    assert kinds == ["started"] + ["chunk"] * 8 + ["ended"]
-    assert sum(r.chunk.frame_count for r in responses[1:-1]) == 96
+    # The first chunk arrives in two messages (its first latent frame's 4 frames, then 8), the others whole.
+    assert kinds == ["started"] + ["chunk"] * 9 + ["ended"]
+    assert [r.chunk.frame_count for r in responses[1:-1]] == [4, 8] + [12] * 7
+    assert [r.chunk.first_frame_index for r in responses[1:-1]] == [0, 4] + list(range(12, 96, 12))
     ended = responses[-1].ended
     assert ended.reason == pb.StreamEnded.REASON_LIMIT_REACHED and ended.frames_sent == 96
 

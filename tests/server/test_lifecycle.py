@@ -117,7 +117,7 @@ def test_slow_consumer_pauses_its_session_instead_of_buffering() -> None:
 
     peak, paused, indices, reason = asyncio.run(scenario())
     assert paused and peak <= 3  # the bound, plus at most the chunk of a forward already running
-    assert indices == list(range(0, 96, 12)) and reason is FinishReason.COMPLETED
+    assert indices == [0, 4, *range(12, 96, 12)] and reason is FinishReason.COMPLETED  # the first chunk in two parts
 
 
 # A client channel without HTTP/2 BDP probing keeps the 64 KiB default receive window, so a reader that
@@ -189,6 +189,11 @@ def test_sigterm_drains_running_streams_and_exits_0_without_logging_the_token() 
     try:
         serving = log.wait_serving(timeout_s=60)
         assert serving["auth"] is True
+        # A throwaway stream ran before SERVING (--warm-up-chunks, default 2), after the engine was built.
+        events = [json.loads(line)["event"] for line in log.lines if line.startswith("{")]
+        assert events.index("engine_ready") < events.index("warm_up") < events.index("serving")
+        warm = json.loads(next(line for line in log.lines if '"event": "warm_up"' in line))
+        assert warm["chunks"] == 2 and warm["seconds"] > 0
         address = str(serving["address"])
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.StreamGenStub(channel)
@@ -197,7 +202,8 @@ def test_sigterm_drains_running_streams_and_exits_0_without_logging_the_token() 
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
             call = stub.Generate(iter([_start()]), metadata=auth, timeout=30)
             assert next(call).WhichOneof("response") == "started"
-            assert next(call).WhichOneof("response") == "chunk"
+            first = next(call)
+            assert first.WhichOneof("response") == "chunk"
             sent = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             health = health_pb2_grpc.HealthStub(channel)
@@ -214,7 +220,7 @@ def test_sigterm_drains_running_streams_and_exits_0_without_logging_the_token() 
         ended = rest[-1].ended
         assert ended.reason == pb.StreamEnded.REASON_SERVER_SHUTDOWN
         chunks_during_drain = sum(r.chunk.frame_count for r in rest if r.WhichOneof("response") == "chunk")
-        assert chunks_during_drain > 0 and ended.frames_sent == 12 + chunks_during_drain  # it ran on, then ended
+        assert chunks_during_drain > 0 and ended.frames_sent == first.chunk.frame_count + chunks_during_drain  # ran on
         assert ended_s - sent >= drain_timeout_s * 0.9
         assert proc.wait(timeout=drain_timeout_s + 10) == 0
         assert time.monotonic() - sent < drain_timeout_s + 5
