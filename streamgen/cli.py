@@ -62,8 +62,8 @@ def _add_model(p: argparse._ActionsContainer, random_init_help: str) -> None:
                    help="int8: INT8 linear layers in the transformer blocks (CPU, float32); see docs/speed.md")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks (faster chunks, but compiling takes ~100 s on 2 CPU "
-                        "cores: `serve` does it in its warm-up before SERVING, `generate` on its first chunk); see "
-                        "docs/speed.md")
+                        "cores: `serve` compiles for one stream in its warm-up before SERVING, `generate` on its "
+                        "first chunk); see docs/speed.md")
     p.add_argument("--linear", choices=["auto", "onednn", "aten"], default="auto",
                    help="kernel of the transformer's linear layers; auto: onednn on a CPU (weights reordered once "
                         "at load into oneDNN's layout, 1.3-3x faster GEMMs), aten (F.linear) elsewhere or with "
@@ -134,7 +134,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     stream.add_argument("--warm-up-chunks", type=int, default=2,
                         help="chunks of a throwaway stream run before the server reports SERVING, so the first "
                              "client does not pay one-time costs (kernel packing, CUDA start-up, --compile's "
-                             "compilation); 0 = none")
+                             "compilation for one stream); 2 run every kind of forward; 0 = none")
     stream.add_argument("--jpeg-quality", type=int, default=90, help="default JPEG quality (clients may override)")
     stream.add_argument("--h264-crf", type=int, default=18, help="x264 constant rate factor (lower = better)")
     out = p.add_argument_group("logging")

@@ -272,13 +272,17 @@ class Engine:
         return outputs
 
     def warm_up(self, chunks: int = 2) -> float:
-        """Run a throwaway stream of ``chunks`` chunks through the whole path of a stream (prompt encoding, a
-        first chunk's forwards, its cache write, a chunk attending to it, the streaming decode) and drop it, so
-        the first client does not pay one-time costs: kernel selection and weight packing, allocator growth,
-        CUDA's lazy initialisation, ``torch.compile``'s compilation. Returns its seconds.
+        """Run a throwaway stream of ``chunks`` chunks through the path of a stream and drop it, so the first
+        client does not pay one-time costs: kernel selection and weight packing, allocator growth, CUDA's lazy
+        initialisation, ``torch.compile``'s compilation. Two chunks (the default) run every kind of forward a
+        stream without a start image runs: the first chunk's denoising steps, its cache write, a chunk attending
+        to it, and both kinds of decode; one chunk runs only the first. It is one stream: batches of several
+        streams meet their own shapes later (a fixed-shape compile, ``--compile`` on CUDA, compiles them then).
+        Returns its seconds.
 
-        Only on an engine with no session. It leaves none, and its pages are free again; a failed warm-up is a
-        ``RuntimeError`` (a server should not start on an engine that cannot run a stream).
+        Only on an engine with no session. It leaves none, its pages are free again and the cache's call counters
+        are reset; a failed warm-up is a ``RuntimeError`` (a server should not start on an engine that cannot run
+        a stream).
         """
         if chunks < 1:
             raise ValueError(f"warm_up needs at least 1 chunk, got {chunks}")
@@ -286,11 +290,19 @@ class Engine:
             raise RuntimeError(f"warm_up runs on an idle engine; {len(self.scheduler.sessions)} sessions are open")
         start = time.perf_counter()
         frames = self.preset.pixel_frames(chunks * self.preset.sampler.chunk_frames)
-        # Unpaced (the highest playback rate a request may ask for), so no chunk waits for a playback clock.
+        if self.config.max_frames is not None:
+            frames = min(frames, self.config.max_frames)
+        # At the highest playback rate a request may ask for: pacing holds a chunk back only under a lead of less
+        # than ~0.1 s, and then the loop below waits for it.
         sid = self.add_request(GenerationRequest("warm-up", seed=0, num_frames=frames, fps=240.0), "warm-up")
-        end = self.run_until_done()[sid][-1]
-        if end.finish_reason is not FinishReason.COMPLETED:
-            raise RuntimeError(f"warm-up stream ended with {end.finish_reason}: {end.error}")
+        end: ChunkOutput | None = None
+        while self.has_unfinished():
+            end = next((c for c in self.step() if c.session_id == sid and c.finished), end)
+            if not self.last_step_ran:
+                time.sleep(0.001)
+        if end is None or end.finish_reason is not FinishReason.COMPLETED:
+            raise RuntimeError(f"warm-up stream ended with {end and end.finish_reason}: {end and end.error}")
+        self.kv.paged_calls.clear()  # the served streams' counts only (metrics, benchmarks)
         return time.perf_counter() - start
 
     def run_until_done(self, max_steps: int = 1_000_000) -> dict[str, list[ChunkOutput]]:

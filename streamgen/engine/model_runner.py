@@ -133,15 +133,19 @@ class ModelRunner:
         # A chunk's last denoising step has its clean latents: decode and deliver them now; the forward that
         # writes the chunk's K/V (COMMIT) runs in the next round, after the frames went out.
         done = [it for it in batch.items if it.step == self.step.num_steps - 1]
-        latents = []
+        whole: list[WorkItem] = []
+        split: list[WorkItem] = []
         for it in done:
-            x0 = it.session.state.x0
-            self._notify(it, x0)  # type: ignore[arg-type]
-            if self._splits_first_chunk(it):
-                it.session.state.undecoded = x0[:, :, 1:]  # type: ignore[index]  # decoded beside its COMMIT
-                x0 = x0[:, :, :1]  # type: ignore[index]
-            latents.append(x0)
-        decoded = {id(r.item): r for r in self._decode(done, latents, share_ms)} if done else {}
+            self._notify(it, it.session.state.x0)  # type: ignore[arg-type]
+            (split if self._splits_first_chunk(it) else whole).append(it)
+        for it in split:  # the first latent frame now, the rest beside the chunk's COMMIT
+            st = it.session.state
+            st.undecoded = st.x0[:, :, 1:]  # type: ignore[index]
+        # One decode call per latent length (a batch may hold split first chunks beside whole chunks).
+        decoded = {id(r.item): r for group, latents in
+                   ((whole, [it.session.state.x0 for it in whole]),
+                    (split, [it.session.state.x0[:, :, :1] for it in split]))  # type: ignore[index]
+                   if group for r in self._decode(group, latents, share_ms)}  # type: ignore[arg-type]
         return [decoded.get(id(it)) or StepResult(it, None, share_ms) for it in batch.items]
 
     def _splits_first_chunk(self, item: WorkItem) -> bool:

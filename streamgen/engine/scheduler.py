@@ -263,7 +263,7 @@ class Scheduler:
             if s.paused:
                 throttled.append(s.session_id)
                 continue
-            if first_only and s.emitted_pixel_frames > 0:
+            if first_only and not s.starting:
                 deferred.append(s.session_id)
                 continue
             item = self._next_item(s)
@@ -289,14 +289,14 @@ class Scheduler:
                                next_wakeup_s=wakeup)
 
     def _first_chunks_only(self, now_s: float) -> bool:
-        """Whether this round runs only the streams that have not delivered a frame yet (see
-        ``SchedulerConfig.first_chunk_first``). Each stream gets this once, for one chunk, and a
+        """Whether this round runs only the streams whose first chunk is not all out yet (``Session.starting``;
+        see ``SchedulerConfig.first_chunk_first``). Each stream gets this once, for one chunk, and a
         stream starts only in a free slot, so the others lose at most one chunk's worth of single
         forwards per new stream."""
         if not self.config.first_chunk_first:
             return False
         running = [s for s in self.sessions.values() if s.status is Status.RUNNING and not s.paused]
-        new = [s for s in running if s.emitted_pixel_frames == 0]
+        new = [s for s in running if s.starting]
         return bool(new) and len(new) < len(running)
 
     def update(self, item: WorkItem, pixel_frames_emitted: int = 0) -> bool:

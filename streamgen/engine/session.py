@@ -111,6 +111,13 @@ class Session:
         return min(last_due, first_due)
 
     @property
+    def starting(self) -> bool:
+        """Whether the stream's first chunk (or its start image) is not all out yet: its first latent frame may
+        have gone out alone (``ModelRunner.early_first_frames``), the rest goes out with the chunk's COMMIT,
+        which moves ``next_frame`` on (an image start's IMAGE forward moves it to 1)."""
+        return self.next_frame == 0
+
+    @property
     def state(self) -> SessionTensors:
         """The runner's tensors; an error if the session never got them (a scheduler-only session)."""
         if self.tensors is None:

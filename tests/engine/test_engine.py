@@ -107,6 +107,52 @@ def test_first_latent_frame_goes_out_before_the_rest_of_its_chunk(tiny_engine: M
     assert all(torch.equal(a, b) for a, b in zip(latents[True]["s"], latents[False]["s"], strict=True))
 
 
+@pytest.mark.parametrize("first_chunk_first", [True, False])
+def test_split_and_whole_chunks_finish_in_one_batch(tiny_engine: MakeEngine, first_chunk_first: bool) -> None:
+    """A one-chunk stream (never split) and a longer one start together: their last denoising steps share a
+    batch, one decoding three latent frames and the other one; each gets the frames it gets alone."""
+    preset = _preset()
+    requests = {"short": GenerationRequest("a white box", seed=1, num_frames=12),
+                "long": GenerationRequest("a red mug", seed=2, num_frames=36)}
+    alone = {}
+    for name, request in requests.items():
+        engine = tiny_engine(preset)
+        engine.add_request(request, name)
+        alone[name] = np.concatenate([c.frames for c in engine.run_until_done()[name]])
+    engine = tiny_engine(preset, first_chunk_first=first_chunk_first)
+    for name, request in requests.items():
+        engine.add_request(request, name)
+    outputs = engine.run_until_done()
+    for name in requests:
+        assert outputs[name][-1].finish_reason is FinishReason.COMPLETED, outputs[name][-1].error
+        assert [len(c.frames) for c in outputs[name]][:2] == ([12, 0] if name == "short" else [4, 8])
+        together = np.concatenate([c.frames for c in outputs[name]])
+        assert np.abs(together.astype(int) - alone[name].astype(int)).max() <= 1
+
+
+def test_a_new_stream_gets_the_rest_of_its_first_chunk_before_older_streams_run(tiny_engine: MakeEngine) -> None:
+    """With first_chunk_first, a stream whose first latent frame went out alone still counts as new until the
+    rest of its first chunk is out: another new stream does not hold it at 4 frames."""
+    preset = _preset()
+    engine = tiny_engine(preset, first_chunk_first=True)
+    engine.add_request(GenerationRequest("a blue mug", seed=1, num_frames=60), "old")
+    while engine.sessions["old"].emitted_pixel_frames < 12:
+        engine.step()
+    engine.add_request(GenerationRequest("a red mug", seed=2, num_frames=36), "a")
+    engine.step()
+    engine.step()
+    engine.add_request(GenerationRequest("a green can", seed=3, num_frames=36), "b")
+    parts: dict[str, list[tuple[int, int]]] = {"a": [], "b": [], "old": []}
+    for step in range(1, 9):
+        for c in engine.step():
+            if len(c.frames):
+                parts[c.session_id].append((step, len(c.frames)))
+    # a: step 2 of its first chunk done before b arrived; its last two steps, then the rest beside its COMMIT.
+    assert parts["a"][:2] == [(2, 4), (3, 8)]
+    assert parts["b"][:2] == [(4, 4), (5, 8)]
+    assert all(step > 5 for step, _ in parts["old"])  # the older stream waited for both
+
+
 def test_a_one_chunk_stream_is_delivered_whole(tiny_engine: MakeEngine) -> None:
     """No COMMIT follows a bounded stream's last chunk, so its only chunk is not split."""
     engine = tiny_engine(_preset())
@@ -270,9 +316,18 @@ def test_warm_up_runs_a_whole_stream_and_leaves_the_engine_as_it_was(tiny_engine
     # not committed): every kind of forward a stream without a start image runs.
     assert kinds == ["denoise"] * 4 + ["commit"] + ["denoise"] * 4
     assert not engine.has_unfinished() and not engine.sessions and engine.kv.usage().num_used_blocks == 0
+
+    def paged_calls() -> int:
+        usage = engine.kv.usage()
+        return usage.paged_direct_calls + usage.paged_gathered_calls + usage.paged_split_calls
+
+    assert paged_calls() == 0  # the counters (metrics, benchmarks) count served streams only
     engine.add_request(request, "s")
     frames = np.concatenate([c.frames for c in engine.run_until_done()["s"]])
     assert np.array_equal(frames, expected)  # a warmed engine makes the very same frames
+    assert paged_calls() > 0
+    # A server whose frame limit is below two chunks still warms up (one chunk, cut to the limit).
+    assert tiny_engine(preset, max_frames=8).warm_up() > 0
 
     engine.add_request(request, "busy")
     with pytest.raises(RuntimeError, match="idle engine"):

@@ -310,15 +310,16 @@ def test_a_new_streams_first_chunk_runs_before_the_others_work() -> None:
         _run_items(scheduler, 0.0, out)
     scheduler.add(_session("new", arrival_s=0.1))
     ran = []
-    for _ in range(2):  # "new" runs alone until its first chunk's frames are out; a and b wait
-        out = scheduler.schedule(0.1)
+    for _ in range(3):  # "new" runs alone until its first chunk is all out (the runner may send its first
+        out = scheduler.schedule(0.1)  # latent frame before the rest, which goes with the COMMIT); a and b wait
         ran.append(sorted({it.session_id for b in out.batches for it in b.items}))
         assert out.deferred == ("a", "b")
         _run_items(scheduler, 0.1, out)
-    assert ran == [["new"]] * 2 and scheduler.get("new").emitted_pixel_frames == 12
-    out = scheduler.schedule(0.1)  # then everyone runs again, fairly ("new"'s commit beside the others' work)
+    assert ran == [["new"]] * 3 and scheduler.get("new").emitted_pixel_frames == 12
+    assert not scheduler.get("new").starting
+    out = scheduler.schedule(0.1)  # then everyone runs again, fairly
     kinds = {(it.session_id, it.kind) for b in out.batches for it in b.items}
-    assert kinds == {("a", WorkKind.DENOISE), ("b", WorkKind.DENOISE), ("new", WorkKind.COMMIT)}
+    assert kinds == {("a", WorkKind.DENOISE), ("b", WorkKind.DENOISE), ("new", WorkKind.DENOISE)}
     assert out.deferred == ()
     # Off (the GPU default): a newcomer joins the others' batch at once.
     batched = Scheduler(SchedulerConfig(num_steps=2, chunk_frames=3, max_running=4), _Decide(lambda sid: ADMIT))
