@@ -177,6 +177,25 @@ def test_pipeline_stream_yields_chunks_and_switches_prompt(converted: Path) -> N
     assert np.abs(unswitched[9:].astype(int) - np.concatenate(rest).astype(int)).max() > 2
 
 
+@pytest.mark.parametrize(("chunks", "kinds"),
+                         [(1, ["denoise"] * 4), (2, ["denoise"] * 4 + ["commit"] + ["denoise"] * 4)])
+def test_warm_up_on_the_wan_vae_runs_exactly_its_chunks(converted: Path, chunks: int, kinds: list[str]) -> None:
+    """Wan's VAE makes 1 + 4k frames of k + 1 latent frames: the warm-up asks for frames that fill exactly
+    ``chunks`` chunks, not one more (a chunk of one latent frame would be a shape of its own to warm up)."""
+    from streamgen.engine.engine import Engine
+    from streamgen.model_dir import load_model_dir
+
+    parts = load_model_dir(converted)
+    engine = Engine(parts.preset, parts.transformer, parts.vae, parts.text, EngineConfig(kv_memory_bytes=2**22),
+                    dtype=torch.float32)
+    ran: list[tuple[str, int]] = []
+    execute = engine.runner.execute
+    engine.runner.execute = lambda batch: ran.append((batch.kind.value, batch.num_frames)) or execute(batch)
+    assert engine.warm_up(chunks) > 0
+    assert [kind for kind, _ in ran] == kinds
+    assert {frames for _, frames in ran} == {parts.preset.sampler.chunk_frames}
+
+
 def test_staggered_streams_on_the_wan_vae_equal_alone(converted: Path) -> None:
     """One stream's first chunk commits in the same batch as another's later chunk: each decodes
     as it would alone (the Wan VAE decodes streams one by one inside the batched step)."""

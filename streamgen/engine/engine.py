@@ -289,19 +289,29 @@ class Engine:
         if self.scheduler.sessions:
             raise RuntimeError(f"warm_up runs on an idle engine; {len(self.scheduler.sessions)} sessions are open")
         start = time.perf_counter()
-        frames = self.preset.pixel_frames(chunks * self.preset.sampler.chunk_frames)
+        latent = chunks * self.preset.sampler.chunk_frames
+        frames = self.preset.pixel_frames(latent)
+        while frames > 1 and self.vae.latent_frames_for(frames) > latent:  # Wan's VAE: 1 + 4k frames
+            frames -= 1
         if self.config.max_frames is not None:
             frames = min(frames, self.config.max_frames)
         # At the highest playback rate a request may ask for: pacing holds a chunk back only under a lead of less
         # than ~0.1 s, and then the loop below waits for it.
-        sid = self.add_request(GenerationRequest("warm-up", seed=0, num_frames=frames, fps=240.0), "warm-up")
+        request = GenerationRequest("warm-up"[: self.config.max_prompt_chars], seed=0, num_frames=frames, fps=240.0)
         end: ChunkOutput | None = None
-        while self.has_unfinished():
-            end = next((c for c in self.step() if c.session_id == sid and c.finished), end)
-            if not self.last_step_ran:
-                time.sleep(0.001)
+        try:
+            sid = self.add_request(request, "warm-up")
+            while self.has_unfinished():
+                end = next((c for c in self.step() if c.session_id == sid and c.finished), end)
+                if not self.last_step_ran:
+                    time.sleep(0.001)
+        except Exception as exc:
+            self.abort("warm-up")
+            raise RuntimeError(f"warm-up stream failed: {exc}") from exc
         if end is None or end.finish_reason is not FinishReason.COMPLETED:
-            raise RuntimeError(f"warm-up stream ended with {end and end.finish_reason}: {end and end.error}")
+            hint = " (a KV pool too small for it? fewer warm-up chunks or none)" \
+                if end is not None and end.finish_reason is FinishReason.REJECTED else ""
+            raise RuntimeError(f"warm-up stream ended with {end and end.finish_reason}: {end and end.error}{hint}")
         self.kv.paged_calls.clear()  # the served streams' counts only (metrics, benchmarks)
         return time.perf_counter() - start
 

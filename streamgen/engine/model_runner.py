@@ -13,8 +13,9 @@ its own generator, the step the offline generator and the trainer's rollout call
 session batched with others produces the frames it would produce alone.
 
 A chunk is decoded and delivered after its last denoising step, before the forward that writes its
-K/V. A stream's first chunk goes out in two parts (``early_first_frames``): its first latent frame at
-once, the rest in the next round, beside that cache-writing forward. The streaming VAE decodes any
+K/V. A stream's first chunk (without a start image, and unless it is also its last) goes out in two parts
+(``early_first_frames``): its first latent frame at once, the rest in the next round, beside that cache-writing
+forward. The streaming VAE decodes any
 split of a stream to the same frames, so only the time of the first frame changes.
 """
 

@@ -334,3 +334,9 @@ def test_warm_up_runs_a_whole_stream_and_leaves_the_engine_as_it_was(tiny_engine
         engine.warm_up()
     with pytest.raises(ValueError, match="at least 1 chunk"):
         tiny_engine(preset).warm_up(chunks=0)
+    # A KV pool that cannot hold the warm-up stream: a RuntimeError that says so, and the engine stays idle.
+    small = tiny_engine(preset, kv_memory_bytes=2**12)
+    with pytest.raises(RuntimeError, match="REJECTED|rejected") as refused:
+        small.warm_up()
+    assert "fewer warm-up chunks" in str(refused.value)
+    assert not small.sessions and small.kv.usage().num_used_blocks == 0
