@@ -66,7 +66,8 @@ OPTIONAL_PACKAGES = ("triton", "flash_attn", "xformers", "av", "diffusers", "grp
 ENGINE_FIELDS = ("preset", "device", "dtype", "attention", "paged_attention_calls", "rtf", "generated_fps",
                  "ttff_s", "latency_ratio_200_10", "batch1_fps", "batch4_fps", "batch4_over_1",
                  "cache_speedup_21", "pipeline_speedup_21", "mfu", "mfu_3_frames", "matmul_peak_gflops",
-                 "forward_s_3_frames", "forward_s_12_frames", "join_ttff_s")
+                 "forward_s_3_frames", "forward_s_12_frames", "join_ttff_s", "warm_up_s", "ttff_early_s",
+                 "ttff_whole_s")
 
 
 class _Blocker(importlib.abc.MetaPathFinder):
