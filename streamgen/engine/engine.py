@@ -296,22 +296,18 @@ class Engine:
         if self.config.max_frames is not None:
             frames = min(frames, self.config.max_frames)
         # At the highest playback rate a request may ask for: pacing holds a chunk back only under a lead of less
-        # than ~0.1 s, and then the loop below waits for it.
+        # than ~0.1 s, and then run_until_done waits for it.
         request = GenerationRequest("warm-up"[: self.config.max_prompt_chars], seed=0, num_frames=frames, fps=240.0)
-        end: ChunkOutput | None = None
         try:
             sid = self.add_request(request, "warm-up")
-            while self.has_unfinished():
-                end = next((c for c in self.step() if c.session_id == sid and c.finished), end)
-                if not self.last_step_ran:
-                    time.sleep(0.001)
+            end = self.run_until_done()[sid][-1]
         except Exception as exc:
             self.abort("warm-up")
             raise RuntimeError(f"warm-up stream failed: {exc}") from exc
-        if end is None or end.finish_reason is not FinishReason.COMPLETED:
+        if end.finish_reason is not FinishReason.COMPLETED:
             hint = " (a KV pool too small for it? fewer warm-up chunks or none)" \
-                if end is not None and end.finish_reason is FinishReason.REJECTED else ""
-            raise RuntimeError(f"warm-up stream ended with {end and end.finish_reason}: {end and end.error}{hint}")
+                if end.finish_reason is FinishReason.REJECTED else ""
+            raise RuntimeError(f"warm-up stream ended with {end.finish_reason}: {end.error}{hint}")
         self.kv.paged_calls.clear()  # the served streams' counts only (metrics, benchmarks)
         return time.perf_counter() - start
 
@@ -323,6 +319,8 @@ class Engine:
                 return by_session
             for chunk in self.step():
                 by_session.setdefault(chunk.session_id, []).append(chunk)
+            if not self.last_step_ran:  # every session paced or queued: wait a little instead of spinning
+                time.sleep(0.001)
         raise RuntimeError(f"engine did not finish within {max_steps} steps")
 
 

@@ -15,8 +15,8 @@ session batched with others produces the frames it would produce alone.
 A chunk is decoded and delivered after its last denoising step, before the forward that writes its
 K/V. A stream's first chunk (without a start image, and unless it is also its last) goes out in two parts
 (``early_first_frames``): its first latent frame at once, the rest in the next round, beside that cache-writing
-forward. The streaming VAE decodes any
-split of a stream to the same frames, so only the time of the first frame changes.
+forward. The streaming VAE decodes any split of a stream to the same frames, so only the time of the first frame
+changes.
 """
 
 from __future__ import annotations
@@ -134,28 +134,26 @@ class ModelRunner:
         # A chunk's last denoising step has its clean latents: decode and deliver them now; the forward that
         # writes the chunk's K/V (COMMIT) runs in the next round, after the frames went out.
         done = [it for it in batch.items if it.step == self.step.num_steps - 1]
-        whole: list[WorkItem] = []
-        split: list[WorkItem] = []
+        # One decode call per latent length: a batch may hold split first chunks beside whole chunks.
+        groups: dict[int, tuple[list[WorkItem], list[torch.Tensor]]] = {}
         for it in done:
-            self._notify(it, it.session.state.x0)  # type: ignore[arg-type]
-            (split if self._splits_first_chunk(it) else whole).append(it)
-        for it in split:  # the first latent frame now, the rest beside the chunk's COMMIT
             st = it.session.state
-            st.undecoded = st.x0[:, :, 1:]  # type: ignore[index]
-        # One decode call per latent length (a batch may hold split first chunks beside whole chunks).
-        decoded = {id(r.item): r for group, latents in
-                   ((whole, [it.session.state.x0 for it in whole]),
-                    (split, [it.session.state.x0[:, :, :1] for it in split]))  # type: ignore[index]
-                   if group for r in self._decode(group, latents, share_ms)}  # type: ignore[arg-type]
+            x0: torch.Tensor = st.x0  # type: ignore[assignment]
+            self._notify(it, x0)
+            if self._splits_first_chunk(it):  # the first latent frame now, the rest beside the chunk's COMMIT
+                st.undecoded, x0 = x0[:, :, 1:], x0[:, :, :1]
+            items, latents = groups.setdefault(x0.shape[2], ([], []))
+            items.append(it)
+            latents.append(x0)
+        decoded = {id(r.item): r for items, latents in groups.values() for r in self._decode(items, latents, share_ms)}
         return [decoded.get(id(it)) or StepResult(it, None, share_ms) for it in batch.items]
 
     def _splits_first_chunk(self, item: WorkItem) -> bool:
         """Whether ``item`` (a chunk's last denoising step) delivers its first latent frame alone: a stream's
         first chunk, with more than one frame, that a COMMIT follows (a bounded stream's last chunk has none,
         so a one-chunk stream decodes whole)."""
-        s = item.session
-        last = s.total_latent_frames is not None and item.start_frame + item.num_frames >= s.total_latent_frames
-        return self.early_first_frames and item.start_frame == 0 and item.num_frames > 1 and not last
+        return (self.early_first_frames and item.start_frame == 0 and item.num_frames > 1
+                and not item.session.in_last_chunk)
 
     def _commit(self, batch: ForwardBatch) -> list[StepResult]:
         """Write the chunk's K/V (its frames were decoded and delivered after its last denoising step, a

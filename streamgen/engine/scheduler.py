@@ -311,8 +311,7 @@ class Scheduler:
             s.needs_recache = False
         elif item.kind is WorkKind.DENOISE:
             s.step += 1
-            last = s.total_latent_frames is not None and s.next_frame + s.chunk_frames >= s.total_latent_frames
-            if s.step == self.config.num_steps and last:
+            if s.step == self.config.num_steps and s.in_last_chunk:
                 # The stream's last chunk was delivered after this step: no later chunk attends to it, so
                 # its K/V are never written (the step's pages are released with the session).
                 s.emitted_pixel_frames += pixel_frames_emitted

@@ -111,6 +111,12 @@ class Session:
         return min(last_due, first_due)
 
     @property
+    def in_last_chunk(self) -> bool:
+        """Whether the chunk in progress (``next_frame``, ``chunk_frames``) is a bounded stream's last: no later
+        chunk attends to it, so no COMMIT follows its denoising steps."""
+        return self.total_latent_frames is not None and self.next_frame + self.chunk_frames >= self.total_latent_frames
+
+    @property
     def starting(self) -> bool:
         """Whether the stream's first chunk (or its start image) is not all out yet: its first latent frame may
         have gone out alone (``ModelRunner.early_first_frames``), the rest goes out with the chunk's COMMIT,
